@@ -1,0 +1,30 @@
+"""The container's entry point: `uvicorn app.main:app --host 0.0.0.0 --port 8080`.
+
+Configuration is read and validated at import, so a broken configuration stops the
+process before it listens, with one message naming every problem and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from listeners import logs
+from listeners.config import ConfigError, Settings, load_settings
+from listeners.deliver.http import create_app
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        logs.configure()
+        logging.getLogger("listeners").error(str(exc), extra={"problems": exc.problems})
+        raise SystemExit(2) from None
+    logs.configure(settings.log_level)
+    for secret in (settings.redis.password, settings.firebase.admin_json):
+        if secret is not None:
+            logs.register_secret(secret.reveal())
+    return settings
+
+
+app = create_app(_settings())

@@ -1,0 +1,1 @@
+"""How the outside sees the service: HTTP health, version and metrics (WebSocket later)."""

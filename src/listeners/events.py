@@ -1,0 +1,81 @@
+"""The message contract (specification §9): event types, payloads and the envelope.
+
+These TypedDicts are the single source of the JSON Schemas in `docs/schemas/`
+(`python -m listeners.schemas` writes them; a test checks they are current).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+NOTIF_SYNC = "notif.sync"
+NOTIF_ADD = "notif.add"
+NOTIF_UPDATE = "notif.update"
+NOTIF_REMOVE = "notif.remove"
+
+EventType = Literal["notif.sync", "notif.add", "notif.update", "notif.remove"]
+
+
+class NotificationItem(TypedDict):
+    """One notification as the Reflex UI holds it (see docs/events.md for defaults)."""
+
+    doc_id: str
+    job_id: str
+    file_id: str
+    file_name: str
+    status: str
+    collection_id: str
+    collection_name: str
+    function_name: str
+    timestamp: str
+    read: bool
+    additional_info: str
+    info_message: str
+    message: str
+    url: str
+    batch_id: NotRequired[str]
+    drive_link: NotRequired[str]
+
+
+class NotifSyncPayload(TypedDict):
+    notifications: list[NotificationItem]
+    count: int
+    timestamp: str
+
+
+class NotifRemovePayload(TypedDict):
+    doc_id: str
+
+
+class _Envelope(TypedDict):
+    uid: str
+    timestamp: str
+    event_id: str
+
+
+class NotifSyncEvent(_Envelope):
+    type: Literal["notif.sync"]
+    payload: NotifSyncPayload
+
+
+class NotifAddEvent(_Envelope):
+    type: Literal["notif.add"]
+    payload: NotificationItem
+
+
+class NotifUpdateEvent(_Envelope):
+    type: Literal["notif.update"]
+    payload: NotificationItem
+
+
+class NotifRemoveEvent(_Envelope):
+    type: Literal["notif.remove"]
+    payload: NotifRemovePayload
+
+
+EVENT_MODELS: dict[str, type] = {
+    NOTIF_SYNC: NotifSyncEvent,
+    NOTIF_ADD: NotifAddEvent,
+    NOTIF_UPDATE: NotifUpdateEvent,
+    NOTIF_REMOVE: NotifRemoveEvent,
+}

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes per test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.attached_users = Gauge("listeners_attached_users", "Users with open streams", registry=r)
+        self.open_streams = Gauge("listeners_open_streams", "Open Firestore watch streams", registry=r)
+        self.firestore_connections = Gauge(
+            "listeners_firestore_connections", "gRPC connections carrying watches", registry=r
+        )
+        self.stream_restarts = Counter(
+            "listeners_stream_restarts", "Watches replaced after they ended", ["kind"], registry=r
+        )
+        self.redis_reconnects = Counter(
+            "listeners_redis_reconnects",
+            "Times Redis came back after being unreachable",
+            registry=r,
+        )
+        self.redis_up = Gauge("listeners_redis_up", "1 when Redis answers", registry=r)
+        self.events = Counter("listeners_events", "Events published, by type", ["type"], registry=r)
+        self.publish_failures = Counter(
+            "listeners_publish_failures",
+            "Events not published (Redis down or queue full)",
+            registry=r,
+        )
+        self.publish_queue = Gauge("listeners_publish_queue", "Events waiting to be published", registry=r)
+        self.malformed_registry = Counter(
+            "listeners_registry_malformed", "Registry documents skipped as malformed", registry=r
+        )
+        self.lag = Histogram(
+            "listeners_publish_lag_seconds",
+            "From the Firestore update time of a document to its event's publish",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

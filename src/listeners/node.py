@@ -1,0 +1,205 @@
+"""The node: watches the registry and keeps one `UserSession` per online user.
+
+Everything here runs on the event loop, and attach and detach are plain synchronous
+dict updates, so they cannot race with each other; only the closing of a detached
+user's watches is awaited, in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+
+from listeners.backoff import Backoff
+from listeners.envelope import Envelope
+from listeners.metrics import Metrics
+from listeners.publish.publisher import Publisher
+from listeners.session import UserSession
+from listeners.source.registry import (
+    REGISTRY_COLLECTION,
+    MalformedEntry,
+    RegistryEntry,
+    parse_entry,
+)
+from listeners.source.snapshots import Query, Snapshot, SnapshotSource, Watch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    channel_prefix: str = "user:"
+    default_ttl_seconds: int = 90
+    sweep_interval_seconds: float = 1.0
+
+
+class Node:
+    def __init__(
+        self,
+        settings: NodeSettings,
+        source: SnapshotSource,
+        publisher: Publisher,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._settings = settings
+        self._source = source
+        self._publisher = publisher
+        self._metrics = metrics
+        self._clock = clock
+        self.sessions: dict[str, UserSession] = {}
+        self._entries: dict[str, RegistryEntry] = {}  # last valid registry entry of each uid
+        self._warned: dict[str, object] = {}  # uid -> update time of the document warned about
+        self._registry: Watch | None = None
+        self._registry_failures = 0
+        self._registry_retry_at = 0.0
+        self._closing: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        self._start_registry()
+        self._task = asyncio.create_task(self._supervise(), name="node-supervisor")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._registry is not None:
+            await self._registry.close()
+            self._registry = None
+        for uid in list(self.sessions):
+            self._detach(uid, "shutdown")
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    @property
+    def registry_healthy(self) -> bool:
+        return self._registry is not None and self._registry.active
+
+    # -- registry ----------------------------------------------------------------
+
+    def _start_registry(self) -> None:
+        try:
+            self._registry = self._source.watch(Query(REGISTRY_COLLECTION), self._on_registry)
+        except Exception as exc:
+            log.error("registry watch failed to start", extra={"reason": f"{type(exc).__name__}: {exc}"})
+
+    def _on_registry(self, snapshot: Snapshot) -> None:
+        self._registry_failures = 0
+        seen: set[str] = set()
+        for doc in snapshot.docs:
+            seen.add(doc.id)
+            try:
+                entry = parse_entry(doc.id, doc.data, self._settings.default_ttl_seconds)
+            except MalformedEntry as exc:
+                self._warn_malformed(doc.id, doc.update_time, str(exc))
+                continue  # the last valid entry, if any, stays in force (and can expire)
+            self._warned.pop(doc.id, None)
+            self._entries[doc.id] = entry
+        for uid in self._entries.keys() - seen:
+            del self._entries[uid]
+            self._warned.pop(uid, None)
+        for uid in self._entries.keys() | self.sessions.keys():
+            self._reconcile(uid)
+
+    def _warn_malformed(self, uid: str, version: object, reason: str) -> None:
+        if uid in self._warned and self._warned[uid] == version:
+            return  # one warning per document version, not one per snapshot
+        self._warned[uid] = version
+        self._metrics.malformed_registry.inc()
+        log.warning("registry document skipped as malformed", extra={"uid": uid, "reason": reason})
+
+    def _reconcile(self, uid: str) -> None:
+        entry = self._entries.get(uid)
+        online = entry is not None and entry.is_online(self._clock())
+        session = self.sessions.get(uid)
+        if online and entry is not None:
+            if session is None:
+                self._attach(entry)
+            else:
+                session.update(entry)
+        elif session is not None:
+            reason = "deleted" if entry is None else entry.status if entry.status != "online" else "expired"
+            self._detach(uid, reason)
+
+    # -- sessions ----------------------------------------------------------------
+
+    def _attach(self, entry: RegistryEntry) -> None:
+        channel = f"{self._settings.channel_prefix}{entry.uid}"
+
+        def emit(envelope: Envelope, lag_from: float | None) -> None:
+            self._publisher.submit(channel, envelope, lag_from)
+
+        session = UserSession(entry, self._source, emit)
+        self.sessions[entry.uid] = session
+        session.start()
+        log.info("user attached", extra={"uid": entry.uid})
+
+    def _detach(self, uid: str, reason: str) -> None:
+        session = self.sessions.pop(uid)
+        task = asyncio.create_task(session.close(), name=f"close-{uid}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        log.info("user detached", extra={"uid": uid, "reason": reason})
+
+    def resync(self, uids: set[str] | None = None) -> None:
+        """A fresh sync for these users (None: all), after events could not be delivered."""
+        for uid, session in list(self.sessions.items()):
+            if uids is None or uid in uids:
+                session.resync()
+
+    # -- periodic work -----------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Sweeps logical expiry (nothing in Firestore changes when it happens) and replaces
+        watches that ended."""
+        registry_backoff = Backoff(base=0.5, cap=30.0)
+        while True:
+            await asyncio.sleep(self._settings.sweep_interval_seconds)
+            now = self._clock()
+            for uid, entry in list(self._entries.items()):
+                if uid in self.sessions and not entry.is_online(now):
+                    self._detach(uid, "expired")
+            mono = time.monotonic()
+            if not self.registry_healthy and mono >= self._registry_retry_at:
+                log.warning("registry watch ended; replacing it")
+                self._metrics.stream_restarts.labels("registry").inc()
+                self._registry_retry_at = mono + registry_backoff.delay(self._registry_failures)
+                self._registry_failures += 1
+                if self._registry is not None:
+                    await self._registry.close()
+                self._start_registry()
+            restarts = [
+                (session, stream)
+                for session in self.sessions.values()
+                for stream in session.streams
+                if stream.restart_due(mono)
+            ]
+            for session, stream in restarts:
+                log.warning("stream ended; replacing it", extra={"uid": session.uid, "stream": stream.kind})
+                self._metrics.stream_restarts.labels(stream.kind).inc()
+            if restarts:
+                await asyncio.gather(
+                    *(stream.restart(mono) for _, stream in restarts), return_exceptions=True
+                )
+            self._metrics.attached_users.set(len(self.sessions))
+            self._metrics.open_streams.set(self._source.open_streams)

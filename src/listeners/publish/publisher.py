@@ -1,0 +1,160 @@
+"""Publishes envelopes in order through a broker, and recovers from its loss.
+
+Pub/Sub keeps nothing, so an event that cannot be published is dropped, but never
+silently: its user is marked, and once the broker is back (or the queue has room again)
+the node sends that user a fresh sync, from which every consumer converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from listeners.backoff import Backoff
+from listeners.envelope import Envelope
+from listeners.metrics import Metrics
+from listeners.publish.broker import Broker, BrokerUnavailable, Message
+
+log = logging.getLogger(__name__)
+
+ResyncUsers = Callable[[set[str] | None], None]  # None: every user
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    channel: str
+    envelope: Envelope
+    lag_from: float | None  # epoch seconds of the Firestore update, for the lag histogram
+
+
+class Publisher:
+    def __init__(
+        self,
+        broker: Broker,
+        metrics: Metrics,
+        *,
+        max_queue: int = 10_000,
+        max_batch: int = 500,
+        ping_interval: float = 5.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._broker = broker
+        self._metrics = metrics
+        self._max_queue = max_queue
+        self._max_batch = max_batch
+        self._ping_interval = ping_interval
+        self._backoff = backoff or Backoff()
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._gaps: set[str] = set()
+        self._missed = False  # something was dropped while the broker was down
+        self.up = False
+        self.resync: ResyncUsers = lambda uids: None
+
+    def submit(self, channel: str, envelope: Envelope, lag_from: float | None = None) -> None:
+        """Queue one event; never blocks, never raises."""
+        if not self.up:
+            self._metrics.publish_failures.inc()
+            self._missed = True  # every user is resynced on recovery
+            return
+        if len(self._queue) >= self._max_queue:
+            self._metrics.publish_failures.inc()
+            self._gaps.add(envelope.uid)
+            return
+        self._queue.append(_Pending(channel, envelope, lag_from))
+        self._idle.clear()
+        self._wakeup.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until everything queued is published; False if that did not happen in time."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        await self._recover(first=True)
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self._ping_interval)
+                except TimeoutError:
+                    await self._check()
+                    continue
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
+            self._metrics.publish_queue.set(len(self._queue))
+            try:
+                await self._broker.publish_many([self._message(p) for p in batch])
+            except BrokerUnavailable as exc:
+                self._lost(len(batch) + len(self._queue), str(exc))
+                await self._recover()
+                continue
+            self._published(batch)
+            if self._gaps and len(self._queue) < self._max_queue // 2:
+                gaps, self._gaps = self._gaps, set()
+                log.warning("publish queue was full; resyncing users", extra={"users": len(gaps)})
+                self.resync(gaps)
+
+    @staticmethod
+    def _message(pending: _Pending) -> Message:
+        return pending.channel, pending.envelope.to_json()
+
+    def _published(self, batch: list[_Pending]) -> None:
+        now = time.time()
+        for pending in batch:
+            self._metrics.events.labels(pending.envelope.type).inc()
+            if pending.lag_from is not None:
+                self._metrics.lag.observe(max(0.0, now - pending.lag_from))
+
+    async def _check(self) -> None:
+        try:
+            await self._broker.ping()
+        except BrokerUnavailable as exc:
+            self._lost(0, str(exc))
+            await self._recover()
+
+    def _lost(self, dropped: int, reason: str) -> None:
+        self.up = False
+        self._metrics.redis_up.set(0)
+        self._metrics.publish_failures.inc(dropped)
+        self._queue.clear()
+        self._gaps.clear()
+        self._missed = True
+        self._metrics.publish_queue.set(0)
+        log.error(
+            "redis unavailable; events dropped until it is back",
+            extra={"dropped": dropped, "reason": reason},
+        )
+
+    async def _recover(self, first: bool = False) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._broker.ping()
+                break
+            except BrokerUnavailable as exc:
+                if attempt == 0 and first:
+                    log.error("redis unavailable at start-up; retrying", extra={"reason": str(exc)})
+                await asyncio.sleep(self._backoff.delay(attempt))
+                attempt += 1
+        self.up = True
+        self._metrics.redis_up.set(1)
+        if not first:
+            self._metrics.redis_reconnects.inc()
+        if self._missed:
+            self._missed = False
+            log.info("redis is reachable; resyncing every user")
+            self.resync(None)

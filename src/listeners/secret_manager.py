@@ -1,0 +1,51 @@
+"""Google Secret Manager access (specification §3).
+
+Secret Manager ids allow only letters, digits, `-` and `_`, while the specification names
+secrets like `pinnokio/listeners/redis`; a name is mapped to its id by replacing every
+`/` with `-` (`pinnokio-listeners-redis`). A full resource name
+(`projects/.../secrets/.../versions/...`) is used as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from listeners.config import SecretReader
+
+_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+
+
+def secret_id(name: str) -> str:
+    return name.replace("/", "-")
+
+
+def secret_path(project: str, name: str) -> str:
+    if name.startswith("projects/"):
+        return name
+    return f"projects/{project}/secrets/{secret_id(name)}/versions/latest"
+
+
+def secret_reader(project: str, service_account_secret: str = "") -> SecretReader:
+    """A reader on the default credentials chain; with GOOGLE_SERVICE_ACCOUNT_SECRET set, that
+    secret's service account JSON is read first and used for every other secret."""
+    from google.api_core.exceptions import NotFound
+    from google.cloud import secretmanager
+    from google.oauth2 import service_account
+
+    client: Any = secretmanager.SecretManagerServiceClient()
+
+    def read(name: str) -> str | None:
+        try:
+            response = client.access_secret_version(name=secret_path(project, name), timeout=10)
+        except NotFound:
+            return None
+        return str(response.payload.data.decode("utf-8"))
+
+    if service_account_secret:
+        raw = read(service_account_secret)
+        if raw is None:
+            raise LookupError(f"secret {service_account_secret} (GOOGLE_SERVICE_ACCOUNT_SECRET) not found")
+        credentials = service_account.Credentials.from_service_account_info(json.loads(raw), scopes=_SCOPES)  # type: ignore[no-untyped-call]
+        client = secretmanager.SecretManagerServiceClient(credentials=credentials)
+    return read

@@ -1,0 +1,1 @@
+"""Where changes come from: Firestore watches behind the `SnapshotSource` interface."""

@@ -1,0 +1,84 @@
+"""The online registry, Firestore `listeners_registry/{uid}` (specification §4).
+
+A user is online while `status == "online"` and `now - heartbeat_at <= ttl_seconds`.
+Expiry is logical: nothing changes in Firestore when it happens, so the node sweeps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from listeners.normalise.timestamps import parse_timestamp
+
+REGISTRY_COLLECTION = "listeners_registry"
+DEFAULT_TTL_SECONDS = 90
+_STATUSES = ("online", "offline")
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryEntry:
+    uid: str
+    status: str
+    heartbeat_at: datetime
+    ttl_seconds: int
+    authorized_companies_ids: frozenset[str]
+    instance_id: str
+
+    def expires_at(self) -> datetime:
+        return self.heartbeat_at + timedelta(seconds=self.ttl_seconds)
+
+    def is_online(self, now: datetime) -> bool:
+        return self.status == "online" and now <= self.expires_at()
+
+
+class MalformedEntry(ValueError):
+    """A registry document that cannot be read; the message names every bad field."""
+
+
+def parse_entry(uid: str, data: Mapping[str, Any], default_ttl: int) -> RegistryEntry:
+    problems: list[str] = []
+
+    status = data.get("status")
+    if status not in _STATUSES:
+        problems.append(f"status must be 'online' or 'offline' (got {_describe(status)})")
+
+    heartbeat = parse_timestamp(data.get("heartbeat_at"))
+    if heartbeat is None or isinstance(data.get("heartbeat_at"), int | float):
+        problems.append(
+            f"heartbeat_at must be a timestamp or ISO string (got {_describe(data.get('heartbeat_at'))})"
+        )
+
+    ttl: Any = data.get("ttl_seconds", default_ttl)
+    if isinstance(ttl, float) and math.isfinite(ttl) and ttl.is_integer():
+        ttl = int(ttl)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        problems.append(f"ttl_seconds must be a positive integer (got {_describe(ttl)})")
+
+    companies: Any = data.get("authorized_companies_ids") or []
+    if not isinstance(companies, list) or not all(isinstance(c, str) for c in companies):
+        problems.append("authorized_companies_ids must be an array of strings")
+
+    instance_id = data.get("instance_id", "")
+    if not isinstance(instance_id, str):
+        problems.append(f"instance_id must be a string (got {_describe(instance_id)})")
+
+    if problems:
+        raise MalformedEntry("; ".join(problems))
+    assert heartbeat is not None
+    return RegistryEntry(
+        uid=uid,
+        status=str(status),
+        heartbeat_at=heartbeat,
+        ttl_seconds=int(ttl),
+        authorized_companies_ids=frozenset(companies),
+        instance_id=str(instance_id),
+    )
+
+
+def _describe(value: Any) -> str:
+    """The type of a bad value, never the value itself (it may be anything)."""
+    return "nothing" if value is None else type(value).__name__

@@ -1,0 +1,56 @@
+"""The source interface: a query watch that delivers whole snapshots on the event loop.
+
+Implementations call `on_snapshot` on the loop thread, never from a thread of their own,
+and `Watch.close()` never blocks the loop. The first implementation wraps the Firestore
+SDK (two threads per watch); the scale work replaces it behind this same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDoc:
+    id: str
+    data: Mapping[str, Any]
+    update_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every document the query matches now (not only the changed ones)."""
+
+    docs: tuple[SourceDoc, ...]
+    read_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A collection path and equality filters, e.g. `clients/u1/notifications`, read == False."""
+
+    collection: str
+    equals: tuple[tuple[str, Any], ...] = field(default=())
+
+
+SnapshotHandler = Callable[[Snapshot], None]
+
+
+class Watch(Protocol):
+    @property
+    def active(self) -> bool:
+        """False once the underlying stream has ended for good and must be replaced."""
+
+    async def close(self) -> None: ...
+
+
+class SnapshotSource(Protocol):
+    def watch(self, query: Query, on_snapshot: SnapshotHandler) -> Watch: ...
+
+    @property
+    def open_streams(self) -> int: ...
+
+    async def aclose(self) -> None: ...

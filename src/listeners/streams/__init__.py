@@ -1,0 +1,1 @@
+"""Per-user streams: one source watch and the normaliser, producing envelopes."""
