@@ -40,6 +40,7 @@ class Publisher:
         max_queue: int = 10_000,
         max_batch: int = 500,
         ping_interval: float = 5.0,
+        resync_delay: float = 1.0,
         backoff: Backoff | None = None,
     ) -> None:
         self._broker = broker
@@ -47,6 +48,7 @@ class Publisher:
         self._max_queue = max_queue
         self._max_batch = max_batch
         self._ping_interval = ping_interval
+        self._resync_delay = resync_delay
         self._backoff = backoff or Backoff()
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
@@ -156,5 +158,7 @@ class Publisher:
             self._metrics.redis_reconnects.inc()
         if self._missed:
             self._missed = False
-            log.info("redis is reachable; resyncing every user")
-            self.resync(None)
+            # Subscribers lost the same Redis and resubscribe on their own schedule: the
+            # resync waits a moment so that most of them are back to receive it.
+            log.info("redis is reachable; resyncing every user", extra={"delay": self._resync_delay})
+            asyncio.get_running_loop().call_later(self._resync_delay, self.resync, None)

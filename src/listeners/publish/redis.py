@@ -28,7 +28,6 @@ def redis_client(settings: RedisSettings, *, timeout: float = 5.0) -> redis.Redi
         password=password,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry_on_timeout=False,
         **kwargs,  # type: ignore[arg-type]
     )
 

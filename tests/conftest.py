@@ -1,0 +1,193 @@
+"""Real parts: a private redis-server and the Firestore emulator, one of each per test session.
+
+Every test gets its own Firestore project id, so tests never see each other's documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from google.cloud import firestore
+
+from listeners.config import FirebaseSettings, RedisSettings, Settings
+from listeners.local.processes import FirestoreEmulator, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def emulator() -> Iterator[FirestoreEmulator]:
+    with FirestoreEmulator() as server:
+        os.environ["FIRESTORE_EMULATOR_HOST"] = server.host
+        yield server
+
+
+@pytest.fixture
+def project_id() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, emulator: FirestoreEmulator, project_id: str) -> Settings:
+    if redis_server.process is None:  # a fault test stopped it and failed before restarting
+        redis_server.start()
+    return Settings(
+        redis=RedisSettings(host="127.0.0.1", port=redis_server.port),
+        firebase=FirebaseSettings(project_id=project_id, emulator_host=emulator.host),
+        sweep_interval_seconds=0.2,
+        instance_id="test",
+    )
+
+
+@pytest.fixture
+def db(emulator: FirestoreEmulator, project_id: str) -> Iterator[firestore.Client]:
+    client = firestore.Client(project=project_id)
+    yield client
+    client.close()
+
+
+class Firebase:
+    """Writes test data through the blocking SDK client, off the event loop."""
+
+    def __init__(self, db: firestore.Client) -> None:
+        self.db = db
+
+    async def set(self, path: str, data: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.db.document(path).set, data)
+
+    async def update(self, path: str, data: dict[str, Any]) -> None:
+        await asyncio.to_thread(self.db.document(path).update, data)
+
+    async def delete(self, path: str) -> None:
+        await asyncio.to_thread(self.db.document(path).delete)
+
+    async def online(
+        self, uid: str, companies: list[str] | None = None, ttl: int = 90, heartbeat: Any = None
+    ) -> None:
+        await self.set(
+            f"listeners_registry/{uid}",
+            {
+                "status": "online",
+                "heartbeat_at": heartbeat or firestore.SERVER_TIMESTAMP,
+                "ttl_seconds": ttl,
+                "authorized_companies_ids": companies or [],
+                "instance_id": "reflex-1",
+            },
+        )
+
+    async def offline(self, uid: str) -> None:
+        await self.update(f"listeners_registry/{uid}", {"status": "offline"})
+
+    async def notification(self, uid: str, doc_id: str, **fields: Any) -> None:
+        data = {
+            "job_id": doc_id,
+            "file_id": f"file-{doc_id}",
+            "file_name": f"{doc_id}.pdf",
+            "status": "completed",
+            "collection_id": "c1",
+            "collection_name": "Company 1",
+            "function_name": "Router",
+            "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+            "read": False,
+            "additional_info": json.dumps({"message": "ok"}),
+        }
+        data.update(fields)
+        await self.set(f"clients/{uid}/notifications/{doc_id}", data)
+
+
+@pytest.fixture
+def fb(db: firestore.Client) -> Firebase:
+    return Firebase(db)
+
+
+class Consumer:
+    """A Redis subscriber on exact channels, as the Reflex bridge is (no PSUBSCRIBE)."""
+
+    def __init__(self, client: aioredis.Redis, channels: list[str]) -> None:
+        self.client = client
+        self.channels = channels
+        self.events: list[dict[str, Any]] = []
+        self._pubsub = client.pubsub()
+        self._task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._pubsub.subscribe(*self.channels)
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except (OSError, RuntimeError, aioredis.RedisError):
+                await asyncio.sleep(0.1)  # Redis restarted by a fault test: subscribe again
+                try:
+                    await self._pubsub.aclose()
+                    self._pubsub = self.client.pubsub()
+                    await self._pubsub.subscribe(*self.channels)
+                except (OSError, aioredis.RedisError):
+                    pass
+                continue
+            if message is not None:
+                self.events.append(json.loads(message["data"]))
+                self._changed.set()
+
+    async def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 15.0
+    ) -> list[dict[str, Any]]:
+        async with asyncio.timeout(timeout):
+            while not predicate(self.events):
+                self._changed.clear()
+                await self._changed.wait()
+        return self.events
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+    def last_sync(self) -> dict[str, Any] | None:
+        syncs = self.of_type("notif.sync")
+        return syncs[-1] if syncs else None
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        try:
+            await self._pubsub.aclose()
+        except (OSError, aioredis.RedisError):
+            pass
+
+
+@pytest.fixture
+async def subscribe(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
+    consumers: list[Consumer] = []
+    client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+
+    async def make(*uids: str, prefix: str = "user:") -> Consumer:
+        consumer = Consumer(client, [f"{prefix}{uid}" for uid in uids])
+        await consumer.start()
+        consumers.append(consumer)
+        return consumer
+
+    yield make
+    for consumer in consumers:
+        await consumer.stop()
+    try:
+        await client.aclose()
+    except (OSError, aioredis.ConnectionError):
+        pass
+
+
+def iso_ago(seconds: float) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()

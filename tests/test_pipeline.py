@@ -1,0 +1,251 @@
+"""The core pipeline end to end: registry -> Firestore notifications -> Redis Pub/Sub.
+
+Real redis-server and the real Firestore emulator; the service runs in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from listeners.config import Settings
+from listeners.service import running
+from tests.conftest import Consumer, Firebase, iso_ago
+
+pytestmark = pytest.mark.asyncio
+
+
+def ids(event: dict[str, Any]) -> list[str]:
+    return [n["doc_id"] for n in event["payload"]["notifications"]]
+
+
+async def test_attach_sends_one_sync_with_items_newest_first(
+    settings: Settings, fb: Firebase, subscribe: Any
+) -> None:
+    await fb.notification("alice", "old", timestamp="2025-09-05 10:11:12.123456")  # str(datetime)
+    await fb.notification("alice", "mid", timestamp="2025-09-06T10:11:12.123456")  # naive ISO
+    await fb.notification("alice", "new", timestamp=datetime(2025, 9, 7, tzinfo=UTC))  # Timestamp
+    await fb.notification("alice", "done", read=True)
+    consumer: Consumer = await subscribe("alice")
+    async with running(settings):
+        await fb.online("alice")
+        await consumer.wait_for(lambda e: len(e) >= 1)
+        await asyncio.sleep(1.0)  # anything else would arrive now
+    assert [e["type"] for e in consumer.events] == ["notif.sync"]
+    sync = consumer.events[0]
+    assert sync["uid"] == "alice" and sync["event_id"]
+    assert ids(sync) == ["new", "mid", "old"]
+    assert sync["payload"]["count"] == 3
+    assert [n["timestamp"] for n in sync["payload"]["notifications"]] == [
+        "2025-09-07T00:00:00Z",
+        "2025-09-06T10:11:12.123456Z",
+        "2025-09-05T10:11:12.123456Z",
+    ]
+    first = sync["payload"]["notifications"][0]
+    assert first["message"] == "new.pdf - completed" and first["url"] == "/edit_form/new"
+    assert first["additional_info"] == '{"message": "ok"}' and first["info_message"] == "ok"
+
+
+async def test_add_update_read_delete_give_the_right_deltas(
+    settings: Settings, fb: Firebase, subscribe: Any
+) -> None:
+    consumer: Consumer = await subscribe("bob")
+    async with running(settings):
+        await fb.online("bob")
+        await consumer.wait_for(lambda e: len(e) >= 1)
+        await fb.notification("bob", "n1")
+        await consumer.wait_for(lambda e: any(x["type"] == "notif.add" for x in e))
+        await fb.update("clients/bob/notifications/n1", {"status": "error"})
+        await consumer.wait_for(lambda e: any(x["type"] == "notif.update" for x in e))
+        await fb.notification("bob", "n2")
+        await consumer.wait_for(lambda e: len(consumer.of_type("notif.add")) == 2)
+        await fb.update("clients/bob/notifications/n1", {"read": True})
+        await consumer.wait_for(lambda e: len(consumer.of_type("notif.remove")) == 1)
+        await fb.delete("clients/bob/notifications/n2")
+        await consumer.wait_for(lambda e: len(consumer.of_type("notif.remove")) == 2)
+        await asyncio.sleep(0.5)
+    deltas = [(e["type"], e["payload"]["doc_id"]) for e in consumer.events if e["type"] != "notif.sync"]
+    assert deltas == [
+        ("notif.add", "n1"),
+        ("notif.update", "n1"),
+        ("notif.add", "n2"),
+        ("notif.remove", "n1"),
+        ("notif.remove", "n2"),
+    ]
+    update = consumer.of_type("notif.update")[0]["payload"]
+    assert update["status"] == "error" and update["message"] == "n1.pdf - error"
+    # every change batch ends with a sync holding the whole current list
+    types = [e["type"] for e in consumer.events]
+    assert types.count("notif.sync") == 1 + 5
+    assert ids(consumer.last_sync() or {}) == []
+    assert len({e["event_id"] for e in consumer.events}) == len(consumer.events)
+
+
+async def test_unauthorized_company_is_never_published(
+    settings: Settings, fb: Firebase, subscribe: Any
+) -> None:
+    await fb.notification("carol", "mine", collection_id="acme")
+    await fb.notification("carol", "theirs", collection_id="other")
+    consumer: Consumer = await subscribe("carol")
+    async with running(settings):
+        await fb.online("carol", companies=["acme"])
+        await consumer.wait_for(lambda e: len(e) >= 1)
+        await fb.notification("carol", "theirs-2", collection_id="other")
+        await fb.notification("carol", "mine-2", collection_id="acme")
+        await consumer.wait_for(lambda e: len(consumer.of_type("notif.add")) >= 1)
+        await asyncio.sleep(0.5)
+        # a change of the company list applies at once, as a fresh sync
+        await fb.online("carol", companies=["acme", "other"])
+        await consumer.wait_for(lambda e: len(ids(consumer.last_sync() or {})) == 4)
+    seen = str(consumer.events[:-1])
+    assert "theirs" not in seen
+    assert ids(consumer.events[0]) == ["mine"]
+    assert sorted(ids(consumer.last_sync() or {})) == ["mine", "mine-2", "theirs", "theirs-2"]
+
+
+async def test_offline_user_is_detached_and_silent(settings: Settings, fb: Firebase, subscribe: Any) -> None:
+    consumer: Consumer = await subscribe("dave")
+    async with running(settings) as service:
+        await fb.online("dave")
+        await consumer.wait_for(lambda e: len(e) >= 1)
+        await fb.offline("dave")
+        await wait_until(lambda: "dave" not in service.node.sessions)
+        count = len(consumer.events)
+        await fb.notification("dave", "late")
+        await asyncio.sleep(1.0)
+        assert len(consumer.events) == count
+        # back online: attached again with one fresh sync that has the change
+        await fb.online("dave")
+        await consumer.wait_for(lambda e: len(e) > count)
+        assert ids(consumer.events[-1]) == ["late"]
+        await fb.delete("listeners_registry/dave")
+        await wait_until(lambda: "dave" not in service.node.sessions)
+        await wait_until(lambda: service.source.open_streams == 1)  # the registry's only
+
+
+async def test_heartbeat_expiry_detaches_without_any_write(settings: Settings, fb: Firebase) -> None:
+    async with running(settings) as service:
+        await fb.online("erin", ttl=2)
+        await wait_until(lambda: "erin" in service.node.sessions)
+        started = time.monotonic()
+        await wait_until(lambda: "erin" not in service.node.sessions, timeout=2 + 5)
+        assert time.monotonic() - started <= 2 + 5
+        # an already expired heartbeat never attaches
+        await fb.online("frank", ttl=5, heartbeat=iso_ago(60))
+        await asyncio.sleep(1.0)
+        assert "frank" not in service.node.sessions
+
+
+async def test_malformed_registry_documents_are_skipped(
+    settings: Settings, fb: Firebase, subscribe: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer: Consumer = await subscribe("gina")
+    async with running(settings) as service:
+        await fb.set("listeners_registry/bad-status", {"status": 3, "heartbeat_at": iso_ago(0)})
+        await fb.set("listeners_registry/bad-heartbeat", {"status": "online", "heartbeat_at": "yesterday"})
+        await fb.set(
+            "listeners_registry/bad-ttl", {"status": "online", "heartbeat_at": iso_ago(0), "ttl_seconds": "x"}
+        )
+        await fb.set(
+            "listeners_registry/bad-companies",
+            {"status": "online", "heartbeat_at": iso_ago(0), "authorized_companies_ids": "acme"},
+        )
+        await fb.online("gina")  # a string heartbeat would do too; this one is a server timestamp
+        await consumer.wait_for(lambda e: len(e) >= 1)
+        assert set(service.node.sessions) == {"gina"}
+        await fb.notification("gina", "n1")  # more snapshots of the registry must not warn again
+        await consumer.wait_for(lambda e: len(consumer.of_type("notif.add")) == 1)
+    warnings = [r for r in caplog.records if r.getMessage() == "registry document skipped as malformed"]
+    assert sorted(r.uid for r in warnings) == ["bad-companies", "bad-heartbeat", "bad-status", "bad-ttl"]  # type: ignore[attr-defined]
+
+
+async def test_malformed_notifications_get_defaults(settings: Settings, fb: Firebase, subscribe: Any) -> None:
+    await fb.set(
+        "clients/hank/notifications/weird",
+        {
+            "read": False,
+            "timestamp": "not a time",
+            "file_name": 42,
+            "additional_info": "{'message': 'py repr', 'n': 1}",
+        },
+    )
+    await fb.set("clients/hank/notifications/bare", {"read": False})
+    consumer: Consumer = await subscribe("hank")
+    async with running(settings):
+        await fb.online("hank")
+        await consumer.wait_for(lambda e: len(e) >= 1)
+    items = {n["doc_id"]: n for n in consumer.events[0]["payload"]["notifications"]}
+    assert items["weird"]["file_name"] == "42" and items["weird"]["timestamp"] == ""
+    assert items["weird"]["additional_info"] == '{"message": "py repr", "n": 1}'
+    assert items["weird"]["info_message"] == "py repr"
+    assert items["bare"]["file_name"] == "Document" and items["bare"]["status"] == "info"
+    assert items["bare"]["additional_info"] == "{}" and items["bare"]["job_id"] == "bare"
+
+
+async def test_redis_outage_then_consumer_converges(
+    settings: Settings, fb: Firebase, subscribe: Any, redis_server: Any
+) -> None:
+    consumer: Consumer = await subscribe("ivan")
+    async with running(settings) as service:
+        await fb.online("ivan")
+        await fb.notification("ivan", "before")
+        await consumer.wait_for(
+            lambda e: ids(consumer.last_sync() or {"payload": {"notifications": []}}) == ["before"]
+        )
+        redis_server.stop()
+        await wait_until(lambda: not service.publisher.up)
+        assert service.health()["status"] == "degraded" and service.health()["redis"] == "down"
+        await fb.notification("ivan", "during")
+        await fb.update("clients/ivan/notifications/before", {"read": True})
+        await asyncio.sleep(0.5)
+        redis_server.start()
+        await consumer.wait_for(
+            lambda e: ids(consumer.last_sync() or {"payload": {"notifications": []}}) == ["during"],
+            timeout=30,
+        )
+        assert service.health()["status"] == "ok"
+        assert service.metrics.redis_reconnects._value.get() >= 1
+
+
+async def test_dead_watch_is_replaced_with_a_fresh_sync(
+    settings: Settings, fb: Firebase, subscribe: Any
+) -> None:
+    consumer: Consumer = await subscribe("judy")
+    async with running(settings) as service:
+        await fb.online("judy")
+        await consumer.wait_for(lambda e: len(e) >= 1)
+        stream = service.node.sessions["judy"].streams[0]
+        # end the SDK's stream underneath us, as a terminal gRPC error would
+        await asyncio.to_thread(stream._watch._sdk_watch.close)  # type: ignore[union-attr]
+        await fb.notification("judy", "after")
+        await consumer.wait_for(
+            lambda e: ids(consumer.last_sync() or {"payload": {"notifications": []}}) == ["after"]
+        )
+        assert len(consumer.of_type("notif.sync")) >= 2
+
+
+async def test_streams_are_spread_over_connections(settings: Settings, fb: Firebase) -> None:
+    limited = Settings(
+        redis=settings.redis,
+        firebase=settings.firebase,
+        sweep_interval_seconds=0.2,
+        max_streams_per_connection=2,
+    )
+    async with running(limited) as service:
+        for uid in ("u1", "u2", "u3", "u4"):
+            await fb.online(uid)
+        await wait_until(lambda: len(service.node.sessions) == 4)
+        source: Any = service.source
+        assert source.open_streams == 5  # the registry and four users
+        assert source.connections == 3
+        assert all(p.streams <= 2 for p in source._pool)
+
+
+async def wait_until(condition: Any, timeout: float = 15.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
