@@ -6,6 +6,7 @@ Every test gets its own Firestore project id, so tests never see each other's do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
@@ -163,10 +164,8 @@ class Consumer:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
-        try:
+        with contextlib.suppress(OSError, aioredis.RedisError):
             await self._pubsub.aclose()
-        except (OSError, aioredis.RedisError):
-            pass
 
 
 @pytest.fixture
@@ -183,10 +182,8 @@ async def subscribe(redis_server: RedisServer) -> AsyncIterator[Callable[..., An
     yield make
     for consumer in consumers:
         await consumer.stop()
-    try:
+    with contextlib.suppress(OSError, aioredis.ConnectionError):
         await client.aclose()
-    except (OSError, aioredis.ConnectionError):
-        pass
 
 
 def iso_ago(seconds: float) -> str:

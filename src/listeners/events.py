@@ -6,7 +6,9 @@ These TypedDicts are the single source of the JSON Schemas in `docs/schemas/`
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, NotRequired
+
+from typing_extensions import TypedDict  # pydantic reads these on Python 3.11
 
 NOTIF_SYNC = "notif.sync"
 NOTIF_ADD = "notif.add"

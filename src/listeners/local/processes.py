@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
@@ -74,7 +75,7 @@ class _Child:
         self.stop()
         self.start()
 
-    def __enter__(self) -> _Child:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

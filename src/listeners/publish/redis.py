@@ -6,6 +6,8 @@ import ssl
 from collections.abc import Sequence
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from listeners.config import RedisSettings
@@ -28,6 +30,9 @@ def redis_client(settings: RedisSettings, *, timeout: float = 5.0) -> redis.Redi
         password=password,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
+        # The publisher owns reconnection (backoff, resync); hidden retries would only
+        # delay its notice that Redis is gone.
+        retry=Retry(NoBackoff(), 0),
         **kwargs,  # type: ignore[arg-type]
     )
 

@@ -1,0 +1,169 @@
+"""The embedded default: local Redis, the Firestore emulator, the service and a demo writer.
+
+    python -m listeners.local.demo [--port 8080] [--duration SECONDS]
+
+Redis is a private redis-server on a free port unless LISTENERS_REDIS_HOST is set. The
+writer brings three users online, then keeps writing, updating and reading their
+notifications, and heartbeats the registry as the Reflex backend would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, suppress
+from datetime import UTC, datetime
+from typing import Any
+
+from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, free_port, wait_for_port
+
+PROJECT = "demo-listeners"
+USERS = {"demo-alice": ["acme"], "demo-bob": [], "demo-carol": ["acme", "globex"]}
+COMPANIES = ["acme", "globex", "initech"]
+STATUSES = ["in_queue", "running", "completed", "error"]
+FUNCTIONS = ["Router", "APbookeeper", "Bankbookeeper"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: never)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between demo writes")
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        env = dict(os.environ)
+        if not env.get("LISTENERS_REDIS_HOST"):
+            redis = stack.enter_context(RedisServer())
+            env.update(LISTENERS_REDIS_HOST="127.0.0.1", LISTENERS_REDIS_PORT=str(redis.port))
+        emulator = stack.enter_context(FirestoreEmulator())
+        env.update(FIRESTORE_EMULATOR_HOST=emulator.host, FIREBASE_PROJECT_ID=PROJECT)
+        env.setdefault("LOG_LEVEL", "INFO")
+        os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
+        port = args.port if _port_free(args.port) else free_port()
+        service = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env=env,
+        )
+        stack.callback(_stop, service)
+        wait_for_port(port, 60, None)
+        redis_port = env.get("LISTENERS_REDIS_PORT", "6379")
+        print(
+            "\n".join(
+                [
+                    "",
+                    "listeners is running on the embedded default.",
+                    f"  health:   curl http://127.0.0.1:{port}/healthz",
+                    f"  metrics:  curl http://127.0.0.1:{port}/metrics",
+                    f"  events:   redis-cli -h {env['LISTENERS_REDIS_HOST']} -p {redis_port} "
+                    f"SUBSCRIBE {' '.join('user:' + u for u in USERS)}",
+                    "Press Ctrl-C to stop.",
+                    "",
+                ]
+            ),
+            flush=True,
+        )
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        with suppress(KeyboardInterrupt):
+            write_forever(args.interval, args.duration)
+
+
+def write_forever(interval: float, duration: float) -> None:
+    from google.cloud import firestore
+
+    db = firestore.Client(project=PROJECT)
+    heartbeat = 0.0
+    started = time.monotonic()
+    counter = itertools.count(1)
+    try:
+        while not duration or time.monotonic() - started < duration:
+            if time.monotonic() - heartbeat > 30:
+                for uid, companies in USERS.items():
+                    db.document(f"listeners_registry/{uid}").set(_registry(companies))
+                heartbeat = time.monotonic()
+            _step(db, next(counter))
+            time.sleep(interval)
+    finally:
+        for uid in USERS:
+            db.document(f"listeners_registry/{uid}").update({"status": "offline"})
+
+
+def _step(db: Any, n: int) -> None:
+    """One change a step: add, then move a job through its statuses, then mark it read."""
+    uid = random.choice(list(USERS))
+    notifications = db.collection(f"clients/{uid}/notifications")
+    unread = list(notifications.where(filter=_unread()).stream())
+    if len(unread) < 3 or random.random() < 0.4:
+        job = f"job-{n:05d}"
+        notifications.document(job).set(
+            {
+                "job_id": job,
+                "file_id": f"file-{n:05d}",
+                "file_name": f"invoice-{n:05d}.pdf",
+                "status": STATUSES[0],
+                "collection_id": random.choice(COMPANIES),
+                "collection_name": "Demo company",
+                "function_name": random.choice(FUNCTIONS),
+                "timestamp": str(datetime.now(UTC).replace(tzinfo=None)),
+                "read": False,
+                "additional_info": json.dumps({"message": "queued by the demo writer"}),
+            }
+        )
+        print(f"demo: {uid} + {job}", flush=True)
+        return
+    doc = random.choice(unread)
+    status = doc.to_dict().get("status")
+    if status == STATUSES[-1] or status == STATUSES[-2]:
+        doc.reference.update({"read": True})
+        print(f"demo: {uid} read {doc.id}", flush=True)
+    else:
+        following = STATUSES[min(STATUSES.index(status) + 1 if status in STATUSES else 0, len(STATUSES) - 1)]
+        doc.reference.update({"status": following})
+        print(f"demo: {uid} {doc.id} -> {following}", flush=True)
+
+
+def _unread() -> Any:
+    from google.cloud import firestore
+
+    return firestore.FieldFilter("read", "==", False)
+
+
+def _registry(companies: list[str]) -> dict[str, Any]:
+    from google.cloud import firestore
+
+    return {
+        "status": "online",
+        "heartbeat_at": firestore.SERVER_TIMESTAMP,
+        "ttl_seconds": 90,
+        "authorized_companies_ids": companies,
+        "instance_id": "demo-writer",
+    }
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+if __name__ == "__main__":
+    main()
