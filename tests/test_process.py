@@ -22,7 +22,7 @@ PASSWORD = "correct-horse-battery-staple-9"
 
 
 def uvicorn(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "GOOGLE_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "FIRESTORE", "GOOGLE_"))}
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
