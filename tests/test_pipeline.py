@@ -134,8 +134,10 @@ async def test_heartbeat_expiry_detaches_without_any_write(settings: Settings, f
         started = time.monotonic()
         await wait_until(lambda: "erin" not in service.node.sessions, timeout=2 + 5)
         assert time.monotonic() - started <= 2 + 5
-        # an already expired heartbeat never attaches
+        # heartbeat_at as an ISO string: fresh attaches, already expired never does
+        await fb.online("gus", ttl=90, heartbeat=iso_ago(1))
         await fb.online("frank", ttl=5, heartbeat=iso_ago(60))
+        await wait_until(lambda: "gus" in service.node.sessions)
         await asyncio.sleep(1.0)
         assert "frank" not in service.node.sessions
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from google.cloud import firestore
 
 from listeners.local.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
 from tests.test_config import ADMIN, PRIVATE_KEY
@@ -22,7 +23,11 @@ PASSWORD = "correct-horse-battery-staple-9"
 
 
 def uvicorn(env: dict[str, str], port: int) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "FIRESTORE", "GOOGLE_"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LISTENERS_", "FIREBASE", "FIRESTORE", "GOOGLE_"))
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
@@ -82,6 +87,15 @@ def test_runs_reports_health_and_stops_on_sigterm(
         assert httpx.get(f"http://127.0.0.1:{port}/version", timeout=5).json()["version"] == "0.1.0"
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         assert "listeners_publish_lag_seconds_bucket" in metrics and "listeners_attached_users" in metrics
+        db = firestore.Client(project="process-test")
+        for n in range(20):
+            db.document(f"listeners_registry/u{n}").set(
+                {"status": "online", "heartbeat_at": firestore.SERVER_TIMESTAMP, "ttl_seconds": 90}
+            )
+        db.close()
+        while httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["listeners_count"] < 20:
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.2)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=15)

@@ -55,7 +55,7 @@ class Node:
         self._clock = clock
         self.sessions: dict[str, UserSession] = {}
         self._entries: dict[str, RegistryEntry] = {}  # last valid registry entry of each uid
-        self._warned: dict[str, object] = {}  # uid -> update time of the document warned about
+        self._versions: dict[str, object] = {}  # uid -> update time of the document last read
         self._registry: Watch | None = None
         self._registry_failures = 0
         self._registry_retry_at = 0.0
@@ -106,25 +106,29 @@ class Node:
     def _on_registry(self, snapshot: Snapshot) -> None:
         self._registry_failures = 0
         seen: set[str] = set()
+        changed: set[str] = set()
         for doc in snapshot.docs:
             seen.add(doc.id)
+            # Every snapshot holds the whole collection: skip documents already read.
+            if doc.update_time is not None and self._versions.get(doc.id) == doc.update_time:
+                continue
+            self._versions[doc.id] = doc.update_time
+            changed.add(doc.id)
             try:
                 entry = parse_entry(doc.id, doc.data, self._settings.default_ttl_seconds)
             except MalformedEntry as exc:
-                self._warn_malformed(doc.id, doc.update_time, str(exc))
+                self._warn_malformed(doc.id, str(exc))
                 continue  # the last valid entry, if any, stays in force (and can expire)
-            self._warned.pop(doc.id, None)
             self._entries[doc.id] = entry
-        for uid in self._entries.keys() - seen:
-            del self._entries[uid]
-            self._warned.pop(uid, None)
-        for uid in self._entries.keys() | self.sessions.keys():
+        for uid in self._versions.keys() - seen:
+            del self._versions[uid]
+            self._entries.pop(uid, None)
+            changed.add(uid)
+        for uid in changed:
             self._reconcile(uid)
 
-    def _warn_malformed(self, uid: str, version: object, reason: str) -> None:
-        if uid in self._warned and self._warned[uid] == version:
-            return  # one warning per document version, not one per snapshot
-        self._warned[uid] = version
+    def _warn_malformed(self, uid: str, reason: str) -> None:
+        # Called once per document version: unchanged documents are not read again.
         self._metrics.malformed_registry.inc()
         log.warning("registry document skipped as malformed", extra={"uid": uid, "reason": reason})
 
@@ -203,3 +207,4 @@ class Node:
                 )
             self._metrics.attached_users.set(len(self.sessions))
             self._metrics.open_streams.set(self._source.open_streams)
+            self._metrics.firestore_connections.set(self._source.connections)
