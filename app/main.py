@@ -21,7 +21,7 @@ def _settings() -> Settings:
         logging.getLogger("listeners").error(str(exc), extra={"problems": exc.problems})
         raise SystemExit(2) from None
     logs.configure(settings.log_level)
-    for secret in (settings.redis.password, settings.firebase.admin_json):
+    for secret in (settings.redis.password, settings.redis.control_token, settings.firebase.admin_json):
         if secret is not None:
             logs.register_secret(secret.reveal())
     return settings

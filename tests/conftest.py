@@ -18,8 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
-from listeners.config import FirebaseSettings, RedisSettings, Settings
+from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
 from listeners.local.processes import FirestoreEmulator, RedisServer
+
+CONTROL_TOKEN = "test-control-token-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,7 @@ def settings(redis_server: RedisServer, emulator: FirestoreEmulator, project_id:
     if redis_server.process is None:  # a fault test stopped it and failed before restarting
         redis_server.start()
     return Settings(
-        redis=RedisSettings(host="127.0.0.1", port=redis_server.port),
+        redis=RedisSettings(host="127.0.0.1", port=redis_server.port, control_token=Secret(CONTROL_TOKEN)),
         firebase=FirebaseSettings(project_id=project_id, emulator_host=emulator.host),
         sweep_interval_seconds=0.2,
         instance_id="test",

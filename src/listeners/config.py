@@ -64,6 +64,9 @@ class RedisSettings:
     db: int = 0
     channel_prefix: str = "user:"
     ca_file: str = ""
+    chat_channel_prefix: str = "chat:"
+    control_channel: str = "listeners:control"
+    control_token: Secret | None = None  # shared with consumers; signs their resync requests
 
 
 @dataclass(frozen=True)
@@ -219,44 +222,7 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
     if aws_name:
         r.secret_json(read_secret, aws_name, required=True)  # validated now; no key of it is used yet
 
-    redis = RedisSettings(
-        host=r.text(r.get(redis_secret, "host", "LISTENERS_REDIS_HOST"), "LISTENERS_REDIS_HOST / redis.host"),
-        port=r.integer(
-            r.get(redis_secret, "port", "LISTENERS_REDIS_PORT"),
-            "LISTENERS_REDIS_PORT / redis.port",
-            6379,
-            1,
-            65535,
-        ),
-        password=_secret(r.get(redis_secret, "password", "LISTENERS_REDIS_PASSWORD")),
-        username=r.text(
-            r.get(redis_secret, "username", "LISTENERS_REDIS_USERNAME"),
-            "LISTENERS_REDIS_USERNAME",
-            "",
-        ),
-        tls=r.boolean(
-            r.get(redis_secret, "tls", "LISTENERS_REDIS_TLS"),
-            "LISTENERS_REDIS_TLS / redis.tls",
-            False,
-        ),
-        db=r.integer(
-            r.get(redis_secret, "db", "LISTENERS_REDIS_DB"),
-            "LISTENERS_REDIS_DB / redis.db",
-            0,
-            0,
-            1023,
-        ),
-        channel_prefix=r.text(
-            r.get(redis_secret, "channel_prefix", "LISTENERS_CHANNEL_PREFIX"),
-            "LISTENERS_CHANNEL_PREFIX",
-            "user:",
-        ),
-        ca_file=r.text(
-            r.get(redis_secret, "ca_file", "LISTENERS_REDIS_CA_FILE"), "LISTENERS_REDIS_CA_FILE", ""
-        ),
-    )
-    if redis.ca_file and not os.path.isfile(redis.ca_file):
-        r.problems.append("LISTENERS_REDIS_CA_FILE: no such file")
+    redis = _redis_settings(r, redis_secret)
 
     firebase = _firebase(r, firebase_raw, emulator, env.get("FIREBASE_PROJECT_ID", ""))
 
@@ -327,6 +293,82 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
     if r.problems:
         raise ConfigError(r.problems)
     return settings
+
+
+def load_redis_settings(
+    env: Mapping[str, str] | None = None, read_secret: SecretReader | None = None
+) -> RedisSettings:
+    """Only the Redis part, with the same names and precedence: for consumers such as the bridge."""
+    env = os.environ if env is None else env
+    r = _Reader(env)
+    project = env.get("GOOGLE_PROJECT_ID", "")
+    if project and read_secret is None:
+        from listeners.secret_manager import secret_reader
+
+        read_secret = secret_reader(project, env.get("GOOGLE_SERVICE_ACCOUNT_SECRET", ""))
+    redis_secret = r.secret_json(
+        read_secret if project else None, env.get("LISTENERS_REDIS_SECRET", REDIS_SECRET), required=True
+    )
+    redis = _redis_settings(r, redis_secret)
+    if r.problems:
+        raise ConfigError(r.problems)
+    return redis
+
+
+def _redis_settings(r: _Reader, redis_secret: Mapping[str, Any]) -> RedisSettings:
+    redis = RedisSettings(
+        host=r.text(r.get(redis_secret, "host", "LISTENERS_REDIS_HOST"), "LISTENERS_REDIS_HOST / redis.host"),
+        port=r.integer(
+            r.get(redis_secret, "port", "LISTENERS_REDIS_PORT"),
+            "LISTENERS_REDIS_PORT / redis.port",
+            6379,
+            1,
+            65535,
+        ),
+        password=_secret(r.get(redis_secret, "password", "LISTENERS_REDIS_PASSWORD")),
+        username=r.text(
+            r.get(redis_secret, "username", "LISTENERS_REDIS_USERNAME"),
+            "LISTENERS_REDIS_USERNAME",
+            "",
+        ),
+        tls=r.boolean(
+            r.get(redis_secret, "tls", "LISTENERS_REDIS_TLS"),
+            "LISTENERS_REDIS_TLS / redis.tls",
+            False,
+        ),
+        db=r.integer(
+            r.get(redis_secret, "db", "LISTENERS_REDIS_DB"),
+            "LISTENERS_REDIS_DB / redis.db",
+            0,
+            0,
+            1023,
+        ),
+        channel_prefix=r.text(
+            r.get(redis_secret, "channel_prefix", "LISTENERS_CHANNEL_PREFIX"),
+            "LISTENERS_CHANNEL_PREFIX",
+            "user:",
+        ),
+        ca_file=r.text(
+            r.get(redis_secret, "ca_file", "LISTENERS_REDIS_CA_FILE"), "LISTENERS_REDIS_CA_FILE", ""
+        ),
+        chat_channel_prefix=r.text(
+            r.get(redis_secret, "chat_channel_prefix", "LISTENERS_CHAT_CHANNEL_PREFIX"),
+            "LISTENERS_CHAT_CHANNEL_PREFIX",
+            "chat:",
+        ),
+        control_channel=r.text(
+            r.get(redis_secret, "control_channel", "LISTENERS_CONTROL_CHANNEL"),
+            "LISTENERS_CONTROL_CHANNEL",
+            "listeners:control",
+        ),
+        control_token=_secret(r.get(redis_secret, "control_token", "LISTENERS_CONTROL_TOKEN")),
+    )
+    if redis.control_token is not None and len(redis.control_token.reveal()) < 16:
+        r.problems.append("LISTENERS_CONTROL_TOKEN / redis.control_token: must be at least 16 characters")
+    if redis.ca_file and not os.path.isfile(redis.ca_file):
+        r.problems.append("LISTENERS_REDIS_CA_FILE: no such file")
+
+    return redis
 
 
 def _secret(value: Any) -> Secret | None:

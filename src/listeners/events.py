@@ -17,6 +17,15 @@ NOTIF_REMOVE = "notif.remove"
 
 EventType = Literal["notif.sync", "notif.add", "notif.update", "notif.remove"]
 
+# Every type a consumer may see; msg.* and chat.* come from the Realtime Database streams.
+KNOWN_TYPES = frozenset(
+    {
+        "notif.sync", "notif.add", "notif.update", "notif.remove",
+        "msg.sync", "msg.add", "msg.update", "msg.remove",
+        "chat.sync", "chat.message",
+    }
+)  # fmt: skip
+
 
 class NotificationItem(TypedDict):
     """One notification as the Reflex UI holds it (see docs/events.md for defaults)."""

@@ -166,10 +166,16 @@ class Node:
         log.info("user detached", extra={"uid": uid, "reason": reason})
 
     def resync(self, uids: set[str] | None = None) -> None:
-        """A fresh sync for these users (None: all), after events could not be delivered."""
-        for uid, session in list(self.sessions.items()):
-            if uids is None or uid in uids:
+        """A fresh sync for these users (None: all): after events could not be delivered, or
+        on a consumer's request. A user who is not attached here gets nothing: attaching
+        sends a sync anyway."""
+        if uids is None:
+            for session in self.sessions.values():
                 session.resync()
+            return
+        for uid in uids:
+            if uid in self.sessions:
+                self.sessions[uid].resync()
 
     # -- periodic work -----------------------------------------------------------
 

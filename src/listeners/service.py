@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from listeners import __version__
 from listeners.config import Settings
+from listeners.control import ControlListener, ResyncRequest
 from listeners.metrics import Metrics
 from listeners.node import Node, NodeSettings
 from listeners.publish.broker import Broker
@@ -31,6 +32,7 @@ class Service:
     publisher: Publisher
     source: SnapshotSource
     node: Node
+    control: ControlListener
     stopping: bool = False
 
     def health(self) -> dict[str, object]:
@@ -78,8 +80,14 @@ async def running(
         metrics,
     )
     publisher.resync = node.resync
+
+    def on_resync(request: ResyncRequest) -> None:
+        node.resync({request.uid})
+
+    control = ControlListener(settings.redis, on_resync)
     publishing = asyncio.create_task(publisher.run(), name="publisher")
-    service = Service(settings, metrics, publisher, source, node)
+    listening = asyncio.create_task(control.run(), name="control")
+    service = Service(settings, metrics, publisher, source, node, control)
     log.info("service starting", extra={"version": __version__, "instance_id": settings.instance_id})
     try:
         async with node:
@@ -91,9 +99,10 @@ async def running(
         budget = settings.shutdown_timeout_seconds
         if publisher.up and not await publisher.flush(budget / 2):
             log.warning("shutdown: events still queued were dropped", extra={"dropped": publisher.queued})
-        publishing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await publishing
+        for task in (listening, publishing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         with contextlib.suppress(Exception):
             await broker.disconnect()
         await source.aclose()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
@@ -66,3 +68,10 @@ class RedisBroker:
 def _reason(exc: BaseException) -> str:
     # Exception text from redis-py names host and port, never the password.
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def close_quietly(*connections: Any) -> None:
+    """Close pub/sub objects and clients whose Redis may already be gone."""
+    for connection in connections:
+        with contextlib.suppress(RedisError, OSError):
+            await connection.aclose()

@@ -1,0 +1,24 @@
+"""The consumer side, for the Reflex backend (Bridge mode, specification §8).
+
+- `Bridge.events(uid)`: an async iterator over a user's events that always converges
+  (resync on every (re)subscribe, de-duplication by `event_id`, reconnect with backoff).
+- `reducers`: event stream -> the lists the UI holds.
+- `Presence`: the registry document of an online user, reference-counted, heartbeated.
+
+Light on purpose: redis and the standard library (plus google-cloud-firestore for Presence).
+"""
+
+from listeners.bridge.consumer import Bridge, parse_event
+from listeners.bridge.presence import Presence
+from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
+from listeners.control import ChatThread
+
+__all__ = [
+    "Bridge",
+    "ChatThread",
+    "ChatThreads",
+    "DirectMessages",
+    "Notifications",
+    "Presence",
+    "parse_event",
+]
