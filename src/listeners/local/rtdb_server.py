@@ -1,0 +1,605 @@
+"""A local stand-in for the Firebase Realtime Database REST API, streaming included.
+
+Run it as `python -m listeners.local.rtdb_server --port N [--keepalive S] [--token T]`, or
+from tests through `RtdbStandin`, a child process that can be stopped and started again on
+the same port. It implements the documented wire protocol, from these pages:
+
+- https://firebase.google.com/docs/reference/rest/database
+  `.json` suffix on every URL; GET, PUT, POST (push: `{"name": <push id>}`), PATCH
+  (named children written, others kept; keys may be paths), DELETE; `print=silent`
+  answers 204; `shallow=true`; `X-HTTP-Method-Override`; errors as `{"error": "..."}`.
+- https://firebase.google.com/docs/database/rest/retrieve-data (Streaming from the REST API)
+  and https://firebase.blog/posts/2014/03/announcing-streaming-for-firebase-rest
+  `Accept: text/event-stream` opens an EventSource stream of `event: <name>` /
+  `data: <json>` messages. `put` and `patch` carry `{"path": ..., "data": ...}` with the
+  path relative to the stream's location; the first event is a `put` at "/" with the whole
+  node; `keep-alive` (data null) about every 30 s; `cancel` (data null) when the rules no
+  longer allow the read; `auth_revoked` when the credential is no longer valid. The
+  server closes the connection after `cancel` and `auth_revoked`.
+- https://firebase.google.com/docs/database/rest/auth
+  Google OAuth2 access tokens (scopes `firebase.database` and `userinfo.email`) in the
+  `access_token` query parameter; also accepted here: `auth=` and
+  `Authorization: Bearer`. An unauthenticated request gets 401 when a token is required.
+- https://firebase.google.com/docs/emulator-suite/connect_rtdb and
+  https://github.com/firebase/firebase-tools/pull/1413
+  the emulator picks the database by the `ns` query parameter and has a default
+  namespace when it is absent.
+- https://firebase.blog/posts/2014/04/best-practices-arrays-in-firebase
+  arrays are stored as objects with integer keys and read back as arrays when all keys
+  are integers and more than half of the keys from 0 to the largest have values.
+
+Not implemented: security rules (beyond the test hook that denies a path), queries
+(orderBy, limits), ETags, server values, streaming with `shallow`.
+
+Test hooks, HTTP under `/_standin/` (and as methods of `Hub` in process):
+  GET  /_standin/streams[?ns=]          -> {"open": n, "unauthorized": k}  streams open now,
+                                         and requests refused with 401 since the start
+  POST /_standin/drop[?mode=abort|close] drop every stream (abort: reset mid-response)
+  POST /_standin/revoke[?token=NEW]      `auth_revoked` to every stream; NEW is required from now
+  POST /_standin/cancel?path=P[&ns=]     `cancel` to streams at P or below, and deny reads there
+  POST /_standin/redirect?on=1|0         answer each stream request once with a 307 to itself
+  POST /_standin/hold?on=1|0             answer new stream requests with 503 (writes still work)
+  POST /_standin/reset                   forget all data and denials
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Self
+from urllib.parse import urlencode
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from listeners.local.processes import _Child
+
+DEFAULT_NAMESPACE = "default"
+_FORBIDDEN_KEY_CHARS = frozenset(".#$[]/")
+_PUSH_CHARS = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"  # ASCII order
+_METHODS = ("GET", "PUT", "POST", "PATCH", "DELETE")
+
+Json = Any
+
+
+class _BadRequest(Exception):
+    pass
+
+
+# --- the tree: stored with objects only, rendered with the array heuristic --------------------
+
+
+def _check_key(key: str) -> None:
+    if (
+        not key
+        or len(key.encode()) > 768
+        or any(c in _FORBIDDEN_KEY_CHARS or ord(c) < 32 or ord(c) == 127 for c in key)
+    ):
+        raise _BadRequest(f"Invalid key {key!r}: keys must be non-empty and not contain . # $ [ ] /")
+
+
+def _keys(path: str) -> tuple[str, ...]:
+    keys = tuple(part for part in path.split("/") if part)
+    for key in keys:
+        _check_key(key)
+    return keys
+
+
+def _store(value: Json) -> Json:
+    """A written value as the database keeps it: arrays become objects, nulls and empties vanish."""
+    if isinstance(value, list):
+        value = {str(i): v for i, v in enumerate(value)}
+    if isinstance(value, dict):
+        stored = {}
+        for key, child in value.items():
+            _check_key(key)
+            kept = _store(child)
+            if kept is not None:
+                stored[key] = kept
+        return stored or None
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        raise _BadRequest("Invalid data; numbers must be finite")
+    return value
+
+
+def _render(node: Json) -> Json:
+    if not isinstance(node, dict):
+        return node
+    rendered = {key: _render(child) for key, child in node.items()}
+    if all(key.isascii() and key.isdigit() and (key == "0" or key[0] != "0") for key in rendered):
+        largest = max(int(key) for key in rendered)
+        if 2 * len(rendered) > largest + 1:
+            array: list[Json] = [None] * (largest + 1)
+            for key, child in rendered.items():
+                array[int(key)] = child
+            return array
+    return rendered
+
+
+def _at(root: Json, keys: tuple[str, ...]) -> Json:
+    node = root
+    for key in keys:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _write(root: Json, keys: tuple[str, ...], value: Json) -> Json:
+    """Write a stored value in place (None deletes, emptied parents vanish); return the new root."""
+    if not keys:
+        return value
+    if not isinstance(root, dict):
+        root = {}
+    path = [root]
+    node = root
+    for key in keys[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            if value is None:
+                return root or None
+            child = node[key] = {}
+        path.append(child)
+        node = child
+    if value is None:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+    for depth in range(len(path) - 1, 0, -1):  # prune emptied parents, innermost first
+        if path[depth]:
+            break
+        del path[depth - 1][keys[depth - 1]]
+    return root or None
+
+
+class _PushIds:
+    """20-character ids: 8 of milliseconds, 12 random, incremented within one millisecond."""
+
+    def __init__(self) -> None:
+        self._last_ms = -1
+        self._last_random = [0] * 12
+
+    def next(self) -> str:
+        now = int(time.time() * 1000)
+        if now == self._last_ms:
+            for i in range(11, -1, -1):
+                if self._last_random[i] != 63:
+                    self._last_random[i] += 1
+                    break
+                self._last_random[i] = 0
+        else:
+            self._last_ms = now
+            self._last_random = [random.randrange(64) for _ in range(12)]
+        stamp = []
+        for _ in range(8):
+            stamp.append(_PUSH_CHARS[now % 64])
+            now //= 64
+        return "".join(reversed(stamp)) + "".join(_PUSH_CHARS[i] for i in self._last_random)
+
+
+# --- streams -------------------------------------------------------------------------------
+
+
+_CLOSE = "close"
+_ABORT = "abort"
+
+
+class _Aborted(Exception):
+    """Raised inside a streaming response so the server resets the connection mid-body."""
+
+
+def _frame(event: str, data: Json) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+@dataclass(eq=False)
+class _Stream:
+    ns: str
+    keys: tuple[str, ...]
+    queue: asyncio.Queue[bytes | str] = field(default_factory=asyncio.Queue)
+
+    def send(self, event: str, data: Json) -> None:
+        self.queue.put_nowait(_frame(event, data))
+
+    def end(self, how: str = _CLOSE) -> None:
+        self.queue.put_nowait(how)
+
+
+def _under(keys: tuple[str, ...], prefix: tuple[str, ...]) -> bool:
+    return keys[: len(prefix)] == prefix
+
+
+class Hub:
+    """The data of every namespace and the open streams; everything runs on one loop."""
+
+    def __init__(self, *, keepalive: float = 30.0, token: str | None = None) -> None:
+        self.keepalive = keepalive
+        self.token = token
+        self.redirect = False
+        self.hold = False
+        self.unauthorized = 0
+        self._data: dict[str, Json] = {}
+        self._denied: set[tuple[str, tuple[str, ...]]] = set()
+        self._streams: set[_Stream] = set()
+        self._push_ids = _PushIds()
+
+    # reads and writes
+
+    def read(self, ns: str, keys: tuple[str, ...]) -> Json:
+        return _render(_at(self._data.get(ns), keys))
+
+    def denied(self, ns: str, keys: tuple[str, ...]) -> bool:
+        return any(n == ns and _under(keys, prefix) for n, prefix in self._denied)
+
+    def put(self, ns: str, keys: tuple[str, ...], value: Json) -> None:
+        stored = _store(value)
+        old = copy.deepcopy(_at(self._data.get(ns), keys))
+        self._data[ns] = _write(self._data.get(ns), keys, stored)
+        self._publish(ns, keys, old, None)
+
+    def patch(self, ns: str, keys: tuple[str, ...], children: dict[str, Json]) -> None:
+        writes = [(_keys(path), _store(value)) for path, value in children.items()]
+        if any(not child for child, _ in writes):
+            raise _BadRequest("Invalid data; a child path of a PATCH is empty")
+        old = copy.deepcopy(_at(self._data.get(ns), keys))
+        root = self._data.get(ns)
+        for child, value in writes:
+            root = _write(root, keys + child, value)
+        self._data[ns] = root
+        patch = {"/".join(child): _render(value) for child, value in writes}
+        self._publish(ns, keys, old, patch)
+
+    def push(self, ns: str, keys: tuple[str, ...], value: Json) -> str:
+        name = self._push_ids.next()
+        self.put(ns, (*keys, name), value)
+        return name
+
+    def _publish(self, ns: str, keys: tuple[str, ...], old: Json, patch: dict[str, Json] | None) -> None:
+        """Events for a write at `keys`, whose value there was `old`, to every stream it touches."""
+        new = _at(self._data.get(ns), keys)
+        if old == new:
+            return  # the database sends nothing for a write that changes nothing
+        for stream in self._streams:
+            if stream.ns != ns:
+                continue
+            if _under(keys, stream.keys):  # at or below the stream's location
+                relative = "/" + "/".join(keys[len(stream.keys) :])
+                if patch is not None:
+                    stream.send("patch", {"path": relative, "data": patch})
+                else:
+                    stream.send("put", {"path": relative, "data": _render(new)})
+            elif _under(stream.keys, keys):  # above it: the new value at the location, whole
+                below = stream.keys[len(keys) :]
+                before, after = _at(old, below), _at(new, below)
+                if before != after:
+                    stream.send("put", {"path": "/", "data": _render(after)})
+
+    # streams
+
+    def open(self, ns: str, keys: tuple[str, ...]) -> _Stream:
+        stream = _Stream(ns, keys)
+        stream.send("put", {"path": "/", "data": self.read(ns, keys)})
+        self._streams.add(stream)
+        return stream
+
+    def forget(self, stream: _Stream) -> None:
+        self._streams.discard(stream)
+
+    def open_streams(self, ns: str | None = None) -> int:
+        return sum(1 for stream in self._streams if ns is None or stream.ns == ns)
+
+    def drop(self, mode: str = _ABORT) -> int:
+        for stream in self._streams:
+            stream.end(_ABORT if mode == _ABORT else _CLOSE)
+        return len(self._streams)
+
+    def revoke(self, new_token: str | None = None) -> int:
+        if new_token is not None:
+            self.token = new_token
+        for stream in self._streams:
+            stream.send("auth_revoked", "credential is no longer valid")
+            stream.end()
+        return len(self._streams)
+
+    def cancel(self, ns: str, keys: tuple[str, ...]) -> int:
+        self._denied.add((ns, keys))
+        hit = [stream for stream in self._streams if stream.ns == ns and _under(stream.keys, keys)]
+        for stream in hit:
+            stream.send("cancel", None)
+            stream.end()
+        return len(hit)
+
+    def reset(self) -> None:
+        self._data.clear()
+        self._denied.clear()
+
+
+class _EventStream(Response):
+    """An EventSource response that also watches for the client going away.
+
+    Starlette's StreamingResponse notices a disconnect only on some ASGI servers; a stream
+    with no traffic must still be forgotten as soon as its client leaves.
+    """
+
+    def __init__(self, hub: Hub, stream: _Stream) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.hub = hub
+        self.stream = stream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                    ],
+                }
+            )
+            pump = asyncio.ensure_future(self._pump(send))
+            gone = asyncio.ensure_future(self._disconnected(receive))
+            try:
+                await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (pump, gone):
+                    task.cancel()
+                await asyncio.gather(pump, gone, return_exceptions=True)
+            error = pump.exception() if pump.done() and not pump.cancelled() else None
+            if error is not None:
+                raise error  # an abort: the server resets the connection mid-body
+        finally:
+            self.hub.forget(self.stream)
+
+    async def _pump(self, send: Send) -> None:
+        queue = self.stream.queue
+        while True:
+            try:
+                if self.hub.keepalive > 0:
+                    item = await asyncio.wait_for(queue.get(), self.hub.keepalive)
+                else:
+                    item = await queue.get()
+            except TimeoutError:
+                item = _frame("keep-alive", None)
+            if item == _ABORT:
+                raise _Aborted("dropped by the test hook")
+            if item == _CLOSE:
+                self.hub.forget(self.stream)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            assert isinstance(item, bytes)
+            await send({"type": "http.response.body", "body": item, "more_body": True})
+
+    @staticmethod
+    async def _disconnected(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _request_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query_params.get("access_token") or request.query_params.get("auth")
+
+
+def build_app(hub: Hub) -> Starlette:
+    async def data(request: Request) -> Response:
+        raw = request.scope["path"]
+        if not raw.endswith(".json"):
+            return _error(400, "Append .json to the path of a REST request")
+        try:
+            keys = _keys(raw[: -len(".json")])
+        except _BadRequest as exc:
+            return _error(400, str(exc))
+        ns = request.query_params.get("ns") or DEFAULT_NAMESPACE
+        method = request.method
+        if method == "POST" and "x-http-method-override" in request.headers:
+            method = request.headers["x-http-method-override"].upper()
+        if hub.token is not None and _request_token(request) != hub.token:
+            hub.unauthorized += 1
+            return _error(401, "Unauthorized request.")
+        streaming = method == "GET" and "text/event-stream" in request.headers.get("accept", "")
+        if method == "GET" and hub.denied(ns, keys):
+            return _error(401, "Permission denied")
+        if streaming:
+            if hub.hold:
+                return _error(503, "Service Unavailable (held by the test hook)")
+            if hub.redirect and "hop" not in request.query_params:
+                query = urlencode([*request.query_params.multi_items(), ("hop", "1")])
+                return Response(status_code=307, headers={"location": f"{raw}?{query}"})
+            return _EventStream(hub, hub.open(ns, keys))
+        silent = request.query_params.get("print") == "silent"
+        try:
+            if method == "GET":
+                value = hub.read(ns, keys)
+                if request.query_params.get("shallow") == "true" and isinstance(value, dict):
+                    value = dict.fromkeys(value, True)
+                elif request.query_params.get("shallow") == "true" and isinstance(value, list):
+                    value = {str(i): True for i, v in enumerate(value) if v is not None}
+                result: Json = value
+            elif method == "DELETE":
+                hub.put(ns, keys, None)
+                result = None
+            else:
+                try:
+                    body = json.loads(await request.body())
+                except ValueError:
+                    return _error(400, "Invalid data; couldn't parse JSON object, array, or value.")
+                if method == "PUT":
+                    hub.put(ns, keys, body)
+                    result = _render(_store(body))
+                elif method == "POST":
+                    result = {"name": hub.push(ns, keys, body)}
+                elif method == "PATCH":
+                    if not isinstance(body, dict):
+                        return _error(400, "Invalid data; PATCH needs an object")
+                    hub.patch(ns, keys, body)
+                    result = body
+                else:
+                    return _error(405, f"{method} is not supported")
+        except _BadRequest as exc:
+            return _error(400, str(exc))
+        if silent:
+            return Response(status_code=204)
+        return Response(json.dumps(result, separators=(",", ":")), media_type="application/json")
+
+    async def streams(request: Request) -> Response:
+        open_streams = hub.open_streams(request.query_params.get("ns"))
+        return JSONResponse({"open": open_streams, "unauthorized": hub.unauthorized})
+
+    async def drop(request: Request) -> Response:
+        return JSONResponse({"dropped": hub.drop(request.query_params.get("mode", _ABORT))})
+
+    async def revoke(request: Request) -> Response:
+        return JSONResponse({"revoked": hub.revoke(request.query_params.get("token"))})
+
+    async def cancel(request: Request) -> Response:
+        ns = request.query_params.get("ns") or DEFAULT_NAMESPACE
+        keys = _keys(request.query_params.get("path", "/"))
+        return JSONResponse({"cancelled": hub.cancel(ns, keys)})
+
+    async def redirect(request: Request) -> Response:
+        hub.redirect = request.query_params.get("on", "1") == "1"
+        return JSONResponse({"redirect": hub.redirect})
+
+    async def hold(request: Request) -> Response:
+        hub.hold = request.query_params.get("on", "1") == "1"
+        return JSONResponse({"hold": hub.hold})
+
+    async def reset(request: Request) -> Response:
+        hub.reset()
+        return JSONResponse({})
+
+    return Starlette(
+        routes=[
+            Route("/_standin/streams", streams, methods=["GET"]),
+            Route("/_standin/drop", drop, methods=["POST"]),
+            Route("/_standin/revoke", revoke, methods=["POST"]),
+            Route("/_standin/cancel", cancel, methods=["POST"]),
+            Route("/_standin/redirect", redirect, methods=["POST"]),
+            Route("/_standin/hold", hold, methods=["POST"]),
+            Route("/_standin/reset", reset, methods=["POST"]),
+            Route("/{path:path}", data, methods=list(_METHODS)),
+        ]
+    )
+
+
+class _Server(uvicorn.Server):
+    """Ends the event streams first on shutdown; uvicorn would otherwise wait on them."""
+
+    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
+        super().__init__(config)
+        self.hub = hub
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.hub.drop(_CLOSE)
+        await super().shutdown(sockets)
+
+
+def serve(host: str, port: int, hub: Hub) -> None:
+    config = uvicorn.Config(
+        build_app(hub),
+        host=host,
+        port=port,
+        http="h11",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    _Server(config, hub).run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--keepalive", type=float, default=30.0, help="seconds between keep-alives; 0: none")
+    parser.add_argument("--token", default=os.environ.get("RTDB_STANDIN_TOKEN"), help="require this token")
+    args = parser.parse_args(argv)
+    serve(args.host, args.port, Hub(keepalive=args.keepalive, token=args.token))
+
+
+# --- the child process for tests -------------------------------------------------------------
+
+
+class RtdbStandin(_Child):
+    """The stand-in as a child process on a fixed port; the hooks are async HTTP calls."""
+
+    def __init__(self, port: int | None = None, *, keepalive: float = 30.0, token: str | None = None) -> None:
+        super().__init__(port)
+        self.keepalive = keepalive
+        self.token = token
+
+    def command(self) -> list[str]:
+        command = [sys.executable, "-m", "listeners.local.rtdb_server", "--port", str(self.port)]
+        command += ["--keepalive", str(self.keepalive)]
+        if self.token is not None:
+            command += ["--token", self.token]
+        return command
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def hook(self, method: str, name: str, **params: str) -> Any:
+        async with httpx.AsyncClient(base_url=self.url, timeout=10.0) as http:
+            response = await http.request(method, f"/_standin/{name}", params=params)
+            response.raise_for_status()
+            return response.json()
+
+    async def open_streams(self, ns: str | None = None) -> int:
+        result = await self.hook("GET", "streams", **({"ns": ns} if ns else {}))
+        return int(result["open"])
+
+    async def unauthorized(self) -> int:
+        return int((await self.hook("GET", "streams"))["unauthorized"])
+
+    async def drop(self, mode: str = _ABORT) -> int:
+        return int((await self.hook("POST", "drop", mode=mode))["dropped"])
+
+    async def revoke(self, new_token: str | None = None) -> int:
+        if new_token is not None:
+            self.token = new_token  # a restart keeps requiring it
+        return int(
+            (await self.hook("POST", "revoke", **({"token": new_token} if new_token else {})))["revoked"]
+        )
+
+    async def cancel(self, path: str, ns: str | None = None) -> int:
+        return int((await self.hook("POST", "cancel", path=path, **({"ns": ns} if ns else {})))["cancelled"])
+
+    async def set_redirect(self, on: bool) -> None:
+        await self.hook("POST", "redirect", on="1" if on else "0")
+
+    async def set_hold(self, on: bool) -> None:
+        await self.hook("POST", "hold", on="1" if on else "0")
+
+
+if __name__ == "__main__":
+    main()
