@@ -18,7 +18,7 @@ from listeners.control import resync_request
 from listeners.local.processes import RedisServer
 from listeners.normalise.notifications import newest_first, normalise_notification
 from listeners.service import running
-from tests.conftest import Firebase
+from tests.conftest import CONTROL_TOKEN, Firebase
 from tests.test_pipeline import wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -196,15 +196,11 @@ async def test_forged_resync_requests_are_refused(
         pubsub = client.pubsub()
         await pubsub.subscribe("user:fay")
         await client.publish("listeners:control", resync_request("wrong-token-wrong-token", "fay"))
-        await client.publish(
-            "listeners:control", resync_request(settings.redis.control_token.reveal(), "fay", now=0)
-        )  # type: ignore[union-attr]
+        await client.publish("listeners:control", resync_request(CONTROL_TOKEN, "fay", now=0))
         await client.publish("listeners:control", b"{" * 5000)
         await asyncio.sleep(1.0)
         assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5) is None
-        await client.publish(
-            "listeners:control", resync_request(settings.redis.control_token.reveal(), "fay")
-        )  # type: ignore[union-attr]
+        await client.publish("listeners:control", resync_request(CONTROL_TOKEN, "fay"))
         message = None
         async with asyncio.timeout(10):
             while message is None:

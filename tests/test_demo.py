@@ -42,7 +42,7 @@ async def test_demo_brings_users_online_and_publishes(redis_server: RedisServer)
     types: list[str] = []
     try:
         async with asyncio.timeout(60):
-            while not {"notif.sync", "notif.add"} <= set(types):
+            while not {"notif.sync", "notif.add", "msg.sync", "msg.add"} <= set(types):
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message:
                     types.append(json.loads(message["data"])["type"])

@@ -11,7 +11,7 @@ from google.cloud.firestore_v1 import GeoPoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listeners.normalise.notifications import newest_first, normalise_notification, visible
+from listeners.normalise.notifications import newest_first, normalise_notification
 from listeners.normalise.timestamps import parse_timestamp, to_utc_iso
 
 
@@ -90,13 +90,6 @@ def test_sorting_newest_first_with_unreadable_timestamps_last() -> None:
         normalise_notification("d", {"timestamp": datetime(2024, 12, 31, tzinfo=UTC)}),
     ]
     assert [i["doc_id"] for i in newest_first(items)] == ["c", "a", "d", "b"]
-
-
-def test_company_filter() -> None:
-    item = normalise_notification("a", {"collection_id": "acme"})
-    assert visible(item, frozenset())
-    assert visible(item, frozenset({"acme"}))
-    assert not visible(item, frozenset({"other"}))
 
 
 # Arbitrary Firestore values: every type a document field can hold, nested.

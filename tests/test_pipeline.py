@@ -220,9 +220,9 @@ async def test_dead_watch_is_replaced_with_a_fresh_sync(
     async with running(settings) as service:
         await fb.online("judy")
         await consumer.wait_for(lambda e: len(e) >= 1)
-        stream = service.node.sessions["judy"].streams[0]
+        stream: Any = service.node.sessions["judy"].streams[0]
         # end the SDK's stream underneath us, as a terminal gRPC error would
-        await asyncio.to_thread(stream._watch._sdk_watch.close)  # type: ignore[union-attr]
+        await asyncio.to_thread(stream._watch._sdk_watch.close)
         await fb.notification("judy", "after")
         await consumer.wait_for(
             lambda e: ids(consumer.last_sync() or {"payload": {"notifications": []}}) == ["after"]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from states import MessengerState, NotificationState, bridge  # noqa: E402
+from states import MessengerState, NotificationState, bridge
 
-from listeners.bridge import ChatThreads, DirectMessages, Notifications  # noqa: E402
+from listeners.bridge import ChatThreads, DirectMessages, Notifications
 
 
 async def main(uid: str, seconds: float) -> None:

@@ -10,6 +10,7 @@ Values of secrets are wrapped in `Secret` so that no repr, log line or error sho
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -74,6 +75,9 @@ class FirebaseSettings:
     project_id: str
     admin_json: Secret | None = None  # the service account JSON; None with the emulator
     emulator_host: str = ""
+    database_url: str = ""  # the Realtime Database; empty: no msg.* / chat.* streams
+    database_emulator_host: str = ""
+    chat_mark_read: bool = True
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,24 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
     redis = _redis_settings(r, redis_secret)
 
     firebase = _firebase(r, firebase_raw, emulator, env.get("FIREBASE_PROJECT_ID", ""))
+    database_url = r.text(
+        r.get(service_secret, "realtime_db_url", "FIREBASE_REALTIME_DB_URL"), "FIREBASE_REALTIME_DB_URL", ""
+    )
+    database_emulator = env.get("FIREBASE_DATABASE_EMULATOR_HOST", "")
+    if database_url and not database_url.startswith("https://") and not database_emulator:
+        r.problems.append("FIREBASE_REALTIME_DB_URL: must start with https://")
+    if database_url and not database_emulator and firebase.admin_json is None:
+        r.problems.append("FIREBASE_ADMIN_JSON: needed for FIREBASE_REALTIME_DB_URL without an emulator")
+    firebase = dataclasses.replace(
+        firebase,
+        database_url=database_url,
+        database_emulator_host=database_emulator,
+        chat_mark_read=r.boolean(
+            r.get(service_secret, "chat_mark_read", "LISTENERS_CHAT_MARK_READ"),
+            "LISTENERS_CHAT_MARK_READ",
+            True,
+        ),
+    )
 
     origins = r.get(service_secret, "allowed_origins", "LISTENERS_ALLOWED_ORIGINS")
     if isinstance(origins, str):

@@ -28,18 +28,12 @@ from redis.exceptions import RedisError
 from listeners.backoff import Backoff
 from listeners.config import RedisSettings
 from listeners.publish.redis import close_quietly, redis_client
+from listeners.source.registry import ChatThread
 
 log = logging.getLogger(__name__)
 
 MAX_SKEW = 60.0
 MAX_REQUEST_BYTES = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class ChatThread:
-    space_code: str
-    thread_key: str
-    mode: str
 
 
 @dataclass(frozen=True, slots=True)

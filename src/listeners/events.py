@@ -15,6 +15,13 @@ NOTIF_ADD = "notif.add"
 NOTIF_UPDATE = "notif.update"
 NOTIF_REMOVE = "notif.remove"
 
+MSG_SYNC = "msg.sync"
+MSG_ADD = "msg.add"
+MSG_UPDATE = "msg.update"
+MSG_REMOVE = "msg.remove"
+CHAT_SYNC = "chat.sync"
+CHAT_MESSAGE = "chat.message"
+
 EventType = Literal["notif.sync", "notif.add", "notif.update", "notif.remove"]
 
 # Every type a consumer may see; msg.* and chat.* come from the Realtime Database streams.

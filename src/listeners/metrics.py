@@ -16,6 +16,9 @@ class Metrics:
         self.firestore_connections = Gauge(
             "listeners_firestore_connections", "gRPC connections carrying watches", registry=r
         )
+        self.failed_streams = Gauge(
+            "listeners_failed_streams", "Streams that failed for good (e.g. permission denied)", registry=r
+        )
         self.stream_restarts = Counter(
             "listeners_stream_restarts", "Watches replaced after they ended", ["kind"], registry=r
         )

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 
@@ -20,21 +20,23 @@ from listeners.backoff import Backoff
 from listeners.envelope import Envelope
 from listeners.metrics import Metrics
 from listeners.publish.publisher import Publisher
-from listeners.session import UserSession
+from listeners.session import Channels, Sources, UserSession
 from listeners.source.registry import (
     REGISTRY_COLLECTION,
+    ChatThread,
     MalformedEntry,
     RegistryEntry,
     parse_entry,
 )
-from listeners.source.snapshots import Query, Snapshot, SnapshotSource, Watch
+from listeners.source.snapshots import Query, Snapshot, Watch
+from listeners.streams.view import Emit
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
-    channel_prefix: str = "user:"
+    channels: Channels = field(default_factory=Channels)
     default_ttl_seconds: int = 90
     sweep_interval_seconds: float = 1.0
 
@@ -43,13 +45,14 @@ class Node:
     def __init__(
         self,
         settings: NodeSettings,
-        source: SnapshotSource,
+        sources: Sources,
         publisher: Publisher,
         metrics: Metrics,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._settings = settings
-        self._source = source
+        self._sources = sources
+        self._source = sources.firestore
         self._publisher = publisher
         self._metrics = metrics
         self._clock = clock
@@ -147,13 +150,14 @@ class Node:
 
     # -- sessions ----------------------------------------------------------------
 
-    def _attach(self, entry: RegistryEntry) -> None:
-        channel = f"{self._settings.channel_prefix}{entry.uid}"
-
+    def _emit_to(self, channel: str) -> Emit:
         def emit(envelope: Envelope, lag_from: float | None) -> None:
             self._publisher.submit(channel, envelope, lag_from)
 
-        session = UserSession(entry, self._source, emit)
+        return emit
+
+    def _attach(self, entry: RegistryEntry) -> None:
+        session = UserSession(entry, self._sources, self._emit_to, self._settings.channels)
         self.sessions[entry.uid] = session
         session.start()
         log.info("user attached", extra={"uid": entry.uid})
@@ -166,16 +170,17 @@ class Node:
         log.info("user detached", extra={"uid": uid, "reason": reason})
 
     def resync(self, uids: set[str] | None = None) -> None:
-        """A fresh sync for these users (None: all): after events could not be delivered, or
-        on a consumer's request. A user who is not attached here gets nothing: attaching
-        sends a sync anyway."""
-        if uids is None:
-            for session in self.sessions.values():
+        """A fresh sync for these users (None: all), after events could not be delivered."""
+        for uid, session in self.sessions.items():
+            if uids is None or uid in uids:
                 session.resync()
-            return
-        for uid in uids:
-            if uid in self.sessions:
-                self.sessions[uid].resync()
+
+    def resync_user(self, uid: str, threads: Iterable[ChatThread]) -> None:
+        """On a consumer's request: fresh syncs of the user's streams and of these threads.
+        A user who is not attached here gets nothing: attaching sends syncs anyway."""
+        session = self.sessions.get(uid)
+        if session is not None:
+            session.resync(threads)
 
     # -- periodic work -----------------------------------------------------------
 
@@ -201,7 +206,7 @@ class Node:
             restarts = [
                 (session, stream)
                 for session in self.sessions.values()
-                for stream in session.streams
+                for stream in session.all_streams()
                 if stream.restart_due(mono)
             ]
             for session, stream in restarts:
@@ -211,6 +216,9 @@ class Node:
                 await asyncio.gather(
                     *(stream.restart(mono) for _, stream in restarts), return_exceptions=True
                 )
+            self._metrics.failed_streams.set(
+                sum(not s.healthy for session in self.sessions.values() for s in session.all_streams())
+            )
             self._metrics.attached_users.set(len(self.sessions))
             self._metrics.open_streams.set(self._source.open_streams)
             self._metrics.firestore_connections.set(self._source.connections)

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
 
 from listeners import __version__
 from listeners.config import Settings
@@ -17,7 +18,9 @@ from listeners.node import Node, NodeSettings
 from listeners.publish.broker import Broker
 from listeners.publish.publisher import Publisher
 from listeners.publish.redis import RedisBroker
+from listeners.session import Channels, Sources
 from listeners.source.firestore import FirestoreSource
+from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
 from listeners.source.snapshots import SnapshotSource
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,7 @@ class Service:
     source: SnapshotSource
     node: Node
     control: ControlListener
+    rtdb: RtdbClient | None = None
     stopping: bool = False
 
     def health(self) -> dict[str, object]:
@@ -60,34 +64,68 @@ def firestore_source(settings: Settings) -> FirestoreSource:
     )
 
 
+def rtdb_client(settings: Settings) -> RtdbClient | None:
+    """The Realtime Database client, or None when no database is configured."""
+    firebase = settings.firebase
+    if firebase.database_emulator_host:
+        namespace = rtdb_namespace(firebase.database_url, firebase.project_id)
+        return RtdbClient(
+            f"http://{firebase.database_emulator_host}", namespace=namespace, tokens=_emulator_token
+        )
+    if firebase.database_url and firebase.admin_json is not None:
+        tokens = ServiceAccountTokens.from_service_account_info(json.loads(firebase.admin_json.reveal()))
+        return RtdbClient(firebase.database_url, tokens=tokens)
+    return None
+
+
+async def _emulator_token(*, refresh: bool = False) -> str:
+    return "owner"  # what the Firebase emulators take as an administrator's token
+
+
+def rtdb_namespace(url: str, project_id: str) -> str:
+    """`https://NAME.firebaseio.com` (or `?ns=NAME`) -> NAME; default `{project}-default-rtdb`."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    if "ns" in query:
+        return query["ns"]
+    if parts.hostname:
+        return parts.hostname.split(".")[0]
+    return f"{project_id}-default-rtdb"
+
+
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, *, broker: Broker | None = None, source: SnapshotSource | None = None
+    settings: Settings,
+    *,
+    broker: Broker | None = None,
+    source: SnapshotSource | None = None,
+    rtdb: RtdbClient | None = None,
 ) -> AsyncIterator[Service]:
     """The whole service, started; on exit it stops the listeners, then flushes what is queued."""
     metrics = Metrics()
     broker = broker or RedisBroker(settings.redis)
     source = source or firestore_source(settings)
+    rtdb = rtdb or rtdb_client(settings)
     publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)
     node = Node(
         NodeSettings(
-            channel_prefix=settings.redis.channel_prefix,
+            channels=Channels(settings.redis.channel_prefix, settings.redis.chat_channel_prefix),
             default_ttl_seconds=settings.service.heartbeat_ttl_seconds,
             sweep_interval_seconds=settings.sweep_interval_seconds,
         ),
-        source,
+        Sources(source, rtdb, settings.firebase.chat_mark_read),
         publisher,
         metrics,
     )
     publisher.resync = node.resync
 
     def on_resync(request: ResyncRequest) -> None:
-        node.resync({request.uid})
+        node.resync_user(request.uid, request.threads)
 
     control = ControlListener(settings.redis, on_resync)
     publishing = asyncio.create_task(publisher.run(), name="publisher")
     listening = asyncio.create_task(control.run(), name="control")
-    service = Service(settings, metrics, publisher, source, node, control)
+    service = Service(settings, metrics, publisher, source, node, control, rtdb)
     log.info("service starting", extra={"version": __version__, "instance_id": settings.instance_id})
     try:
         async with node:
@@ -106,4 +144,6 @@ async def running(
         with contextlib.suppress(Exception):
             await broker.disconnect()
         await source.aclose()
+        if rtdb is not None:
+            await rtdb.aclose()
         log.info("service stopped")

@@ -1,32 +1,139 @@
-"""Everything the node holds for one online user, in one place."""
+"""Everything the node holds for one online user, in one place: the registry entry, the
+user's streams (notifications; direct messages when the Realtime Database is configured)
+and the chat threads the user has open."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
-from listeners.source.registry import RegistryEntry
+from listeners.source.registry import ChatThread, RegistryEntry
+from listeners.source.rtdb import RtdbClient
 from listeners.source.snapshots import SnapshotSource
-from listeners.streams.notifications import Emit, NotificationStream
+from listeners.streams.chat import ChatStream
+from listeners.streams.messages import MessageStream
+from listeners.streams.notifications import NotificationStream
+from listeners.streams.view import Emit
+
+log = logging.getLogger(__name__)
+
+
+class Stream(Protocol):
+    kind: str
+
+    def start(self) -> None: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def restart_due(self, now: float) -> bool: ...
+
+    async def restart(self, now: float) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def set_companies(self, companies: frozenset[str]) -> None: ...
+
+    def resync(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sources:
+    firestore: SnapshotSource
+    rtdb: RtdbClient | None = None
+    chat_mark_read: bool = True
+
+
+EmitTo = Callable[[str], Emit]  # channel -> emit on it
 
 
 class UserSession:
-    def __init__(self, entry: RegistryEntry, source: SnapshotSource, emit: Emit) -> None:
+    def __init__(self, entry: RegistryEntry, sources: Sources, emit_to: EmitTo, channels: Channels) -> None:
         self.uid = entry.uid
         self.entry = entry
-        self.streams = [NotificationStream(entry.uid, entry.authorized_companies_ids, source, emit)]
+        self._sources = sources
+        self._emit_to = emit_to
+        self._channels = channels
+        emit = emit_to(channels.user(entry.uid))
+        companies = entry.authorized_companies_ids
+        self.streams: list[Stream] = [NotificationStream(entry.uid, companies, sources.firestore, emit)]
+        if sources.rtdb is not None:
+            self.streams.append(MessageStream(entry.uid, companies, sources.rtdb, emit))
+        self.threads: dict[ChatThread, ChatStream] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def all_streams(self) -> list[Stream]:
+        return [*self.streams, *self.threads.values()]
 
     def start(self) -> None:
         for stream in self.streams:
             stream.start()
+        self._follow_threads(self.entry.chat_threads)
 
     def update(self, entry: RegistryEntry) -> None:
         self.entry = entry
         for stream in self.streams:
             stream.set_companies(entry.authorized_companies_ids)
+        self._follow_threads(entry.chat_threads)
 
-    def resync(self) -> None:
+    def resync(self, threads: Iterable[ChatThread] | None = None) -> None:
+        """Fresh syncs of every stream, and of these chat threads (None: all of them)."""
         for stream in self.streams:
             stream.resync()
+        for thread, chat in self.threads.items():
+            if threads is None or thread in threads:
+                chat.resync()
+
+    def _follow_threads(self, wanted: frozenset[ChatThread]) -> None:
+        for thread in self.threads.keys() - wanted:
+            self._spawn_close(self.threads.pop(thread))
+        for thread in wanted - self.threads.keys():
+            refusal = self._refusal(thread)
+            if refusal:
+                log.warning(
+                    "chat thread refused",
+                    extra={"uid": self.uid, "space_code": thread.space_code, "reason": refusal},
+                )
+                continue
+            assert self._sources.rtdb is not None
+            emit = self._emit_to(self._channels.chat(self.uid, thread))
+            chat = ChatStream(
+                self.uid, thread, self._sources.rtdb, emit, mark_read=self._sources.chat_mark_read
+            )
+            self.threads[thread] = chat
+            chat.start()
+
+    def _refusal(self, thread: ChatThread) -> str:
+        if self._sources.rtdb is None:
+            return "the Realtime Database is not configured"
+        companies = self.entry.authorized_companies_ids
+        if companies and thread.space_code not in companies:
+            return "space_code is not in authorized_companies_ids"
+        return ""
+
+    def _spawn_close(self, stream: Stream) -> None:
+        task = asyncio.create_task(stream.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
-        await asyncio.gather(*(stream.close() for stream in self.streams), return_exceptions=True)
+        streams = self.all_streams()
+        self.threads.clear()
+        await asyncio.gather(*(s.close() for s in streams), *self._closing, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class Channels:
+    """Redis channel names: `{prefix}{uid}` and `{chat_prefix}{uid}:{space_code}:{thread_key}`."""
+
+    prefix: str = "user:"
+    chat_prefix: str = "chat:"
+
+    def user(self, uid: str) -> str:
+        return f"{self.prefix}{uid}"
+
+    def chat(self, uid: str, thread: ChatThread) -> str:
+        return f"{self.chat_prefix}{uid}:{thread.space_code}:{thread.thread_key}"

@@ -11,7 +11,7 @@ Light on purpose: redis and the standard library (plus google-cloud-firestore fo
 from listeners.bridge.consumer import Bridge, parse_event
 from listeners.bridge.presence import Presence
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
-from listeners.control import ChatThread
+from listeners.source.registry import ChatThread
 
 __all__ = [
     "Bridge",

@@ -19,9 +19,10 @@ from redis.exceptions import RedisError
 
 from listeners.backoff import Backoff
 from listeners.config import RedisSettings
-from listeners.control import ChatThread, resync_request
+from listeners.control import resync_request
 from listeners.events import KNOWN_TYPES
 from listeners.publish.redis import close_quietly, redis_client
+from listeners.source.registry import ChatThread
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from listeners.backoff import Backoff
-from listeners.control import ChatThread
-from listeners.source.registry import REGISTRY_COLLECTION
+from listeners.source.registry import REGISTRY_COLLECTION, ChatThread
 
 log = logging.getLogger(__name__)
 

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from listeners.normalise.timestamps import parse_timestamp
+from listeners.normalise.notifications import newest_first
 
 Item = dict[str, Any]
 
 
 def _newest_first(items: dict[str, Item]) -> list[Item]:
-    def key(item: Item) -> tuple[float, str]:
-        moment = parse_timestamp(item.get("timestamp"))
-        return (moment.timestamp() if moment else float("-inf"), str(item.get("doc_id", "")))
-
-    return sorted(items.values(), key=key, reverse=True)
+    return newest_first(items.values())
 
 
 class Notifications:

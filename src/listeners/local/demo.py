@@ -2,9 +2,10 @@
 
     python -m listeners.local.demo [--port 8080] [--duration SECONDS]
 
-Redis is a private redis-server on a free port unless LISTENERS_REDIS_HOST is set. The
-writer brings three users online, then keeps writing, updating and reading their
-notifications, and heartbeats the registry as the Reflex backend would.
+Redis is a private redis-server on a free port unless LISTENERS_REDIS_HOST is set; the
+Realtime Database is the local stand-in. The writer brings three users online, then keeps
+writing, updating and reading their notifications and direct messages, and heartbeats the
+registry as the Reflex backend would.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, free_port, wait_for_port
+from listeners.local.rtdb_server import RtdbStandin
 
 PROJECT = "demo-listeners"
 USERS = {"demo-alice": ["acme"], "demo-bob": [], "demo-carol": ["acme", "globex"]}
@@ -45,8 +48,12 @@ def main() -> None:
             redis = stack.enter_context(RedisServer())
             env.update(LISTENERS_REDIS_HOST="127.0.0.1", LISTENERS_REDIS_PORT=str(redis.port))
         emulator = stack.enter_context(FirestoreEmulator())
+        database = stack.enter_context(RtdbStandin())
         env.update(FIRESTORE_EMULATOR_HOST=emulator.host, FIREBASE_PROJECT_ID=PROJECT)
+        env.update(FIREBASE_DATABASE_EMULATOR_HOST=f"127.0.0.1:{database.port}")
         env.setdefault("LOG_LEVEL", "INFO")
+        # A token for this run only, so the bridge's resync requests work on the demo too.
+        env.setdefault("LISTENERS_CONTROL_TOKEN", secrets.token_urlsafe(24))
         os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
         port = args.port if _port_free(args.port) else free_port()
         service = subprocess.Popen(
@@ -74,13 +81,15 @@ def main() -> None:
         )
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         with suppress(KeyboardInterrupt):
-            write_forever(args.interval, args.duration)
+            write_forever(args.interval, args.duration, database.url)
 
 
-def write_forever(interval: float, duration: float) -> None:
+def write_forever(interval: float, duration: float, database_url: str) -> None:
+    import httpx
     from google.cloud import firestore
 
     db = firestore.Client(project=PROJECT)
+    rtdb = httpx.Client(base_url=database_url, params={"ns": f"{PROJECT}-default-rtdb"}, timeout=10)
     heartbeat = 0.0
     started = time.monotonic()
     counter = itertools.count(1)
@@ -90,7 +99,11 @@ def write_forever(interval: float, duration: float) -> None:
                 for uid, companies in USERS.items():
                     db.document(f"listeners_registry/{uid}").set(_registry(companies))
                 heartbeat = time.monotonic()
-            _step(db, next(counter))
+            n = next(counter)
+            if n % 4 == 0:
+                _direct_message(rtdb, n)
+            else:
+                _step(db, n)
             time.sleep(interval)
     finally:
         for uid in USERS:
@@ -129,6 +142,31 @@ def _step(db: Any, n: int) -> None:
         following = STATUSES[min(STATUSES.index(status) + 1 if status in STATUSES else 0, len(STATUSES) - 1)]
         doc.reference.update({"status": following})
         print(f"demo: {uid} {doc.id} -> {following}", flush=True)
+
+
+def _direct_message(rtdb: Any, n: int) -> None:
+    """Every fourth step a direct message arrives; older ones are read (which deletes them)."""
+    uid = random.choice(list(USERS))
+    base = f"/clients/{uid}/direct_message_notif"
+    existing = rtdb.get(f"{base}.json", params={"shallow": "true"}).json() or {}
+    if len(existing) >= 2:
+        oldest = sorted(existing)[0]
+        rtdb.delete(f"{base}/{oldest}.json")
+        print(f"demo: {uid} read direct message {oldest}", flush=True)
+        return
+    message = {
+        "file_name": f"contract-{n:05d}.pdf",
+        "status": "to_review",
+        "job_id": f"job-{n:05d}",
+        "collection_id": random.choice(COMPANIES),
+        "collection_name": "Demo company",
+        "function_name": "Router",
+        "timestamp": str(datetime.now(UTC).replace(tzinfo=None)),
+        "sender_id": "demo-writer",
+        "message": "Please review this contract",
+    }
+    key = rtdb.post(f"{base}.json", json=message).json()["name"]
+    print(f"demo: {uid} + direct message {key}", flush=True)
 
 
 def _unread() -> Any:

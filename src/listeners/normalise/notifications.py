@@ -11,13 +11,14 @@ import ast
 import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from listeners.events import NotificationItem
 from listeners.normalise.timestamps import parse_timestamp, to_utc_iso
 from listeners.normalise.values import dumps, text, to_json_value
 
 _OPTIONAL_TEXT = ("batch_id", "drive_link")
+ItemT = TypeVar("ItemT", bound=Mapping[str, Any])
 _OLDEST = datetime.min.replace(tzinfo=UTC)
 
 
@@ -86,14 +87,10 @@ def _info_message(info: Any) -> str:
     return ""
 
 
-def sort_key(item: NotificationItem) -> tuple[datetime, str]:
-    return (parse_timestamp(item["timestamp"]) or _OLDEST, item["doc_id"])
+def sort_key(item: Mapping[str, Any]) -> tuple[datetime, str]:
+    return (parse_timestamp(item.get("timestamp")) or _OLDEST, str(item.get("doc_id", "")))
 
 
-def newest_first(items: Iterable[NotificationItem]) -> list[NotificationItem]:
+def newest_first(items: Iterable[ItemT]) -> list[ItemT]:
+    """Newest first by `timestamp`; unreadable timestamps last; ties by `doc_id`."""
     return sorted(items, key=sort_key, reverse=True)
-
-
-def visible(item: NotificationItem, companies: frozenset[str]) -> bool:
-    """An empty company list means no filter (the registry field is optional)."""
-    return not companies or item["collection_id"] in companies

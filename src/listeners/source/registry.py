@@ -17,6 +17,16 @@ from listeners.normalise.timestamps import parse_timestamp
 REGISTRY_COLLECTION = "listeners_registry"
 DEFAULT_TTL_SECONDS = 90
 _STATUSES = ("online", "offline")
+CHAT_MODES = frozenset({"job_chats", "chats", "active_chats"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatThread:
+    """A chat thread the user has open: `{space_code}/{mode}/{thread_key}/messages`."""
+
+    space_code: str
+    thread_key: str
+    mode: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +37,7 @@ class RegistryEntry:
     ttl_seconds: int
     authorized_companies_ids: frozenset[str]
     instance_id: str
+    chat_threads: frozenset[ChatThread] = frozenset()
 
     def expires_at(self) -> datetime:
         return self.heartbeat_at + timedelta(seconds=self.ttl_seconds)
@@ -66,6 +77,8 @@ def parse_entry(uid: str, data: Mapping[str, Any], default_ttl: int) -> Registry
     if not isinstance(instance_id, str):
         problems.append(f"instance_id must be a string (got {_describe(instance_id)})")
 
+    threads = _chat_threads(data.get("chat_threads") or [], problems)
+
     if problems:
         raise MalformedEntry("; ".join(problems))
     assert heartbeat is not None
@@ -76,7 +89,27 @@ def parse_entry(uid: str, data: Mapping[str, Any], default_ttl: int) -> Registry
         ttl_seconds=int(ttl),
         authorized_companies_ids=frozenset(companies),
         instance_id=str(instance_id),
+        chat_threads=threads,
     )
+
+
+def _chat_threads(value: Any, problems: list[str]) -> frozenset[ChatThread]:
+    """`chat_threads`: [{space_code, thread_key, mode}] (optional; added to the §4 contract)."""
+    if not isinstance(value, list):
+        problems.append("chat_threads must be an array of {space_code, thread_key, mode}")
+        return frozenset()
+    threads = set()
+    for n, item in enumerate(value):
+        fields = [
+            item.get(k) if isinstance(item, Mapping) else None for k in ("space_code", "thread_key", "mode")
+        ]
+        if not all(isinstance(f, str) and f and "/" not in f for f in fields):
+            problems.append(f"chat_threads[{n}] needs space_code, thread_key and mode as plain strings")
+        elif fields[2] not in CHAT_MODES:
+            problems.append(f"chat_threads[{n}].mode must be one of {', '.join(sorted(CHAT_MODES))}")
+        else:
+            threads.add(ChatThread(str(fields[0]), str(fields[1]), str(fields[2])))
+    return frozenset(threads)
 
 
 def _describe(value: Any) -> str:

@@ -1,0 +1,551 @@
+"""Latency of the core pipeline: Firestore write -> service -> Redis Pub/Sub subscriber.
+
+Starts a private redis-server and Firestore emulator, then for each user count N a fresh
+service process (`uvicorn app.main:app`), N online users in the registry, and notification
+writes at a fixed rate over random users. Latency is measured from just before the
+Firestore write call to the receipt of that document's `notif.add` by a subscriber on the
+exact channels `user:{uid}`. The service's CPU, RSS and threads are sampled with psutil.
+
+    .venv/bin/python -m bench.latency --users 1,100,500 --writes-per-size 300 --rate 20
+
+The results replace the generated block of this benchmark in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import httpx
+import psutil
+import redis.asyncio as aioredis
+from google.cloud import firestore
+
+from listeners.local.processes import (
+    PROJECT_ROOT,
+    FirestoreEmulator,
+    RedisServer,
+    emulator_env,
+    free_port,
+    wait_for_port,
+)
+
+DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- bench.latency:start -->", "<!-- bench.latency:end -->"
+SECTION = "## Core pipeline latency (`bench/latency.py`)"
+
+
+@dataclass
+class Result:
+    """What one size measured; filled in as the run goes, so a failed size still reports."""
+
+    users: int
+    log_path: Path  # the service's stdout and stderr
+    emulator_log: Path
+    sent: int = 0
+    write_errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)  # sorted, one per notif.add received
+    rate: float = float("nan")  # writes per second achieved
+    ready_s: float = float("nan")  # service started -> every user attached and synced
+    idle_cpu: float = float("nan")  # service CPU % (100 = one core), every user attached, no writes
+    cpu: float = float("nan")  # service CPU % from the first write to the last event (or drain end)
+    emulator_cpu: float = float("nan")
+    bench_cpu: float = float("nan")  # this process: writer, subscriber
+    machine_cpu: float = float("nan")  # both cores, 100 = all of them
+    drain_s: float = float("nan")  # last write sent -> last event received or gave up
+    rss_mb: float = float("nan")  # the maxima sampled over the write window
+    threads: int = 0
+    emulator_rss_mb: float = float("nan")
+    stop_s: float = float("nan")
+    duplicates: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)  # warnings, errors, non-JSON lines of the log
+    error: str = ""
+
+    @property
+    def received(self) -> int:
+        return len(self.latencies_ms)
+
+
+class LoggedEmulator(FirestoreEmulator):
+    """The Firestore emulator with its output kept in a file, to see why it failed if it does."""
+
+    def __init__(self, log_path: Path) -> None:
+        super().__init__()
+        self.log_path = log_path
+
+    def start(self, timeout: float = 20.0) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        wait_for_port(self.port, timeout, self.process)
+
+
+class Consumer:
+    """Subscribes to the exact channels `user:{uid}` (no PSUBSCRIBE), as the Reflex bridge does."""
+
+    def __init__(self, client: aioredis.Redis, uids: list[str]) -> None:
+        self.pubsub = client.pubsub()
+        self.channels = [f"user:{uid}" for uid in uids]
+        self.subscribed = 0
+        self.synced: set[str] = set()
+        self.added: dict[str, float] = {}  # doc_id -> monotonic time of receipt
+        self.duplicates = 0
+        self.events: Counter[str] = Counter()
+        self.changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pubsub.subscribe(*self.channels)
+        self.task = asyncio.create_task(self._read())
+        await self.wait(lambda: self.subscribed >= len(self.channels), 30)
+
+    async def _read(self) -> None:
+        async for message in self.pubsub.listen():
+            now = time.monotonic()
+            if message["type"] == "subscribe":
+                self.subscribed += 1
+            elif message["type"] == "message":
+                event = json.loads(message["data"])
+                self.events[event["type"]] += 1
+                if event["type"] == "notif.sync":
+                    self.synced.add(event["uid"])
+                elif event["type"] == "notif.add":
+                    doc_id = event["payload"]["doc_id"]
+                    if doc_id in self.added:
+                        self.duplicates += 1
+                    else:
+                        self.added[doc_id] = now
+            self.changed.set()
+
+    async def wait(self, done: Callable[[], bool], timeout: float) -> bool:
+        """True once `done()` holds, False after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self.task is not None and self.task.done():
+                self.task.result()  # the reader failed: raise its error
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
+        return True
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.pubsub.aclose()
+
+
+class ServiceProcess:
+    """`uvicorn app.main:app` as a child process, its output in a log file."""
+
+    def __init__(self, redis_port: int, emulator_host: str, project: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        env = {
+            **os.environ,
+            "LISTENERS_REDIS_HOST": "127.0.0.1",
+            "LISTENERS_REDIS_PORT": str(redis_port),
+            "FIRESTORE_EMULATOR_HOST": emulator_host,
+            "FIREBASE_PROJECT_ID": project,
+            "LISTENERS_INSTANCE_ID": "bench",
+            "LOG_LEVEL": "WARNING",
+        }
+        for name in ("GOOGLE_PROJECT_ID", "FIREBASE_ADMIN_JSON", "LISTENERS_REDIS_PASSWORD"):
+            env.pop(name, None)  # the emulator and the private Redis only
+        command = [str(PROJECT_ROOT / ".venv" / "bin" / "uvicorn"), "app.main:app"]
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.ps = psutil.Process(self.process.pid)
+
+    def stop(self) -> float:
+        """SIGTERM, then SIGKILL after 60 s; the seconds it took."""
+        began = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return time.monotonic() - began
+
+
+def write_registry(db: firestore.Client, uids: list[str]) -> None:
+    for i in range(0, len(uids), 500):  # a batch holds at most 500 writes
+        batch = db.batch()
+        for uid in uids[i : i + 500]:
+            batch.set(
+                db.document(f"listeners_registry/{uid}"),
+                {
+                    "status": "online",
+                    "heartbeat_at": firestore.SERVER_TIMESTAMP,
+                    "ttl_seconds": 600,
+                    "authorized_companies_ids": [],
+                    "instance_id": "bench",
+                },
+            )
+        batch.commit()
+
+
+def write_notification(db: firestore.Client, uid: str, doc_id: str, sent: dict[str, float]) -> bool:
+    """One notification; its send time goes in `sent` unless the write failed."""
+    data = {
+        "job_id": doc_id,
+        "file_name": f"{doc_id}.pdf",
+        "status": "completed",
+        "collection_id": "c1",
+        "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+        "read": False,
+        "additional_info": "{}",
+    }
+    ref = db.document(f"clients/{uid}/notifications/{doc_id}")
+    t0 = time.monotonic()
+    sent[doc_id] = t0
+    try:
+        ref.set(data, retry=None, timeout=10)
+    except Exception:  # counted and reported; a dead emulator is caught by the write loop
+        del sent[doc_id]
+        return False
+    return True
+
+
+async def wait_healthy(port: int, users: int, timeout: float) -> None:
+    """Until /healthz answers status ok with `users` listeners."""
+    deadline = time.monotonic() + timeout
+    body: object = None
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        while time.monotonic() < deadline:
+            try:
+                body = (await http.get("/healthz", timeout=5)).json()
+            except (httpx.HTTPError, ValueError):
+                body = None
+            if isinstance(body, dict) and body.get("status") == "ok" and body.get("listeners_count") == users:
+                return
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"/healthz never showed {users} listeners in {timeout}s (last: {body})")
+
+
+async def sample(service: psutil.Process, emulator: psutil.Process, r: Result) -> None:
+    r.rss_mb = r.emulator_rss_mb = 0.0
+    while True:
+        r.rss_mb = max(r.rss_mb, service.memory_info().rss / 2**20)
+        r.threads = max(r.threads, service.num_threads())
+        r.emulator_rss_mb = max(r.emulator_rss_mb, emulator.memory_info().rss / 2**20)
+        await asyncio.sleep(0.5)
+
+
+def check_alive(**processes: subprocess.Popen[bytes] | None) -> None:
+    for name, process in processes.items():
+        if process is None or process.poll() is not None:
+            code = None if process is None else process.returncode
+            raise RuntimeError(f"the {name} process exited (status {code})")
+
+
+def log_problems(path: Path) -> list[str]:
+    problems = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            level = json.loads(line).get("level", "")
+        except (ValueError, AttributeError):
+            level = "TEXT"
+        if level in ("WARNING", "ERROR", "CRITICAL", "TEXT") and line.strip():
+            problems.append(line.strip())
+    return problems
+
+
+async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulator: FirestoreEmulator) -> None:
+    project = f"bench-{r.users}-{uuid.uuid4().hex[:6]}"
+    uids = [f"u{i:04d}" for i in range(r.users)]
+    rng = random.Random(args.seed + r.users)
+    assert emulator.process is not None
+    emu = psutil.Process(emulator.process.pid)
+    loop = asyncio.get_running_loop()
+    db = firestore.Client(project=project)
+    client = aioredis.Redis(host="127.0.0.1", port=redis_port)
+    consumer = Consumer(client, uids)
+    pool = ThreadPoolExecutor(16, thread_name_prefix="bench-write")
+    sampler: asyncio.Task[None] | None = None
+    service: ServiceProcess | None = None
+    sent: dict[str, float] = {}  # doc_id -> monotonic time just before its write call
+    try:
+        # The users are online before the service starts, as after a deploy: the emulator
+        # resends every watched query on every write, so registering them one by one under
+        # a running service would cost O(N^2) resends that production does not have.
+        await loop.run_in_executor(pool, write_registry, db, uids)
+        await consumer.start()
+        began = time.monotonic()
+        service = ServiceProcess(redis_port, emulator.host, project, r.log_path)
+        await loop.run_in_executor(None, wait_for_port, service.port, 60.0, service.process)
+        await wait_healthy(service.port, r.users, args.ready_timeout)
+        if not await consumer.wait(lambda: len(consumer.synced) == r.users, args.ready_timeout):
+            raise TimeoutError(f"only {len(consumer.synced)} of {r.users} users got their first notif.sync")
+        r.ready_s = time.monotonic() - began
+
+        service.ps.cpu_percent(None)
+        await asyncio.sleep(args.idle)
+        r.idle_cpu = service.ps.cpu_percent(None)
+
+        sampler = asyncio.create_task(sample(service.ps, emu, r))
+        writes = []
+        me = psutil.Process()
+        emu.cpu_percent(None)
+        me.cpu_percent(None)
+        psutil.cpu_percent(None)
+        service.ps.cpu_percent(None)
+        began = time.monotonic()
+        for i in range(args.writes_per_size):
+            await asyncio.sleep(max(0.0, began + i / args.rate - time.monotonic()))
+            check_alive(service=service.process, emulator=emulator.process)
+            uid, doc_id = rng.choice(uids), f"w{i:05d}"
+            writes.append(loop.run_in_executor(pool, write_notification, db, uid, doc_id, sent))
+        r.write_errors = (await asyncio.gather(*writes)).count(False)
+        r.rate = (len(sent) - 1) / max(1e-9, max(sent.values(), default=0) - min(sent.values(), default=0))
+
+        def all_received() -> bool:
+            check_alive(service=service.process, emulator=emulator.process)
+            return all(doc_id in consumer.added for doc_id in sent)
+
+        drained = time.monotonic()
+        while not await consumer.wait(all_received, args.quiet):  # no notif.add for `quiet` s: give up
+            if time.monotonic() - drained > args.drain or not any(
+                consumer.added.get(doc_id, 0.0) > time.monotonic() - args.quiet for doc_id in sent
+            ):
+                break
+        r.drain_s = time.monotonic() - drained
+        r.cpu, r.emulator_cpu = service.ps.cpu_percent(None), emu.cpu_percent(None)
+        r.bench_cpu, r.machine_cpu = me.cpu_percent(None), psutil.cpu_percent(None)
+        await asyncio.sleep(0.5)  # let late duplicates or stray events show up in the counts
+    finally:
+        if sampler is not None:
+            sampler.cancel()
+        r.sent = len(sent)  # what was measured so far, also when the size failed
+        r.latencies_ms = sorted(
+            (consumer.added[doc_id] - t0) * 1000 for doc_id, t0 in sent.items() if doc_id in consumer.added
+        )
+        try:
+            if service is not None:
+                r.stop_s = service.stop()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            r.duplicates, r.events = consumer.duplicates, consumer.events
+            await consumer.stop()
+            await client.aclose()
+            db.close()
+            r.problems = log_problems(r.log_path)
+
+
+def _message(line: str) -> str:
+    try:
+        return str(json.loads(line).get("message", line))
+    except (ValueError, AttributeError):
+        return line
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted values; NaN when there are none."""
+    if not values:
+        return float("nan")
+    return values[max(0, min(len(values), math.ceil(q / 100 * len(values))) - 1)]
+
+
+def _version(command: list[str]) -> str:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def machine() -> str:
+    model = "?"
+    with Path("/proc/cpuinfo").open() as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    emulator = json.loads(
+        (PROJECT_ROOT / "node_modules" / "@firestore-emulator" / "server" / "package.json").read_text()
+    )["version"]
+    redis_version = _version(["redis-server", "--version"]).split(" v=")[-1].split(" ")[0]
+    return (
+        f"{os.cpu_count()} cores ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+        f"redis-server {redis_version}, node {_version(['node', '--version'])}, "
+        f"@firestore-emulator/server {emulator}"
+    )
+
+
+def render(results: list[Result], command: str, code: str, started: datetime, elapsed: float) -> str:
+    lines = [
+        START,
+        f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Code: {code}.",
+        "",
+        "| users | writes sent | received | missing | p50 ms | p95 ms | p99 ms | max ms "
+        "| service CPU % | RSS MB | threads | idle CPU % | emulator CPU % | ready s | stop s |",
+        "|" + "---:|" * 15,
+    ]
+    for r in results:
+        p = [percentile(r.latencies_ms, q) for q in (50, 95, 99, 100)]
+        lines.append(
+            f"| {r.users} | {r.sent} | {r.received} | {r.sent - r.received} "
+            + "".join(f"| {v:.0f} " for v in p)
+            + f"| {r.cpu:.0f} | {r.rss_mb:.0f} | {r.threads} | {r.idle_cpu:.0f} | {r.emulator_cpu:.0f} "
+            f"| {r.ready_s:.1f} | {r.stop_s:.1f} |"
+        )
+    lines += ["", "Per size:"]
+    for r in results:
+        events = ", ".join(f"{k} {v}" for k, v in sorted(r.events.items())) or "none"
+        kinds = Counter(_message(line) for line in r.problems)
+        logged = "; ".join(f"{n} x `{m[:160]}`" for m, n in kinds.most_common(3))
+        lines.append(
+            f"- {r.users} user{'' if r.users == 1 else 's'}: "
+            + (f"**FAILED: {r.error}**; " if r.error else "")
+            + f"{r.rate:.1f} writes/s achieved, {r.write_errors} write errors; events received: {events}; "
+            f"duplicate notif.add: {r.duplicates}; drain {r.drain_s:.1f} s; CPU % over the window: "
+            f"bench {r.bench_cpu:.0f}, whole machine {r.machine_cpu:.0f} (of 100); "
+            f"emulator peak RSS {r.emulator_rss_mb:.0f} MB; "
+            f"service log warnings/errors: {len(r.problems)}" + (f" ({logged})" if logged else "")
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def update_doc(path: Path, block: str) -> None:
+    """Replace the generated block in `path`, or append a new section holding it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nOne section per benchmark.\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+    path.write_text(text)
+
+
+async def run(args: argparse.Namespace) -> list[Result]:
+    """One redis-server for the whole run; a fresh emulator and service for each size."""
+    results: list[Result] = []
+    with RedisServer() as redis_server:
+        for users in args.users:
+            print(f"[bench] {users} users ...", file=sys.stderr, flush=True)
+            name = f"listeners-bench-{users}-{uuid.uuid4().hex[:6]}"
+            r = Result(
+                users,
+                Path(tempfile.gettempdir()) / f"{name}.log",
+                Path(tempfile.gettempdir()) / f"{name}-emulator.log",
+            )
+            results.append(r)
+            emulator = LoggedEmulator(r.emulator_log)
+            try:
+                with emulator:
+                    emulator_env(emulator.host)
+                    await run_size(r, args, redis_server.port, emulator)
+            except Exception as exc:  # reported in the results; the next size still runs
+                r.error = f"{type(exc).__name__}: {exc}"
+                fatal = [
+                    line
+                    for line in r.emulator_log.read_text(errors="replace").splitlines()
+                    if "FATAL" in line
+                ]
+                r.error += f" (emulator: {fatal[-1].strip()})" if fatal else ""
+            lat = r.latencies_ms
+            print(
+                f"[bench] {users} users: {r.received}/{r.sent} received, "
+                f"p50 {percentile(lat, 50):.0f} p99 {percentile(lat, 99):.0f} "
+                f"max {percentile(lat, 100):.0f} ms, cpu {r.cpu:.0f}%, rss {r.rss_mb:.0f} MB, "
+                f"threads {r.threads}, log {r.log_path} ({len(r.problems)} warnings/errors)"
+                + (f", FAILED: {r.error}" if r.error else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally, which stops the children
+
+
+def _measuring(argv: list[str]) -> list[str]:
+    """The arguments without those that say where results go (--doc, --no-doc, --code)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--no-doc" or arg.startswith(("--doc=", "--code=")):
+            skip = False
+        elif arg in ("--doc", "--code"):
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=lambda s: [int(n) for n in s.split(",")], default=[1, 100, 500])
+    parser.add_argument("--writes-per-size", type=int, default=300)
+    parser.add_argument("--rate", type=float, default=20.0, help="notification writes per second")
+    parser.add_argument("--idle", type=float, default=3.0, help="seconds of idle CPU sampling")
+    parser.add_argument("--drain", type=float, default=150.0, help="most seconds to wait for late events")
+    parser.add_argument("--quiet", type=float, default=15.0, help="stop waiting after this long with none")
+    parser.add_argument("--ready-timeout", type=float, default=120.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--doc", type=Path, default=DOC, help="markdown file to update")
+    parser.add_argument("--no-doc", action="store_true", help="print the results only")
+    parser.add_argument("--code", help="what code was measured (default: git describe --dirty)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    started, began = datetime.now(UTC), time.monotonic()
+    try:
+        results = asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("[bench] interrupted; every process it started is stopped", file=sys.stderr)
+        raise SystemExit(130) from None
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join([".venv/bin/python -m bench.latency", *_measuring(given)])
+    described = _version(["git", "-C", str(PROJECT_ROOT), "describe", "--always", "--dirty"])
+    code = args.code or (f"`{described}`" if described else "unknown (not a git checkout)")
+    if not args.code and described.endswith("-dirty"):
+        code += " (`-dirty`: with uncommitted changes)"
+    block = render(results, command, code, started, time.monotonic() - began)
+    print(block)
+    if not args.no_doc:
+        update_doc(args.doc, block)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Direct messages (msg.*) and chat threads (chat.*) from the Realtime Database stand-in,
+through the real service, to a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from listeners.config import Settings
+from listeners.local.rtdb_server import RtdbStandin
+from listeners.service import running
+from listeners.source.rtdb import RtdbClient
+from tests.conftest import Consumer, Firebase
+from tests.test_pipeline import wait_until
+
+pytestmark = pytest.mark.asyncio
+
+
+async def owner(*, refresh: bool = False) -> str:
+    return "owner"
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[RtdbStandin]:
+    with RtdbStandin(keepalive=1.0, token="owner") as server:
+        yield server
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"db-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def rtdb_settings(settings: Settings, standin: RtdbStandin, ns: str) -> Settings:
+    firebase = dataclasses.replace(
+        settings.firebase,
+        database_url=f"https://{ns}.firebaseio.com",
+        database_emulator_host=f"127.0.0.1:{standin.port}",
+    )
+    return dataclasses.replace(settings, firebase=firebase)
+
+
+@pytest.fixture
+async def rtdb(standin: RtdbStandin, ns: str) -> AsyncIterator[RtdbClient]:
+    client = RtdbClient(standin.url, namespace=ns, tokens=owner)
+    yield client
+    await client.aclose()
+
+
+def dm(n: int, **fields: Any) -> dict[str, Any]:
+    return {
+        "file_name": f"doc-{n}.pdf",
+        "status": "to_review",
+        "job_id": f"job-{n}",
+        "file_id": f"file-{n}",
+        "collection_id": "acme",
+        "collection_name": "ACME",
+        "function_name": "APbookeeper",
+        "timestamp": f"2025-09-0{n} 10:11:12.123456",
+        "additional_info": "{}",
+        "sender_id": "u-sender",
+        **fields,
+    }
+
+
+def of(consumer: Consumer, kind: str) -> list[dict[str, Any]]:
+    return consumer.of_type(kind)
+
+
+def ids(syncs: list[dict[str, Any]]) -> list[str] | None:
+    """The doc ids of the last sync, or None before the first."""
+    return [m["doc_id"] for m in syncs[-1]["payload"]["messages"]] if syncs else None
+
+
+async def test_direct_messages_sync_and_deltas(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any
+) -> None:
+    base = "clients/mia/direct_message_notif"
+    await rtdb.set(f"{base}/m1", dm(1))
+    await rtdb.set(f"{base}/m2", dm(2, collection_id="other"))  # not authorised
+    await rtdb.set(f"{base}/m3", dm(3, file_name=17, status=None, message="Please review"))
+    await rtdb.set(f"{base}/junk", "not a map")
+    consumer: Consumer = await subscribe("mia")
+    async with running(rtdb_settings):
+        await fb.online("mia", companies=["acme"])
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 1)
+        first = of(consumer, "msg.sync")[0]["payload"]
+        assert [m["doc_id"] for m in first["messages"]] == ["m3", "m1"]  # newest first, m2 filtered
+        assert first["count"] == 2 and first["has_new_messages"] is True and first["new_message"] is None
+        m3 = first["messages"][0]
+        assert m3["file_name"] == "17" and m3["status"] == "info" and m3["message"] == "Please review"
+        assert (
+            m3["timestamp"] == "2025-09-03T10:11:12.123456Z" and "read" not in m3 and "info_message" not in m3
+        )
+        assert m3["sender_id"] == "u-sender" and m3["url"] == "/edit_form/job-3"
+
+        await rtdb.set(f"{base}/m4", dm(4))
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 2)
+        assert [e["payload"]["doc_id"] for e in of(consumer, "msg.add")] == ["m4"]
+        sync = of(consumer, "msg.sync")[1]["payload"]
+        assert sync["new_message"]["doc_id"] == "m4" and sync["count"] == 3
+
+        await rtdb.update(f"{base}/m4", {"status": "done"})
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.update")) == 1)
+        await rtdb.delete(f"{base}/m1")  # reading a direct message deletes it
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.remove")) == 1)
+        assert of(consumer, "msg.remove")[0]["payload"] == {"doc_id": "m1"}
+        await consumer.wait_for(
+            lambda e: (
+                [m["doc_id"] for m in of(consumer, "msg.sync")[-1]["payload"]["messages"]] == ["m4", "m3"]
+            )
+        )
+    assert "m2" not in str(consumer.events)
+
+
+def chat_message(n: int, kind: str = "MESSAGE", **fields: Any) -> dict[str, Any]:
+    return {
+        "content": f"hello {n}",
+        "sender_id": "bot",
+        "timestamp": f"2025-09-05 10:00:{n:02d}",
+        "read": False,
+        "message_type": kind,
+        **fields,
+    }
+
+
+async def test_chat_threads_from_the_registry(
+    rtdb_settings: Settings,
+    fb: Firebase,
+    rtdb: RtdbClient,
+    subscribe: Any,
+    standin: RtdbStandin,
+    ns: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    thread = "acme/chats/t1/messages"
+    await rtdb.set(thread, {
+        "-a1": chat_message(1),
+        "-a2": chat_message(2, read=True),  # already read: not shown
+        "-a3": chat_message(3, "CARD", action="approve"),  # a card response
+        "-a4": {**chat_message(4), "message_type": None, "type": "TOOL", "content": "{not json"},
+        "-a5": chat_message(5, "DEBUG"),  # not a display type
+        "-a6": "junk",
+    })  # fmt: skip
+    user: Consumer = await subscribe("noa")
+    chat: Consumer = await subscribe("noa:acme:t1", prefix="chat:")
+    async with running(rtdb_settings) as service:
+        await fb.set("listeners_registry/noa", {
+            "status": "online", "heartbeat_at": "2999-01-01T00:00:00Z", "authorized_companies_ids": ["acme"],
+            "chat_threads": [{"space_code": "acme", "thread_key": "t1", "mode": "chats"},
+                             {"space_code": "globex", "thread_key": "t9", "mode": "chats"}],
+        })  # fmt: skip
+        await chat.wait_for(lambda e: len(chat.of_type("chat.sync")) == 1)
+        sync = chat.of_type("chat.sync")[0]["payload"]
+        assert sync["space_code"] == "acme" and sync["thread_key"] == "t1"
+        assert [m["id"] for m in sync["raw_messages"]] == ["-a1", "-a4"]
+        assert sync["raw_messages"][1]["content"] == "{not json"  # raw, as it is
+
+        await rtdb.set(f"{thread}/-b1", chat_message(10))
+        await rtdb.set(f"{thread}/-b2", chat_message(11, "SPEEDDIAL", action="call"))
+        await chat.wait_for(
+            lambda e: sum(len(x["payload"]["raw_messages"]) for x in chat.of_type("chat.message")) == 2
+        )
+        delivered = [m["id"] for x in chat.of_type("chat.message") for m in x["payload"]["raw_messages"]]
+        assert delivered == ["-b1", "-b2"]
+        # delivered messages are marked read, as the old client did; nothing is delivered twice
+        await wait_until(lambda: True)
+        for _ in range(100):
+            marked = await rtdb.get(thread)
+            if all(marked[k]["read"] for k in ("-a1", "-a4", "-b1", "-b2")):
+                break
+            await asyncio.sleep(0.1)
+        assert all(marked[k]["read"] for k in ("-a1", "-a4", "-b1", "-b2"))
+        await asyncio.sleep(0.5)
+        assert [
+            m["id"] for x in chat.of_type("chat.message") for m in x["payload"]["raw_messages"]
+        ] == delivered
+        assert "chat:noa:globex:t9" not in str(service.node.sessions["noa"].threads)
+        refused = [r for r in caplog.records if r.getMessage() == "chat thread refused"]
+        assert [getattr(r, "space_code", "") for r in refused] == ["globex"]
+
+        # closing the thread in the registry closes its stream; going offline closes them all
+        await fb.update("listeners_registry/noa", {"chat_threads": []})
+        await wait_until(lambda: not service.node.sessions["noa"].threads)
+        await fb.offline("noa")
+        await wait_until(lambda: "noa" not in service.node.sessions)
+        for _ in range(100):
+            if await standin.open_streams(ns) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await standin.open_streams(ns) == 0
+    assert not user.of_type("chat.message")  # chat goes to its own channel
+
+
+async def test_cancel_fails_one_stream_and_the_others_continue(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any, standin: RtdbStandin, ns: str
+) -> None:
+    ola: Consumer = await subscribe("ola")
+    pia: Consumer = await subscribe("pia")
+    async with running(rtdb_settings) as service:
+        await fb.online("ola")
+        await fb.online("pia")
+        await ola.wait_for(lambda e: len(of(ola, "msg.sync")) >= 1)
+        await pia.wait_for(lambda e: len(of(pia, "msg.sync")) >= 1)
+        assert await standin.cancel("clients/ola/direct_message_notif", ns=ns) == 1
+        await wait_until(lambda: not service.node.sessions["ola"].streams[1].healthy)
+        await wait_until(lambda: service.metrics.failed_streams._value.get() == 1)
+        await rtdb.set("clients/pia/direct_message_notif/x", dm(1))
+        await pia.wait_for(lambda e: len(of(pia, "msg.add")) == 1)
+        assert service.node.sessions["ola"].streams[0].healthy  # notifications go on
+
+
+async def test_auth_revoked_then_converges(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any, standin: RtdbStandin
+) -> None:
+    consumer: Consumer = await subscribe("quin")
+    async with running(rtdb_settings):
+        await fb.online("quin")
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 1)
+        assert await standin.revoke() >= 1
+        await rtdb.set("clients/quin/direct_message_notif/after", dm(1))
+        await consumer.wait_for(lambda e: ids(of(consumer, "msg.sync")) == ["after"])
+
+
+async def test_cut_and_restart_give_a_fresh_sync(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any, standin: RtdbStandin
+) -> None:
+    consumer: Consumer = await subscribe("ray")
+    async with running(rtdb_settings):
+        await fb.online("ray")
+        await rtdb.set("clients/ray/direct_message_notif/a", dm(1))
+        await consumer.wait_for(lambda e: ids(of(consumer, "msg.sync")) == ["a"])
+        syncs = len(of(consumer, "msg.sync"))
+        await standin.drop()
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) > syncs)  # fresh after the cut
+        standin.restart()  # its data is gone
+        await rtdb.set("clients/ray/direct_message_notif/b", dm(2))
+        await consumer.wait_for(
+            lambda e: [m["doc_id"] for m in of(consumer, "msg.sync")[-1]["payload"]["messages"]] == ["b"],
+            timeout=30,
+        )
+
+
+async def test_an_enormous_node(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any
+) -> None:
+    await rtdb.set("clients/sam/direct_message_notif", {f"m{n:05d}": dm(1 + n % 9) for n in range(5000)})
+    consumer: Consumer = await subscribe("sam")
+    async with running(rtdb_settings):
+        await fb.online("sam")
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 1, timeout=60)
+    assert of(consumer, "msg.sync")[0]["payload"]["count"] == 5000
