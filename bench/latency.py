@@ -91,10 +91,10 @@ class LoggedEmulator(FirestoreEmulator):
 
     def __init__(self, log_path: Path) -> None:
         super().__init__()
-        self.log_path = log_path
+        self.output = log_path
 
     def start(self, timeout: float = 20.0) -> None:
-        with self.log_path.open("wb") as log:
+        with self.output.open("wb") as log:
             self.process = subprocess.Popen(
                 self.command(), cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )

@@ -131,3 +131,34 @@ def test_wrong_redis_password_is_reported_without_the_password(emulator: Firesto
             output, _ = process.communicate(timeout=15)
     assert "redis unavailable" in output
     assert PASSWORD not in output and "another-password-123" not in output
+
+
+def test_sigterm_exits_in_time_even_with_firestore_gone(
+    protected_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FirestoreEmulator() as own:
+        monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", own.host)
+        port = free_port()
+        env = {**service_env(protected_redis, own), "LISTENERS_SHUTDOWN_TIMEOUT_SECONDS": "6"}
+        process = uvicorn(env, port)
+        try:
+            wait_for_port(port, 60, None)
+            db = firestore.Client(project="process-test")
+            for n in range(40):
+                db.document(f"listeners_registry/u{n}").set(
+                    {"status": "online", "heartbeat_at": "2999-01-01T00:00:00Z"}
+                )
+            db.close()
+            deadline = time.monotonic() + 60
+            while httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["listeners_count"] < 40:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            own.stop(signal.SIGKILL)  # every watch now closes slowly
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
+            assert time.monotonic() - started < 10
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()

@@ -66,6 +66,7 @@ def own_standin() -> Iterator[Callable[..., RtdbStandin]]:
     yield make
     for server in started:
         server.stop()
+        server.cleanup()
 
 
 class Mirror:

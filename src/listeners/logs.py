@@ -56,6 +56,7 @@ def configure(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+        logging.getLogger(name).setLevel(root.level)  # uvicorn sets its own INFO otherwise
     # The SDKs log their retries at INFO with full request context; keep them quiet.
     for name in ("google", "grpc", "urllib3"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

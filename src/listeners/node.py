@@ -39,6 +39,7 @@ class NodeSettings:
     channels: Channels = field(default_factory=Channels)
     default_ttl_seconds: int = 90
     sweep_interval_seconds: float = 1.0
+    close_timeout_seconds: float = 4.0
 
 
 class Node:
@@ -92,7 +93,11 @@ class Node:
         for uid in list(self.sessions):
             self._detach(uid, "shutdown")
         if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+            # A watch's close joins SDK threads, up to a second each while Firestore is
+            # unreachable: past the budget the rest is abandoned (their threads are daemons).
+            _, pending = await asyncio.wait(self._closing, timeout=self._settings.close_timeout_seconds)
+            if pending:
+                log.warning("shutdown: watches left closing", extra={"pending": len(pending)})
 
     @property
     def registry_healthy(self) -> bool:

@@ -112,6 +112,7 @@ async def running(
             channels=Channels(settings.redis.channel_prefix, settings.redis.chat_channel_prefix),
             default_ttl_seconds=settings.service.heartbeat_ttl_seconds,
             sweep_interval_seconds=settings.sweep_interval_seconds,
+            close_timeout_seconds=settings.shutdown_timeout_seconds / 2,
         ),
         Sources(source, rtdb, settings.firebase.chat_mark_read),
         publisher,

@@ -45,18 +45,25 @@ class _Child:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.workdir = tempfile.mkdtemp(prefix=f"listeners-{type(self).__name__.lower()}-")
+
+    @property
+    def log_path(self) -> str:
+        """The child's stdout and stderr, appended across restarts, for post-mortems."""
+        return os.path.join(self.workdir, "output.log")
 
     def command(self) -> list[str]:
         raise NotImplementedError
 
     def start(self, timeout: float = 20.0) -> None:
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=PROJECT_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(self.log_path, "ab") as output:
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=PROJECT_ROOT,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_for_port(self.port, timeout, self.process)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -83,6 +90,11 @@ class _Child:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Remove what the child left on disk; it is not started again after this."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class RedisServer(_Child):
@@ -91,7 +103,6 @@ class RedisServer(_Child):
     def __init__(self, port: int | None = None, password: str = "") -> None:
         super().__init__(port)
         self.password = password
-        self._dir = tempfile.mkdtemp(prefix="listeners-redis-")
 
     def command(self) -> list[str]:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -106,7 +117,7 @@ class RedisServer(_Child):
             "--appendonly",
             "no",
         ]
-        command += ["--dir", self._dir]
+        command += ["--dir", self.workdir]
         if self.password:
             command += ["--requirepass", self.password]
         return command

@@ -120,12 +120,20 @@ class FirestoreSource:
         for name, value in query.equals:
             sdk_query = sdk_query.where(filter=firestore.FieldFilter(name, "==", value))
 
+        converted: dict[str, SourceDoc] = {}  # touched only by this watch's one SDK thread
+
         def on_thread(docs: list[Any], _changes: Any, read_time: Any) -> None:
-            # Runs on an SDK thread: convert, hand over, return at once.
-            snapshot = Snapshot(
-                docs=tuple(SourceDoc(d.id, d.to_dict() or {}, d.update_time) for d in docs),
-                read_time=read_time,
-            )
+            # Runs on an SDK thread: convert, hand over, return at once. Each snapshot holds
+            # every matching document; only those with a new update time are converted.
+            nonlocal converted
+            fresh: dict[str, SourceDoc] = {}
+            for d in docs:
+                known = converted.get(d.id)
+                if known is None or known.update_time != d.update_time:
+                    known = SourceDoc(d.id, d.to_dict() or {}, d.update_time)
+                fresh[d.id] = known
+            converted = fresh
+            snapshot = Snapshot(docs=tuple(fresh.values()), read_time=read_time)
             with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
                 loop.call_soon_threadsafe(on_snapshot, snapshot)
 
@@ -153,7 +161,7 @@ class FirestoreSource:
         pooled.streams -= 1
 
     async def aclose(self) -> None:
-        self._closer.shutdown(wait=False, cancel_futures=False)
+        self._closer.shutdown(wait=False, cancel_futures=True)
         for pooled in self._pool:
             pooled.client.close()  # type: ignore[no-untyped-call]
         self._pool.clear()

@@ -1,0 +1,660 @@
+"""The deployment artefacts, checked offline by the real tools (specification §3.1, §7, §11).
+
+No Docker engine and no AWS here, so: hadolint, cfn-lint, checkov and actionlint (from
+requirements-tools.lock, in .venv-tools) lint what they know; the task definition is validated
+against the ECS RegisterTaskDefinition input model shipped in botocore; and the Dockerfile's
+build stage is replayed command by command in a fresh directory, then its start command and
+health check are run against a real redis-server and the Firestore emulator.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from listeners.local.processes import FirestoreEmulator, RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / ".venv-tools" / "bin"
+TEMPLATES = sorted((ROOT / "deploy" / "cloudformation").glob("*.yaml"))
+SPEC_START = ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8080"]  # noqa: S104 (§3.1)
+# §3.1: the runtime parameters of the task definition (the password through "secrets").
+SPEC_RUNTIME = {
+    "AWS_REGION_NAME",
+    "GOOGLE_PROJECT_ID",
+    "GOOGLE_SERVICE_ACCOUNT_SECRET",
+    "AWS_SECRET_NAME",
+    "LISTENERS_REDIS_HOST",
+    "LISTENERS_REDIS_PORT",
+    "LISTENERS_REDIS_PASSWORD",
+    "LISTENERS_REDIS_TLS",
+    "LISTENERS_REDIS_DB",
+    "LISTENERS_CHANNEL_PREFIX",
+}
+SECRET_VALUED = re.compile(r"PASSWORD|TOKEN|PRIVATE|CREDENTIALS|ADMIN_JSON")
+
+
+def tool(name: str) -> str:
+    path = TOOLS / name
+    assert path.exists(), f"{path} is missing: `bash scripts/bootstrap` installs requirements-tools.lock"
+    return str(path)
+
+
+def run(*command: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{TOOLS}{os.pathsep}{os.environ['PATH']}"}  # actionlint finds shellcheck
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def tools_python(code: str, *args: str) -> Any:
+    """Runs `code` in the tools venv (PyYAML, cfn-lint, botocore) and returns its JSON output."""
+    result = run(tool("python"), "-c", code, *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@functools.cache
+def cfn(path: Path) -> dict[str, Any]:
+    code = (
+        "import json, sys\nfrom cfnlint.decode import decode\n"
+        "template, errors = decode(sys.argv[1])\nassert not errors, errors\n"
+        "print(json.dumps(template, default=str))"
+    )
+    data: dict[str, Any] = tools_python(code, str(path))
+    return data
+
+
+@functools.cache
+def yaml_file(path: Path) -> dict[str, Any]:
+    code = "import json, sys, yaml\nprint(json.dumps(yaml.safe_load(open(sys.argv[1]))))"
+    data: dict[str, Any] = tools_python(code, str(path))
+    return data
+
+
+# ------------------------------------------------------------------ Dockerfile
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+
+
+def dockerfile_stages() -> list[list[Instruction]]:
+    stages: list[list[Instruction]] = []
+    logical = ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if not logical and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        logical += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        keyword, _, args = logical.strip().partition(" ")
+        logical = ""
+        if keyword.upper() == "FROM":
+            stages.append([])
+        stages[-1].append(Instruction(keyword.upper(), args.strip()))
+    return stages
+
+
+def only(stage: list[Instruction], keyword: str) -> list[str]:
+    return [i.args for i in stage if i.keyword == keyword]
+
+
+def test_hadolint_passes() -> None:
+    result = run(tool("hadolint"), "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_follows_the_specification() -> None:
+    build, final = dockerfile_stages()
+    assert only(build, "FROM") == ["python:3.11-slim AS build"]
+    assert only(final, "FROM") == ["python:3.11-slim"]
+    assert json.loads(only(final, "CMD")[0]) == SPEC_START  # exec form: uvicorn is PID 1
+    assert only(final, "EXPOSE") == ["8080"]
+    assert only(final, "STOPSIGNAL") == ["SIGTERM"]
+    assert only(final, "USER") and only(final, "USER")[0].split(":")[0] not in ("root", "0")
+    healthcheck = only(final, "HEALTHCHECK")[0]
+    assert "/healthz" in healthcheck and " CMD [" in healthcheck
+    installs = " ".join(only(build, "RUN"))
+    assert "--require-hashes -r requirements.lock" in installs
+    assert installs.count("--only-binary=:all:") == 2  # wheels only: nothing is compiled
+    # The final stage installs nothing: it takes the venv built above and the app/ package.
+    assert only(final, "COPY") == ["--from=build /opt/venv /opt/venv", "app ./app"]
+    assert not any("install" in r.replace("uninstall", "") for r in only(final, "RUN"))
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    patterns = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        glob = line.lstrip("!").strip("/")
+        regex = re.escape(glob).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        patterns.append((negate, re.compile(regex + "$")))
+    return patterns
+
+
+def in_build_context(path: str) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parents wins."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for negate, pattern in dockerignore_patterns():
+        if any(pattern.match(p) for p in prefixes):
+            excluded = not negate
+    return not excluded
+
+
+def test_dockerignore_keeps_tests_benchmarks_and_local_files_out() -> None:
+    kept = ["requirements.lock", "deploy/build-requirements.lock", "pyproject.toml", "app/main.py"]
+    kept += [str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.py")]
+    for path in kept:
+        assert in_build_context(path), path
+    out = [
+        "tests/test_deploy.py",
+        "bench/latency.py",
+        "docs/benchmarks.md",
+        ".venv/bin/python",
+        ".venv-tools/bin/checkov",
+        "node_modules/yargs/index.js",
+        ".git/HEAD",
+        ".env",
+        "key.pem",
+        "requirements-dev.lock",
+        "src/listeners/__pycache__/cli.cpython-311.pyc",
+        "src/listeners.egg-info/PKG-INFO",
+        "deploy/task-definition.jsonc",
+    ]
+    for path in out:
+        assert not in_build_context(path), path
+
+
+@pytest.fixture(scope="module")
+def replayed_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The build stage's COPY and RUN steps, replayed in a fresh directory: what would be /build,
+    /opt/venv and /app in the image lives under it. Returns that root."""
+    root = tmp_path_factory.mktemp("image")
+    mapped = {p: root / p.lstrip("/") for p in ("/opt/venv", "/opt/build-tools", "/build", "/app")}
+
+    def local(path: str) -> str:
+        for image_path in sorted(mapped, key=len, reverse=True):
+            path = re.sub(rf"(?<![\w/.]){re.escape(image_path)}(?=/|\b|$)", str(mapped[image_path]), path)
+        return path
+
+    build, _ = dockerfile_stages()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")
+    }
+    workdir = root
+    for step in build[1:]:
+        if step.keyword == "ENV":
+            env.update(re.findall(r"(\w+)=(\S+)", step.args))
+        elif step.keyword == "WORKDIR":
+            workdir = Path(local(step.args))
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif step.keyword == "COPY":
+            *sources, target = step.args.split()
+            for source in sources:
+                destination = (
+                    workdir / target / Path(source).name if target.endswith("/") else workdir / target
+                )
+                copy_context(ROOT / source, destination)
+        elif step.keyword == "RUN":
+            command = local(step.args)
+            assert not re.search(r"(?<![\w./-])/(opt|build|app|usr|etc)\b", command), (
+                f"unmapped path in {command}"
+            )
+            result = subprocess.run(
+                ["/bin/sh", "-c", command], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+            )
+            assert result.returncode == 0, f"{step.args}\n{result.stdout}\n{result.stderr}"
+        else:
+            raise AssertionError(f"replay does not know {step.keyword}")
+    copy_context(ROOT / "app", mapped["/app"] / "app")  # the final stage's COPY app ./app
+    return root
+
+
+def copy_context(source: Path, destination: Path) -> None:
+    """Copies what the build context holds (.dockerignore applied)."""
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    for file in files:
+        relative = str(file.relative_to(ROOT))
+        if not in_build_context(relative):
+            continue
+        target = destination if source.is_file() else destination / file.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, target)
+
+
+@pytest.fixture
+def image_service(
+    replayed_image: Path, redis_server: RedisServer, emulator: FirestoreEmulator
+) -> Iterator[tuple[subprocess.Popen[str], Path, int, dict[str, str]]]:
+    """The final stage's CMD, from the replayed /app with the replayed venv first on PATH."""
+    _, final = dockerfile_stages()
+    venv = replayed_image / "opt" / "venv"
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(replayed_image),
+        "LISTENERS_REDIS_HOST": "127.0.0.1",
+        "LISTENERS_REDIS_PORT": str(redis_server.port),
+        "FIRESTORE_EMULATOR_HOST": emulator.host,
+        "FIREBASE_PROJECT_ID": "image-replay",
+        "LISTENERS_SWEEP_INTERVAL_SECONDS": "0.2",
+    }
+    for step in only(final, "ENV"):
+        env.update((k, v) for k, v in re.findall(r"(\w+)=(\S+)", step) if k != "PATH")
+    port = free_port()
+    command = [
+        str(port) if a == "8080" else "127.0.0.1" if a == "0.0.0.0" else a  # noqa: S104 (replaced)
+        for a in json.loads(only(final, "CMD")[0])
+    ]
+    log = replayed_image / f"service-{port}.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command, cwd=replayed_image / "app", env=env, stdout=output, stderr=subprocess.STDOUT, text=True
+        )
+    try:
+        yield process, log, port, env
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_image_installs_from_the_lock_and_serves_healthz(
+    replayed_image: Path, image_service: tuple[subprocess.Popen[str], Path, int, dict[str, str]]
+) -> None:
+    process, log, port, env = image_service
+    venv = replayed_image / "opt" / "venv"
+    # Only the runtime is in the venv: the project as a built wheel, no pip, no setuptools.
+    probe = (
+        "import importlib.util as u, importlib.metadata as m; "
+        "print(u.find_spec('setuptools') is None, u.find_spec('pip') is None, "
+        "m.distribution('listeners').read_text('direct_url.json') is None)"
+    )
+    result = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True)
+    assert result.stdout.split() == ["True", "True", "True"], result.stdout + result.stderr
+    assert (venv / "bin" / "listeners").exists()
+
+    deadline = time.monotonic() + 60
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline and body.get("status") != "ok":
+        assert process.poll() is None, log.read_text()
+        try:
+            response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            body = response.json() if response.status_code == 200 else {}
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    assert body.get("status") == "ok" and body.get("redis") == "ok", body
+
+    # The Dockerfile's HEALTHCHECK command, as Docker would run it inside the container.
+    _, final = dockerfile_stages()
+    healthcheck = json.loads(only(final, "HEALTHCHECK")[0].split(" CMD ", 1)[1])
+    healthcheck = [a.replace(":8080/", f":{port}/") for a in healthcheck]
+    assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 0
+
+    # The operator CLI installed in the image, against the running service.
+    check = subprocess.run(["listeners", "config", "check"], env=env, capture_output=True, text=True)
+    assert check.returncode == 0 and "configuration ok" in check.stdout, check.stdout + check.stderr
+    smoke = subprocess.run(
+        ["listeners", "smoke", "--url", f"http://127.0.0.1:{port}", "--redis"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    assert "PASS  healthz" in smoke.stdout and "PASS  redis" in smoke.stdout
+
+    # Graceful stop: SIGTERM to PID 1 (exec-form CMD), exit 0 within ECS's stopTimeout.
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=40)
+    output = log.read_text()
+    assert process.returncode == 0, output
+    assert time.monotonic() - started < task_definition()["containerDefinitions"][0]["stopTimeout"]
+    assert '"service stopped"' in output
+
+
+# ------------------------------------------------------------------ task definition
+
+OUTPUTS = {
+    "Region": "us-east-1",
+    "TaskExecutionRoleArn": "arn:aws:iam::123456789012:role/listeners-infra-TaskExecutionRole-AAAA",
+    "TaskRoleArn": "arn:aws:iam::123456789012:role/listeners-infra-TaskRole-BBBB",
+    "LogGroupName": "/ecs/listeners-service",
+    "RedisHost": "master.listeners.abcdef.use1.cache.amazonaws.com",
+    "RedisPort": "6379",
+    "RedisAuthSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:RedisAuthSecret-Abc-x1Y2z3",
+    "GoogleCredentialsSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:google-AbCdEf",
+    "GoogleProjectId": "pinnokio-prod",
+    "WebSocketUrl": "wss://listeners.example.com/ws",
+    "AlbDnsName": "listeners-123.us-east-1.elb.amazonaws.com",
+}
+
+
+def render(outputs: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """deploy/render.py as the workflow runs it, on describe-stacks' output format."""
+    return subprocess.run(
+        [sys.executable, "deploy/render.py", "--outputs", "/dev/stdin"],
+        input=json.dumps([{"OutputKey": k, "OutputValue": v} for k, v in outputs.items()]),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+
+
+def task_definition(outputs: dict[str, str] = OUTPUTS) -> dict[str, Any]:
+    result = render(outputs)
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+_VALIDATE = """
+import json, sys
+import botocore.session
+from botocore.validate import ParamValidator
+
+model = botocore.session.get_session().get_service_model("ecs")
+shape = model.operation_model("RegisterTaskDefinition").input_shape
+params = json.load(sys.stdin)
+report = ParamValidator().validate(params, shape)
+problems = [report.generate_report()] if report.has_errors() else []
+
+def enums(value, shape, path):  # ParamValidator leaves enums to the service: check them here
+    if shape.type_name == "structure":
+        for name, member in shape.members.items():
+            if name in value:
+                enums(value[name], member, f"{path}.{name}")
+    elif shape.type_name == "list":
+        for i, item in enumerate(value):
+            enums(item, shape.member, f"{path}[{i}]")
+    elif shape.type_name == "map":
+        for key, item in value.items():
+            enums(item, shape.value, f"{path}.{key}")
+    elif shape.enum and value not in shape.enum:
+        problems.append(f"{path}: {value!r} not one of {shape.enum}")
+
+enums(params, shape, "taskDefinition")
+print(json.dumps(problems))
+"""
+
+
+def test_task_definition_is_a_valid_register_task_definition_input() -> None:
+    rendered = json.dumps(task_definition())
+    result = run(tool("python"), "-c", _VALIDATE, input=rendered)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+
+
+def test_task_definition_is_fargate_sized_and_wired() -> None:
+    td = task_definition()
+    (container,) = td["containerDefinitions"]
+    assert td["requiresCompatibilities"] == ["FARGATE"] and td["networkMode"] == "awsvpc"
+    assert (td["cpu"], td["memory"]) == ("1024", "2048")  # 1 vCPU pairs with 2-8 GB on Fargate
+    assert td["executionRoleArn"] == OUTPUTS["TaskExecutionRoleArn"]
+    assert td["taskRoleArn"] == OUTPUTS["TaskRoleArn"] != td["executionRoleArn"]
+    assert container["portMappings"][0]["containerPort"] == 8080
+    logs = container["logConfiguration"]
+    assert logs["logDriver"] == "awslogs"
+    assert logs["options"]["awslogs-group"] == OUTPUTS["LogGroupName"]
+    assert logs["options"]["awslogs-region"] == OUTPUTS["Region"]
+    _, final = dockerfile_stages()
+    healthcheck = json.loads(only(final, "HEALTHCHECK")[0].split(" CMD ", 1)[1])
+    assert container["healthCheck"]["command"] == ["CMD", *healthcheck]  # the image's own check
+    # The drain fits: uvicorn's graceful timeout + the service's flush, before SIGKILL.
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    dockerfile_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(only(final, "ENV"))))
+    drain = int(dockerfile_env["UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN"]) + int(
+        env["LISTENERS_SHUTDOWN_TIMEOUT_SECONDS"]
+    )
+    assert drain + 5 <= container["stopTimeout"] <= 120
+    assert container["readonlyRootFilesystem"] is True
+
+
+def test_task_definition_environment_has_no_secret() -> None:
+    (container,) = task_definition()["containerDefinitions"]
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    secrets = {s["name"]: s["valueFrom"] for s in container["secrets"]}
+    assert SPEC_RUNTIME - {"GOOGLE_SERVICE_ACCOUNT_SECRET", "AWS_SECRET_NAME"} <= set(env) | set(secrets)
+    assert not [name for name in env if SECRET_VALUED.search(name)]
+    assert secrets == {
+        "LISTENERS_REDIS_PASSWORD": OUTPUTS["RedisAuthSecretArn"] + ":password::",
+        "GOOGLE_APPLICATION_CREDENTIALS_JSON": OUTPUTS["GoogleCredentialsSecretArn"],
+    }
+    config = (ROOT / "src" / "listeners" / "config.py").read_text()
+    for name in env:  # every variable is one the service (or uvicorn) reads: no typo
+        assert name.startswith("UVICORN_") or f'"{name}"' in config, name
+
+
+def test_optional_outputs_are_left_out_and_missing_ones_named() -> None:
+    with_optional = {**OUTPUTS, "GoogleServiceAccountSecret": "pinnokio/sa", "AwsSecretName": "pinnokio/aws"}
+    (container,) = task_definition(with_optional)["containerDefinitions"]
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    assert env["GOOGLE_SERVICE_ACCOUNT_SECRET"] == "pinnokio/sa" and env["AWS_SECRET_NAME"] == "pinnokio/aws"
+    (container,) = task_definition()["containerDefinitions"]
+    assert not {"GOOGLE_SERVICE_ACCOUNT_SECRET", "AWS_SECRET_NAME"} & {
+        e["name"] for e in container["environment"]
+    }
+    result = render({k: v for k, v in OUTPUTS.items() if k not in ("RedisHost", "TaskRoleArn")})
+    assert result.returncode == 2
+    assert "missing: RedisHost, TaskRoleArn" in result.stderr
+
+
+def test_uvicorn_settings_are_real_options_and_fit_the_alb() -> None:
+    import uvicorn.main
+
+    command: Any = uvicorn.main.main  # a click command: its options read UVICORN_<NAME>
+    options = {f"UVICORN_{p.name.upper()}" for p in command.params if p.name}
+    (container,) = task_definition()["containerDefinitions"]
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    _, final = dockerfile_stages()
+    dockerfile_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(only(final, "ENV"))))
+    for name in [*env, *dockerfile_env]:
+        assert not name.startswith("UVICORN_") or name in options, name
+    infra = cfn(ROOT / "deploy" / "cloudformation" / "infra.yaml")["Resources"]
+    attributes = {a["Key"]: a["Value"] for a in infra["LoadBalancer"]["Properties"]["LoadBalancerAttributes"]}
+    assert int(env["UVICORN_TIMEOUT_KEEP_ALIVE"]) > int(attributes["idle_timeout.timeout_seconds"]) >= 60
+
+
+def test_every_placeholder_is_an_infra_output() -> None:
+    template = (ROOT / "deploy" / "task-definition.jsonc").read_text()
+    placeholders = dict(re.findall(r"\$\{(\w+)(\??)\}", template))
+    outputs = cfn(ROOT / "deploy" / "cloudformation" / "infra.yaml")["Outputs"]
+    for name, optional in placeholders.items():
+        assert name in outputs, name
+        assert ("Condition" in outputs[name]) == bool(optional), (
+            f"{name}: conditional output iff ${{{name}?}}"
+        )
+    assert set(OUTPUTS) <= set(outputs)
+
+
+# ------------------------------------------------------------------ CloudFormation
+
+
+def test_cfn_lint_passes() -> None:
+    result = run(tool("cfn-lint"), *map(str, TEMPLATES))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_infrastructure_matches_section_7() -> None:
+    infra = cfn(ROOT / "deploy" / "cloudformation" / "infra.yaml")["Resources"]
+    redis = infra["Redis"]["Properties"]
+    assert redis["TransitEncryptionEnabled"] is True and redis["AtRestEncryptionEnabled"] is True
+    assert "resolve:secretsmanager" in json.dumps(redis["AuthToken"])
+    ingress = [r["Properties"] for r in infra.values() if r["Type"] == "AWS::EC2::SecurityGroupIngress"]
+    to_redis = [i for i in ingress if i["GroupId"] == {"Ref": "RedisSecurityGroup"}]
+    assert {json.dumps(i["SourceSecurityGroupId"]) for i in to_redis} == {
+        json.dumps({"Ref": "TaskSecurityGroup"}),
+        json.dumps({"Ref": "ReflexBackendSecurityGroupId"}),
+    }
+    assert not any("CidrIp" in i for i in to_redis)
+    to_tasks = [i for i in ingress if i["GroupId"] == {"Ref": "TaskSecurityGroup"}]
+    assert [(i["SourceSecurityGroupId"], i["FromPort"]) for i in to_tasks] == [
+        ({"Ref": "AlbSecurityGroup"}, 8080)
+    ]
+    https = infra["HttpsListener"]["Properties"]
+    assert https["Protocol"] == "HTTPS" and https["Certificates"] == [
+        {"CertificateArn": {"Ref": "CertificateArn"}}
+    ]
+    redirect = infra["HttpRedirectListener"]["Properties"]["DefaultActions"][0]
+    assert redirect["Type"] == "redirect" and redirect["RedirectConfig"]["Protocol"] == "HTTPS"
+    target = infra["TargetGroup"]["Properties"]
+    assert (target["HealthCheckPath"], target["Port"], target["TargetType"]) == ("/healthz", 8080, "ip")
+    assert infra["LogGroup"]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+    assert "Policies" not in infra["TaskRole"]["Properties"]  # the task itself needs no AWS API
+
+
+def test_service_autoscales_on_cpu_from_one_task() -> None:
+    service = cfn(ROOT / "deploy" / "cloudformation" / "service.yaml")
+    resources, parameters = service["Resources"], service["Parameters"]
+    props = resources["Service"]["Properties"]
+    assert props["LaunchType"] == "FARGATE" and parameters["ClusterName"]["Default"] == "pinnokio_cluster"
+    assert props["LoadBalancers"][0]["ContainerName"] == task_definition()["containerDefinitions"][0]["name"]
+    assert props["LoadBalancers"][0]["ContainerPort"] == 8080
+    assert props["NetworkConfiguration"]["AwsvpcConfiguration"]["AssignPublicIp"] == "DISABLED"
+    assert "DesiredCount" not in props  # owned by autoscaling
+    assert parameters["MinCapacity"]["Default"] == 1
+    policy = resources["CpuScaling"]["Properties"]
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    metric = policy["TargetTrackingScalingPolicyConfiguration"]["PredefinedMetricSpecification"]
+    assert metric["PredefinedMetricType"] == "ECSServiceAverageCPUUtilization"
+
+
+def test_github_role_trusts_one_branch_of_one_repository() -> None:
+    role = cfn(ROOT / "deploy" / "cloudformation" / "github-oidc.yaml")["Resources"]["DeployRole"][
+        "Properties"
+    ]
+    (statement,) = role["AssumeRolePolicyDocument"]["Statement"]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    conditions = statement["Condition"]["StringEquals"]
+    assert conditions["token.actions.githubusercontent.com:aud"] == "sts.amazonaws.com"
+    assert "ref:refs/heads/${Branch}" in json.dumps(conditions["token.actions.githubusercontent.com:sub"])
+
+
+# ------------------------------------------------------------------ checkov
+
+
+@pytest.fixture(scope="session")
+def checkov() -> list[dict[str, Any]]:
+    """One checkov run per target (its JSON mixes up several targets in one run)."""
+    reports: list[dict[str, Any]] = []
+    for target in (["-d", "deploy"], ["-d", ".github"], ["-f", "Dockerfile"]):
+        result = run(
+            tool("checkov"),
+            *target,
+            "--framework",
+            "cloudformation",
+            "github_actions",
+            "dockerfile",
+            "secrets",
+            "--skip-download",  # offline: no Prisma Cloud guidelines
+            "--output",
+            "json",
+        )
+        assert result.returncode in (0, 1), result.stderr
+        data = json.loads(result.stdout)
+        reports += data if isinstance(data, list) else [data]
+    return reports
+
+
+def test_checkov_finds_nothing(checkov: list[dict[str, Any]]) -> None:
+    assert {r["check_type"] for r in checkov} >= {"cloudformation", "github_actions", "dockerfile"}
+    for report in checkov:
+        assert report["summary"]["parsing_errors"] == 0, report["check_type"]
+        assert report["summary"]["passed"] > 0, report["check_type"]
+        failed = [(c["check_id"], c["file_path"], c["resource"]) for c in report["results"]["failed_checks"]]
+        assert failed == [], report["check_type"]
+
+
+def test_every_suppressed_check_has_a_reason_and_is_needed(checkov: list[dict[str, Any]]) -> None:
+    skipped = [c for r in checkov for c in r["results"]["skipped_checks"]]
+    for check in skipped:
+        reason = check["check_result"].get("suppress_comment", "")
+        assert len(reason.split()) >= 8, f"{check['check_id']} on {check['resource']}: reason too short"
+    declared = []
+    for path in TEMPLATES:
+        for name, resource in cfn(path)["Resources"].items():
+            for skip in resource.get("Metadata", {}).get("checkov", {}).get("skip", []):
+                declared.append((skip["id"], name))
+    for path in (ROOT / ".github" / "workflows").glob("*.yml"):
+        declared += [(c, path.name) for c in re.findall(r"checkov:skip=(\w+)", path.read_text())]
+    used = {(c["check_id"], c["resource"].split(".")[-1]) for c in skipped}
+    used |= {(c["check_id"], Path(c["file_path"]).name) for c in skipped}
+    stale = [d for d in declared if d not in used]
+    assert stale == [], "suppressions that no longer suppress anything"
+
+
+# ------------------------------------------------------------------ GitHub Actions
+
+
+def test_actionlint_passes() -> None:
+    assert (TOOLS / "shellcheck").exists()  # actionlint also checks every run: script with it
+    result = run(tool("actionlint"), *sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def steps_using(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return [s for s in job["steps"] if s.get("uses", "").startswith(action + "@")]
+
+
+def test_deploy_workflow_follows_section_3_1() -> None:
+    workflow = yaml_file(ROOT / ".github" / "workflows" / "deploy.yml")
+    triggers = workflow.get("on") or workflow["true"]  # YAML 1.1 reads a bare `on` as true
+    assert triggers["push"]["branches"] == ["main"]
+    assert workflow["env"]["ECR_REPOSITORY"] == "listeners-service"
+    assert workflow["env"]["ECS_CLUSTER"] == "pinnokio_cluster"
+    assert workflow["jobs"]["test"]["uses"] == "./.github/workflows/ci.yml"
+    job = workflow["jobs"]["deploy"]
+    assert job["needs"] == "test"
+    assert job["permissions"]["id-token"] == "write" and "id-token" not in workflow["permissions"]
+    assert job["concurrency"]["cancel-in-progress"] is False and job["concurrency"]["group"]
+    (credentials,) = steps_using(job, "aws-actions/configure-aws-credentials")
+    assert credentials["with"]["role-to-assume"] == "${{ secrets.AWS_ROLE_TO_ASSUME }}"
+    assert credentials["with"]["aws-region"] == "${{ secrets.AWS_REGION }}"
+    script = "\n".join(s.get("run", "") for s in job["steps"])
+    assert "aws ecr create-repository" in script and "RepositoryNotFoundException" in script
+    assert "TAG: ${{ github.sha }}" in (ROOT / ".github" / "workflows" / "deploy.yml").read_text()
+    assert "python3 deploy/render.py" in script
+    (rendered,) = steps_using(job, "aws-actions/amazon-ecs-render-task-definition")
+    container = task_definition()["containerDefinitions"][0]["name"]
+    assert rendered["with"]["container-name"] == "${{ env.CONTAINER_NAME }}"
+    assert workflow["env"]["CONTAINER_NAME"] == container
+    (deployed,) = steps_using(job, "aws-actions/amazon-ecs-deploy-task-definition")
+    assert deployed["with"]["cluster"] == "${{ env.ECS_CLUSTER }}"
+    assert "secrets.ECS_SERVICE_NAME" in deployed["with"]["service"]
+    assert deployed["with"]["wait-for-service-stability"] is True
+    infra_stack = cfn(ROOT / "deploy" / "cloudformation" / "github-oidc.yaml")["Parameters"]["InfraStackName"]
+    assert workflow["env"]["INFRA_STACK"] == infra_stack["Default"]
+
+
+def test_ci_workflow_runs_the_readme_test_command_on_pull_requests() -> None:
+    workflow = yaml_file(ROOT / ".github" / "workflows" / "ci.yml")
+    triggers = workflow.get("on") or workflow["true"]
+    assert "pull_request" in triggers and "workflow_call" in triggers
+    assert "bash scripts/test" in (ROOT / "README.md").read_text()
+    (job,) = workflow["jobs"].values()
+    assert [s["run"] for s in job["steps"] if s.get("run", "").startswith("bash ")] == ["bash scripts/test"]
+    (python,) = steps_using(job, "actions/setup-python")
+    assert python["with"]["python-version"] == "3.11"
