@@ -89,10 +89,29 @@ class ServiceSettings:
 
 
 @dataclass(frozen=True)
+class WebSocketSettings:
+    """Direct mode: browsers on `alb_ws_path` with Firebase ID tokens (docs/websocket.md)."""
+
+    certs_url: str = (
+        "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
+    )
+    clock_skew_seconds: float = 30.0
+    auth_timeout_seconds: float = 10.0
+    max_frame_bytes: int = 16_384
+    messages_per_second: float = 10.0
+    max_sockets_per_user: int = 10
+    max_sockets: int = 10_000
+    queue_length: int = 1_000
+    presence: bool = False
+    admin_token: Secret | None = None  # the operations page; off without it
+
+
+@dataclass(frozen=True)
 class Settings:
     redis: RedisSettings
     firebase: FirebaseSettings
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     aws_region: str = ""
     google_project_id: str = ""
     instance_id: str = field(default_factory=socket.gethostname)
@@ -272,6 +291,8 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
         ws_url=env.get("ALB_WS_URL", ""),
     )
 
+    websocket = _websocket(r, env, service_secret)
+
     log_level = env.get("LOG_LEVEL", "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         r.problems.append("LOG_LEVEL: must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
@@ -279,6 +300,7 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
         redis=redis,
         firebase=firebase,
         service=service,
+        websocket=websocket,
         aws_region=env.get("AWS_REGION_NAME", ""),
         google_project_id=project,
         instance_id=env.get("LISTENERS_INSTANCE_ID") or socket.gethostname(),
@@ -391,6 +413,41 @@ def _redis_settings(r: _Reader, redis_secret: Mapping[str, Any]) -> RedisSetting
         r.problems.append("LISTENERS_REDIS_CA_FILE: no such file")
 
     return redis
+
+
+def _websocket(r: _Reader, env: Mapping[str, str], secret: Mapping[str, Any]) -> WebSocketSettings:
+    default = WebSocketSettings()
+    admin = _secret(r.get(secret, "admin_token", "LISTENERS_ADMIN_TOKEN"))
+    if admin is not None and len(admin.reveal()) < 16:
+        r.problems.append("LISTENERS_ADMIN_TOKEN / admin_token: must be at least 16 characters")
+    return WebSocketSettings(
+        certs_url=r.text(
+            env.get("LISTENERS_TOKEN_CERTS_URL"), "LISTENERS_TOKEN_CERTS_URL", default.certs_url
+        ),
+        clock_skew_seconds=r.number(
+            env.get("LISTENERS_TOKEN_CLOCK_SKEW_SECONDS"), "LISTENERS_TOKEN_CLOCK_SKEW_SECONDS", 30.0, 0, 300
+        ),
+        auth_timeout_seconds=r.number(
+            env.get("LISTENERS_WS_AUTH_TIMEOUT_SECONDS"), "LISTENERS_WS_AUTH_TIMEOUT_SECONDS", 10.0, 0.1, 120
+        ),
+        max_frame_bytes=r.integer(
+            env.get("LISTENERS_WS_MAX_FRAME_BYTES"), "LISTENERS_WS_MAX_FRAME_BYTES", 16_384, 256, 1_048_576
+        ),
+        messages_per_second=r.number(
+            env.get("LISTENERS_WS_MESSAGES_PER_SECOND"), "LISTENERS_WS_MESSAGES_PER_SECOND", 10.0, 0.1, 1000
+        ),
+        max_sockets_per_user=r.integer(
+            env.get("LISTENERS_WS_MAX_SOCKETS_PER_USER"), "LISTENERS_WS_MAX_SOCKETS_PER_USER", 10, 1, 1000
+        ),
+        max_sockets=r.integer(
+            env.get("LISTENERS_WS_MAX_SOCKETS"), "LISTENERS_WS_MAX_SOCKETS", 10_000, 1, 1_000_000
+        ),
+        queue_length=r.integer(
+            env.get("LISTENERS_WS_QUEUE_LENGTH"), "LISTENERS_WS_QUEUE_LENGTH", 1_000, 1, 1_000_000
+        ),
+        presence=r.boolean(env.get("LISTENERS_WS_PRESENCE"), "LISTENERS_WS_PRESENCE", False),
+        admin_token=admin,
+    )
 
 
 def _secret(value: Any) -> Secret | None:

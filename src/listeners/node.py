@@ -180,6 +180,10 @@ class Node:
             if uids is None or uid in uids:
                 session.resync()
 
+    def entry(self, uid: str) -> RegistryEntry | None:
+        """The user's last valid registry entry, attached here or not."""
+        return self._entries.get(uid)
+
     def resync_user(self, uid: str, threads: Iterable[ChatThread]) -> None:
         """On a consumer's request: fresh syncs of the user's streams and of these threads.
         A user who is not attached here gets nothing: attaching sends syncs anyway."""

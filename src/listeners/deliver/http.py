@@ -1,4 +1,5 @@
-"""HTTP endpoints: /healthz for the ALB, /version, /metrics for Prometheus.
+"""HTTP endpoints: /healthz for the ALB, /version, /metrics for Prometheus, and the
+WebSocket of Direct mode on `alb_ws_path` (deliver.websocket).
 
 /healthz answers 200 while the process can serve, with `status: "degraded"` when Redis or
 the registry watch is down: restarting the task would not bring Redis back, and the ALB
@@ -14,20 +15,31 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from listeners import __version__
 from listeners.config import Settings
+from listeners.deliver.direct import direct_mode
+from listeners.deliver.websocket import Gateway
 from listeners.service import Service, running
 
 
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with running(settings) as service:
+        async with running(settings) as service, direct_mode(service) as gateway:
             app.state.service = service
+            app.state.gateway = gateway
             yield
             service.stopping = True
+
+    async def websocket(websocket: WebSocket) -> None:
+        gateway: Gateway | None = getattr(websocket.app.state, "gateway", None)
+        if gateway is None:
+            await websocket.close(code=1013)
+            return
+        await gateway.endpoint(websocket)
 
     async def healthz(request: Request) -> Response:
         service: Service | None = getattr(request.app.state, "service", None)
@@ -49,6 +61,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", healthz),
             Route("/version", version),
             Route("/metrics", metrics),
+            WebSocketRoute(settings.service.alb_ws_path, websocket),
         ],
         lifespan=lifespan,
     )

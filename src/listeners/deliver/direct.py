@@ -1,0 +1,113 @@
+"""Builds Direct mode for a running service: the hub, the token verifier, the gateway,
+and the registry writes that chat subscriptions and presence need."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from listeners.bridge.presence import Presence
+from listeners.control import resync_request
+from listeners.deliver.hub import Hub
+from listeners.deliver.tokens import TokenVerifier
+from listeners.deliver.websocket import Gateway, Services
+from listeners.publish.broker import BrokerUnavailable
+from listeners.publish.redis import RedisBroker
+from listeners.service import Service
+from listeners.session import Channels
+from listeners.source.registry import REGISTRY_COLLECTION, ChatThread
+
+log = logging.getLogger(__name__)
+
+
+def firestore_async_client(service: Service) -> Any:
+    from google.cloud import firestore
+
+    firebase = service.settings.firebase
+    credentials = None
+    if not firebase.emulator_host and firebase.admin_json is not None:
+        from google.oauth2 import service_account
+
+        info = json.loads(firebase.admin_json.reveal())
+        credentials = service_account.Credentials.from_service_account_info(info)  # type: ignore[no-untyped-call]
+    return firestore.AsyncClient(project=firebase.project_id, credentials=credentials)
+
+
+@contextlib.asynccontextmanager
+async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
+    settings = service.settings
+    redis = settings.redis
+    hub = Hub(redis, settings.instance_id)
+    verifier = TokenVerifier(
+        settings.firebase.project_id,
+        certs_url=settings.websocket.certs_url,
+        clock_skew_seconds=settings.websocket.clock_skew_seconds,
+    )
+    control = RedisBroker(redis)
+    db = firestore_async_client(service)
+    presence = (
+        Presence(db, ttl_seconds=settings.service.heartbeat_ttl_seconds)
+        if settings.websocket.presence
+        else None
+    )
+    gateway: Gateway
+
+    async def resync(uid: str, threads: tuple[ChatThread, ...]) -> None:
+        if redis.control_token is None:  # no control channel: only a user served here can be resynced
+            service.node.resync_user(uid, threads)
+            return
+        with contextlib.suppress(BrokerUnavailable):  # the hub resyncs again once Redis is back
+            await control.publish_many(
+                [(redis.control_channel, resync_request(redis.control_token.reveal(), uid, threads))]
+            )
+
+    async def write_threads(uid: str, thread: ChatThread, add: bool) -> None:
+        if presence is not None:
+            await presence.set_threads(uid, sorted(gateway.threads_of(uid), key=str))
+            return
+        from google.cloud import firestore
+
+        fields = {"space_code": thread.space_code, "thread_key": thread.thread_key, "mode": thread.mode}
+        change = firestore.ArrayUnion([fields]) if add else firestore.ArrayRemove([fields])
+        try:
+            await db.collection(REGISTRY_COLLECTION).document(uid).update({"chat_threads": change})
+        except Exception as exc:  # the user may not be in the registry (yet): logged, not fatal
+            log.warning(
+                "chat thread not written to the registry", extra={"uid": uid, "reason": type(exc).__name__}
+            )
+
+    async def open_thread(uid: str, thread: ChatThread) -> None:
+        await write_threads(uid, thread, add=True)
+
+    async def close_thread(uid: str, thread: ChatThread) -> None:
+        await write_threads(uid, thread, add=False)
+
+    gateway = Gateway(
+        settings.websocket,
+        settings.service.allowed_origins,
+        Services(
+            hub=hub,
+            verifier=verifier,
+            channels=Channels(redis.channel_prefix, redis.chat_channel_prefix),
+            entry=service.node.entry,
+            resync=resync,
+            open_thread=open_thread,
+            close_thread=close_thread,
+            presence=presence.online if presence is not None else None,
+        ),
+    )
+    running_hub = asyncio.create_task(hub.run(), name="hub")
+    try:
+        yield gateway
+    finally:
+        await gateway.close_all()
+        running_hub.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running_hub
+        await verifier.aclose()
+        await control.disconnect()
+        db.close()

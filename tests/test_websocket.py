@@ -1,0 +1,270 @@
+"""Direct mode over a real WebSocket: the app under uvicorn, real Redis, the emulator, and
+tokens signed by a local issuer whose certificates the real verifier fetches over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from listeners.config import Settings, WebSocketSettings
+from listeners.deliver.http import create_app
+from listeners.local.auth import LocalIssuer
+from listeners.local.processes import RedisServer, free_port
+from tests.conftest import Firebase
+from tests.test_pipeline import wait_until
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(scope="module")
+def issuer_and_url() -> Iterator[tuple[LocalIssuer, str]]:
+    issuer = LocalIssuer("placeholder")
+    url = issuer.serve()
+    yield issuer, url
+    issuer.close()
+
+
+@pytest.fixture
+def issuer(issuer_and_url: tuple[LocalIssuer, str], project_id: str) -> LocalIssuer:
+    found, _ = issuer_and_url
+    found.project_id = project_id  # tokens for this test's Firebase project
+    return found
+
+
+def ws_settings(settings: Settings, certs_url: str, **overrides: Any) -> Settings:
+    websocket = WebSocketSettings(
+        certs_url=certs_url, clock_skew_seconds=0, auth_timeout_seconds=1.0, **overrides
+    )
+    return dataclasses.replace(settings, websocket=websocket)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[tuple[str, Any]]:
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **uvicorn_options
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started)
+    try:
+        yield f"ws://127.0.0.1:{port}/ws", app
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def next_event(ws: ClientConnection, kind: str, timeout: float = 15) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            message = json.loads(await ws.recv())
+            if message["type"] == kind:
+                return message
+
+
+async def closed_with(ws: ClientConnection, timeout: float = 10) -> int | None:
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(timeout):
+            while True:
+                await ws.recv()
+    return ws.close_code
+
+
+@pytest.fixture
+def wss(settings: Settings, issuer_and_url: tuple[LocalIssuer, str]) -> Settings:
+    return ws_settings(settings, issuer_and_url[1])
+
+
+async def test_events_of_the_token_user_only(wss: Settings, fb: Firebase, issuer: LocalIssuer) -> None:
+    await fb.notification("wes", "n1")
+    await fb.notification("zoe", "secret")
+    async with serving(wss) as (url, _):
+        await fb.online("wes")
+        await fb.online("zoe")
+        async with connect(f"{url}?token={issuer.mint('wes')}") as ws:
+            assert (await next_event(ws, "auth.ok"))["uid"] == "wes"
+            sync = await next_event(ws, "notif.sync")  # the current state comes first
+            assert [n["doc_id"] for n in sync["payload"]["notifications"]] == ["n1"]
+            await fb.notification("zoe", "secret-2")
+            await fb.notification("wes", "n2")
+            added = await next_event(ws, "notif.add")
+            assert added["uid"] == "wes" and added["payload"]["doc_id"] == "n2"
+
+
+async def test_token_in_the_subprotocol_or_a_first_message(
+    wss: Settings, fb: Firebase, issuer: LocalIssuer
+) -> None:
+    async with serving(wss) as (url, _):
+        await fb.online("yan")
+        async with connect(url, subprotocols=["bearer", issuer.mint("yan")]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == "bearer"
+            await next_event(ws, "notif.sync")
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "auth", "token": issuer.mint("yan")}))
+            await next_event(ws, "notif.sync")
+        async with connect(url) as ws:  # nothing sent: closed when the auth timeout passes
+            assert await closed_with(ws) == 4001
+
+
+def forged(issuer: LocalIssuer, header: dict[str, Any]) -> str:
+    good = issuer.mint("u1").split(".")
+    head = base64.urlsafe_b64encode(json.dumps({**header, "typ": "JWT"}).encode()).rstrip(b"=").decode()
+    return f"{head}.{good[1]}.{good[2] if header.get('alg') != 'none' else ''}"
+
+
+async def test_each_bad_token_has_its_own_close_code(
+    wss: Settings, issuer: LocalIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = {
+        "alg none": (forged(issuer, {"alg": "none", "kid": issuer.kid}), 4003),
+        "HS256": (forged(issuer, {"alg": "HS256", "kid": issuer.kid}), 4003),
+        "garbage": ("not-a-token", 4002),
+        "unknown kid": (issuer.mint("u1", header={"kid": "nope"}), 4004),
+        "bad signature": (issuer.mint("u1")[:-8] + "AAAAAAAA", 4005),
+        "wrong audience": (issuer.mint("u1", aud="another-project"), 4006),
+        "wrong issuer": (issuer.mint("u1", iss="https://securetoken.google.com/another"), 4007),
+        "expired": (issuer.mint("u1", lifetime=-10), 4008),
+        "future iat": (issuer.mint("u1", iat=2_000_000_000, auth_time=2_000_000_000), 4009),
+        "no sub": (issuer.mint(""), 4010),
+    }
+    async with serving(wss) as (url, _):
+        for name, (token, code) in cases.items():
+            async with connect(f"{url}?token={token}") as ws:
+                assert await closed_with(ws) == code, name
+    reasons = [
+        getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "websocket refused: token"
+    ]
+    assert len(set(reasons)) == len(cases)
+
+
+async def test_origin_is_checked_before_the_upgrade(
+    settings: Settings, issuer_and_url: Any, issuer: LocalIssuer
+) -> None:
+    allowed = dataclasses.replace(settings.service, allowed_origins=("https://app.pinnokioagent.com",))
+    checked = dataclasses.replace(ws_settings(settings, issuer_and_url[1]), service=allowed)
+    async with serving(checked) as (url, _):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"{url}?token={issuer.mint('u')}", origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403
+        async with connect(f"{url}?token={issuer.mint('u')}", origin="https://app.pinnokioagent.com") as ws:  # type: ignore[arg-type]
+            await next_event(ws, "auth.ok")
+
+
+async def test_refresh_keeps_the_socket_and_expiry_closes_it(wss: Settings, issuer: LocalIssuer) -> None:
+    async with serving(wss) as (url, _):
+        async with connect(f"{url}?token={issuer.mint('ada', lifetime=2)}") as ws:
+            await next_event(ws, "auth.ok")
+            await ws.send(json.dumps({"type": "auth.refresh", "token": issuer.mint("ada", lifetime=60)}))
+            await next_event(ws, "auth.ok")
+            await asyncio.sleep(3)
+            await ws.send(json.dumps({"type": "ping"}))
+            await next_event(ws, "pong")  # still open past the first token's expiry
+            await ws.send(json.dumps({"type": "auth.refresh", "token": issuer.mint("eve")}))
+            assert await closed_with(ws) == 4017  # a token of another user
+        async with connect(f"{url}?token={issuer.mint('ada', lifetime=1)}") as ws:
+            assert await closed_with(ws) == 4011
+
+
+async def test_limits(
+    settings: Settings, issuer_and_url: Any, issuer: LocalIssuer, redis_server: RedisServer
+) -> None:
+    limited = ws_settings(
+        settings, issuer_and_url[1], max_frame_bytes=1024, messages_per_second=5, max_sockets_per_user=2,
+        max_sockets=3, queue_length=5,
+    )  # fmt: skip
+    async with serving(limited) as (url, app):
+        async with connect(f"{url}?token={issuer.mint('big')}") as ws:
+            await next_event(ws, "auth.ok")
+            await ws.send("x" * 2000)
+            assert await closed_with(ws) == 1009
+        async with connect(f"{url}?token={issuer.mint('chatty')}") as ws:
+            await next_event(ws, "auth.ok")
+            for _ in range(30):
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(json.dumps({"type": "ping"}))
+            assert await closed_with(ws) == 4015
+        async with (
+            connect(f"{url}?token={issuer.mint('tabs')}") as a,
+            connect(f"{url}?token={issuer.mint('tabs')}") as b,
+        ):
+            await next_event(a, "auth.ok")
+            await next_event(b, "auth.ok")
+            async with connect(f"{url}?token={issuer.mint('tabs')}") as c:
+                assert await closed_with(c) == 4013
+            async with connect(f"{url}?token={issuer.mint('other')}") as d:
+                await next_event(d, "auth.ok")
+                async with connect(f"{url}?token={issuer.mint('fourth')}") as e:
+                    assert await closed_with(e) == 1013
+        async with connect(f"{url}?token={issuer.mint('slow')}") as ws:
+            await next_event(ws, "auth.ok")
+            client = aioredis.Redis(port=redis_server.port)
+            async with client.pipeline(transaction=False) as pipe:
+                for n in range(2000):
+                    pipe.publish("user:slow", json.dumps({"type": "notif.remove", "n": n, "pad": "x" * 200}))
+                await pipe.execute()
+            await client.aclose()
+            assert await closed_with(ws) == 4014
+        await wait_until(lambda: app.state.gateway.count == 0)  # every socket released
+
+
+async def test_presence_keeps_the_user_online_while_a_socket_is_open(
+    settings: Settings, issuer_and_url: Any, issuer: LocalIssuer
+) -> None:
+    with_presence = ws_settings(settings, issuer_and_url[1], presence=True)
+    async with serving(with_presence) as (url, app):
+        service = app.state.service
+        async with connect(f"{url}?token={issuer.mint('pam')}") as first:
+            await wait_until(lambda: "pam" in service.node.sessions)
+            await next_event(first, "notif.sync")
+            async with connect(f"{url}?token={issuer.mint('pam')}") as second:
+                await next_event(second, "auth.ok")
+            await asyncio.sleep(1.0)
+            assert "pam" in service.node.sessions  # one tab left: still online
+        await wait_until(lambda: "pam" not in service.node.sessions)
+
+
+async def test_dead_peers_are_closed(wss: Settings, issuer: LocalIssuer) -> None:
+    async with serving(wss, ws_ping_interval=0.3, ws_ping_timeout=0.3) as (url, app):
+        port = int(url.split(":")[2].split("/")[0])
+        raw = socket.create_connection(("127.0.0.1", port))
+        key = base64.b64encode(b"0123456789abcdef").decode()
+        raw.sendall(
+            f"GET /ws?token={issuer.mint('ghost')} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        await asyncio.to_thread(raw.recv, 1024)  # the 101; from now on it never answers a ping
+        await wait_until(lambda: app.state.gateway.count == 1)
+        await wait_until(lambda: app.state.gateway.count == 0, timeout=10)
+        raw.close()
+
+
+async def test_redis_restart_resyncs_open_sockets(
+    wss: Settings, fb: Firebase, issuer: LocalIssuer, redis_server: RedisServer
+) -> None:
+    async with serving(wss) as (url, _):
+        await fb.online("rae")
+        async with connect(f"{url}?token={issuer.mint('rae')}") as ws:
+            await next_event(ws, "notif.sync")
+            redis_server.stop()
+            await fb.notification("rae", "during")
+            await asyncio.sleep(0.5)
+            redis_server.start()
+            async with asyncio.timeout(30):
+                while True:
+                    sync = await next_event(ws, "notif.sync", timeout=30)
+                    if [n["doc_id"] for n in sync["payload"]["notifications"]] == ["during"]:
+                        break
