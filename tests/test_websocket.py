@@ -70,7 +70,7 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
 async def next_event(ws: ClientConnection, kind: str, timeout: float = 15) -> dict[str, Any]:
     async with asyncio.timeout(timeout):
         while True:
-            message = json.loads(await ws.recv())
+            message: dict[str, Any] = json.loads(await ws.recv())
             if message["type"] == kind:
                 return message
 
