@@ -102,6 +102,11 @@ async def test_events_of_the_token_user_only(wss: Settings, fb: Firebase, issuer
             await fb.notification("wes", "n2")
             added = await next_event(ws, "notif.add")
             assert added["uid"] == "wes" and added["payload"]["doc_id"] == "n2"
+            await ws.send(json.dumps({"type": "notif.read", "doc_id": "n1"}))  # the UI marks one read
+            await next_event(ws, "notif.read.ok")
+            assert (await next_event(ws, "notif.remove"))["payload"] == {"doc_id": "n1"}
+            await ws.send(json.dumps({"type": "notif.read", "doc_id": "no-such-doc"}))
+            await next_event(ws, "notif.read.failed")
 
 
 async def test_token_in_the_subprotocol_or_a_first_message(

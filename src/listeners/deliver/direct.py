@@ -80,6 +80,19 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
                 "chat thread not written to the registry", extra={"uid": uid, "reason": type(exc).__name__}
             )
 
+    async def mark_read(uid: str, doc_id: str) -> bool:
+        """The UI marks a notification read: only the token's own, and only an existing one."""
+        document = db.collection(f"clients/{uid}/notifications").document(doc_id)
+        try:
+            await document.update({"read": True})
+        except Exception as exc:
+            log.warning(
+                "notification not marked read",
+                extra={"uid": uid, "doc_id": doc_id, "reason": type(exc).__name__},
+            )
+            return False
+        return True
+
     async def open_thread(uid: str, thread: ChatThread) -> None:
         await write_threads(uid, thread, add=True)
 
@@ -95,6 +108,7 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
             channels=Channels(redis.channel_prefix, redis.chat_channel_prefix),
             entry=service.node.entry,
             resync=resync,
+            mark_read=mark_read,
             open_thread=open_thread,
             close_thread=close_thread,
             presence=presence.online if presence is not None else None,

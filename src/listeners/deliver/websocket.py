@@ -52,6 +52,7 @@ class Services:
     channels: Channels
     entry: Callable[[str], RegistryEntry | None]  # the user's registry entry, if known
     resync: Callable[[str, tuple[ChatThread, ...]], Coroutine[Any, Any, None]]
+    mark_read: Callable[[str, str], Awaitable[bool]]  # (uid, doc_id) -> written
     open_thread: Callable[[str, ChatThread], Awaitable[None]]
     close_thread: Callable[[str, ChatThread], Awaitable[None]]
     presence: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
@@ -245,6 +246,13 @@ class Connection:
             await self._send({"type": "pong"})
         elif kind == "auth.refresh":
             await self._refresh(message.get("token"))
+        elif kind == "notif.read":
+            doc_id = message.get("doc_id")
+            if not isinstance(doc_id, str) or not doc_id or "/" in doc_id or len(doc_id) > 200:
+                await self._send({"type": "error", "reason": "notif.read needs a doc_id"})
+                return
+            written = await self.services.mark_read(self.uid, doc_id)
+            await self._send({"type": "notif.read.ok" if written else "notif.read.failed", "doc_id": doc_id})
         elif kind in ("chat.subscribe", "chat.unsubscribe"):
             thread = _thread(message)
             if thread is None:

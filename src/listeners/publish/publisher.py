@@ -58,6 +58,8 @@ class Publisher:
         self._missed = False  # something was dropped while the broker was down
         self.up = False
         self.resync: ResyncUsers = lambda uids: None
+        # The last events published, for the operations page: identifiers only, no payload.
+        self.recent: deque[dict[str, str | float]] = deque(maxlen=100)
 
     def submit(self, channel: str, envelope: Envelope, lag_from: float | None = None) -> None:
         """Queue one event; never blocks, never raises."""
@@ -117,7 +119,10 @@ class Publisher:
     def _published(self, batch: list[_Pending]) -> None:
         now = time.time()
         for pending in batch:
-            self._metrics.events.labels(pending.envelope.type).inc()
+            envelope = pending.envelope
+            self._metrics.events.labels(envelope.type).inc()
+            doc_id = envelope.payload.get("doc_id") or envelope.payload.get("thread_key") or ""
+            self.recent.append({"at": now, "uid": envelope.uid, "type": envelope.type, "doc_id": str(doc_id)})
             if pending.lag_from is not None:
                 self._metrics.lag.observe(max(0.0, now - pending.lag_from))
 
