@@ -38,6 +38,16 @@ class Metrics:
         self.malformed_registry = Counter(
             "listeners_registry_malformed", "Registry documents skipped as malformed", registry=r
         )
+        self.attaches = Counter("listeners_user_attaches", "Users attached here", registry=r)
+        self.detaches = Counter(
+            "listeners_user_detaches", "Users detached here, by reason", ["reason"], registry=r
+        )
+        self.cluster_members = Gauge(
+            "listeners_cluster_members", "Live instances in the membership", registry=r
+        )
+        self.instance = Gauge(
+            "listeners_instance", "This instance (its id as a label)", ["instance_id"], registry=r
+        )
         self.lag = Histogram(
             "listeners_publish_lag_seconds",
             "From the Firestore update time of a document to its event's publish",

@@ -40,6 +40,7 @@ class NodeSettings:
     default_ttl_seconds: int = 90
     sweep_interval_seconds: float = 1.0
     close_timeout_seconds: float = 4.0
+    handover_seconds: float = 1.5  # a user that moved away is served here this long after
 
 
 class Node:
@@ -50,6 +51,8 @@ class Node:
         publisher: Publisher,
         metrics: Metrics,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        owns: Callable[[str], bool] = lambda uid: True,
+        members: Callable[[], int] = lambda: 1,
     ) -> None:
         self._settings = settings
         self._sources = sources
@@ -57,7 +60,10 @@ class Node:
         self._publisher = publisher
         self._metrics = metrics
         self._clock = clock
+        self._owns = owns
+        self._members = members
         self.sessions: dict[str, UserSession] = {}
+        self._moving: dict[str, float] = {}  # uid -> monotonic time to let a moved user go
         self._entries: dict[str, RegistryEntry] = {}  # last valid registry entry of each uid
         self._versions: dict[str, object] = {}  # uid -> update time of the document last read
         self._registry: Watch | None = None
@@ -144,14 +150,25 @@ class Node:
         entry = self._entries.get(uid)
         online = entry is not None and entry.is_online(self._clock())
         session = self.sessions.get(uid)
-        if online and entry is not None:
+        if online and entry is not None and self._owns(uid):
+            self._moving.pop(uid, None)
             if session is None:
                 self._attach(entry)
             else:
                 session.update(entry)
+        elif session is not None and online and entry is not None:
+            # Another instance serves this user now. Keep serving until it has surely
+            # attached: an overlap of a moment rather than a gap.
+            session.update(entry)
+            self._moving.setdefault(uid, time.monotonic() + self._settings.handover_seconds)
         elif session is not None:
             reason = "deleted" if entry is None else entry.status if entry.status != "online" else "expired"
             self._detach(uid, reason)
+
+    def rebalance(self) -> None:
+        """The set of instances changed: take the users that are ours now, hand over the rest."""
+        for uid in self._entries.keys() | self.sessions.keys():
+            self._reconcile(uid)
 
     # -- sessions ----------------------------------------------------------------
 
@@ -165,13 +182,16 @@ class Node:
         session = UserSession(entry, self._sources, self._emit_to, self._settings.channels)
         self.sessions[entry.uid] = session
         session.start()
+        self._metrics.attaches.inc()
         log.info("user attached", extra={"uid": entry.uid})
 
     def _detach(self, uid: str, reason: str) -> None:
+        self._moving.pop(uid, None)
         session = self.sessions.pop(uid)
         task = asyncio.create_task(session.close(), name=f"close-{uid}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        self._metrics.detaches.labels(reason).inc()
         log.info("user detached", extra={"uid": uid, "reason": reason})
 
     def resync(self, uids: set[str] | None = None) -> None:
@@ -204,6 +224,11 @@ class Node:
                 if uid in self.sessions and not entry.is_online(now):
                     self._detach(uid, "expired")
             mono = time.monotonic()
+            for uid, deadline in list(self._moving.items()):
+                if uid not in self.sessions or self._owns(uid):
+                    del self._moving[uid]
+                elif mono >= deadline:
+                    self._detach(uid, "moved to another instance")
             if not self.registry_healthy and mono >= self._registry_retry_at:
                 log.warning("registry watch ended; replacing it")
                 self._metrics.stream_restarts.labels("registry").inc()
@@ -229,5 +254,6 @@ class Node:
                 sum(not s.healthy for session in self.sessions.values() for s in session.all_streams())
             )
             self._metrics.attached_users.set(len(self.sessions))
+            self._metrics.cluster_members.set(self._members())
             self._metrics.open_streams.set(self._source.open_streams)
             self._metrics.firestore_connections.set(self._source.connections)

@@ -8,9 +8,11 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
 from listeners import __version__
+from listeners.cluster import Membership, owner
 from listeners.config import Settings
 from listeners.control import ControlListener, ResyncRequest
 from listeners.metrics import Metrics
@@ -26,6 +28,8 @@ from listeners.source.snapshots import SnapshotSource
 log = logging.getLogger(__name__)
 
 _FIRESTORE_SCOPES = ["https://www.googleapis.com/auth/datastore"]
+HANDOVER_SECONDS = 1.5  # on SIGTERM, how long we keep serving after the others know we leave
+MEMBERSHIP_WAIT_SECONDS = 3.0
 
 
 @dataclass
@@ -36,8 +40,33 @@ class Service:
     source: SnapshotSource
     node: Node
     control: ControlListener
+    membership: Membership
     rtdb: RtdbClient | None = None
     stopping: bool = False
+
+    def user(self, uid: str) -> dict[str, object]:
+        """Where a user is served, for operators (authenticated: it names a uid)."""
+        entry = self.node.entry(uid)
+        session = self.node.sessions.get(uid)
+        return {
+            "uid": uid,
+            "owner": owner(uid, self.membership.members),
+            "instance_id": self.settings.instance_id,
+            "members": list(self.membership.members),
+            "attached_here": session is not None,
+            "registry": None
+            if entry is None
+            else {
+                "status": entry.status,
+                "online": entry.is_online(datetime.now(UTC)),
+                "heartbeat_at": entry.heartbeat_at.isoformat(),
+                "ttl_seconds": entry.ttl_seconds,
+                "chat_threads": len(entry.chat_threads),
+            },
+            "streams": []
+            if session is None
+            else [{"kind": s.kind, "healthy": s.healthy} for s in session.all_streams()],
+        }
 
     def health(self) -> dict[str, object]:
         redis = "ok" if self.publisher.up else "down"
@@ -106,19 +135,25 @@ async def running(
     broker = broker or RedisBroker(settings.redis)
     source = source or firestore_source(settings)
     rtdb = rtdb or rtdb_client(settings)
+    membership = Membership(settings.redis, settings.instance_id)
     publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)
     node = Node(
         NodeSettings(
             channels=Channels(settings.redis.channel_prefix, settings.redis.chat_channel_prefix),
             default_ttl_seconds=settings.service.heartbeat_ttl_seconds,
             sweep_interval_seconds=settings.sweep_interval_seconds,
-            close_timeout_seconds=settings.shutdown_timeout_seconds / 2,
+            close_timeout_seconds=settings.shutdown_timeout_seconds / 4,
+            handover_seconds=HANDOVER_SECONDS,
         ),
         Sources(source, rtdb, settings.firebase.chat_mark_read),
         publisher,
         metrics,
+        owns=membership.owns,
+        members=lambda: len(membership.members),
     )
+    metrics.instance.labels(settings.instance_id).set(1)
     publisher.resync = node.resync
+    membership.on_change(node.rebalance)
 
     def on_resync(request: ResyncRequest) -> None:
         node.resync_user(request.uid, request.threads)
@@ -126,19 +161,27 @@ async def running(
     control = ControlListener(settings.redis, on_resync)
     publishing = asyncio.create_task(publisher.run(), name="publisher")
     listening = asyncio.create_task(control.run(), name="control")
-    service = Service(settings, metrics, publisher, source, node, control, rtdb)
+    coordinating = asyncio.create_task(membership.run(), name="membership")
+    service = Service(settings, metrics, publisher, source, node, control, membership, rtdb)
     log.info("service starting", extra={"version": __version__, "instance_id": settings.instance_id})
+    # Attaching before the other instances are known would attach every user here first.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(membership.ready.wait(), MEMBERSHIP_WAIT_SECONDS)
     try:
         async with node:
             yield service
             service.stopping = True
-            log.info("service stopping: closing listeners")
+            log.info("service stopping: handing users over, then closing listeners")
+            others = len(membership.members) > 1
+            await membership.leave()
+            if others:
+                await asyncio.sleep(HANDOVER_SECONDS)  # the others attach while we still serve
     finally:
         service.stopping = True
         budget = settings.shutdown_timeout_seconds
-        if publisher.up and not await publisher.flush(budget / 2):
+        if publisher.up and not await publisher.flush(budget / 4):
             log.warning("shutdown: events still queued were dropped", extra={"dropped": publisher.queued})
-        for task in (listening, publishing):
+        for task in (listening, publishing, coordinating):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

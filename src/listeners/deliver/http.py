@@ -10,6 +10,7 @@ starts or stops, so the ALB sends it no new WebSocket during a drain.
 from __future__ import annotations
 
 import contextlib
+import hmac
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -20,6 +21,7 @@ from starlette.websockets import WebSocket
 
 from listeners import __version__
 from listeners.config import Settings
+from listeners.deliver import pages
 from listeners.deliver.direct import direct_mode
 from listeners.deliver.websocket import Gateway
 from listeners.service import Service, running
@@ -51,6 +53,19 @@ def create_app(settings: Settings) -> Starlette:
     async def version(request: Request) -> Response:
         return JSONResponse({"version": __version__, "instance_id": settings.instance_id})
 
+    async def user(request: Request) -> Response:
+        """Operators only: which instance serves a user, and how (admin token required)."""
+        service: Service | None = getattr(request.app.state, "service", None)
+        admin = settings.websocket.admin_token
+        if admin is None:
+            return JSONResponse({"error": "not enabled: set LISTENERS_ADMIN_TOKEN"}, status_code=404)
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(given, admin.reveal().encode()):
+            return JSONResponse({"error": "admin token required"}, status_code=401)
+        if service is None:
+            return JSONResponse({"error": "starting"}, status_code=503)
+        return JSONResponse(service.user(request.path_params["uid"]))
+
     async def metrics(request: Request) -> Response:
         service: Service | None = getattr(request.app.state, "service", None)
         body = service.metrics.render() if service else b""
@@ -61,7 +76,9 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", healthz),
             Route("/version", version),
             Route("/metrics", metrics),
+            Route("/v1/users/{uid}", user),
             WebSocketRoute(settings.service.alb_ws_path, websocket),
+            *pages.routes(settings),
         ],
         lifespan=lifespan,
     )

@@ -1,0 +1,160 @@
+"""Which instance serves which user: rendezvous hashing over a membership kept in Redis.
+
+Every instance heartbeats its id into the sorted set `listeners:members`, scored with its
+expiry in Redis's own clock (`TIME`), so instance clocks never enter the decision. The
+live members are those not yet expired; the owner of a user is the member with the
+highest hash of (member, uid). Each instance computes the same answer from the same
+view, and a change of membership moves only the users of the member that came or went.
+
+Changes are announced on the channel `listeners:members:changes`, so a join or a clean
+leave is seen at once; a killed instance is noticed when its entry expires. If Redis
+cannot be reached, the last view is kept: an instance keeps serving what it owns and
+nothing flaps. docs/scaling.md has the failure analysis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from listeners.backoff import Backoff
+from listeners.config import RedisSettings
+from listeners.publish.redis import close_quietly, redis_client
+
+log = logging.getLogger(__name__)
+
+MEMBERS_KEY = "listeners:members"
+CHANGES_CHANNEL = "listeners:members:changes"
+
+
+def score(member: str, uid: str) -> int:
+    digest = hashlib.blake2b(f"{member}\x00{uid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def owner(uid: str, members: tuple[str, ...]) -> str:
+    return max(members, key=lambda member: (score(member, uid), member))
+
+
+class Membership:
+    def __init__(
+        self,
+        settings: RedisSettings,
+        instance_id: str,
+        *,
+        ttl_seconds: float = 6.0,
+        beat_seconds: float = 1.0,
+    ) -> None:
+        self._settings = settings
+        self.instance_id = instance_id
+        self._ttl = ttl_seconds
+        self._beat = beat_seconds
+        self.members: tuple[str, ...] = (instance_id,)  # alone until Redis says otherwise
+        self._listeners: list[Callable[[], None]] = []
+        self._changed = asyncio.Event()
+        self._left = False
+        self._grace_until = 0.0
+        self._stopped = asyncio.Event()
+        self.ready = asyncio.Event()  # set after the first heartbeat: the view is Redis's
+        self._backoff = Backoff()
+
+    def owns(self, uid: str) -> bool:
+        return owner(uid, self.members) == self.instance_id
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    async def run(self) -> None:
+        """Heartbeat and watch, for as long as the instance runs; never raises on Redis trouble."""
+        client = redis_client(self._settings, timeout=5.0)
+        watcher = asyncio.create_task(self._watch_changes(), name="membership-changes")
+        failures = 0
+        try:
+            while not self._left:
+                try:
+                    await self._heartbeat(client)
+                    failures = 0
+                except (RedisError, OSError) as exc:
+                    failures += 1
+                    if failures == 1:
+                        log.warning(
+                            "membership: redis unreachable, keeping the last view",
+                            extra={"reason": type(exc).__name__},
+                        )
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self._beat)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await close_quietly(client)
+            self._stopped.set()
+
+    async def _heartbeat(self, client: redis.Redis) -> None:
+        seconds, micros = await client.time()
+        now = seconds + micros / 1_000_000
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.zadd(MEMBERS_KEY, {self.instance_id: now + self._ttl})
+            pipe.zremrangebyscore(MEMBERS_KEY, "-inf", now)
+            pipe.zrange(MEMBERS_KEY, 0, -1)
+            added, _, names = await pipe.execute()
+        if self._left:
+            return  # leave() ran meanwhile: do not come back
+        found = {n.decode() for n in names} | {self.instance_id}
+        if added:  # our entry was new: we joined, or came back; tell the others now
+            await client.publish(CHANGES_CHANNEL, self.instance_id)
+            if self.ready.is_set():
+                # Our own entry was gone: Redis restarted empty (or we were cut off). The
+                # others re-add theirs within a beat; until a TTL has passed, nobody known
+                # is dropped, or every instance would briefly take every user.
+                self._grace_until = time.monotonic() + self._ttl
+        if time.monotonic() < self._grace_until:
+            found |= set(self.members)
+        self.ready.set()
+        members = tuple(sorted(found))
+        if members != self.members:
+            log.info("membership changed", extra={"members": list(members)})
+            self.members = members
+            for callback in list(self._listeners):
+                callback()
+
+    async def _watch_changes(self) -> None:
+        attempt = 0
+        while True:
+            client = redis_client(self._settings, timeout=10.0)
+            pubsub = client.pubsub()
+            try:
+                await pubsub.subscribe(CHANGES_CHANNEL)
+                attempt = 0
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
+                    if message is not None:
+                        self._changed.set()  # look now rather than at the next beat
+            except (RedisError, OSError):
+                pass
+            finally:
+                await asyncio.shield(close_quietly(pubsub, client))
+            await asyncio.sleep(self._backoff.delay(attempt))
+            attempt += 1
+
+    async def leave(self) -> None:
+        """A clean stop: leave at once and tell the others, so they take over now."""
+        self._left = True
+        self._changed.set()
+        with contextlib.suppress(TimeoutError):  # no heartbeat in flight may add us back
+            await asyncio.wait_for(self._stopped.wait(), 2.0)
+        client = redis_client(self._settings, timeout=2.0)
+        try:
+            await client.zrem(MEMBERS_KEY, self.instance_id)
+            await client.publish(CHANGES_CHANNEL, self.instance_id)
+        except (RedisError, OSError) as exc:
+            log.warning("membership: could not leave cleanly", extra={"reason": type(exc).__name__})
+        finally:
+            await close_quietly(client)
