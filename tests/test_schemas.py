@@ -6,6 +6,7 @@ from pathlib import Path
 
 from listeners.envelope import Envelope
 from listeners.events import EVENT_MODELS
+from listeners.normalise.messages import normalise_message
 from listeners.normalise.notifications import normalise_notification
 from listeners.schemas import render, validate
 
@@ -21,6 +22,9 @@ def test_committed_schemas_are_current() -> None:
 
 def test_events_validate() -> None:
     item = normalise_notification("d1", {"file_name": "x", "batch_id": "b"})
+    message = normalise_message(
+        "m1", {"file_name": "x", "sender_id": "s", "expires_at": "2025-01-01 00:00:00"}
+    )
     for envelope in (
         Envelope.create(
             "notif.sync", "u", {"notifications": [item], "count": 1, "timestamp": "2025-01-01T00:00:00Z"}
@@ -28,5 +32,22 @@ def test_events_validate() -> None:
         Envelope.create("notif.add", "u", dict(item)),
         Envelope.create("notif.update", "u", dict(item)),
         Envelope.create("notif.remove", "u", {"doc_id": "d1"}),
+        Envelope.create(
+            "msg.sync",
+            "u",
+            {
+                "messages": [message],
+                "count": 1,
+                "timestamp": "",
+                "new_message": message,
+                "has_new_messages": True,
+            },
+        ),
+        Envelope.create("msg.add", "u", message),
+        Envelope.create("msg.remove", "u", {"doc_id": "m1"}),
+        Envelope.create(
+            "chat.message", "u", {"space_code": "s", "thread_key": "t", "raw_messages": [{"id": "-a"}]}
+        ),
+        Envelope.create("chat.sync", "u", {"space_code": "s", "thread_key": "t", "raw_messages": []}),
     ):
         validate(envelope.to_dict())

@@ -6,7 +6,7 @@ These TypedDicts are the single source of the JSON Schemas in `docs/schemas/`
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired
+from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict  # pydantic reads these on Python 3.11
 
@@ -91,9 +91,82 @@ class NotifRemoveEvent(_Envelope):
     payload: NotifRemovePayload
 
 
+class MessageItem(TypedDict):
+    """A direct message: the notification item without `read` and `info_message`."""
+
+    doc_id: str
+    job_id: str
+    file_id: str
+    file_name: str
+    status: str
+    collection_id: str
+    collection_name: str
+    function_name: str
+    timestamp: str
+    additional_info: str
+    message: str
+    url: str
+    batch_id: NotRequired[str]
+    drive_link: NotRequired[str]
+    sender_id: NotRequired[str]
+    chat_mode: NotRequired[str]
+    thread_key: NotRequired[str]
+    expires_at: NotRequired[str]
+
+
+class MsgSyncPayload(TypedDict):
+    messages: list[MessageItem]
+    count: int
+    timestamp: str
+    new_message: MessageItem | None
+    has_new_messages: bool
+
+
+class ChatPayload(TypedDict):
+    space_code: str
+    thread_key: str
+    raw_messages: list[dict[str, Any]]  # each with its push id as `id`, raw fields otherwise
+
+
+class MsgSyncEvent(_Envelope):
+    type: Literal["msg.sync"]
+    payload: MsgSyncPayload
+
+
+class MsgAddEvent(_Envelope):
+    type: Literal["msg.add"]
+    payload: MessageItem
+
+
+class MsgUpdateEvent(_Envelope):
+    type: Literal["msg.update"]
+    payload: MessageItem
+
+
+class MsgRemoveEvent(_Envelope):
+    type: Literal["msg.remove"]
+    payload: NotifRemovePayload
+
+
+class ChatSyncEvent(_Envelope):
+    type: Literal["chat.sync"]
+    payload: ChatPayload
+
+
+class ChatMessageEvent(_Envelope):
+    type: Literal["chat.message"]
+    payload: ChatPayload
+
+
 EVENT_MODELS: dict[str, type] = {
     NOTIF_SYNC: NotifSyncEvent,
     NOTIF_ADD: NotifAddEvent,
     NOTIF_UPDATE: NotifUpdateEvent,
     NOTIF_REMOVE: NotifRemoveEvent,
+    MSG_SYNC: MsgSyncEvent,
+    MSG_ADD: MsgAddEvent,
+    MSG_UPDATE: MsgUpdateEvent,
+    MSG_REMOVE: MsgRemoveEvent,
+    CHAT_SYNC: ChatSyncEvent,
+    CHAT_MESSAGE: ChatMessageEvent,
 }
