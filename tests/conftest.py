@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from google.cloud import firestore
 
 from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
+from listeners.local.auth import LocalIssuer
 from listeners.local.processes import FirestoreEmulator, RedisServer
 
 CONTROL_TOKEN = "test-control-token-0123456789"
@@ -186,6 +187,22 @@ async def subscribe(redis_server: RedisServer) -> AsyncIterator[Callable[..., An
         await consumer.stop()
     with contextlib.suppress(OSError, aioredis.ConnectionError):
         await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def issuer_and_url() -> Iterator[tuple[LocalIssuer, str]]:
+    """A local Firebase Auth stand-in: signs ID tokens, serves its certificates over HTTP."""
+    issuer = LocalIssuer("placeholder")
+    url = issuer.serve()
+    yield issuer, url
+    issuer.close()
+
+
+@pytest.fixture
+def issuer(issuer_and_url: tuple[LocalIssuer, str], project_id: str) -> LocalIssuer:
+    found, _ = issuer_and_url
+    found.project_id = project_id  # tokens for this test's Firebase project
+    return found
 
 
 def iso_ago(seconds: float) -> str:

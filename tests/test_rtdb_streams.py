@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 from listeners.config import Settings
+from listeners.local.auth import LocalIssuer
 from listeners.local.rtdb_server import RtdbStandin
 from listeners.service import running
 from listeners.source.rtdb import RtdbClient
 from tests.conftest import Consumer, Firebase
 from tests.test_pipeline import wait_until
+from tests.test_websocket import next_event, serving, ws_settings
 
 pytestmark = pytest.mark.asyncio
 
@@ -256,3 +260,34 @@ async def test_an_enormous_node(
         await fb.online("sam")
         await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 1, timeout=60)
     assert of(consumer, "msg.sync")[0]["payload"]["count"] == 5000
+
+
+async def test_websocket_chat_subscription(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, issuer: LocalIssuer, issuer_and_url: Any
+) -> None:
+    """Direct mode: a client message opens a thread (through the registry) and its events arrive."""
+    await rtdb.set("acme/job_chats/j1/messages/-m1", chat_message(1))
+    settings = ws_settings(rtdb_settings, issuer_and_url[1])
+    async with serving(settings) as (url, app):
+        await fb.online("tia", companies=["acme"])
+        async with connect(f"{url}?token={issuer.mint('tia')}") as ws:
+            await next_event(ws, "msg.sync")
+            thread = {"space_code": "acme", "thread_key": "j1", "mode": "job_chats"}
+            await ws.send(json.dumps({"type": "chat.subscribe", **thread}))
+            await next_event(ws, "chat.subscribed")
+            sync = await next_event(ws, "chat.sync")
+            assert [m["id"] for m in sync["payload"]["raw_messages"]] == ["-m1"]
+            await rtdb.set("acme/job_chats/j1/messages/-m2", chat_message(2))
+            message = await next_event(ws, "chat.message")
+            assert [m["id"] for m in message["payload"]["raw_messages"]] == ["-m2"]
+            await ws.send(
+                json.dumps(
+                    {"type": "chat.subscribe", "space_code": "globex", "thread_key": "x", "mode": "chats"}
+                )
+            )
+            refused = await next_event(ws, "chat.refused")
+            assert refused["space_code"] == "globex"
+            await ws.send(json.dumps({"type": "chat.unsubscribe", **thread}))
+            await next_event(ws, "chat.unsubscribed")
+            service = app.state.service
+            await wait_until(lambda: not service.node.sessions["tia"].threads)  # the stream is closed

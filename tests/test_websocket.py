@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,21 +26,6 @@ from tests.conftest import Firebase
 from tests.test_pipeline import wait_until
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture(scope="module")
-def issuer_and_url() -> Iterator[tuple[LocalIssuer, str]]:
-    issuer = LocalIssuer("placeholder")
-    url = issuer.serve()
-    yield issuer, url
-    issuer.close()
-
-
-@pytest.fixture
-def issuer(issuer_and_url: tuple[LocalIssuer, str], project_id: str) -> LocalIssuer:
-    found, _ = issuer_and_url
-    found.project_id = project_id  # tokens for this test's Firebase project
-    return found
 
 
 def ws_settings(settings: Settings, certs_url: str, **overrides: Any) -> Settings:

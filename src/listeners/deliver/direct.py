@@ -69,16 +69,23 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
         if presence is not None:
             await presence.set_threads(uid, sorted(gateway.threads_of(uid), key=str))
             return
-        from google.cloud import firestore
-
+        # Read, change, write on the condition that nobody wrote in between (and again if so):
+        # the field may not exist yet, and other writers (the bridge) may change it too.
         fields = {"space_code": thread.space_code, "thread_key": thread.thread_key, "mode": thread.mode}
-        change = firestore.ArrayUnion([fields]) if add else firestore.ArrayRemove([fields])
-        try:
-            await db.collection(REGISTRY_COLLECTION).document(uid).update({"chat_threads": change})
-        except Exception as exc:  # the user may not be in the registry (yet): logged, not fatal
-            log.warning(
-                "chat thread not written to the registry", extra={"uid": uid, "reason": type(exc).__name__}
-            )
+        document = db.collection(REGISTRY_COLLECTION).document(uid)
+        for _ in range(3):
+            try:
+                snapshot = await document.get()
+                if not snapshot.exists:
+                    log.warning("chat thread not written: user not in the registry", extra={"uid": uid})
+                    return
+                current = [t for t in (snapshot.to_dict() or {}).get("chat_threads") or [] if t != fields]
+                option = db.write_option(last_update_time=snapshot.update_time)
+                await document.update({"chat_threads": [*current, fields] if add else current}, option=option)
+                return
+            except Exception as exc:  # a concurrent write, or Firestore unreachable: try again
+                reason = f"{type(exc).__name__}: {exc}"
+        log.warning("chat thread not written to the registry", extra={"uid": uid, "reason": reason})
 
     async def mark_read(uid: str, doc_id: str) -> bool:
         """The UI marks a notification read: only the token's own, and only an existing one."""
