@@ -22,20 +22,8 @@ MSG_REMOVE = "msg.remove"
 CHAT_SYNC = "chat.sync"
 CHAT_MESSAGE = "chat.message"
 
-EventType = Literal["notif.sync", "notif.add", "notif.update", "notif.remove"]
-
-# Every type a consumer may see; msg.* and chat.* come from the Realtime Database streams.
-KNOWN_TYPES = frozenset(
-    {
-        "notif.sync", "notif.add", "notif.update", "notif.remove",
-        "msg.sync", "msg.add", "msg.update", "msg.remove",
-        "chat.sync", "chat.message",
-    }
-)  # fmt: skip
-
-
-class NotificationItem(TypedDict):
-    """One notification as the Reflex UI holds it (see docs/events.md for defaults)."""
+class _Item(TypedDict):
+    """The fields notifications and direct messages share (docs/events.md has the defaults)."""
 
     doc_id: str
     job_id: str
@@ -46,13 +34,18 @@ class NotificationItem(TypedDict):
     collection_name: str
     function_name: str
     timestamp: str
-    read: bool
     additional_info: str
-    info_message: str
     message: str
     url: str
     batch_id: NotRequired[str]
     drive_link: NotRequired[str]
+
+
+class NotificationItem(_Item):
+    """One notification as the Reflex UI holds it."""
+
+    read: bool
+    info_message: str
 
 
 class NotifSyncPayload(TypedDict):
@@ -91,23 +84,9 @@ class NotifRemoveEvent(_Envelope):
     payload: NotifRemovePayload
 
 
-class MessageItem(TypedDict):
+class MessageItem(_Item):
     """A direct message: the notification item without `read` and `info_message`."""
 
-    doc_id: str
-    job_id: str
-    file_id: str
-    file_name: str
-    status: str
-    collection_id: str
-    collection_name: str
-    function_name: str
-    timestamp: str
-    additional_info: str
-    message: str
-    url: str
-    batch_id: NotRequired[str]
-    drive_link: NotRequired[str]
     sender_id: NotRequired[str]
     chat_mode: NotRequired[str]
     thread_key: NotRequired[str]
@@ -170,3 +149,4 @@ EVENT_MODELS: dict[str, type] = {
     CHAT_SYNC: ChatSyncEvent,
     CHAT_MESSAGE: ChatMessageEvent,
 }
+KNOWN_TYPES = frozenset(EVENT_MODELS)  # every type a consumer may see
