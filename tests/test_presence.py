@@ -1,0 +1,67 @@
+"""Presence bookkeeping as a pure unit: failing writes never reach the page, and are retried."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from listeners.bridge import Presence
+
+pytestmark = pytest.mark.asyncio
+
+
+class FlakyDocument:
+    def __init__(self, db: FlakyDb) -> None:
+        self.db = db
+
+    async def set(self, data: dict[str, Any]) -> Any:
+        self.db.calls.append(("set", data["status"]))
+        if self.db.failures > 0:
+            self.db.failures -= 1
+            raise ConnectionError("firestore unreachable")
+        return type("Result", (), {"update_time": len(self.db.calls)})()
+
+    async def update(self, data: dict[str, Any], option: Any = None) -> None:
+        self.db.calls.append(("update", data["status"]))
+
+
+class FlakyDb:
+    """Stands in for firestore.AsyncClient: only the calls Presence makes."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[tuple[str, str]] = []
+
+    def collection(self, name: str) -> FlakyDb:
+        return self
+
+    def document(self, uid: str) -> FlakyDocument:
+        return FlakyDocument(self)
+
+    def write_option(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+
+async def test_failing_heartbeats_are_retried_and_never_raised() -> None:
+    db = FlakyDb(failures=2)
+    presence = Presence(db, heartbeat_seconds=0.05)
+    presence._backoff = type(presence._backoff)(base=0.01, cap=0.02)
+    async with presence.online("u1"):
+        async with asyncio.timeout(5):
+            await presence.wait_written("u1")
+        await asyncio.sleep(0.2)  # heartbeats go on
+    assert db.calls[:3] == [("set", "online")] * 3  # two failures, then success
+    assert db.calls.count(("set", "online")) >= 4
+    assert db.calls[-1] == ("update", "offline")
+
+
+async def test_reference_counted_per_user() -> None:
+    db = FlakyDb(failures=0)
+    presence = Presence(db, heartbeat_seconds=10)
+    async with presence.online("u1"):
+        async with presence.online("u1"):
+            await presence.wait_written("u1")
+        assert presence.sessions("u1") == 1 and ("update", "offline") not in db.calls
+    assert presence.sessions("u1") == 0 and db.calls[-1] == ("update", "offline")
