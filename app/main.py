@@ -7,6 +7,7 @@ process before it listens, with one message naming every problem and exit status
 from __future__ import annotations
 
 import logging
+import os
 
 from listeners import logs
 from listeners.config import ConfigError, Settings, load_settings
@@ -24,6 +25,8 @@ def _settings() -> Settings:
     for secret in (settings.redis.password, settings.redis.control_token, settings.firebase.admin_json):
         if secret is not None:
             logs.register_secret(secret.reveal())
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS_JSON"):  # the ECS task's Google key
+        logs.register_secret(os.environ["GOOGLE_APPLICATION_CREDENTIALS_JSON"])
     return settings
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
+from listeners.local.auth import LocalIssuer
 from listeners.local.processes import FirestoreEmulator, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,13 +245,24 @@ def copy_context(source: Path, destination: Path) -> None:
         shutil.copy2(file, target)
 
 
+@dataclass(frozen=True)
+class Running:
+    process: subprocess.Popen[str]
+    log: Path
+    port: int
+    env: dict[str, str]
+    issuer: LocalIssuer
+
+
 @pytest.fixture
 def image_service(
     replayed_image: Path, redis_server: RedisServer, emulator: FirestoreEmulator
-) -> Iterator[tuple[subprocess.Popen[str], Path, int, dict[str, str]]]:
-    """The final stage's CMD, from the replayed /app with the replayed venv first on PATH."""
+) -> Iterator[Running]:
+    """The final stage's CMD, from the replayed /app with the replayed venv first on PATH; its
+    WebSocket tokens come from a local issuer (listeners.local.auth) instead of Firebase Auth."""
     _, final = dockerfile_stages()
     venv = replayed_image / "opt" / "venv"
+    issuer = LocalIssuer("image-replay")
     env = {
         "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
         "HOME": str(replayed_image),
@@ -259,6 +271,8 @@ def image_service(
         "FIRESTORE_EMULATOR_HOST": emulator.host,
         "FIREBASE_PROJECT_ID": "image-replay",
         "LISTENERS_SWEEP_INTERVAL_SECONDS": "0.2",
+        "LISTENERS_TOKEN_CERTS_URL": issuer.serve(),
+        "LISTENERS_ALLOWED_ORIGINS": "https://app.example.com",
     }
     for step in only(final, "ENV"):
         env.update((k, v) for k, v in re.findall(r"(\w+)=(\S+)", step) if k != "PATH")
@@ -273,17 +287,18 @@ def image_service(
             command, cwd=replayed_image / "app", env=env, stdout=output, stderr=subprocess.STDOUT, text=True
         )
     try:
-        yield process, log, port, env
+        yield Running(process, log, port, env, issuer)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        issuer.close()
 
 
 def test_image_installs_from_the_lock_and_serves_healthz(
-    replayed_image: Path, image_service: tuple[subprocess.Popen[str], Path, int, dict[str, str]]
+    replayed_image: Path, image_service: Running
 ) -> None:
-    process, log, port, env = image_service
+    process, log, port, env = image_service.process, image_service.log, image_service.port, image_service.env
     venv = replayed_image / "opt" / "venv"
     # Only the runtime is in the venv: the project as a built wheel, no pip, no setuptools.
     probe = (
@@ -313,25 +328,32 @@ def test_image_installs_from_the_lock_and_serves_healthz(
     healthcheck = [a.replace(":8080/", f":{port}/") for a in healthcheck]
     assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 0
 
-    # The operator CLI installed in the image, against the running service.
+    # The operator CLI installed in the image, against the running service: healthz, /ws with a
+    # token (and with a forged one), a Redis round trip.
     check = subprocess.run(["listeners", "config", "check"], env=env, capture_output=True, text=True)
     assert check.returncode == 0 and "configuration ok" in check.stdout, check.stdout + check.stderr
-    smoke = subprocess.run(
-        ["listeners", "smoke", "--url", f"http://127.0.0.1:{port}", "--redis"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
-    assert "PASS  healthz" in smoke.stdout and "PASS  redis" in smoke.stdout
+    smoke = [
+        *("listeners", "smoke", "--url", f"http://127.0.0.1:{port}"),
+        "--origin",
+        "https://app.example.com",
+    ]
+    token = image_service.issuer.mint("smoke-user")
+    result = subprocess.run([*smoke, "--token", token, "--redis"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in ("PASS  healthz", "PASS  websocket", "auth.ok for uid 'smoke-user'", "PASS  redis"):
+        assert line in result.stdout, result.stdout
+    forged = LocalIssuer("image-replay").mint("smoke-user")  # right shape, unknown key
+    result = subprocess.run([*smoke, "--token", forged], env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "FAIL  websocket" in result.stdout and "token refused" in result.stdout
 
-    # Graceful stop: SIGTERM to PID 1 (exec-form CMD), exit 0 within ECS's stopTimeout.
+    # Graceful stop: SIGTERM to PID 1 (exec-form CMD), done within ECS's stopTimeout. uvicorn
+    # re-raises the signal once its shutdown is complete, hence the exit by SIGTERM.
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=40)
     output = log.read_text()
-    assert process.returncode == 0, output
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert '"Application shutdown complete."' in output
     assert time.monotonic() - started < task_definition()["containerDefinitions"][0]["stopTimeout"]
     assert '"service stopped"' in output
 
@@ -393,7 +415,7 @@ def enums(value, shape, path):  # ParamValidator leaves enums to the service: ch
     elif shape.type_name == "map":
         for key, item in value.items():
             enums(item, shape.value, f"{path}.{key}")
-    elif shape.enum and value not in shape.enum:
+    elif getattr(shape, "enum", None) and value not in shape.enum:
         problems.append(f"{path}: {value!r} not one of {shape.enum}")
 
 enums(params, shape, "taskDefinition")
@@ -463,10 +485,10 @@ def test_optional_outputs_are_left_out_and_missing_ones_named() -> None:
 
 
 def test_uvicorn_settings_are_real_options_and_fit_the_alb() -> None:
-    import uvicorn.main
+    import uvicorn
 
-    command: Any = uvicorn.main.main  # a click command: its options read UVICORN_<NAME>
-    options = {f"UVICORN_{p.name.upper()}" for p in command.params if p.name}
+    # uvicorn's command line is a click command whose options also read UVICORN_<NAME>.
+    options = {f"UVICORN_{p.name.upper()}" for p in uvicorn.main.params if p.name}
     (container,) = task_definition()["containerDefinitions"]
     env = {e["name"]: e["value"] for e in container["environment"]}
     _, final = dockerfile_stages()
@@ -479,7 +501,8 @@ def test_uvicorn_settings_are_real_options_and_fit_the_alb() -> None:
 
 
 def test_every_placeholder_is_an_infra_output() -> None:
-    template = (ROOT / "deploy" / "task-definition.jsonc").read_text()
+    lines = (ROOT / "deploy" / "task-definition.jsonc").read_text().splitlines()
+    template = "\n".join(line for line in lines if not line.lstrip().startswith("//"))
     placeholders = dict(re.findall(r"\$\{(\w+)(\??)\}", template))
     outputs = cfn(ROOT / "deploy" / "cloudformation" / "infra.yaml")["Outputs"]
     for name, optional in placeholders.items():
@@ -512,8 +535,13 @@ def test_infrastructure_matches_section_7() -> None:
     assert not any("CidrIp" in i for i in to_redis)
     to_tasks = [i for i in ingress if i["GroupId"] == {"Ref": "TaskSecurityGroup"}]
     assert [(i["SourceSecurityGroupId"], i["FromPort"]) for i in to_tasks] == [
-        ({"Ref": "AlbSecurityGroup"}, 8080)
+        ({"Ref": "AlbSecurityGroup"}, 8080),
+        ({"Ref": "MetricsScraperSecurityGroupId"}, 8080),  # only when given (condition)
     ]
+    assert infra["TasksFromScraperIngress"]["Condition"] == "HasMetricsScraper"
+    hidden = infra["HideMetrics"]["Properties"]  # /metrics is not served to the internet
+    assert hidden["Conditions"][0]["PathPatternConfig"]["Values"] == ["/metrics", "/metrics/*"]
+    assert hidden["Actions"][0]["FixedResponseConfig"]["StatusCode"] == "404"
     https = infra["HttpsListener"]["Properties"]
     assert https["Protocol"] == "HTTPS" and https["Certificates"] == [
         {"CertificateArn": {"Ref": "CertificateArn"}}
@@ -635,6 +663,11 @@ def test_deploy_workflow_follows_section_3_1() -> None:
     assert credentials["with"]["aws-region"] == "${{ secrets.AWS_REGION }}"
     script = "\n".join(s.get("run", "") for s in job["steps"])
     assert "aws ecr create-repository" in script and "RepositoryNotFoundException" in script
+    assert (
+        "--image-tag-mutability IMMUTABLE" in script and "file://deploy/ecr-lifecycle-policy.json" in script
+    )
+    (rule,) = json.loads((ROOT / "deploy" / "ecr-lifecycle-policy.json").read_text())["rules"]
+    assert rule["selection"]["countType"] == "imageCountMoreThan" and rule["action"] == {"type": "expire"}
     assert "TAG: ${{ github.sha }}" in (ROOT / ".github" / "workflows" / "deploy.yml").read_text()
     assert "python3 deploy/render.py" in script
     (rendered,) = steps_using(job, "aws-actions/amazon-ecs-render-task-definition")

@@ -3,7 +3,7 @@
     listeners config check                        validate the configuration without starting
     listeners secrets push --redis redis.json …   create or update the Secret Manager secrets
     listeners smoke --url https://… [--token …] [--redis]
-                                                  healthz, a WebSocket, a Redis round trip
+                                                  healthz, /ws up to auth.ok, a Redis round trip
 
 `config check` reads the configuration exactly as the service does (Secret Manager when
 GOOGLE_PROJECT_ID is set, then the environment) and exits 2 with every problem, like the
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import ssl
@@ -206,8 +205,14 @@ def secrets_push(
         for name, _ in items:
             print(f"{name}: valid (dry run, not pushed)")
         return 0
-    client = make_client() if make_client else _secret_manager_client()
-    push(client, project, items)
+    from google.api_core.exceptions import GoogleAPIError
+    from google.auth.exceptions import GoogleAuthError
+
+    try:
+        push(make_client() if make_client else _secret_manager_client(), project, items)
+    except (GoogleAPIError, GoogleAuthError) as exc:  # credentials, permission, quota
+        print(f"push failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -238,8 +243,9 @@ async def check_healthz(base: str, timeout: float) -> Check:
     try:
         body = response.json()
     except ValueError:
-        body = {}
-    status = body.get("status") if isinstance(body, dict) else None
+        body = None
+    body = body if isinstance(body, dict) else {}
+    status = body.get("status")
     fields = " ".join(
         f"{k}={body[k]}" for k in ("status", "version", "listeners_count", "redis") if k in body
     )
@@ -258,57 +264,60 @@ def websocket_url(base: str, path: str, token: str, token_in: str) -> str:
 
 
 _WS_HINTS = {
-    404: "no WebSocket endpoint at this path: is /ws deployed?",
-    401: "the token was rejected",
-    403: "the token or the Origin was rejected",
-    400: "the server refused the handshake",
+    404: "no WebSocket endpoint at this path",
+    403: "the Origin was refused (service_config allowed_origins)",
 }
 
 
 async def check_websocket(
     base: str, path: str, token: str, token_in: str, origin: str, timeout: float, wait: float
 ) -> Check:
+    """Opens the socket as a browser would (docs/websocket.md) and waits for `auth.ok`: the
+    service accepts the upgrade, then verifies the token and closes with 4001-4010 if it is
+    refused."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+    from websockets.typing import Origin, Subprotocol
+
     url = websocket_url(base, path, token, token_in)
-    shown = url.replace(urlencode({"token": token}), "token=***") if token else url
-    try:  # imported by name: an optional dependency that mypy may not see
-        client: Any = importlib.import_module("websockets.asyncio.client")
-        errors: Any = importlib.import_module("websockets.exceptions")
-    except ImportError:
-        return Check("websocket", False, "the websockets package is not installed")
-    options: dict[str, Any] = {"open_timeout": timeout, "close_timeout": timeout}
-    if origin:
-        options["origin"] = origin
-    if token_in == "protocol":  # the server accepts by answering "bearer"
-        options["subprotocols"] = ["bearer", token]
+    shown = url.replace(urlencode({"token": token}), "token=***")
+    subprotocols = [Subprotocol("bearer"), Subprotocol(token)] if token_in == "protocol" else None
     try:
-        async with client.connect(url, **options) as ws:
+        async with connect(
+            url,
+            origin=Origin(origin) if origin else None,
+            subprotocols=subprotocols,
+            open_timeout=timeout,
+            close_timeout=timeout,
+        ) as ws:
             try:
                 message = await asyncio.wait_for(ws.recv(), wait)
             except TimeoutError:
-                first = f"no message within {wait:g} s"
-            except errors.ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd else "none"
-                reason = exc.rcvd.reason if exc.rcvd else ""
+                return Check("websocket", False, f"{shown}: connected, but no auth.ok within {wait:g} s")
+            except ConnectionClosed as exc:
+                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "no close frame")
+                refused = "token refused: " if 4001 <= code <= 4010 else ""
+                return Check("websocket", False, f"{shown}: {refused}closed with {code} {reason}".rstrip())
+            first = _json_object(message)
+            if first.get("type") != "auth.ok":
                 return Check(
-                    "websocket", False, f"{shown}: accepted, then closed: code {code} {reason}".rstrip()
+                    "websocket", False, f"{shown}: first message is not auth.ok: {first.get('type')!r}"
                 )
-            else:
-                first = f"first message: {_message_kind(message)}"
             protocol = f", subprotocol {ws.subprotocol}" if ws.subprotocol else ""
-            return Check("websocket", True, f"{shown}: connected{protocol}; {first}")
-    except errors.InvalidStatus as exc:
+            return Check("websocket", True, f"{shown}: auth.ok for uid {first.get('uid')!r}{protocol}")
+    except InvalidStatus as exc:
         code = exc.response.status_code
-        return Check("websocket", False, f"{shown}: HTTP {code}: {_WS_HINTS.get(code, 'handshake refused')}")
-    except (errors.WebSocketException, OSError, TimeoutError) as exc:
+        return Check("websocket", False, f"{shown}: HTTP {code}: {_WS_HINTS.get(code, 'upgrade refused')}")
+    except (WebSocketException, OSError, TimeoutError) as exc:
         return Check("websocket", False, f"{shown}: {type(exc).__name__}: {exc}")
 
 
-def _message_kind(message: str | bytes) -> str:
+def _json_object(message: str | bytes) -> dict[str, Any]:
     try:
         data = json.loads(message)
     except ValueError:
-        return f"{len(message)} bytes, not JSON"
-    return f"type {data.get('type')!r}" if isinstance(data, dict) else "JSON, not an object"
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 async def check_redis(settings: RedisSettings, timeout: float) -> Check:
@@ -424,7 +433,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--token-in", choices=("query", "protocol"), default="query")
     check.add_argument("--ws-path", default="/ws")
     check.add_argument("--origin", default="", help="Origin header for the WebSocket handshake")
-    check.add_argument("--ws-wait", type=float, default=3.0, help="seconds to wait for a first message")
+    check.add_argument("--ws-wait", type=float, default=5.0, help="seconds to wait for auth.ok")
     check.add_argument(
         "--redis",
         action="store_true",

@@ -218,7 +218,11 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
         from listeners.secret_manager import secret_reader
 
         try:
-            read_secret = secret_reader(project, env.get("GOOGLE_SERVICE_ACCOUNT_SECRET", ""))
+            read_secret = secret_reader(
+                project,
+                env.get("GOOGLE_SERVICE_ACCOUNT_SECRET", ""),
+                env.get("GOOGLE_APPLICATION_CREDENTIALS_JSON", ""),
+            )
         except Exception as exc:
             raise ConfigError(
                 [f"Google Secret Manager: cannot connect ({type(exc).__name__}: {exc})"]
@@ -349,7 +353,11 @@ def load_redis_settings(
     if project and read_secret is None:
         from listeners.secret_manager import secret_reader
 
-        read_secret = secret_reader(project, env.get("GOOGLE_SERVICE_ACCOUNT_SECRET", ""))
+        read_secret = secret_reader(
+            project,
+            env.get("GOOGLE_SERVICE_ACCOUNT_SECRET", ""),
+            env.get("GOOGLE_APPLICATION_CREDENTIALS_JSON", ""),
+        )
     redis_secret = r.secret_json(
         read_secret if project else None, env.get("LISTENERS_REDIS_SECRET", REDIS_SECRET), required=True
     )

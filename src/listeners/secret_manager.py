@@ -26,14 +26,21 @@ def secret_path(project: str, name: str) -> str:
     return f"projects/{project}/secrets/{secret_id(name)}/versions/latest"
 
 
-def secret_reader(project: str, service_account_secret: str = "") -> SecretReader:
-    """A reader on the default credentials chain; with GOOGLE_SERVICE_ACCOUNT_SECRET set, that
-    secret's service account JSON is read first and used for every other secret."""
+def secret_reader(project: str, service_account_secret: str = "", credentials_json: str = "") -> SecretReader:
+    """A reader on the default credentials chain, or on `credentials_json` (a service account
+    JSON, GOOGLE_APPLICATION_CREDENTIALS_JSON: what ECS injects from its task `secrets`) when
+    given; with GOOGLE_SERVICE_ACCOUNT_SECRET set, that secret's service account JSON is read
+    first and used for every other secret."""
     from google.api_core.exceptions import NotFound
     from google.cloud import secretmanager
     from google.oauth2 import service_account
 
-    client: Any = secretmanager.SecretManagerServiceClient()
+    initial = None
+    if credentials_json:
+        initial = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+            json.loads(credentials_json), scopes=_SCOPES
+        )
+    client: Any = secretmanager.SecretManagerServiceClient(credentials=initial)
 
     def read(name: str) -> str | None:
         try:

@@ -1,0 +1,45 @@
+# The listeners service (specification §3.1). Build: `docker build -t listeners-service .`
+#
+# The build stage installs the locked dependencies (wheels only, every hash checked) and the
+# project's own wheel into /opt/venv; the final stage copies that venv onto a clean
+# python:3.11-slim, so the image has no compiler, no build backend, no pip and no pip cache.
+# tests/test_deploy.py replays these RUN steps in a fresh venv and starts the result.
+
+FROM python:3.11-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore
+WORKDIR /build
+COPY requirements.lock deploy/build-requirements.lock ./
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --quiet --only-binary=:all: --require-hashes -r requirements.lock
+RUN python -m venv /opt/build-tools \
+ && /opt/build-tools/bin/pip install --quiet --only-binary=:all: --require-hashes -r build-requirements.lock
+COPY pyproject.toml ./
+COPY src ./src
+RUN /opt/build-tools/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist . \
+ && /opt/venv/bin/pip install --quiet --no-deps dist/listeners-*.whl \
+ && /opt/venv/bin/python -m pip uninstall --quiet --yes setuptools pip
+
+FROM python:3.11-slim
+# The base image's own pip, setuptools and wheel serve nothing at run time (the service runs
+# from /opt/venv, which does not see them); removed so that image scans report only what runs.
+RUN python -m pip uninstall --quiet --yes pip setuptools wheel \
+ && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin listeners
+# UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN bounds the drain after SIGTERM: uvicorn stops accepting,
+# asks open connections to close and waits at most 15 s, then the lifespan stops the listeners
+# and flushes Redis (LISTENERS_SHUTDOWN_TIMEOUT_SECONDS, 8 s): well inside ECS's stopTimeout.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=15
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY app ./app
+USER 10001:10001
+EXPOSE 8080
+# Exec form: uvicorn is PID 1 and gets the SIGTERM itself (graceful stop as described above).
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8080"]
