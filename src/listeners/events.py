@@ -22,6 +22,7 @@ MSG_REMOVE = "msg.remove"
 CHAT_SYNC = "chat.sync"
 CHAT_MESSAGE = "chat.message"
 
+
 class _Item(TypedDict):
     """The fields notifications and direct messages share (docs/events.md has the defaults)."""
 
