@@ -1,0 +1,220 @@
+"""REST calls against one database: URLs, the access token, redirects, and error bodies.
+
+The access token travels in the `Authorization: Bearer` header, not in the documented
+`access_token` query parameter, so it never appears in a URL that httpx logs at INFO.
+Redirects (the server may move a stream to another machine with a 307) are followed here
+rather than by httpx, which drops that header on a redirect to another host; the header is
+sent again only to the same host or to a Firebase database host over HTTPS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, quote, urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from listeners.backoff import Backoff
+from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES
+from listeners.source.rtdb.tokens import TokenProvider
+from listeners.source.rtdb.tree import Json, split_path
+
+if TYPE_CHECKING:  # stream.py imports this module; `stream()` imports it back when called
+    from listeners.source.rtdb.stream import ChangeHandler, FailureHandler, NodeStream
+
+# The default of `stream()` and `NodeStream`, kept here because `stream()` needs it at import.
+DEFAULT_IDLE_TIMEOUT = 45.0  # the server sends keep-alive about every 30 s
+_MAX_REDIRECTS = 5
+_MAX_ERROR_BODY = 64 * 1024
+_TOKEN_HOST_SUFFIXES = (".firebaseio.com", ".firebasedatabase.app")
+
+_NO_BODY: Any = object()
+
+
+class RtdbError(Exception):
+    """The server answered with an error status; `message` is its `{"error": ...}` text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+async def _error(response: httpx.Response) -> RtdbError:
+    body = bytearray()
+    try:
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > _MAX_ERROR_BODY:
+                break
+    except (httpx.HTTPError, OSError):
+        pass
+    text = body[:_MAX_ERROR_BODY].decode("utf-8", errors="replace")
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    message = parsed["error"] if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) else text
+    return RtdbError(response.status_code, message or response.reason_phrase)
+
+
+def _encode(value: Json) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+class RtdbClient:
+    """REST calls and streams against one database.
+
+    `base_url` is `https://<db>.firebaseio.com` (or a regional `firebasedatabase.app` URL),
+    or an emulator or stand-in URL such as `http://127.0.0.1:9000` with `namespace=`; a
+    `?ns=` in `base_url` is taken as the namespace too.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        namespace: str | None = None,
+        tokens: TokenProvider | None = None,
+        http: httpx.AsyncClient | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        parts = urlsplit(base_url)
+        self.namespace = namespace or dict(parse_qsl(parts.query)).get("ns")
+        self.base_url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+        self._host = parts.hostname
+        self._tokens = tokens
+        self._timeout = timeout
+        self._own_http = http is None
+        # streams each hold a connection for their lifetime: no cap on the pool
+        self._http = http or httpx.AsyncClient(
+            timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=20)
+        )
+        self._streams: set[NodeStream] = set()
+
+    def url(self, keys: Sequence[str]) -> str:
+        return self.base_url + "/" + "/".join(quote(key, safe="") for key in keys) + ".json"
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for stream in self._streams if stream.active)
+
+    async def get(self, path: str = "/", *, shallow: bool = False) -> Json:
+        params = {"shallow": "true"} if shallow else None
+        response = await self._request("GET", path, params=params)
+        return response.json()
+
+    async def set(self, path: str, value: Json) -> None:
+        """PUT: replace the node (None deletes it)."""
+        await self._request("PUT", path, body=value, params={"print": "silent"})
+
+    async def update(self, path: str, values: Mapping[str, Json]) -> None:
+        """PATCH: write the named children (keys may be paths, 'a/b'); leave the others."""
+        for key in values:
+            if not split_path(key):
+                raise ValueError(f"invalid child path {key!r} in update")
+        await self._request("PATCH", path, body=dict(values), params={"print": "silent"})
+
+    async def push(self, path: str, value: Json) -> str:
+        """POST: add a child under a new push id and return the id."""
+        response = await self._request("POST", path, body=value)
+        return str(response.json()["name"])
+
+    async def delete(self, path: str) -> None:
+        await self._request("DELETE", path, params={"print": "silent"})
+
+    def stream(
+        self,
+        path: str,
+        on_change: ChangeHandler,
+        *,
+        on_failed: FailureHandler | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        backoff: Backoff | None = None,
+    ) -> NodeStream:
+        """Start mirroring `path`; close the returned stream (or the client) to stop."""
+        from listeners.source.rtdb.stream import NodeStream  # here: stream.py imports this module
+
+        stream = NodeStream(
+            self,
+            path,
+            on_change,
+            on_failed=on_failed,
+            idle_timeout=idle_timeout,
+            max_event_bytes=max_event_bytes,
+            backoff=backoff,
+        )
+        self._streams.add(stream)
+        stream.start()
+        return stream
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*(stream.close() for stream in list(self._streams)))
+        if self._own_http:
+            await self._http.aclose()
+
+    async def _token(self, *, refresh: bool = False) -> str | None:
+        if self._tokens is None:
+            return None
+        return await self._tokens(refresh=refresh)
+
+    async def _request(
+        self, method: str, path: str, *, body: Json = _NO_BODY, params: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        keys = split_path(path)
+        content = None if body is _NO_BODY else _encode(body)
+        headers = {"Content-Type": "application/json"} if content is not None else {}
+        token = await self._token()
+        response = await self._send(
+            method, keys, token=token, params=params, headers=headers, content=content
+        )
+        if response.status_code == 401 and self._tokens is not None:
+            token = await self._token(refresh=True)
+            response = await self._send(
+                method, keys, token=token, params=params, headers=headers, content=content
+            )
+        if not response.is_success:
+            raise await _error(response)
+        return response
+
+    def _may_carry_token(self, url: httpx.URL) -> bool:
+        if url.host == self._host:
+            return True
+        return url.scheme == "https" and url.host.endswith(_TOKEN_HOST_SUFFIXES)
+
+    async def _send(
+        self,
+        method: str,
+        keys: Sequence[str],
+        *,
+        token: str | None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        url = httpx.URL(self.url(keys))
+        query = {"ns": self.namespace} if self.namespace else {}
+        url = url.copy_merge_params({**query, **(params or {})})
+        # a stream has no read timeout of its own: NodeStream's idle deadline covers it
+        timeout = httpx.Timeout(self._timeout, read=None) if stream else httpx.USE_CLIENT_DEFAULT
+        for _ in range(_MAX_REDIRECTS + 1):
+            request_headers = dict(headers or {})
+            if token is not None and self._may_carry_token(url):
+                request_headers["Authorization"] = f"Bearer {token}"
+            request = self._http.build_request(
+                method, url, headers=request_headers, content=content, timeout=timeout
+            )
+            response = await self._http.send(request, stream=stream, follow_redirects=False)
+            location = response.headers.get("location")
+            if response.status_code not in (301, 302, 303, 307, 308) or not location:
+                return response
+            await response.aclose()
+            url = httpx.URL(urljoin(str(url), location))  # the Location carries its own query
+            if response.status_code == 303:
+                method, content = "GET", None
+        raise RtdbError(310, f"more than {_MAX_REDIRECTS} redirects")

@@ -1,0 +1,242 @@
+"""`NodeStream`: a live mirror of one node, kept by one task over the REST streaming protocol.
+
+A stream the server cancels (the rules no longer allow the read), and a stream whose single
+event exceeds `max_event_bytes`, fail for good: retrying would get the same answer.
+Everything else (end of stream, resets, idle timeout, 5xx, `auth_revoked`) reconnects with
+backoff, and the server's first `put` at "/" replaces the mirror.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+
+import httpx
+
+from listeners.backoff import Backoff
+from listeners.source.rtdb.client import DEFAULT_IDLE_TIMEOUT, RtdbClient, RtdbError, _error
+from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SseEvent, SseParser
+from listeners.source.rtdb.tree import Json, _ProtocolError, apply_event, split_path
+
+# The logger of the module before it became a package: the JSON logs' "logger" field stays the same.
+log = logging.getLogger("listeners.source.rtdb")
+
+_MAX_UNAUTHORIZED = 3  # 401s in a row, each after a fresh token, before a stream gives up
+_RETRY_STATUSES = frozenset({408, 423, 429})  # and every 5xx
+_CLOSE_WAIT = 5.0
+
+ChangeHandler = Callable[[Json], None]
+FailureHandler = Callable[[str], None]
+
+
+class _Fatal(Exception):
+    """Stop the stream: reconnecting would get the same answer."""
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, *, refresh_token: bool = False) -> None:
+        super().__init__(reason)
+        self.refresh_token = refresh_token
+
+
+class _StreamEnded(Exception):
+    pass
+
+
+class NodeStream:
+    """A live mirror of one node, fed by the REST streaming protocol.
+
+    `on_change(tree)` runs on the loop after every `put` and `patch`, with the whole node
+    (None when it does not exist). After a reconnect the server's first `put` at "/" is a
+    full read, so `on_change` then gets a fresh full tree. Exceptions from the callbacks
+    are logged and do not stop the stream.
+    """
+
+    def __init__(
+        self,
+        client: RtdbClient,
+        path: str,
+        on_change: ChangeHandler,
+        *,
+        on_failed: FailureHandler | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self._client = client
+        self._keys = split_path(path)
+        self.path = "/" + "/".join(self._keys)
+        self._on_change = on_change
+        self._on_failed = on_failed
+        self._idle_timeout = idle_timeout
+        self._max_event_bytes = max_event_bytes
+        self._backoff = backoff or Backoff()
+        self._tree: Json = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._failed = False
+        self._reason: str | None = None
+        self._synced = False
+        self._refresh_token = False
+        self._attempt = 0
+        self._unauthorized = 0
+        self.reconnects = 0
+        self.events = 0
+
+    def start(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"rtdb-stream {self.path}")
+
+    @property
+    def tree(self) -> Json:
+        """The mirror as of the last applied event; never mutated once handed out."""
+        return self._tree
+
+    @property
+    def active(self) -> bool:
+        """False once closed or failed; a reconnecting stream is still active."""
+        return not self._closed and not self._failed
+
+    @property
+    def failed(self) -> bool:
+        return self._failed
+
+    @property
+    def reason(self) -> str | None:
+        """Why the stream failed, or None."""
+        return self._reason
+
+    @property
+    def synced(self) -> bool:
+        """True while connected and past the server's initial full read."""
+        return self._synced
+
+    async def close(self) -> None:
+        """Stop the stream and drop its connection; returns promptly, never hangs the loop."""
+        self._closed = True
+        self._client._streams.discard(self)
+        task = self._task
+        if task is None or task.done():
+            return
+        task.cancel()
+        if task is not asyncio.current_task():
+            await asyncio.wait({task}, timeout=_CLOSE_WAIT)
+
+    async def _run(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    await self._connect_once()
+                except (_Fatal, EventTooLarge) as exc:
+                    self._fail(str(exc))
+                    return
+                except RtdbError as exc:
+                    if exc.status == 401:
+                        self._unauthorized += 1
+                        if self._unauthorized > _MAX_UNAUTHORIZED:
+                            self._fail(f"unauthorized even with a fresh token: {exc}")
+                            return
+                        self._refresh_token = True
+                    elif exc.status not in _RETRY_STATUSES and exc.status < 500:
+                        self._fail(str(exc))
+                        return
+                    why = str(exc)
+                except _Retry as exc:
+                    self._refresh_token = self._refresh_token or exc.refresh_token
+                    why = str(exc)
+                except TimeoutError:
+                    why = f"no event for {self._idle_timeout:g}s"
+                except (_StreamEnded, _ProtocolError) as exc:
+                    why = str(exc)
+                except (httpx.HTTPError, OSError) as exc:
+                    why = f"{type(exc).__name__}: {exc}"
+                self._synced = False
+                delay = self._backoff.delay(self._attempt)
+                self._attempt += 1
+                log.info("rtdb stream %s: reconnecting in %.2fs (%s)", self.path, delay, why)
+                await asyncio.sleep(delay)
+                self.reconnects += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not look like a healthy stream
+            log.exception("rtdb stream %s: internal error", self.path)
+            self._fail(f"internal error: {exc!r}")
+        finally:
+            self._synced = False
+
+    async def _connect_once(self) -> None:
+        try:
+            token = await self._client._token(refresh=self._refresh_token)
+        except Exception as exc:
+            raise _Retry(f"the token provider failed: {exc!r}") from exc
+        self._refresh_token = False
+        parser = SseParser(self._max_event_bytes)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self._idle_timeout) as idle:
+            response = await self._client._send(
+                "GET",
+                self._keys,
+                token=token,
+                headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
+                stream=True,
+            )
+            try:
+                if response.status_code != 200:
+                    raise await _error(response)
+                content_type = response.headers.get("content-type", "")
+                if not content_type.startswith("text/event-stream"):
+                    raise _ProtocolError(f"expected text/event-stream, got {content_type!r}")
+                async for chunk in response.aiter_bytes():
+                    for event in parser.feed(chunk):
+                        idle.reschedule(loop.time() + self._idle_timeout)  # keep-alive included
+                        self._apply(event)
+            finally:
+                with contextlib.suppress(httpx.HTTPError, OSError):
+                    await response.aclose()
+        raise _StreamEnded("the server ended the stream")
+
+    def _apply(self, event: SseEvent) -> None:
+        kind = event.event
+        if kind in ("put", "patch"):
+            try:
+                message = json.loads(event.data)
+            except ValueError as exc:
+                raise _ProtocolError(f"{kind} data is not JSON: {exc}") from exc
+            if (
+                not isinstance(message, dict)
+                or not isinstance(message.get("path"), str)
+                or "data" not in message
+            ):
+                raise _ProtocolError(f"{kind} data lacks path and data")
+            self._tree = apply_event(self._tree, kind, message["path"], message["data"])
+            self.events += 1
+            if not self._synced:  # the first event of a connection is the full read
+                self._synced = True
+                self._attempt = 0
+                self._unauthorized = 0
+            try:
+                self._on_change(self._tree)
+            except Exception:
+                log.exception("rtdb stream %s: on_change failed", self.path)
+        elif kind == "keep-alive":
+            pass  # liveness only; the idle deadline was pushed back already
+        elif kind == "cancel":
+            raise _Fatal(f"cancelled by the server: reading {self.path} is no longer permitted")
+        elif kind == "auth_revoked":
+            raise _Retry("the server revoked the access token", refresh_token=True)
+        else:
+            log.debug("rtdb stream %s: ignoring event %r", self.path, kind)
+
+    def _fail(self, reason: str) -> None:
+        self._failed = True
+        self._reason = reason
+        self._client._streams.discard(self)
+        log.warning("rtdb stream %s failed: %s", self.path, reason)
+        if self._on_failed is not None:
+            try:
+                self._on_failed(reason)
+            except Exception:
+                log.exception("rtdb stream %s: on_failed failed", self.path)
