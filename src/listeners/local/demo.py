@@ -6,6 +6,10 @@ Redis is a private redis-server on a free port unless LISTENERS_REDIS_HOST is se
 Realtime Database is the local stand-in. The writer brings three users online, then keeps
 writing, updating and reading their notifications and direct messages, and heartbeats the
 registry as the Reflex backend would.
+
+A local token issuer stands in for Firebase Auth: the service verifies its tokens, and it
+hands them out to the demo page (/demo) for the three demo users. The operations page
+(/ops) is on with an admin token made for this run (or LISTENERS_ADMIN_TOKEN, if set).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from typing import Any
 
+from listeners.local.auth import LocalIssuer
 from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, free_port, wait_for_port
 from listeners.local.rtdb_server import RtdbStandin
 
@@ -56,6 +61,17 @@ def main() -> None:
         env.setdefault("LISTENERS_CONTROL_TOKEN", secrets.token_urlsafe(24))
         os.environ["FIRESTORE_EMULATOR_HOST"] = emulator.host
         port = args.port if _port_free(args.port) else free_port()
+        # Firebase Auth's stand-in: the service verifies its tokens, the demo page gets them.
+        issuer = LocalIssuer(PROJECT)
+        certs_url = issuer.serve(
+            demo_users=USERS, origins=(f"http://127.0.0.1:{port}", f"http://localhost:{port}")
+        )
+        stack.callback(issuer.close)
+        env.update(LISTENERS_TOKEN_CERTS_URL=certs_url, LISTENERS_DEMO_TOKEN_URL=issuer.token_url)
+        admin_token = env.get("LISTENERS_ADMIN_TOKEN") or ""
+        generated = not admin_token
+        if generated:
+            admin_token = env["LISTENERS_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
         service = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
             cwd=PROJECT_ROOT,
@@ -69,6 +85,13 @@ def main() -> None:
                 [
                     "",
                     "listeners is running on the embedded default.",
+                    f"  demo:     http://127.0.0.1:{port}/demo  (pick a user, mark notifications read)",
+                    f"  ops:      http://127.0.0.1:{port}/ops  "
+                    + (
+                        f"(admin token for this run: {admin_token})"
+                        if generated
+                        else "(admin token: your LISTENERS_ADMIN_TOKEN)"
+                    ),
                     f"  health:   curl http://127.0.0.1:{port}/healthz",
                     f"  metrics:  curl http://127.0.0.1:{port}/metrics",
                     f"  events:   redis-cli -h {env['LISTENERS_REDIS_HOST']} -p {redis_port} "

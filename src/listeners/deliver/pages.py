@@ -1,0 +1,183 @@
+"""The service's two web pages, plain HTML and JavaScript (docs/websocket.md).
+
+Operations, only when an admin token is configured (`LISTENERS_ADMIN_TOKEN`), else 404:
+    GET /ops          the page; it asks for the admin token and keeps it in sessionStorage
+    GET /ops/state    its data, with `Authorization: Bearer <admin token>` (401 otherwise):
+                      identifiers and counts only, never a payload or a secret
+
+Demo, only when `LISTENERS_DEMO_TOKEN_URL` is set (the embedded default sets it), else 404:
+    GET /demo         pick a demo user, sign in with a locally minted token, watch the events
+    GET /demo/config  `{token_url, ws_path}` for the page
+
+Both pages load their CSS and JavaScript from `/assets/NAME` (package data under static/).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from listeners import __version__
+from listeners.config import Settings
+from listeners.deliver.websocket import Gateway
+from listeners.service import Service
+
+DEMO_TOKEN_URL_ENV = "LISTENERS_DEMO_TOKEN_URL"
+MAX_UIDS = 200  # online users listed by name; the count is always exact
+MAX_RECENT = 50  # last events shown
+
+_MEDIA = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _static(name: str) -> bytes:
+    """A file under static/ (package data: a build without them fails here, at start-up)."""
+    return (resources.files(__package__ or "listeners.deliver") / "static" / name).read_bytes()
+
+
+def _headers(csp: str) -> dict[str, str]:
+    return {
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
+
+
+def _csp(connect: str = "'self'") -> str:
+    return (
+        f"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src {connect}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+def _file_response(files: dict[str, bytes], name: str, csp: str) -> Response:
+    media = _MEDIA[os.path.splitext(name)[1]] + "; charset=utf-8"
+    return Response(files[name], media_type=media, headers=_headers(csp))
+
+
+def bearer_matches(request: Request, expected: str) -> bool:
+    """`Authorization: Bearer <token>`, compared in constant time."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+def _total(samples: Any) -> float:
+    return float(
+        sum(s.value for metric in samples.collect() for s in metric.samples if s.name.endswith("_total"))
+    )
+
+
+def operations_state(service: Service, gateway: Gateway | None, now: float | None = None) -> dict[str, Any]:
+    """What the operations page shows: counts and identifiers, never a payload."""
+    node, publisher, metrics = service.node, service.publisher, service.metrics
+    uids = sorted(node.sessions)
+    streams = [s for session in node.sessions.values() for s in session.all_streams()]
+    events = {
+        s.labels["type"]: s.value
+        for metric in metrics.events.collect()
+        for s in metric.samples
+        if s.name.endswith("_total")
+    }
+    recent = list(publisher.recent)[-MAX_RECENT:]
+    return {
+        "instance_id": service.settings.instance_id,
+        "version": __version__,
+        "status": service.health()["status"],
+        "time": time.time() if now is None else now,
+        "redis": "up" if publisher.up else "down",
+        "registry": "up" if node.registry_healthy else "down",
+        "users": {"count": len(uids), "uids": uids[:MAX_UIDS], "truncated": len(uids) > MAX_UIDS},
+        "streams": {
+            "attached": len(streams),
+            "failed": sum(not s.healthy for s in streams),
+            "firestore_open": service.source.open_streams,
+            "rtdb_open": service.rtdb.open_streams if service.rtdb is not None else 0,
+            "restarts": _total(metrics.stream_restarts),
+        },
+        "events": events,
+        "publish": {"queued": publisher.queued, "failures": _total(metrics.publish_failures)},
+        "websocket": None
+        if gateway is None
+        else {
+            "sockets": gateway.count,
+            "users": len(gateway.sockets),
+            "hub_connected": gateway.services.hub.connected,
+            "hub_channels": gateway.services.hub.channels,
+        },
+        # Field by field: `recent` holds identifiers only, and this keeps it that way.
+        "recent": [
+            {
+                "at": e.get("at", 0),
+                "uid": e.get("uid", ""),
+                "type": e.get("type", ""),
+                "doc_id": e.get("doc_id", ""),
+            }
+            for e in reversed(recent)
+        ],
+    }
+
+
+def routes(settings: Settings, demo_token_url: str | None = None) -> list[BaseRoute]:
+    """The pages' routes; none for a page that is off."""
+    admin = settings.websocket.admin_token
+    token_url = os.environ.get(DEMO_TOKEN_URL_ENV, "") if demo_token_url is None else demo_token_url
+    found: list[BaseRoute] = []
+    files: dict[str, bytes] = {}
+
+    if admin is not None:
+        files.update((name, _static(name)) for name in ("ops.html", "ops.js", "pages.css"))
+
+        async def ops(request: Request) -> Response:
+            return _file_response(files, "ops.html", _csp())
+
+        async def ops_state(request: Request) -> Response:
+            if not bearer_matches(request, admin.reveal()):
+                return JSONResponse(
+                    {"error": "admin token required"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer", **_NO_STORE},
+                )
+            service: Service | None = getattr(request.app.state, "service", None)
+            if service is None:
+                return JSONResponse({"status": "starting"}, status_code=503, headers=_NO_STORE)
+            gateway: Gateway | None = getattr(request.app.state, "gateway", None)
+            return JSONResponse(operations_state(service, gateway), headers=_NO_STORE)
+
+        found += [Route("/ops", ops), Route("/ops/state", ops_state)]
+
+    if token_url:
+        files.update((name, _static(name)) for name in ("demo.html", "demo.js", "pages.css"))
+        parts = urlsplit(token_url)
+        demo_csp = _csp(f"'self' {parts.scheme}://{parts.netloc}")
+
+        async def demo(request: Request) -> Response:
+            return _file_response(files, "demo.html", demo_csp)
+
+        async def demo_config(request: Request) -> Response:
+            return JSONResponse(
+                {"token_url": token_url, "ws_path": settings.service.alb_ws_path}, headers=_NO_STORE
+            )
+
+        found += [Route("/demo", demo), Route("/demo/config", demo_config)]
+
+    if found:
+
+        async def asset(request: Request) -> Response:
+            name = request.path_params["name"]
+            if name not in files or name.endswith(".html"):
+                return Response("not found", status_code=404, media_type="text/plain")
+            return _file_response(files, name, _csp())
+
+        found.append(Route("/assets/{name}", asset))
+    return found
