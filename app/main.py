@@ -22,7 +22,13 @@ def _settings() -> Settings:
         logging.getLogger("listeners").error(str(exc), extra={"problems": exc.problems})
         raise SystemExit(2) from None
     logs.configure(settings.log_level)
-    for secret in (settings.redis.password, settings.redis.control_token, settings.firebase.admin_json):
+    secrets = (
+        settings.redis.password,
+        settings.redis.control_token,
+        settings.firebase.admin_json,
+        settings.websocket.admin_token,
+    )
+    for secret in secrets:
         if secret is not None:
             logs.register_secret(secret.reveal())
     if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS_JSON"):  # the ECS task's Google key

@@ -16,7 +16,9 @@ class FlakyDocument:
     def __init__(self, db: FlakyDb) -> None:
         self.db = db
 
-    async def set(self, data: dict[str, Any]) -> Any:
+    async def set(self, data: dict[str, Any], merge: bool = False) -> Any:
+        assert merge, "presence merges: it never replaces fields it does not own"
+        self.db.writes.append(data)
         self.db.calls.append(("set", data["status"]))
         if self.db.failures > 0:
             self.db.failures -= 1
@@ -33,6 +35,7 @@ class FlakyDb:
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.calls: list[tuple[str, str]] = []
+        self.writes: list[dict[str, Any]] = []
 
     def collection(self, name: str) -> FlakyDb:
         return self
@@ -65,3 +68,14 @@ async def test_reference_counted_per_user() -> None:
             await presence.wait_written("u1")
         assert presence.sessions("u1") == 1 and ("update", "offline") not in db.calls
     assert presence.sessions("u1") == 0 and db.calls[-1] == ("update", "offline")
+
+
+async def test_fields_not_given_are_left_alone() -> None:
+    db = FlakyDb(failures=0)
+    presence = Presence(db, heartbeat_seconds=10)
+    async with presence.online("u1"):  # as WebSocket presence does: it knows no companies
+        await presence.wait_written("u1")
+    async with presence.online("u2", companies=["acme"]):
+        await presence.wait_written("u2")
+    assert "authorized_companies_ids" not in db.writes[0] and "chat_threads" not in db.writes[0]
+    assert db.writes[1]["authorized_companies_ids"] == ["acme"]

@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _User:
-    companies: list[str]
-    threads: list[ChatThread]
+    companies: list[str] | None  # None: not ours to write (the web app keeps it)
+    threads: list[ChatThread] | None
     sessions: int = 0
     heartbeat: asyncio.Task[None] | None = None
     last_write: Any = None  # update time of our last write, for the offline precondition
@@ -57,12 +57,20 @@ class Presence:
 
     @contextlib.asynccontextmanager
     async def online(
-        self, uid: str, companies: Iterable[str] = (), threads: Sequence[ChatThread] = ()
+        self,
+        uid: str,
+        companies: Iterable[str] | None = None,
+        threads: Sequence[ChatThread] | None = None,
     ) -> AsyncIterator[None]:
-        """Keeps the user online while at least one `online(uid)` block is open."""
+        """Keeps the user online while at least one `online(uid)` block is open.
+
+        `companies` and `threads`, when given, are written too; left as None, those fields
+        of the document are left as they are (written is a merge, never a replacement)."""
         user = self._users.get(uid)
         if user is None:
-            user = self._users[uid] = _User(list(companies), list(threads))
+            user = self._users[uid] = _User(
+                None if companies is None else list(companies), None if threads is None else list(threads)
+            )
             user.heartbeat = asyncio.create_task(self._heartbeat(uid, user), name=f"presence-{uid}")
         user.sessions += 1
         try:
@@ -90,20 +98,24 @@ class Presence:
     def _document(self, user: _User) -> dict[str, Any]:
         from google.cloud import firestore
 
-        return {
+        document: dict[str, Any] = {
             "status": "online",
             "heartbeat_at": firestore.SERVER_TIMESTAMP,
             "ttl_seconds": self._ttl,
             "instance_id": self._instance_id,
-            "authorized_companies_ids": user.companies,
-            "chat_threads": [
-                {"space_code": t.space_code, "thread_key": t.thread_key, "mode": t.mode} for t in user.threads
-            ],
         }
+        if user.companies is not None:
+            document["authorized_companies_ids"] = user.companies
+        if user.threads is not None:
+            document["chat_threads"] = [
+                {"space_code": t.space_code, "thread_key": t.thread_key, "mode": t.mode} for t in user.threads
+            ]
+        return document
 
     async def _write(self, uid: str, user: _User) -> bool:
         try:
-            result = await self._db.collection(REGISTRY_COLLECTION).document(uid).set(self._document(user))
+            document = self._db.collection(REGISTRY_COLLECTION).document(uid)
+            result = await document.set(self._document(user), merge=True)
         except Exception as exc:  # never into the page: the heartbeat loop retries
             log.warning("presence write failed", extra={"uid": uid, "reason": f"{type(exc).__name__}: {exc}"})
             return False
