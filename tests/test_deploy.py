@@ -300,13 +300,17 @@ def test_image_installs_from_the_lock_and_serves_healthz(
 ) -> None:
     process, log, port, env = image_service.process, image_service.log, image_service.port, image_service.env
     venv = replayed_image / "opt" / "venv"
-    # Only the runtime is in the venv: the project as a built wheel, no pip, no setuptools.
+    # Only the runtime is in the venv: the project as a built wheel (pip records a wheel's
+    # origin as archive_info; an editable or directory install would be dir_info), no pip, no
+    # setuptools. Run from the venv so that nothing in the current folder is found instead.
     probe = (
         "import importlib.util as u, importlib.metadata as m; "
         "print(u.find_spec('setuptools') is None, u.find_spec('pip') is None, "
-        "m.distribution('listeners').read_text('direct_url.json') is None)"
+        "'archive_info' in (m.distribution('listeners').read_text('direct_url.json') or ''))"
     )
-    result = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=venv
+    )
     assert result.stdout.split() == ["True", "True", "True"], result.stdout + result.stderr
     assert (venv / "bin" / "listeners").exists()
 
