@@ -245,25 +245,6 @@ async def read_line(process: subprocess.Popen[str], timeout: float) -> dict[str,
     return data
 
 
-def start_service(args: argparse.Namespace, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    from listeners.local.processes import PROJECT_ROOT
-
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(args.port),
-    ]
-    with log_path.open("wb") as log:
-        return subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
 async def one_socket(url: str, token: str) -> None:
     """A socket opened and closed before the baseline, so lazy imports count there."""
     from websockets.asyncio.client import connect
@@ -282,8 +263,8 @@ async def run(r: Result, workdir: Path) -> None:
         PROJECT_ROOT,
         FirestoreEmulator,
         RedisServer,
+        ServiceProcess,
         free_port,
-        wait_for_port,
     )
 
     args = r.args
@@ -315,13 +296,13 @@ async def run(r: Result, workdir: Path) -> None:
             "LOG_LEVEL": "WARNING",
         }
         log_path = workdir / "service.log"
-        service = start_service(args, env, log_path)
+        service = ServiceProcess(env, port=args.port, log_path=log_path)
         ps = psutil.Process(service.pid)
         assert redis_server.process is not None
         redis_ps = psutil.Process(redis_server.process.pid)
         clients: list[subprocess.Popen[str]] = []
         try:
-            await asyncio.to_thread(wait_for_port, args.port, 60.0, service)
+            await asyncio.to_thread(service.wait_listening)
             await wait_ready(args.port, 60)
             url = f"ws://127.0.0.1:{args.port}/ws"
             await one_socket(url, issuer.mint("warm-up"))
@@ -416,13 +397,7 @@ async def run(r: Result, workdir: Path) -> None:
                 except subprocess.TimeoutExpired:
                     process.kill()
             stopped = time.monotonic()
-            if service.poll() is None:
-                service.send_signal(signal.SIGTERM)
-                try:
-                    service.wait(60)
-                except subprocess.TimeoutExpired:
-                    service.kill()
-                    service.wait()
+            service.stop(signal.SIGTERM, 60.0)
             r.stop_s = time.monotonic() - stopped
             r.problems = [
                 line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()

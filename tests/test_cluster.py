@@ -9,8 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -24,7 +22,7 @@ import redis.asyncio as aioredis
 from google.cloud import firestore
 
 from listeners.cluster import owner
-from listeners.local.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
+from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.asyncio
 
@@ -38,7 +36,6 @@ class Instance:
         self, instance_id: str, redis: RedisServer, emulator: FirestoreEmulator, project: str
     ) -> None:
         self.id = instance_id
-        self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "GOOGLE_"))}
         env.update(
             LISTENERS_REDIS_HOST="127.0.0.1",
@@ -50,19 +47,10 @@ class Instance:
             FIREBASE_PROJECT_ID=project,
             LOG_LEVEL="WARNING",
         )
-        self.log = open(Path(redis.workdir) / f"{instance_id}.log", "wb")  # noqa: SIM115
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, 60, None)
+        self.service = ServiceProcess(env, log_path=Path(redis.workdir) / f"{instance_id}.log")
+        self.process = self.service.process
+        self.port = self.service.port
+        self.service.wait_listening()
 
     def count(self) -> int:
         try:
@@ -83,14 +71,7 @@ class Instance:
         return result
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        self.service.stop(sig)
 
 
 class Recorder:

@@ -21,7 +21,6 @@ import os
 import random
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from contextlib import ExitStack, suppress
@@ -29,7 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from listeners.local.auth import LocalIssuer
-from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, free_port, wait_for_port
+from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess, free_port
 from listeners.local.rtdb_server import RtdbStandin
 
 PROJECT = "demo-listeners"
@@ -72,13 +71,9 @@ def main() -> None:
         generated = not admin_token
         if generated:
             admin_token = env["LISTENERS_ADMIN_TOKEN"] = secrets.token_urlsafe(24)
-        service = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=PROJECT_ROOT,
-            env=env,
-        )
-        stack.callback(_stop, service)
-        wait_for_port(port, 60, None)
+        service = ServiceProcess(env, port=port)
+        stack.callback(service.stop, signal.SIGTERM, 15.0)
+        service.wait_listening()
         redis_port = env.get("LISTENERS_REDIS_PORT", "6379")
         print(
             "\n".join(
@@ -215,15 +210,6 @@ def _port_free(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -137,3 +139,55 @@ class FirestoreEmulator(_Child):
 def emulator_env(host: str) -> None:
     """Point the Firestore SDK of this process at the emulator."""
     os.environ["FIRESTORE_EMULATOR_HOST"] = host
+
+
+class ServiceProcess:
+    """The service as the container runs it, `uvicorn app.main:app`, as a child process.
+
+    Output goes to `log_path` when given, else to this process's own stdout.
+    """
+
+    def __init__(
+        self, env: Mapping[str, str], *, port: int | None = None, log_path: Path | None = None
+    ) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        output = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in stop()
+        self._output = output
+        self.process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=dict(env),
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        wait_for_port(self.port, timeout, self.process)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Signal it, wait (killing it past `timeout`), and return its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._output is not None:
+            self._output.close()
+        return self.process.returncode
