@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,8 +44,8 @@ from listeners.local.processes import (
     PROJECT_ROOT,
     FirestoreEmulator,
     RedisServer,
+    ServiceProcess,
     emulator_env,
-    free_port,
     wait_for_port,
 )
 
@@ -84,6 +84,12 @@ class Result:
     @property
     def received(self) -> int:
         return len(self.latencies_ms)
+
+    @property
+    def others_cpu(self) -> float:
+        """CPU % (100 = one core) of everything but the service, emulator and bench: redis-server,
+        the kernel, and whatever else shares the machine."""
+        return self.machine_cpu * (os.cpu_count() or 1) - self.cpu - self.emulator_cpu - self.bench_cpu
 
 
 class LoggedEmulator(FirestoreEmulator):
@@ -159,12 +165,17 @@ class Consumer:
         await self.pubsub.aclose()
 
 
-class ServiceProcess:
-    """`uvicorn app.main:app` as a child process, its output in a log file."""
+class BenchService(ServiceProcess):
+    """The service for a benchmark: the private Redis and the emulator only, output in a log file."""
 
-    def __init__(self, redis_port: int, emulator_host: str, project: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
+    def __init__(
+        self,
+        redis_port: int,
+        emulator_host: str,
+        project: str,
+        log_path: Path,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         env = {
             **os.environ,
             "LISTENERS_REDIS_HOST": "127.0.0.1",
@@ -174,31 +185,22 @@ class ServiceProcess:
             "LISTENERS_INSTANCE_ID": "bench",
             "LOG_LEVEL": "WARNING",
         }
-        for name in ("GOOGLE_PROJECT_ID", "FIREBASE_ADMIN_JSON", "LISTENERS_REDIS_PASSWORD"):
+        for name in (
+            "GOOGLE_PROJECT_ID",
+            "FIREBASE_ADMIN_JSON",
+            "LISTENERS_REDIS_PASSWORD",
+            "FIREBASE_DATABASE_EMULATOR_HOST",  # Firestore only: no Realtime Database client
+            "FIREBASE_REALTIME_DB_URL",
+        ):
             env.pop(name, None)  # the emulator and the private Redis only
-        command = [str(PROJECT_ROOT / ".venv" / "bin" / "uvicorn"), "app.main:app"]
-        command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.ps = psutil.Process(self.process.pid)
+        env.update(extra_env or {})
+        super().__init__(env, log_path=log_path)
+        self.ps = psutil.Process(self.pid)
 
-    def stop(self) -> float:
+    def stop_timed(self) -> float:
         """SIGTERM, then SIGKILL after 60 s; the seconds it took."""
         began = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.stop(signal.SIGTERM, 60.0)
         return time.monotonic() - began
 
 
@@ -297,7 +299,7 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
     consumer = Consumer(client, uids)
     pool = ThreadPoolExecutor(16, thread_name_prefix="bench-write")
     sampler: asyncio.Task[None] | None = None
-    service: ServiceProcess | None = None
+    service: BenchService | None = None
     sent: dict[str, float] = {}  # doc_id -> monotonic time just before its write call
     try:
         # The users are online before the service starts, as after a deploy: the emulator
@@ -306,7 +308,7 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
         await loop.run_in_executor(pool, write_registry, db, uids)
         await consumer.start()
         began = time.monotonic()
-        service = ServiceProcess(redis_port, emulator.host, project, r.log_path)
+        service = BenchService(redis_port, emulator.host, project, r.log_path)
         await loop.run_in_executor(None, wait_for_port, service.port, 60.0, service.process)
         await wait_healthy(service.port, r.users, args.ready_timeout)
         if not await consumer.wait(lambda: len(consumer.synced) == r.users, args.ready_timeout):
@@ -356,7 +358,7 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
         )
         try:
             if service is not None:
-                r.stop_s = service.stop()
+                r.stop_s = service.stop_timed()
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             r.duplicates, r.events = consumer.duplicates, consumer.events
@@ -439,7 +441,8 @@ def render(results: list[Result], command: str, code: str, started: datetime, el
             + (f"**FAILED: {r.error}**; " if r.error else "")
             + f"{r.rate:.1f} writes/s achieved, {r.write_errors} write errors; events received: {events}; "
             f"duplicate notif.add: {r.duplicates}; drain {r.drain_s:.1f} s; CPU % over the window: "
-            f"bench {r.bench_cpu:.0f}, whole machine {r.machine_cpu:.0f} (of 100); "
+            f"bench {r.bench_cpu:.0f}, whole machine {r.machine_cpu:.0f} (of 100), "
+            f"everything else {r.others_cpu:.0f} (of {100 * (os.cpu_count() or 1)}); "
             f"emulator peak RSS {r.emulator_rss_mb:.0f} MB; "
             f"service log warnings/errors: {len(r.problems)}" + (f" ({logged})" if logged else "")
         )
@@ -447,14 +450,14 @@ def render(results: list[Result], command: str, code: str, started: datetime, el
     return "\n".join(lines)
 
 
-def update_doc(path: Path, block: str) -> None:
-    """Replace the generated block in `path`, or append a new section holding it."""
+def update_doc(path: Path, block: str, start: str = START, end: str = END, section: str = SECTION) -> None:
+    """Replace the generated block (from `start` to `end`) in `path`, or append a new section."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nOne section per benchmark.\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+        text = text.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
     path.write_text(text)
 
 

@@ -164,12 +164,14 @@ class ServiceProcess:
         ]
         output = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in stop()
         self._output = output
+        # Its own session: a Ctrl-C at the terminal reaches the parent, which stops it in order.
         self.process = subprocess.Popen(
             command,
             cwd=PROJECT_ROOT,
             env=dict(env),
             stdout=output,
             stderr=subprocess.STDOUT if output else None,
+            start_new_session=True,
         )
 
     @property
