@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 _FIRESTORE_SCOPES = ["https://www.googleapis.com/auth/datastore"]
 HANDOVER_SECONDS = 1.5  # on SIGTERM, how long we keep serving after the others know we leave
-MEMBERSHIP_WAIT_SECONDS = 3.0
+STARTUP_WAIT_SECONDS = 3.0  # then start anyway: Redis may be down, and it recovers
 
 
 @dataclass
@@ -164,9 +164,12 @@ async def running(
     coordinating = asyncio.create_task(membership.run(), name="membership")
     service = Service(settings, metrics, publisher, source, node, control, membership, rtdb)
     log.info("service starting", extra={"version": __version__, "instance_id": settings.instance_id})
-    # Attaching before the other instances are known would attach every user here first.
+    # Attaching before the other instances are known would attach every user here first, and
+    # before Redis answers would drop every first sync (to be resent a moment later).
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(membership.ready.wait(), MEMBERSHIP_WAIT_SECONDS)
+        async with asyncio.timeout(STARTUP_WAIT_SECONDS):
+            await membership.ready.wait()
+            await publisher.ready.wait()
     try:
         async with node:
             yield service

@@ -57,6 +57,7 @@ class Publisher:
         self._gaps: set[str] = set()
         self._missed = False  # something was dropped while the broker was down
         self.up = False
+        self.ready = asyncio.Event()  # set once the broker has answered for the first time
         self.resync: ResyncUsers = lambda uids: None
         # The last events published, for the operations page: identifiers only, no payload.
         self.recent: deque[dict[str, str | float]] = deque(maxlen=100)
@@ -158,6 +159,7 @@ class Publisher:
                 await asyncio.sleep(self._backoff.delay(attempt))
                 attempt += 1
         self.up = True
+        self.ready.set()
         self._metrics.redis_up.set(1)
         if not first:
             self._metrics.redis_reconnects.inc()
