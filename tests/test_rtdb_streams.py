@@ -189,7 +189,12 @@ async def test_chat_threads_from_the_registry(
         refused = [r for r in caplog.records if r.getMessage() == "chat thread refused"]
         assert [getattr(r, "space_code", "") for r in refused] == ["globex"]
 
-        # closing the thread in the registry closes its stream; going offline closes them all
+        # losing the thread's company closes it; so does closing it in the registry; going
+        # offline closes every stream
+        await fb.update("listeners_registry/noa", {"authorized_companies_ids": ["globex-only"]})
+        await wait_until(lambda: not service.node.sessions["noa"].threads)
+        await fb.update("listeners_registry/noa", {"authorized_companies_ids": ["acme"]})
+        await wait_until(lambda: bool(service.node.sessions["noa"].threads))
         await fb.update("listeners_registry/noa", {"chat_threads": []})
         await wait_until(lambda: not service.node.sessions["noa"].threads)
         await fb.offline("noa")
@@ -287,6 +292,8 @@ async def test_websocket_chat_subscription(
             )
             refused = await next_event(ws, "chat.refused")
             assert refused["space_code"] == "globex"
+            await ws.send(json.dumps({**thread, "type": "chat.subscribe", "thread_key": "a.b"}))  # not a key
+            assert "database keys" in (await next_event(ws, "error"))["reason"]
             await ws.send(json.dumps({"type": "chat.unsubscribe", **thread}))
             await next_event(ws, "chat.unsubscribed")
             service = app.state.service

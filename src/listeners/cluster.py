@@ -123,7 +123,10 @@ class Membership:
             log.info("membership changed", extra={"members": list(members)})
             self.members = members
             for callback in list(self._listeners):
-                callback()
+                try:
+                    callback()
+                except Exception:  # the heartbeat must go on whatever a listener does
+                    log.exception("membership listener failed")
 
     async def _watch_changes(self) -> None:
         attempt = 0

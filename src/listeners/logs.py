@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _secrets: set[str] = set()
+# uvicorn logs WebSocket paths with their query string, and browsers may put the ID token there.
+_TOKEN_IN_URL = re.compile(r"((?:access_)?token=)[^&\s\"']+")
 
 
 def register_secret(value: str) -> None:
@@ -28,7 +31,7 @@ def mask(text: str) -> str:
     for value in _secrets:
         if value in text:
             text = text.replace(value, "***")
-    return text
+    return _TOKEN_IN_URL.sub(r"\1***", text)
 
 
 class JsonFormatter(logging.Formatter):

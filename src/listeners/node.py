@@ -139,7 +139,7 @@ class Node:
             self._entries.pop(uid, None)
             changed.add(uid)
         for uid in changed:
-            self._reconcile(uid)
+            self._reconcile_safely(uid)
 
     def _warn_malformed(self, uid: str, reason: str) -> None:
         # Called once per document version: unchanged documents are not read again.
@@ -168,13 +168,19 @@ class Node:
     def rebalance(self) -> None:
         """The set of instances changed: take the users that are ours now, hand over the rest."""
         for uid in self._entries.keys() | self.sessions.keys():
+            self._reconcile_safely(uid)
+
+    def _reconcile_safely(self, uid: str) -> None:
+        try:
             self._reconcile(uid)
+        except Exception:  # a bug for one user must not leave the others unattended
+            log.exception("reconcile failed", extra={"uid": uid})
 
     # -- sessions ----------------------------------------------------------------
 
     def _emit_to(self, channel: str) -> Emit:
-        def emit(envelope: Envelope, lag_from: float | None) -> None:
-            self._publisher.submit(channel, envelope, lag_from)
+        def emit(envelope: Envelope, lag_from: float | None) -> bool:
+            return self._publisher.submit(channel, envelope, lag_from)
 
         return emit
 

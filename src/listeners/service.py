@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
@@ -43,6 +43,24 @@ class Service:
     membership: Membership
     rtdb: RtdbClient | None = None
     stopping: bool = False
+    dead_tasks: list[str] = field(default_factory=list)  # background tasks that ended with an error
+
+    def supervise(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """A background task that must run for the whole life of the instance: if it dies,
+        say so in the log and in /healthz instead of going on silently without it."""
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if finished.cancelled() or finished.exception() is None:
+                return
+            error = finished.exception()
+            self.dead_tasks.append(finished.get_name())
+            log.error(
+                "background task died",
+                extra={"task": finished.get_name(), "reason": f"{type(error).__name__}: {error}"},
+            )
+
+        task.add_done_callback(done)
+        return task
 
     def user(self, uid: str) -> dict[str, object]:
         """Where a user is served, for operators (authenticated: it names a uid)."""
@@ -70,7 +88,7 @@ class Service:
 
     def health(self) -> dict[str, object]:
         redis = "ok" if self.publisher.up else "down"
-        ok = redis == "ok" and self.node.registry_healthy and not self.stopping
+        ok = redis == "ok" and self.node.registry_healthy and not self.stopping and not self.dead_tasks
         return {
             "status": "ok" if ok else "degraded",
             "version": __version__,
@@ -163,6 +181,8 @@ async def running(
     listening = asyncio.create_task(control.run(), name="control")
     coordinating = asyncio.create_task(membership.run(), name="membership")
     service = Service(settings, metrics, publisher, source, node, control, membership, rtdb)
+    for task in (publishing, listening, coordinating):
+        service.supervise(task)
     log.info("service starting", extra={"version": __version__, "instance_id": settings.instance_id})
     # Attaching before the other instances are known would attach every user here first, and
     # before Redis answers would drop every first sync (to be resent a moment later).

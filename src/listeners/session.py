@@ -64,6 +64,7 @@ class UserSession:
             self.streams.append(MessageStream(entry.uid, companies, sources.rtdb, emit))
         self.threads: dict[ChatThread, ChatStream] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._refused: set[ChatThread] = set()
 
     def all_streams(self) -> list[Stream]:
         return [*self.streams, *self.threads.values()]
@@ -87,16 +88,20 @@ class UserSession:
             if threads is None or thread in threads:
                 chat.resync()
 
-    def _follow_threads(self, wanted: frozenset[ChatThread]) -> None:
-        for thread in self.threads.keys() - wanted:
+    def _follow_threads(self, requested: frozenset[ChatThread]) -> None:
+        # Threads of a company the user lost are closed like threads no longer requested.
+        allowed = {t for t in requested if not self._refusal(t)}
+        for thread in self.threads.keys() - allowed:
             self._spawn_close(self.threads.pop(thread))
-        for thread in wanted - self.threads.keys():
+        for thread in requested - self.threads.keys():
             refusal = self._refusal(thread)
-            if refusal:
+            if refusal and thread not in self._refused:  # once, not at every heartbeat
+                self._refused.add(thread)
                 log.warning(
                     "chat thread refused",
                     extra={"uid": self.uid, "space_code": thread.space_code, "reason": refusal},
                 )
+            if refusal:
                 continue
             assert self._sources.rtdb is not None
             emit = self._emit_to(self._channels.chat(self.uid, thread))

@@ -121,7 +121,7 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
             presence=presence.online if presence is not None else None,
         ),
     )
-    running_hub = asyncio.create_task(hub.run(), name="hub")
+    running_hub = service.supervise(asyncio.create_task(hub.run(), name="hub"))
     try:
         yield gateway
     finally:

@@ -76,6 +76,9 @@ class Hub:
             pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self._home, *self._sinks)
+                # Sockets may have added channels while that subscribe was in flight.
+                while missing := [c for c in self._sinks if c.encode() not in pubsub.channels]:
+                    await pubsub.subscribe(*missing)
                 self._pubsub = pubsub
                 self._ready.set()
                 attempt = 0

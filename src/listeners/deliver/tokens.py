@@ -149,9 +149,11 @@ class TokenVerifier:
             response.raise_for_status()
             certs = response.json()
         except (httpx.HTTPError, ValueError) as exc:
+            self._fetched_at = now
             if not self._certs:
                 raise TokenRejected(f"certificates unavailable ({type(exc).__name__})", UNKNOWN_KEY) from None
-            return  # keep serving with the certificates we have
+            self._fresh_until = now + _REFETCH_AFTER  # keep the ones we have; ask again later
+            return
         if isinstance(certs, dict) and all(isinstance(v, str) for v in certs.values()):
             self._certs = certs
         match = _MAX_AGE.search(response.headers.get("cache-control", ""))

@@ -26,7 +26,7 @@ from listeners.config import WebSocketSettings
 from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
 from listeners.session import Channels
-from listeners.source.registry import CHAT_MODES, ChatThread, RegistryEntry
+from listeners.source.registry import CHAT_MODES, ChatThread, RegistryEntry, valid_thread_part
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,7 @@ class Gateway:
     services: Services
     sockets: dict[str, set[Connection]] = field(default_factory=lambda: defaultdict(set))
     closing: bool = False
-
-    @property
-    def count(self) -> int:
-        return sum(len(s) for s in self.sockets.values())
+    count: int = 0  # every socket past the Origin check, authenticated or not yet
 
     def origin_allowed(self, websocket: WebSocket) -> bool:
         """No Origin (not a browser), a listed origin, or the page's own origin."""
@@ -88,8 +85,11 @@ class Gateway:
             )
             await websocket.close(code=ORIGIN_REFUSED)
             return
-        connection = Connection(self, websocket)
-        await connection.serve()
+        self.count += 1
+        try:
+            await Connection(self, websocket).serve()
+        finally:
+            self.count -= 1
 
     async def close_all(self) -> None:
         self.closing = True
@@ -110,6 +110,12 @@ class Connection:
         self._tokens = 2 * self.settings.messages_per_second  # token bucket, burst of two seconds
         self._refilled = time.monotonic()
         self._closed = False
+        self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept until done
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -121,7 +127,7 @@ class Connection:
         if len(subprotocols) == 2 and subprotocols[0] == "bearer":
             token = subprotocols[1]
         await self.websocket.accept(subprotocol="bearer" if token and subprotocols[0] == "bearer" else None)
-        if self.gateway.count >= self.settings.max_sockets or self.gateway.closing:
+        if self.gateway.count > self.settings.max_sockets or self.gateway.closing:
             await self.close(INSTANCE_FULL, "instance full")
             return
         verified = await self._authenticate(token)
@@ -159,7 +165,11 @@ class Connection:
                 await self.close(NO_TOKEN, "no token")
                 return None
         try:
-            return await self.services.verifier.verify(token)
+            async with asyncio.timeout(self.settings.auth_timeout_seconds):
+                return await self.services.verifier.verify(token)
+        except TimeoutError:
+            await self.close(NO_TOKEN, "token could not be verified in time")
+            return None
         except TokenRejected as exc:
             log.warning("websocket refused: token", extra={"reason": exc.reason, "code": exc.code})
             await self.close(exc.code, exc.reason)
@@ -257,7 +267,7 @@ class Connection:
             thread = _thread(message)
             if thread is None:
                 await self._send(
-                    {"type": "error", "reason": "space_code, thread_key and mode (a chat mode) needed"}
+                    {"type": "error", "reason": "space_code, thread_key and mode needed, as database keys"}
                 )
             elif kind == "chat.subscribe":
                 await self._subscribe_thread(thread)
@@ -322,10 +332,10 @@ class Connection:
         except asyncio.QueueFull:
             if not self._closed:
                 log.warning("websocket closed: slow consumer", extra={"uid": self.uid})
-                asyncio.get_running_loop().create_task(self.close(SLOW_CONSUMER, "slow consumer"))
+                self._spawn(self.close(SLOW_CONSUMER, "slow consumer"))
 
     def _after_reconnect(self) -> None:
-        asyncio.get_running_loop().create_task(self.services.resync(self.uid, tuple(self.threads)))
+        self._spawn(self.services.resync(self.uid, tuple(self.threads)))
 
     async def _send(self, message: dict[str, Any]) -> None:
         self._deliver(json.dumps(message))
@@ -351,7 +361,7 @@ class Connection:
 
 def _thread(message: dict[str, Any]) -> ChatThread | None:
     fields = [message.get(k) for k in ("space_code", "thread_key", "mode")]
-    if not all(isinstance(f, str) and f and "/" not in f and len(f) <= 200 for f in fields):
+    if not all(valid_thread_part(f) for f in fields):
         return None
     if fields[2] not in CHAT_MODES:
         return None

@@ -62,19 +62,20 @@ class Publisher:
         # The last events published, for the operations page: identifiers only, no payload.
         self.recent: deque[dict[str, str | float]] = deque(maxlen=100)
 
-    def submit(self, channel: str, envelope: Envelope, lag_from: float | None = None) -> None:
-        """Queue one event; never blocks, never raises."""
+    def submit(self, channel: str, envelope: Envelope, lag_from: float | None = None) -> bool:
+        """Queue one event; never blocks, never raises. False: dropped (its user is resynced)."""
         if not self.up:
             self._metrics.publish_failures.inc()
             self._missed = True  # every user is resynced on recovery
-            return
+            return False
         if len(self._queue) >= self._max_queue:
             self._metrics.publish_failures.inc()
             self._gaps.add(envelope.uid)
-            return
+            return False
         self._queue.append(_Pending(channel, envelope, lag_from))
         self._idle.clear()
         self._wakeup.set()
+        return True
 
     @property
     def queued(self) -> int:

@@ -7,6 +7,7 @@ Expiry is logical: nothing changes in Firestore when it happens, so the node swe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,6 +18,14 @@ from listeners.normalise.timestamps import parse_timestamp
 REGISTRY_COLLECTION = "listeners_registry"
 DEFAULT_TTL_SECONDS = 90
 _STATUSES = ("online", "offline")
+# A thread's parts are Realtime Database keys: no "/" and none of the characters it forbids.
+_BAD_KEY = re.compile(r"[/.#$\[\]\x00-\x1f\x7f]")
+
+
+def valid_thread_part(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 200 and not _BAD_KEY.search(value)
+
+
 CHAT_MODES = frozenset({"job_chats", "chats", "active_chats"})
 
 
@@ -103,8 +112,8 @@ def _chat_threads(value: Any, problems: list[str]) -> frozenset[ChatThread]:
         fields = [
             item.get(k) if isinstance(item, Mapping) else None for k in ("space_code", "thread_key", "mode")
         ]
-        if not all(isinstance(f, str) and f and "/" not in f for f in fields):
-            problems.append(f"chat_threads[{n}] needs space_code, thread_key and mode as plain strings")
+        if not all(valid_thread_part(f) for f in fields):
+            problems.append(f"chat_threads[{n}] needs space_code, thread_key and mode as database keys")
         elif fields[2] not in CHAT_MODES:
             problems.append(f"chat_threads[{n}].mode must be one of {', '.join(sorted(CHAT_MODES))}")
         else:

@@ -54,7 +54,10 @@ class ChatStream:
 
     def start(self) -> None:
         self._synced = False
-        self._stream = self._client.stream(self.path, self._on_change, on_failed=self._on_failed)
+        try:
+            self._stream = self._client.stream(self.path, self._on_change, on_failed=self._on_failed)
+        except ValueError as exc:  # a key the database refuses (e.g. a "." in a uid): fails alone
+            self._on_failed(f"{type(exc).__name__}: {exc}")
         if self._mark_read and self._marker is None:
             self._marker = asyncio.create_task(self._mark_delivered(), name=f"chat-read {self.path}")
 
@@ -95,15 +98,16 @@ class ChatStream:
         self._recent = [raw_message(p, nodes[p]) for p in shown[-RECENT:]]
         fresh = [p for p in shown if p not in self._seen]
         self._seen.update(fresh)
+        # Only what was handed to the publisher is marked read: a message dropped during a
+        # Redis outage stays unread, so the resync after it still carries it.
         if not self._synced:
             self._synced = True
-            self._emit_sync()
-            delivered = [m["id"] for m in self._recent]
+            delivered = [m["id"] for m in self._recent] if self._emit_sync() else []
+        elif fresh:
+            payload = self._payload([raw_message(p, nodes[p]) for p in fresh])
+            delivered = fresh if self._emit(Envelope.create(CHAT_MESSAGE, self.uid, payload), None) else []
         else:
-            if fresh:
-                payload = self._payload([raw_message(p, nodes[p]) for p in fresh])
-                self._emit(Envelope.create(CHAT_MESSAGE, self.uid, payload), None)
-            delivered = fresh
+            delivered = []
         if self._mark_read:
             for push_id in delivered:
                 with contextlib.suppress(asyncio.QueueFull):
@@ -116,8 +120,8 @@ class ChatStream:
             "raw_messages": messages,
         }
 
-    def _emit_sync(self) -> None:
-        self._emit(Envelope.create(CHAT_SYNC, self.uid, self._payload(self._recent)), None)
+    def _emit_sync(self) -> bool:
+        return self._emit(Envelope.create(CHAT_SYNC, self.uid, self._payload(self._recent)), None)
 
     async def _mark_delivered(self) -> None:
         while True:

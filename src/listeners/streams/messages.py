@@ -51,7 +51,10 @@ class MessageStream:
 
     def start(self) -> None:
         self._view.restart()
-        self._stream = self._client.stream(self.path, self._on_change, on_failed=self._on_failed)
+        try:
+            self._stream = self._client.stream(self.path, self._on_change, on_failed=self._on_failed)
+        except ValueError as exc:  # a key the database refuses (e.g. a "." in a uid): fails alone
+            self._on_failed(f"{type(exc).__name__}: {exc}")
 
     @property
     def healthy(self) -> bool:

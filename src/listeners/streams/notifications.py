@@ -36,6 +36,7 @@ class NotificationStream:
         self._view = PublishedView(uid, NAMES, emit, companies, _sync_payload)
         self._watch: Watch | None = None
         self._watch_id: object | None = None
+        self._closed = False
         self._items: dict[str, Item] = {}
         self._versions: dict[str, datetime | None] = {}
         self._failures = 0  # consecutive watches that ended before their first snapshot
@@ -74,10 +75,15 @@ class NotificationStream:
         """Replace a watch that ended, with backoff; its first snapshot is a fresh sync."""
         self._retry_at = now + self._backoff.delay(self._failures)
         self._failures += 1
-        await self.close()
-        self.start()
+        await self._close_watch()
+        if not self._closed:  # the user may have been detached while the old watch closed
+            self.start()
 
     async def close(self) -> None:
+        self._closed = True
+        await self._close_watch()
+
+    async def _close_watch(self) -> None:
         self._watch_id = None
         watch, self._watch = self._watch, None
         if watch is not None:

@@ -17,7 +17,8 @@ from listeners.envelope import Envelope
 from listeners.normalise.timestamps import format_utc
 
 Item = Mapping[str, Any]
-Emit = Callable[[Envelope, float | None], None]  # envelope, source update time (epoch s) for the lag
+# (envelope, source update time in epoch seconds for the lag) -> False when it was dropped
+Emit = Callable[[Envelope, float | None], bool]
 SyncPayload = Callable[[list[Item], list[Item]], dict[str, Any]]  # (visible items, added) -> payload
 
 
