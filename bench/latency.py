@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 import psutil
@@ -122,9 +123,12 @@ class Consumer:
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if not self.channels:
+            return  # nothing to subscribe to; redis-py's listen() would end at once
         await self.pubsub.subscribe(*self.channels)
         self.task = asyncio.create_task(self._read())
-        await self.wait(lambda: self.subscribed >= len(self.channels), 30)
+        if not await self.wait(lambda: self.subscribed >= len(self.channels), 30):
+            raise TimeoutError(f"subscribed to {self.subscribed} of {len(self.channels)} channels")
 
     async def _read(self) -> None:
         async for message in self.pubsub.listen():
@@ -134,15 +138,21 @@ class Consumer:
             elif message["type"] == "message":
                 event = json.loads(message["data"])
                 self.events[event["type"]] += 1
-                if event["type"] == "notif.sync":
-                    self.synced.add(event["uid"])
-                elif event["type"] == "notif.add":
-                    doc_id = event["payload"]["doc_id"]
-                    if doc_id in self.added:
-                        self.duplicates += 1
-                    else:
-                        self.added[doc_id] = now
+                self.record(event, now)
             self.changed.set()
+
+    def record(self, event: dict[str, Any], now: float) -> None:
+        """What this benchmark counts: first syncs per user, and each notif.add once."""
+        if event["type"] == "notif.sync":
+            self.synced.add(event["uid"])
+        elif event["type"] == "notif.add":
+            self.received_once(event["payload"]["doc_id"], now)
+
+    def received_once(self, key: str, now: float) -> None:
+        if key in self.added:
+            self.duplicates += 1
+        else:
+            self.added[key] = now
 
     async def wait(self, done: Callable[[], bool], timeout: float) -> bool:
         """True once `done()` holds, False after `timeout` seconds."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -35,16 +34,17 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
+from bench import latency
 from bench.latency import (
     BenchService,
     LoggedEmulator,
@@ -133,66 +133,19 @@ class Size:
         return f"{self.users}" + ("" if self.rtdb else " (Firestore only)")
 
 
-class Consumer:
-    """Exact SUBSCRIBE to `user:{uid}` for every user; records first syncs and `msg.add` receipts."""
+class Consumer(latency.Consumer):
+    """The core benchmark's subscriber, counting direct messages and both kinds of sync."""
 
     def __init__(self, client: aioredis.Redis, uids: list[str]) -> None:
-        self.pubsub = client.pubsub()
-        self.channels = [f"user:{uid}" for uid in uids]
-        self.subscribed = 0
-        self.synced: dict[str, set[str]] = {"notif.sync": set(), "msg.sync": set()}
-        self.added: dict[str, float] = {}  # message key -> monotonic time of receipt
-        self.duplicates = 0
-        self.events: Counter[str] = Counter()
-        self.changed = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        super().__init__(client, uids)
+        self.synced_by_kind: dict[str, set[str]] = {"notif.sync": set(), "msg.sync": set()}
 
-    async def start(self) -> None:
-        if not self.channels:
-            return  # nothing to subscribe to; redis-py's listen() would end at once
-        await self.pubsub.subscribe(*self.channels)
-        self.task = asyncio.create_task(self._read())
-        if not await self.wait(lambda: self.subscribed >= len(self.channels), 30):
-            raise TimeoutError(f"subscribed to {self.subscribed} of {len(self.channels)} channels")
-
-    async def _read(self) -> None:
-        async for message in self.pubsub.listen():
-            now = time.monotonic()
-            if message["type"] == "subscribe":
-                self.subscribed += 1
-            elif message["type"] == "message":
-                event = json.loads(message["data"])
-                kind = event["type"]
-                self.events[kind] += 1
-                if kind in self.synced:
-                    self.synced[kind].add(event["uid"])
-                elif kind == "msg.add":
-                    key = event["payload"]["doc_id"]
-                    if key in self.added:
-                        self.duplicates += 1
-                    else:
-                        self.added[key] = now
-            self.changed.set()
-
-    async def wait(self, done: Callable[[], bool], timeout: float) -> bool:
-        """True once `done()` holds, False after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            if self.task is not None and self.task.done():
-                self.task.result()  # the reader failed: raise its error
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.5))
-        return True
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.pubsub.aclose()
+    def record(self, event: dict[str, Any], now: float) -> None:
+        kind = event["type"]
+        if kind in self.synced_by_kind:
+            self.synced_by_kind[kind].add(event["uid"])
+        elif kind == "msg.add":
+            self.received_once(event["payload"]["doc_id"], now)
 
 
 def write_registry(db: firestore.Client, uids: list[str]) -> None:
@@ -308,10 +261,10 @@ async def run_size(
 
         def attached() -> bool:
             alive()
-            return all(len(consumer.synced[kind]) == s.users for kind in syncs)
+            return all(len(consumer.synced_by_kind[kind]) == s.users for kind in syncs)
 
         if not await consumer.wait(attached, args.ready_timeout):
-            got = {kind: len(consumer.synced[kind]) for kind in syncs}
+            got = {kind: len(consumer.synced_by_kind[kind]) for kind in syncs}
             raise TimeoutError(f"first syncs of {s.users} users not all received: {got}")
         if s.rtdb:
             deadline = time.monotonic() + args.ready_timeout
