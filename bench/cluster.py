@@ -39,17 +39,19 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
+from bench import latency
 from bench.latency import log_problems, machine, percentile
 from listeners.cluster import MEMBERS_KEY, owner
 from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, ServiceProcess
@@ -188,77 +190,38 @@ async def sampler(instances: list[Instance], emulator: psutil.Process, peaks: di
 # -- the consumer ------------------------------------------------------------------
 
 
-class Recorder:
-    """One pub/sub connection, SUBSCRIBEd to the exact channel `user:{uid}` of every user."""
+class Recorder(latency.Consumer):
+    """The core benchmark's subscriber on every user's exact channel, keeping every sync's
+    arrival per user and each notification by (uid, doc_id)."""
 
     def __init__(self, client: aioredis.Redis, uids: list[str]) -> None:
-        self.pubsub = client.pubsub()
-        self.channels = [f"user:{uid}" for uid in uids]
-        self.subscribed = 0
+        super().__init__(client, uids)
         self.adds: dict[tuple[str, str], float] = {}  # (uid, doc_id) -> first receipt
         self.add_counts: Counter[tuple[str, str]] = Counter()
         self.syncs: dict[str, list[float]] = defaultdict(list)  # uid -> receipts of notif.sync
-        self.events: Counter[str] = Counter()
         self.last_event = 0.0
-        self.changed = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.pubsub.subscribe(*self.channels)
-        self.task = asyncio.create_task(self._read())
-        if not await self.wait(lambda: self.subscribed >= len(self.channels), 30):
-            raise TimeoutError(f"subscribed to {self.subscribed} of {len(self.channels)} channels")
-
-    async def _read(self) -> None:
-        async for message in self.pubsub.listen():
-            now = time.monotonic()
-            if message["type"] == "subscribe":
-                self.subscribed += 1
-            elif message["type"] == "message":
-                event = json.loads(message["data"])
-                kind, uid = event["type"], event["uid"]
-                self.events[kind] += 1
-                self.last_event = now
-                if kind == "notif.sync":
-                    self.syncs[uid].append(now)
-                elif kind == "notif.add":
-                    key = (uid, event["payload"]["doc_id"])
-                    self.add_counts[key] += 1
-                    self.adds.setdefault(key, now)
-            self.changed.set()
-
-    @property
-    def duplicates(self) -> int:
-        return sum(n - 1 for n in self.add_counts.values())
+    def record(self, event: dict[str, Any], now: float) -> None:
+        kind, uid = event["type"], event["uid"]
+        self.last_event = now
+        if kind == "notif.sync":
+            self.syncs[uid].append(now)
+        elif kind == "notif.add":
+            key = (uid, event["payload"]["doc_id"])
+            self.add_counts[key] += 1
+            if key in self.adds:
+                self.duplicates += 1
+            else:
+                self.adds[key] = now
 
     def synced_after(self, uid: str, moment: float) -> float | None:
         return next((at for at in self.syncs.get(uid, ()) if at > moment), None)
-
-    async def wait(self, done: Callable[[], bool], timeout: float) -> bool:
-        """True once `done()` holds, False after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while not done():
-            if self.task is not None and self.task.done():
-                self.task.result()  # the reader failed: raise its error
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.25))
-        return True
 
     async def quiet(self, seconds: float, timeout: float) -> None:
         """Until nothing has arrived for `seconds` (at most `timeout`)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() - self.last_event < seconds and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        await self.pubsub.aclose()
 
 
 # -- Firestore ---------------------------------------------------------------------
