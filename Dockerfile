@@ -10,11 +10,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /build
-COPY requirements.lock deploy/build-requirements.lock ./
+# Each venv first gets the pinned pip, then its lock with --no-deps: no resolver runs, so a newer
+# release on the index changes nothing (scripts/bootstrap does the same).
+COPY requirements-pip.lock requirements.lock deploy/build-requirements.lock ./
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --quiet --only-binary=:all: --require-hashes -r requirements.lock
+ && /opt/venv/bin/pip install --quiet --no-deps --require-hashes -r requirements-pip.lock \
+ && /opt/venv/bin/pip install --quiet --no-deps --only-binary=:all: --require-hashes -r requirements.lock
 RUN python -m venv /opt/build-tools \
- && /opt/build-tools/bin/pip install --quiet --only-binary=:all: --require-hashes -r build-requirements.lock
+ && /opt/build-tools/bin/pip install --quiet --no-deps --require-hashes -r requirements-pip.lock \
+ && /opt/build-tools/bin/pip install --quiet --no-deps --only-binary=:all: --require-hashes -r build-requirements.lock
 COPY pyproject.toml ./
 COPY src ./src
 RUN /opt/build-tools/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist . \
