@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +48,7 @@ from listeners.local.processes import (
     RedisServer,
     ServiceProcess,
     emulator_env,
+    emulator_kind,
     wait_for_port,
 )
 
@@ -94,18 +96,15 @@ class Result:
 
 
 class LoggedEmulator(FirestoreEmulator):
-    """The Firestore emulator with its output kept in a file, to see why it failed if it does."""
+    """The Firestore emulator with its output copied to a file, to see why it failed if it does."""
 
     def __init__(self, log_path: Path) -> None:
         super().__init__()
         self.output = log_path
 
-    def start(self, timeout: float = 20.0) -> None:
-        with self.output.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command(), cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        wait_for_port(self.port, timeout, self.process)
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        super().stop(sig)
+        shutil.copyfile(self.log_path, self.output)
 
 
 class Consumer:
@@ -406,15 +405,12 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    emulator = json.loads(
-        (PROJECT_ROOT / "node_modules" / "@firestore-emulator" / "server" / "package.json").read_text()
-    )["version"]
     redis_version = _version(["redis-server", "--version"]).split(" v=")[-1].split(" ")[0]
     return (
         f"{os.cpu_count()} cores ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
         f"redis-server {redis_version}, node {_version(['node', '--version'])}, "
-        f"@firestore-emulator/server {emulator}"
+        f"{FirestoreEmulator.describe(emulator_kind())}"
     )
 
 
@@ -491,11 +487,8 @@ async def run(args: argparse.Namespace) -> list[Result]:
                     await run_size(r, args, redis_server.port, emulator)
             except Exception as exc:  # reported in the results; the next size still runs
                 r.error = f"{type(exc).__name__}: {exc}"
-                fatal = [
-                    line
-                    for line in r.emulator_log.read_text(errors="replace").splitlines()
-                    if "FATAL" in line
-                ]
+                log = r.emulator_log if r.emulator_log.exists() else Path(emulator.log_path)
+                fatal = [line for line in log.read_text(errors="replace").splitlines() if "FATAL" in line]
                 r.error += f" (emulator: {fatal[-1].strip()})" if fatal else ""
             lat = r.latencies_ms
             print(

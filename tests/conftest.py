@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +20,7 @@ from google.cloud import firestore
 
 from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
 from listeners.local.auth import LocalIssuer
-from listeners.local.processes import FirestoreEmulator, RedisServer
+from listeners.local.processes import GOOGLE, FirestoreEmulator, RedisServer, emulator_kind
 
 CONTROL_TOKEN = "test-control-token-0123456789"
 
@@ -36,6 +36,22 @@ def emulator() -> Iterator[FirestoreEmulator]:
     with FirestoreEmulator() as server:
         os.environ["FIRESTORE_EMULATOR_HOST"] = server.host
         yield server
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"firestore emulator: {FirestoreEmulator.describe(emulator_kind())}"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(f"firestore emulator: {FirestoreEmulator.describe(emulator_kind())}")
+
+
+def google_emulator_only(why: str) -> pytest.MarkDecorator:
+    """Skip on the npm fallback a test that only Google's own emulator can show, saying why."""
+    return pytest.mark.skipif(
+        emulator_kind() != GOOGLE,
+        reason=f"only Google's own Firestore emulator can show this (the npm fallback runs): {why}",
+    )
 
 
 @pytest.fixture
@@ -149,13 +165,36 @@ class Consumer:
                 self._changed.set()
 
     async def wait_for(
-        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 15.0
+        self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 30.0
     ) -> list[dict[str, Any]]:
         async with asyncio.timeout(timeout):
             while not predicate(self.events):
                 self._changed.clear()
                 await self._changed.wait()
         return self.events
+
+    def mark(self) -> int:
+        """Where the events received so far end: pass it to `until_sentinel`."""
+        return len(self.events)
+
+    async def until_sentinel(
+        self,
+        since: int,
+        write: Callable[[], Awaitable[object]],
+        is_sentinel: Callable[[dict[str, Any]], bool],
+        timeout: float = 30.0,
+    ) -> list[dict[str, Any]]:
+        """The events received after `since` and before the sentinel's.
+
+        A "nothing else arrives" check never sleeps: it writes a sentinel change *after* the
+        change under test, on the same stream (so it is published after it), waits for the
+        sentinel's event and asserts on what came in between. A late event then fails the test
+        instead of passing it.
+        """
+        await write()
+        await self.wait_for(lambda events: any(is_sentinel(e) for e in events[since:]), timeout)
+        between = self.events[since:]
+        return between[: next(i for i, e in enumerate(between) if is_sentinel(e))]
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == kind]

@@ -6,6 +6,7 @@ shared Redis on 6379 is never touched.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -39,6 +40,26 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
                 return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_for_output(
+    path: str,
+    marker: str,
+    timeout: float,
+    process: subprocess.Popen[bytes] | None = None,
+    offset: int = 0,
+) -> None:
+    """Wait until a child's log file contains `marker` past byte `offset`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before saying {marker!r}")
+        with open(path, "rb") as output:
+            output.seek(offset)
+            if marker.encode() in output.read():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not say {marker!r} after {timeout}s")
 
 
 class _Child:
@@ -125,15 +146,106 @@ class RedisServer(_Child):
         return command
 
 
+GOOGLE_EMULATOR_JAR = Path(
+    "/usr/lib/google-cloud-sdk/platform/cloud-firestore-emulator/cloud-firestore-emulator.jar"
+)
+GOOGLE = "google"
+NPM = "npm"
+
+
+def google_emulator_jar() -> Path | None:
+    """Google's Firestore emulator (Debian package google-cloud-cli-firestore-emulator), if any.
+
+    Found where the package puts it, or under the SDK root that `gcloud` runs from; Java must be
+    on the PATH too.
+    """
+    if shutil.which("java") is None:
+        return None
+    candidates = [GOOGLE_EMULATOR_JAR]
+    gcloud = shutil.which("gcloud")
+    if gcloud is not None:
+        sdk_root = Path(gcloud).resolve().parent.parent
+        candidates.append(sdk_root / "platform" / "cloud-firestore-emulator" / "cloud-firestore-emulator.jar")
+    return next((jar for jar in candidates if jar.is_file()), None)
+
+
+def emulator_kind() -> str:
+    """Which Firestore emulator runs: `LISTENERS_FIRESTORE_EMULATOR` (google, npm or auto).
+
+    auto, the default, takes Google's own wherever it is installed and the npm package
+    (@firestore-emulator/server) only as the fallback. Asking for google where it is absent is
+    an error, never a silent fallback.
+    """
+    wanted = os.environ.get("LISTENERS_FIRESTORE_EMULATOR", "auto").strip().lower() or "auto"
+    if wanted not in {GOOGLE, NPM, "auto"}:
+        raise ValueError(f"LISTENERS_FIRESTORE_EMULATOR must be google, npm or auto, not {wanted!r}")
+    if wanted == GOOGLE and google_emulator_jar() is None:
+        raise RuntimeError(
+            "LISTENERS_FIRESTORE_EMULATOR=google but Google's Firestore emulator is not installed "
+            "(Debian package google-cloud-cli-firestore-emulator, and java on the PATH)"
+        )
+    if wanted == "auto":
+        return GOOGLE if google_emulator_jar() is not None else NPM
+    return wanted
+
+
 class FirestoreEmulator(_Child):
-    """The pinned npm package @firestore-emulator/server, run with node."""
+    """A Firestore emulator on a free port: Google's own where installed, else the npm one.
+
+    Google's answers each Listen target with its own changes, keeps many targets on one stream
+    and enforces preconditions as production does; the npm one resends every watched query on
+    each write and is only the fallback. `kind` says which (see `emulator_kind`).
+    """
+
+    def __init__(self, port: int | None = None, kind: str | None = None) -> None:
+        super().__init__(port)
+        self.kind = kind or emulator_kind()
 
     def command(self) -> list[str]:
+        if self.kind == GOOGLE:
+            jar = google_emulator_jar()
+            assert jar is not None, "emulator_kind() checked it"
+            # java itself, not Google's wrapper script: the pid we stop is the emulator's.
+            return [
+                "java",
+                "-Duser.language=en",
+                "-cp",
+                str(jar),
+                "com.google.cloud.datastore.emulator.firestore.CloudFirestore",
+                "start",
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+            ]
         return ["node", str(PROJECT_ROOT / "tools" / "firestore-emulator.js"), str(self.port)]
+
+    def start(self, timeout: float = 60.0) -> None:
+        offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        super().start(timeout)
+        if self.kind == GOOGLE:
+            # It accepts connections a moment before it serves; it says so in its output.
+            wait_for_output(self.log_path, "Dev App Server is now running", timeout, self.process, offset)
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def description(self) -> str:
+        """One line for test summaries and benchmark reports."""
+        return self.describe(self.kind)
+
+    @staticmethod
+    def describe(kind: str) -> str:
+        if kind == GOOGLE:
+            return f"Google's Firestore emulator ({google_emulator_jar()})"
+        package = PROJECT_ROOT / "node_modules" / "@firestore-emulator" / "server" / "package.json"
+        version = json.loads(package.read_text()).get("version", "?") if package.exists() else "?"
+        why = (
+            "Google's is not installed"
+            if google_emulator_jar() is None
+            else "LISTENERS_FIRESTORE_EMULATOR=npm"
+        )
+        return f"npm @firestore-emulator/server {version} (the fallback: {why})"
 
 
 def emulator_env(host: str) -> None:
