@@ -91,6 +91,7 @@ def main() -> None:
                     f"  metrics:  curl http://127.0.0.1:{port}/metrics",
                     f"  events:   redis-cli -h {env['LISTENERS_REDIS_HOST']} -p {redis_port} "
                     f"SUBSCRIBE {' '.join('user:' + u for u in USERS)}",
+                    f"  firestore: {emulator.description} on {emulator.host}",
                     "Press Ctrl-C to stop.",
                     "",
                 ]
