@@ -71,6 +71,7 @@ class Node:
         self._registry_retry_at = 0.0
         self._closing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self.registry_ready = asyncio.Event()  # set by the registry's first snapshot
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -119,6 +120,7 @@ class Node:
 
     def _on_registry(self, snapshot: Snapshot) -> None:
         self._registry_failures = 0
+        self.registry_ready.set()
         seen: set[str] = set()
         changed: set[str] = set()
         for doc in snapshot.docs:

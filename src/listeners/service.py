@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _FIRESTORE_SCOPES = ["https://www.googleapis.com/auth/datastore"]
 HANDOVER_SECONDS = 1.5  # on SIGTERM, how long we keep serving after the others know we leave
 STARTUP_WAIT_SECONDS = 3.0  # then start anyway: Redis may be down, and it recovers
+REGISTRY_WAIT_SECONDS = 10.0  # then start anyway: the registry watch is replaced until it works
 
 
 @dataclass
@@ -192,6 +193,11 @@ async def running(
             await publisher.ready.wait()
     try:
         async with node:
+            # The registry's first snapshot: from here on, every registry write is seen (Google's
+            # emulator may drop a write made while a listener is still opening).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(REGISTRY_WAIT_SECONDS):
+                    await node.registry_ready.wait()
             yield service
             service.stopping = True
             log.info("service stopping: handing users over, then closing listeners")
