@@ -52,11 +52,11 @@ async def test_failing_heartbeats_are_retried_and_never_raised() -> None:
     presence = Presence(db, heartbeat_seconds=0.05)
     presence._backoff = type(presence._backoff)(base=0.01, cap=0.02)
     async with presence.online("u1"):
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(30):
             await presence.wait_written("u1")
-        await asyncio.sleep(0.2)  # heartbeats go on
+            while db.calls.count(("set", "online")) < 4:  # heartbeats go on after the success
+                await asyncio.sleep(0.01)
     assert db.calls[:3] == [("set", "online")] * 3  # two failures, then success
-    assert db.calls.count(("set", "online")) >= 4
     assert db.calls[-1] == ("update", "offline")
 
 
