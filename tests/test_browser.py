@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import httpx
 import pytest
 import uvicorn
 from google.cloud import firestore
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 from starlette.applications import Starlette
 
 from listeners.config import Secret, Settings, WebSocketSettings
@@ -29,7 +30,7 @@ from listeners.local.auth import LocalIssuer
 from listeners.local.processes import free_port
 from listeners.local.rtdb_server import RtdbStandin
 from tests.conftest import Firebase
-from tests.test_pipeline import wait_until
+from tests.test_websocket import wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -48,7 +49,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 ADMIN_TOKEN = "browser-test-admin-token-0123456789"
-WAIT_MS = 20_000
+WAIT_MS = 30_000
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,13 @@ def page_errors(page: Page) -> list[str]:
     page.on("console", on_console)
     page.on("pageerror", lambda error: errors.append(str(error)))
     return errors
+
+
+async def animations_done(page: Page) -> None:
+    # Polled from here: Playwright's wait_for_function evaluates strings, which the CSP forbids.
+    async with asyncio.timeout(WAIT_MS / 1000):
+        while await page.evaluate("document.getAnimations().length"):
+            await asyncio.sleep(0.05)
 
 
 async def doc_ids(page: Page, selector: str) -> list[str]:
@@ -157,7 +165,7 @@ async def test_demo_and_operations_pages(
         await page.locator("#messages article", has_text="Please review this contract").wait_for(
             timeout=WAIT_MS
         )
-        await page.wait_for_timeout(1300)  # let the highlight of the last change fade out
+        await animations_done(page)  # the highlight of the last change has faded out
         await page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
 
         # "Mark read" writes read: true in Firestore, and the notif.remove takes it away.
@@ -184,7 +192,8 @@ async def test_demo_and_operations_pages(
         assert "bea" in await removed.inner_text()
         assert "bea" in await ops.locator("#uids").inner_text()
         assert await ops.locator("#sockets").inner_text() == "1"
-        await ops.wait_for_timeout(2500)  # a second poll, for the rates
+        # a rate needs a second poll
+        await expect(ops.locator("#rate")).to_have_text(re.compile(r"^\d+\.\d$"), timeout=WAIT_MS)
         await ops.screenshot(path=str(ARTIFACTS / "ops.png"), full_page=True)
         assert [e for e in ops_errors if "401 (Unauthorized)" not in e] == []  # only the wrong token's
         # The token stays in the tab's session storage, never in the address.

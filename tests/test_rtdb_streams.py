@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,8 +19,8 @@ from listeners.local.rtdb_server import RtdbStandin
 from listeners.service import running
 from listeners.source.rtdb import RtdbClient
 from tests.conftest import Consumer, Firebase
-from tests.test_pipeline import wait_until
-from tests.test_websocket import next_event, serving, ws_settings
+from tests.test_rtdb import no_streams
+from tests.test_websocket import next_event, serving, wait_until, ws_settings
 
 pytestmark = pytest.mark.asyncio
 
@@ -123,6 +123,12 @@ async def test_direct_messages_sync_and_deltas(
     assert "m2" not in str(consumer.events)
 
 
+async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
 def chat_message(n: int, kind: str = "MESSAGE", **fields: Any) -> dict[str, Any]:
     return {
         "content": f"hello {n}",
@@ -173,18 +179,32 @@ async def test_chat_threads_from_the_registry(
         )
         delivered = [m["id"] for x in chat.of_type("chat.message") for m in x["payload"]["raw_messages"]]
         assert delivered == ["-b1", "-b2"]
-        # delivered messages are marked read, as the old client did; nothing is delivered twice
-        await wait_until(lambda: True)
-        for _ in range(100):
+
+        # delivered messages are marked read, as the old client did
+        async def all_read() -> bool:
             marked = await rtdb.get(thread)
-            if all(marked[k]["read"] for k in ("-a1", "-a4", "-b1", "-b2")):
-                break
-            await asyncio.sleep(0.1)
-        assert all(marked[k]["read"] for k in ("-a1", "-a4", "-b1", "-b2"))
-        await asyncio.sleep(0.5)
-        assert [
-            m["id"] for x in chat.of_type("chat.message") for m in x["payload"]["raw_messages"]
-        ] == delivered
+            return all(marked[k]["read"] for k in ("-a1", "-a4", "-b1", "-b2"))
+
+        await until_true(all_read)
+        # the marks change the thread, yet nothing is delivered twice: up to a message written
+        # after them, the thread's channel carries the two messages once, then that one alone
+        before = await chat.until_sentinel(
+            0,
+            lambda: rtdb.set(f"{thread}/-b3", chat_message(12)),
+            lambda e: e["type"] == "chat.message" and "-b3" in str(e["payload"]),
+        )
+        messages = [e["payload"]["raw_messages"] for e in before if e["type"] == "chat.message"]
+        assert [m["id"] for batch in messages for m in batch] == delivered
+        sentinel = chat.events[len(before)]
+        assert [m["id"] for m in sentinel["payload"]["raw_messages"]] == ["-b3"]
+        # chat goes to its own channel: the user's channel carries none of it, up to a direct
+        # message written after every chat event above was published
+        before = await user.until_sentinel(
+            0,
+            lambda: rtdb.set("clients/noa/direct_message_notif/d1", dm(1)),
+            lambda e: e["type"] == "msg.add",
+        )
+        assert before and not [e for e in before if e["type"].startswith("chat.")]
         assert "chat:noa:globex:t9" not in str(service.node.sessions["noa"].threads)
         refused = [r for r in caplog.records if r.getMessage() == "chat thread refused"]
         assert [getattr(r, "space_code", "") for r in refused] == ["globex"]
@@ -199,11 +219,7 @@ async def test_chat_threads_from_the_registry(
         await wait_until(lambda: not service.node.sessions["noa"].threads)
         await fb.offline("noa")
         await wait_until(lambda: "noa" not in service.node.sessions)
-        for _ in range(100):
-            if await standin.open_streams(ns) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await standin.open_streams(ns) == 0
+        await no_streams(standin, ns)
     assert not user.of_type("chat.message")  # chat goes to its own channel
 
 

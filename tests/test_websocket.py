@@ -8,13 +8,16 @@ import base64
 import contextlib
 import dataclasses
 import json
+import logging
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 import uvicorn
+from google.cloud import firestore
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -22,16 +25,20 @@ from listeners.config import Settings, WebSocketSettings
 from listeners.deliver.http import create_app
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import RedisServer, free_port
-from tests.conftest import Firebase
-from tests.test_pipeline import wait_until
+from tests.conftest import Consumer, Firebase
 
 pytestmark = pytest.mark.asyncio
 
 
+async def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
+
+
 def ws_settings(settings: Settings, certs_url: str, **overrides: Any) -> Settings:
-    websocket = WebSocketSettings(
-        certs_url=certs_url, clock_skew_seconds=0, auth_timeout_seconds=1.0, **overrides
-    )
+    """No clock skew allowed, so a token expires exactly at its `exp`."""
+    websocket = dataclasses.replace(WebSocketSettings(certs_url=certs_url, clock_skew_seconds=0), **overrides)
     return dataclasses.replace(settings, websocket=websocket)
 
 
@@ -52,7 +59,7 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
         await task
 
 
-async def next_event(ws: ClientConnection, kind: str, timeout: float = 15) -> dict[str, Any]:
+async def next_event(ws: ClientConnection, kind: str, timeout: float = 30) -> dict[str, Any]:
     async with asyncio.timeout(timeout):
         while True:
             message: dict[str, Any] = json.loads(await ws.recv())
@@ -60,7 +67,7 @@ async def next_event(ws: ClientConnection, kind: str, timeout: float = 15) -> di
                 return message
 
 
-async def closed_with(ws: ClientConnection, timeout: float = 10) -> int | None:
+async def closed_with(ws: ClientConnection, timeout: float = 30) -> int | None:
     with contextlib.suppress(ConnectionClosed):
         async with asyncio.timeout(timeout):
             while True:
@@ -68,34 +75,91 @@ async def closed_with(ws: ClientConnection, timeout: float = 10) -> int | None:
     return ws.close_code
 
 
+class Client:
+    """A WebSocket client that keeps every message it receives, in order, so that a test can
+    assert on exactly what arrived before a sentinel (as `Consumer.until_sentinel` does)."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.received: list[dict[str, Any]] = []
+        self._returned: set[int] = set()
+
+    def _first(self, since: int, match: Callable[[dict[str, Any]], bool]) -> int | None:
+        found = (i for i in range(since, len(self.received)) if i not in self._returned)
+        return next((i for i in found if match(self.received[i])), None)
+
+    async def _receive_until(
+        self, since: int, match: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> int:
+        async with asyncio.timeout(timeout):
+            while (index := self._first(since, match)) is None:
+                self.received.append(json.loads(await self.ws.recv()))
+        return index
+
+    async def next(self, kind: str, timeout: float = 30) -> dict[str, Any]:
+        """The first message of this kind not returned yet, whenever it arrived."""
+        index = await self._receive_until(0, lambda m: m["type"] == kind, timeout)
+        self._returned.add(index)
+        return self.received[index]
+
+    def mark(self) -> int:
+        return len(self.received)
+
+    async def until_sentinel(
+        self,
+        since: int,
+        write: Callable[[], Awaitable[object]],
+        is_sentinel: Callable[[dict[str, Any]], bool],
+        timeout: float = 30,
+    ) -> list[dict[str, Any]]:
+        """The messages received after `since` and before the sentinel's."""
+        await write()
+        index = await self._receive_until(since, is_sentinel, timeout)
+        return self.received[since:index]
+
+
 @pytest.fixture
 def wss(settings: Settings, issuer_and_url: tuple[LocalIssuer, str]) -> Settings:
     return ws_settings(settings, issuer_and_url[1])
 
 
-async def test_events_of_the_token_user_only(wss: Settings, fb: Firebase, issuer: LocalIssuer) -> None:
+async def test_events_of_the_token_user_only(
+    wss: Settings, fb: Firebase, issuer: LocalIssuer, subscribe: Any
+) -> None:
     await fb.notification("wes", "n1")
     await fb.notification("zoe", "secret")
+    zoe: Consumer = await subscribe("zoe")
     async with serving(wss) as (url, _):
         await fb.online("wes")
         await fb.online("zoe")
         async with connect(f"{url}?token={issuer.mint('wes')}") as ws:
-            assert (await next_event(ws, "auth.ok"))["uid"] == "wes"
-            sync = await next_event(ws, "notif.sync")  # the current state comes first
+            wes = Client(ws)
+            assert (await wes.next("auth.ok"))["uid"] == "wes"
+            sync = await wes.next("notif.sync")  # the current state comes first
             assert [n["doc_id"] for n in sync["payload"]["notifications"]] == ["n1"]
+            await zoe.wait_for(lambda events: any(e["type"] == "notif.sync" for e in events))
             await fb.notification("zoe", "secret-2")
-            await fb.notification("wes", "n2")
-            added = await next_event(ws, "notif.add")
+            await zoe.wait_for(lambda events: any(e["payload"].get("doc_id") == "secret-2" for e in events))
+            # zoe's event is on Redis already: had the hub taken it for wes, it would reach this
+            # socket before the event of wes published after it
+            before = await wes.until_sentinel(
+                0,
+                lambda: fb.notification("wes", "n2"),
+                lambda m: m["type"] == "notif.add" and m["payload"]["doc_id"] == "n2",
+            )
+            assert before and all(m["uid"] == "wes" for m in before)
+            assert "secret" not in json.dumps(before)
+            added = await wes.next("notif.add")
             assert added["uid"] == "wes" and added["payload"]["doc_id"] == "n2"
             await ws.send(json.dumps({"type": "notif.read", "doc_id": "n1"}))  # the UI marks one read
-            await next_event(ws, "notif.read.ok")
-            assert (await next_event(ws, "notif.remove"))["payload"] == {"doc_id": "n1"}
+            await wes.next("notif.read.ok")
+            assert (await wes.next("notif.remove"))["payload"] == {"doc_id": "n1"}
             await ws.send(json.dumps({"type": "notif.read", "doc_id": "no-such-doc"}))
-            await next_event(ws, "notif.read.failed")
+            await wes.next("notif.read.failed")
 
 
 async def test_token_in_the_subprotocol_or_a_first_message(
-    wss: Settings, fb: Firebase, issuer: LocalIssuer
+    settings: Settings, issuer_and_url: Any, wss: Settings, fb: Firebase, issuer: LocalIssuer
 ) -> None:
     async with serving(wss) as (url, _):
         await fb.online("yan")
@@ -105,8 +169,13 @@ async def test_token_in_the_subprotocol_or_a_first_message(
         async with connect(url) as ws:
             await ws.send(json.dumps({"type": "auth", "token": issuer.mint("yan")}))
             await next_event(ws, "notif.sync")
+    auth_timeout = 1.0  # short, as no token is verified on this server
+    impatient = ws_settings(settings, issuer_and_url[1], auth_timeout_seconds=auth_timeout)
+    async with serving(impatient) as (url, _):
+        started = time.monotonic()
         async with connect(url) as ws:  # nothing sent: closed when the auth timeout passes
             assert await closed_with(ws) == 4001
+        assert time.monotonic() - started >= auth_timeout
 
 
 def forged(issuer: LocalIssuer, header: dict[str, Any]) -> str:
@@ -155,18 +224,23 @@ async def test_origin_is_checked_before_the_upgrade(
 
 
 async def test_refresh_keeps_the_socket_and_expiry_closes_it(wss: Settings, issuer: LocalIssuer) -> None:
-    async with serving(wss) as (url, _):
-        async with connect(f"{url}?token={issuer.mint('ada', lifetime=2)}") as ws:
-            await next_event(ws, "auth.ok")
-            await ws.send(json.dumps({"type": "auth.refresh", "token": issuer.mint("ada", lifetime=60)}))
-            await next_event(ws, "auth.ok")
-            await asyncio.sleep(3)
-            await ws.send(json.dumps({"type": "ping"}))
-            await next_event(ws, "pong")  # still open past the first token's expiry
-            await ws.send(json.dumps({"type": "auth.refresh", "token": issuer.mint("eve")}))
-            assert await closed_with(ws) == 4017  # a token of another user
-        async with connect(f"{url}?token={issuer.mint('ada', lifetime=1)}") as ws:
-            assert await closed_with(ws) == 4011
+    # Long enough to be verified in time on a loaded machine; both sockets start with it.
+    token = issuer.mint("ada", lifetime=5)
+    async with (
+        serving(wss) as (url, _),
+        connect(f"{url}?token={token}") as kept,
+        connect(f"{url}?token={token}") as lapsed,
+    ):
+        expires_at = (await next_event(kept, "auth.ok"))["expires_at"]
+        await next_event(lapsed, "auth.ok")
+        await kept.send(json.dumps({"type": "auth.refresh", "token": issuer.mint("ada", lifetime=3600)}))
+        assert (await next_event(kept, "auth.ok"))["expires_at"] > expires_at
+        assert await closed_with(lapsed) == 4011
+        assert time.time() >= expires_at  # closed at the expiry, not before
+        await kept.send(json.dumps({"type": "ping"}))
+        await next_event(kept, "pong")  # still open past the first token's expiry
+        await kept.send(json.dumps({"type": "auth.refresh", "token": issuer.mint("eve")}))
+        assert await closed_with(kept) == 4017  # a token of another user
 
 
 async def test_limits(
@@ -187,6 +261,8 @@ async def test_limits(
                 with contextlib.suppress(ConnectionClosed):
                     await ws.send(json.dumps({"type": "ping"}))
             assert await closed_with(ws) == 4015
+        # A socket counts until the server is done with it, and these limits count sockets.
+        await wait_until(lambda: app.state.gateway.count == 0)
         async with (
             connect(f"{url}?token={issuer.mint('tabs')}") as a,
             connect(f"{url}?token={issuer.mint('tabs')}") as b,
@@ -195,10 +271,12 @@ async def test_limits(
             await next_event(b, "auth.ok")
             async with connect(f"{url}?token={issuer.mint('tabs')}") as c:
                 assert await closed_with(c) == 4013
+            await wait_until(lambda: app.state.gateway.count == 2)
             async with connect(f"{url}?token={issuer.mint('other')}") as d:
                 await next_event(d, "auth.ok")
                 async with connect(f"{url}?token={issuer.mint('fourth')}") as e:
                     assert await closed_with(e) == 1013
+        await wait_until(lambda: app.state.gateway.count == 0)
         async with connect(f"{url}?token={issuer.mint('slow')}") as ws:
             await next_event(ws, "auth.ok")
             client = aioredis.Redis(port=redis_server.port)
@@ -212,9 +290,10 @@ async def test_limits(
 
 
 async def test_presence_keeps_the_user_online_while_a_socket_is_open(
-    settings: Settings, issuer_and_url: Any, issuer: LocalIssuer
+    settings: Settings, issuer_and_url: Any, issuer: LocalIssuer, db: firestore.Client
 ) -> None:
     with_presence = ws_settings(settings, issuer_and_url[1], presence=True)
+    registry = db.document("listeners_registry/pam")
     async with serving(with_presence) as (url, app):
         service = app.state.service
         async with connect(f"{url}?token={issuer.mint('pam')}") as first:
@@ -222,12 +301,23 @@ async def test_presence_keeps_the_user_online_while_a_socket_is_open(
             await next_event(first, "notif.sync")
             async with connect(f"{url}?token={issuer.mint('pam')}") as second:
                 await next_event(second, "auth.ok")
-            await asyncio.sleep(1.0)
-            assert "pam" in service.node.sessions  # one tab left: still online
+            # The server is done with the second socket, its presence included: an offline
+            # write, had it left the user, has landed by now.
+            await wait_until(lambda: app.state.gateway.count == 1)
+            assert (await asyncio.to_thread(registry.get)).get("status") == "online"  # one tab left
+            assert "pam" in service.node.sessions
         await wait_until(lambda: "pam" not in service.node.sessions)
+        assert (await asyncio.to_thread(registry.get)).get("status") == "offline"
 
 
-async def test_dead_peers_are_closed(wss: Settings, issuer: LocalIssuer) -> None:
+async def test_dead_peers_are_closed(
+    wss: Settings, issuer: LocalIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="listeners.deliver.websocket")
+
+    def logged(message: str) -> bool:
+        return any(r.getMessage() == message and getattr(r, "uid", "") == "ghost" for r in caplog.records)
+
     async with serving(wss, ws_ping_interval=0.3, ws_ping_timeout=0.3) as (url, app):
         port = int(url.split(":")[2].split("/")[0])
         raw = socket.create_connection(("127.0.0.1", port))
@@ -237,21 +327,23 @@ async def test_dead_peers_are_closed(wss: Settings, issuer: LocalIssuer) -> None
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
         )
         await asyncio.to_thread(raw.recv, 1024)  # the 101; from now on it never answers a ping
-        await wait_until(lambda: app.state.gateway.count == 1)
-        await wait_until(lambda: app.state.gateway.count == 0, timeout=10)
+        await wait_until(lambda: logged("websocket open"))
+        await wait_until(lambda: logged("websocket closed") and app.state.gateway.count == 0)
         raw.close()
 
 
 async def test_redis_restart_resyncs_open_sockets(
     wss: Settings, fb: Firebase, issuer: LocalIssuer, redis_server: RedisServer
 ) -> None:
-    async with serving(wss) as (url, _):
+    async with serving(wss) as (url, app):
+        failures = app.state.service.metrics.publish_failures
         await fb.online("rae")
         async with connect(f"{url}?token={issuer.mint('rae')}") as ws:
             await next_event(ws, "notif.sync")
             redis_server.stop()
             await fb.notification("rae", "during")
-            await asyncio.sleep(0.5)
+            # dropped, not merely late: only the resync after Redis is back can bring it
+            await wait_until(lambda: failures._value.get() > 0)
             redis_server.start()
             async with asyncio.timeout(30):
                 while True:
