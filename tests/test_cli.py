@@ -254,7 +254,9 @@ def http_server(status: int, body: dict[str, Any]) -> Iterator[str]:
 
 
 def run_smoke(argv: list[str], env: dict[str, str] | None = None) -> int:
-    return smoke(parser().parse_args(["smoke", "--timeout", "5", *argv]), env or {})
+    # Generous waits: a failure the tests expect is a refusal, which comes at once; an explicit
+    # --ws-wait in argv wins over this one.
+    return smoke(parser().parse_args(["smoke", "--timeout", "30", "--ws-wait", "30", *argv]), env or {})
 
 
 @pytest.mark.parametrize(
@@ -504,7 +506,7 @@ def ws_server() -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-c", WS_SERVER, str(port), TOKEN])
     try:
-        wait_for_port(port, 20, process)
+        wait_for_port(port, 60, process)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()

@@ -6,28 +6,32 @@ Real service processes (uvicorn app.main:app), one private redis-server, the emu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
-from listeners.cluster import owner
+from listeners.cluster import MEMBERS_KEY, owner
+from listeners.control import resync_request
 from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
 
 pytestmark = pytest.mark.asyncio
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "cluster-admin-token-0123456789"
+CONTROL = "cluster-control-token-0123"
+MEMBERSHIP_TTL = 6.0  # listeners.cluster.Membership's default
 USERS = [f"cu{i:03d}" for i in range(80)]
 
 
@@ -42,7 +46,7 @@ class Instance:
             LISTENERS_REDIS_PORT=str(redis.port),
             LISTENERS_INSTANCE_ID=instance_id,
             LISTENERS_ADMIN_TOKEN=ADMIN,
-            LISTENERS_CONTROL_TOKEN="cluster-control-token-0123",
+            LISTENERS_CONTROL_TOKEN=CONTROL,
             FIRESTORE_EMULATOR_HOST=emulator.host,
             FIREBASE_PROJECT_ID=project,
             LOG_LEVEL="WARNING",
@@ -54,17 +58,30 @@ class Instance:
 
     def count(self) -> int:
         try:
-            return int(
-                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=5).json()["listeners_count"]
-            )
+            return int(self.health()["listeners_count"])
         except httpx.HTTPError:
             return -1
+
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=30).json()
+        return body
+
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=30).text
+
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples (every label set)."""
+        return sum(
+            float(line.split()[-1])
+            for line in self.metrics().splitlines()
+            if line.startswith((name + " ", name + "{"))
+        )
 
     def user(self, uid: str) -> dict[str, Any]:
         response = httpx.get(
             f"http://127.0.0.1:{self.port}/v1/users/{uid}",
             headers={"Authorization": f"Bearer {ADMIN}"},
-            timeout=5,
+            timeout=30,
         )
         response.raise_for_status()
         result: dict[str, Any] = response.json()
@@ -74,45 +91,116 @@ class Instance:
         self.service.stop(sig)
 
 
+def carried(event: dict[str, Any]) -> set[str]:
+    """The notifications whose content an event carries: its delta's, or all of its sync's."""
+    if event["type"] == "notif.sync":
+        return {n["doc_id"] for n in event["payload"]["notifications"]}
+    if event["type"] in ("notif.add", "notif.update"):
+        return {event["payload"]["doc_id"]}
+    return set()
+
+
 class Recorder:
-    """Every event of every user, with its arrival time (exact SUBSCRIBE per channel)."""
+    """Every event of every user, with its arrival time (exact SUBSCRIBE per channel).
+
+    Like the bridge, it asks for every user's state when it subscribes again after losing
+    Redis, until each one's sync has come: Pub/Sub kept nothing for it meanwhile.
+    """
 
     def __init__(self, redis: RedisServer) -> None:
         self.client = aioredis.Redis(port=redis.port)
         self.events: list[tuple[float, dict[str, Any]]] = []
+        self.subscriptions = 0
+        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._resyncing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
-        await asyncio.sleep(0.5)
+        await self.until(lambda: self.subscriptions > 0)
 
     async def _run(self) -> None:
         while True:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(*(f"user:{uid}" for uid in USERS))
+                if self.subscriptions:
+                    self._resyncing = asyncio.create_task(self.resynced(USERS))
+                self.subscriptions += 1
+                self._changed.set()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self.events.append((time.monotonic(), json.loads(message["data"])))
+                        self._changed.set()
             except (OSError, aioredis.RedisError):
                 await asyncio.sleep(0.2)
+            finally:
+                with contextlib.suppress(OSError, aioredis.RedisError):
+                    await pubsub.aclose()
 
-    def adds(self) -> Counter[tuple[str, str]]:
-        return Counter((e["uid"], e["payload"]["doc_id"]) for _, e in self.events if e["type"] == "notif.add")
+    async def resynced(self, uids: list[str], timeout: float = 60.0) -> None:
+        """Ask for these users' state until each one's sync has come, as the bridge does.
+
+        A sync comes only from a watch that has had its first snapshot: Google's emulator can
+        miss a change written while a watch is still starting.
+        """
+        since = self.mark()
+        async with asyncio.timeout(timeout):
+            while missing := set(uids) - {
+                e["uid"] for _, e in self.events[since:] if e["type"] == "notif.sync"
+            }:
+                for uid in missing:
+                    await self.client.publish("listeners:control", resync_request(CONTROL, uid))
+                await asyncio.sleep(1.0)  # a request published before its instance subscribed is lost
+
+    async def until(self, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def mark(self) -> int:
+        """Where the events received so far end: pass it to `until_sentinels`."""
+        return len(self.events)
+
+    async def until_sentinels(
+        self, since: int, write: Callable[[], Awaitable[object]], sentinels: set[tuple[str, str]]
+    ) -> list[dict[str, Any]]:
+        """The events received after `since` and before the last of the sentinels (left out).
+
+        A sentinel is a (uid, doc_id) written after the change under test, on that user's
+        stream, so it is published after it: a late duplicate lands before it, not after the
+        check.
+        """
+        await write()
+
+        def carries(event: dict[str, Any], wanted: set[tuple[str, str]]) -> set[tuple[str, str]]:
+            return {(event["uid"], doc) for doc in carried(event)} & wanted
+
+        def arrived() -> bool:
+            return set().union(*(carries(e, sentinels) for _, e in self.events[since:])) == sentinels
+
+        await self.until(arrived)
+        between: list[dict[str, Any]] = []
+        pending = set(sentinels)
+        for _, event in self.events[since:]:
+            if found := carries(event, pending):
+                pending -= found
+                if not pending:
+                    break
+                continue
+            between.append(event)
+        return between
+
+    def adds(self, events: Iterable[dict[str, Any]] | None = None) -> Counter[tuple[str, str]]:
+        """How many times each (uid, doc_id) was published as an addition."""
+        chosen = (e for _, e in self.events) if events is None else events
+        return Counter((e["uid"], e["payload"]["doc_id"]) for e in chosen if e["type"] == "notif.add")
 
     def seen(self, uid: str, doc_id: str) -> float | None:
         """When the document first reached the user's consumer, by delta or by sync."""
-        for at, e in self.events:
-            if e["uid"] != uid:
-                continue
-            if e["type"] == "notif.add" and e["payload"]["doc_id"] == doc_id:
-                return at
-            if e["type"] == "notif.sync" and any(
-                n["doc_id"] == doc_id for n in e["payload"]["notifications"]
-            ):
-                return at
-        return None
+        return next((at for at, e in self.events if e["uid"] == uid and doc_id in carried(e)), None)
 
     def syncs_after(self, uid: str, moment: float) -> int:
         return sum(
@@ -120,8 +208,11 @@ class Recorder:
         )
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in (self._task, self._resyncing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await task
         await self.client.aclose()
 
 
@@ -163,7 +254,7 @@ def live(cluster: dict[str, Any]) -> dict[str, Instance]:
     return {k: v for k, v in cluster["instances"].items() if v.process.poll() is None}
 
 
-async def settled(cluster: dict[str, Any], timeout: float = 30.0) -> dict[str, int]:
+async def settled(cluster: dict[str, Any], timeout: float = 60.0) -> dict[str, int]:
     """Wait until the live instances serve every user exactly as rendezvous hashing says."""
     deadline = time.monotonic() + timeout
     while True:
@@ -174,6 +265,13 @@ async def settled(cluster: dict[str, Any], timeout: float = 30.0) -> dict[str, i
             return counts
         assert time.monotonic() < deadline, f"not settled: {counts} != {dict(expected)}"
         await asyncio.sleep(0.3)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll a blocking condition (HTTP to the instances) off the event loop until it holds."""
+    async with asyncio.timeout(timeout):
+        while not await asyncio.to_thread(condition):
+            await asyncio.sleep(0.2)
 
 
 async def write(cluster: dict[str, Any], uid: str, doc_id: str) -> float:
@@ -192,14 +290,23 @@ async def test_users_are_spread_with_one_publisher_each(cluster: dict[str, Any],
     described = await asyncio.to_thread(instance.user, USERS[0])
     assert described["owner"] == owner(USERS[0], ("i1", "i2", "i3"))
     assert described["attached_here"] == (described["owner"] == "i1")
+    await recorder.resynced(USERS)
     for uid in USERS:
         await write(cluster, uid, f"spread-{uid}")
-    async with asyncio.timeout(30):
-        while len(recorder.adds()) < len(USERS):
-            await asyncio.sleep(0.2)
-    await asyncio.sleep(1.0)
-    assert set(recorder.adds().values()) == {1}  # each change published once, by one instance
-    metrics = httpx.get(f"http://127.0.0.1:{instance.port}/metrics", timeout=5).text
+    await recorder.until(lambda: all(recorder.seen(uid, f"spread-{uid}") for uid in USERS))
+    since = recorder.mark()
+
+    async def sentinels() -> None:
+        for uid in USERS:
+            await write(cluster, uid, f"sentinel-{uid}")
+
+    between = await recorder.until_sentinels(since, sentinels, {(uid, f"sentinel-{uid}") for uid in USERS})
+    # each change published once, by one instance: no second copy, early or late
+    published = recorder.adds(e for _, e in recorder.events[:since]) + recorder.adds(between)
+    assert {key: n for key, n in published.items() if key[1].startswith("spread-")} == {
+        (uid, f"spread-{uid}"): 1 for uid in USERS
+    }
+    metrics = await asyncio.to_thread(instance.metrics)
     assert (
         'listeners_instance{instance_id="i1"} 1.0' in metrics and "listeners_cluster_members 3.0" in metrics
     )
@@ -210,16 +317,14 @@ async def test_kill_9_is_taken_over_within_15_s(cluster: dict[str, Any], recorde
     victims = [uid for uid in USERS if owner(uid, ("i1", "i2", "i3")) == "i3"]
     killed_at = time.monotonic()
     cluster["instances"]["i3"].stop(signal.SIGKILL)
-    async with asyncio.timeout(15):
-        while not all(recorder.syncs_after(uid, killed_at) for uid in victims):
-            await asyncio.sleep(0.2)
+    # A product bound (docs/scaling.md): a killed instance's users are served again within 15 s
+    # (its membership entry expires after 6 s, the others notice within a beat).
+    await recorder.until(lambda: all(recorder.syncs_after(uid, killed_at) for uid in victims), timeout=15)
     took = time.monotonic() - killed_at
     await settled(cluster)
     for uid in victims:  # their consumers converge: new changes arrive
         await write(cluster, uid, f"after-kill-{uid}")
-    async with asyncio.timeout(20):
-        while not all(recorder.seen(uid, f"after-kill-{uid}") for uid in victims):
-            await asyncio.sleep(0.2)
+    await recorder.until(lambda: all(recorder.seen(uid, f"after-kill-{uid}") for uid in victims))
     print(f"takeover of {len(victims)} users after kill -9: {took:.1f} s")
 
 
@@ -236,8 +341,11 @@ async def test_sigterm_hands_over_without_a_gap(
         writes[(uid, f"handover-{n}")] = await write(cluster, uid, f"handover-{n}")
         await asyncio.sleep(0.25)
     await stopping
-    await asyncio.sleep(3)
+    await recorder.until(lambda: all(recorder.seen(*key) for key in writes))
     delays = {key: (recorder.seen(*key) or float("inf")) - sent for key, sent in writes.items()}
+    print(f"handover delays: max {max(delays.values()):.2f} s")
+    # A product bound (docs/scaling.md): no change waits for the handover; an instance that
+    # let go before the next owner attached would leave a gap of several seconds.
     assert max(delays.values()) <= 2.0, sorted(delays.items(), key=lambda kv: -kv[1])[:3]
     await settled(cluster)
 
@@ -251,49 +359,59 @@ async def test_a_new_instance_takes_its_share(
     await settled(cluster)
     joined_at = time.monotonic()
     cluster["instances"]["i4"] = Instance("i4", cluster_redis, emulator, cluster["project"])
-    counts = await settled(cluster, timeout=30)
-    assert time.monotonic() - joined_at < 30
+    counts = await settled(cluster)
+    took = time.monotonic() - joined_at
+    print(f"3 -> 4 instances settled in {took:.1f} s")
+    assert took < 30  # a product bound (docs/scaling.md): settled within the 30 s asked
     even = len(USERS) / 4
     assert all(abs(c - even) <= 0.2 * even for c in counts.values()), counts
     moved = [uid for uid in USERS if owner(uid, ("i1", "i2", "i3", "i4")) == "i4"]
-    assert all(recorder.syncs_after(uid, joined_at) for uid in moved)  # a fresh sync for each
+    # a fresh sync for each, from its new owner
+    await recorder.until(lambda: all(recorder.syncs_after(uid, joined_at) for uid in moved))
 
 
 async def test_redis_restart_does_not_flap(
     cluster: dict[str, Any], recorder: Recorder, cluster_redis: RedisServer
 ) -> None:
     before = await settled(cluster)
-    churn_before = {name: await asyncio.to_thread(churn, i) for name, i in live(cluster).items()}
-    owners_before = {uid: owner(uid, tuple(sorted(live(cluster)))) for uid in USERS}
+    instances = live(cluster)
+    churn_before = {name: await asyncio.to_thread(churn, i) for name, i in instances.items()}
+    owners_before = {uid: owner(uid, tuple(sorted(instances))) for uid in USERS}
+    writer = instances[owners_before[USERS[0]]]
     cluster_redis.stop()
-    await asyncio.sleep(3)
-    during = {name: await asyncio.to_thread(i.count) for name, i in live(cluster).items()}
+    await eventually(lambda: all(i.health()["redis"] == "down" for i in instances.values()))
+    during = {name: await asyncio.to_thread(i.count) for name, i in instances.items()}
     assert during == before  # every instance keeps serving what it owns
+    dropped = await asyncio.to_thread(writer.metric, "listeners_publish_failures_total")
     await write(cluster, USERS[0], "during-outage")
+    # its owner saw the change and could not publish it: the consumer must get it later
+    await eventually(lambda: writer.metric("listeners_publish_failures_total") > dropped)
     cluster_redis.start()
-    await asyncio.sleep(8)  # longer than a membership TTL: nobody was dropped meanwhile
+    # Each instance keeps every member it knew for one membership TTL after its first beat
+    # finds the set empty; wait until all have beaten again, then longer than a TTL: the
+    # attach and detach counters below cover that whole window.
+    async with asyncio.timeout(60):
+        while await members(cluster_redis) != set(instances):
+            await asyncio.sleep(0.2)
+    await asyncio.sleep(MEMBERSHIP_TTL + 2)
     assert await settled(cluster) == before
     assert {uid: owner(uid, tuple(sorted(live(cluster)))) for uid in USERS} == owners_before
-    async with asyncio.timeout(30):
-        while not recorder.seen(USERS[0], "during-outage"):
-            await asyncio.sleep(0.2)
+    await recorder.until(lambda: recorder.seen(USERS[0], "during-outage") is not None)
     # no user was detached or attached anywhere: ownership never flapped
-    churn_after = {name: await asyncio.to_thread(churn, i) for name, i in live(cluster).items()}
-    reasons = httpx.get(f"http://127.0.0.1:{live(cluster)['i4'].port}/metrics", timeout=5).text
+    churn_after = {name: await asyncio.to_thread(churn, i) for name, i in instances.items()}
+    reasons = await asyncio.to_thread(instances["i4"].metrics)
     assert churn_after == churn_before, [line for line in reasons.splitlines() if "detaches_total" in line]
+
+
+async def members(redis: RedisServer) -> set[str]:
+    """The instances in the membership set, as Redis holds it."""
+    client = aioredis.Redis(port=redis.port)
+    try:
+        return {m.decode() for m in cast(list[bytes], await client.zrange(MEMBERS_KEY, 0, -1))}
+    finally:
+        await client.aclose()
 
 
 def churn(instance: Instance) -> tuple[float, float]:
     """(attaches, detaches) so far, from the instance's /metrics."""
-    text = httpx.get(f"http://127.0.0.1:{instance.port}/metrics", timeout=5).text
-    attaches = sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("listeners_user_attaches_total")
-    )
-    detaches = sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("listeners_user_detaches_total")
-    )
-    return attaches, detaches
+    return instance.metric("listeners_user_attaches_total"), instance.metric("listeners_user_detaches_total")

@@ -319,7 +319,7 @@ def test_image_installs_from_the_lock_and_serves_healthz(
     while time.monotonic() < deadline and body.get("status") != "ok":
         assert process.poll() is None, log.read_text()
         try:
-            response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
             body = response.json() if response.status_code == 200 else {}
         except httpx.HTTPError:
             pass
@@ -330,7 +330,7 @@ def test_image_installs_from_the_lock_and_serves_healthz(
     _, final = dockerfile_stages()
     healthcheck = json.loads(only(final, "HEALTHCHECK")[0].split(" CMD ", 1)[1])
     healthcheck = [a.replace(":8080/", f":{port}/") for a in healthcheck]
-    assert subprocess.run(healthcheck, env=env, timeout=10).returncode == 0
+    assert subprocess.run(healthcheck, env=env, timeout=60).returncode == 0
 
     # The operator CLI installed in the image, against the running service: healthz, /ws with a
     # token (and with a forged one), a Redis round trip.
@@ -338,8 +338,7 @@ def test_image_installs_from_the_lock_and_serves_healthz(
     assert check.returncode == 0 and "configuration ok" in check.stdout, check.stdout + check.stderr
     smoke = [
         *("listeners", "smoke", "--url", f"http://127.0.0.1:{port}"),
-        "--origin",
-        "https://app.example.com",
+        *("--origin", "https://app.example.com", "--timeout", "30", "--ws-wait", "30"),
     ]
     token = image_service.issuer.mint("smoke-user")
     result = subprocess.run([*smoke, "--token", token, "--redis"], env=env, capture_output=True, text=True)
@@ -350,11 +349,12 @@ def test_image_installs_from_the_lock_and_serves_healthz(
     result = subprocess.run([*smoke, "--token", forged], env=env, capture_output=True, text=True)
     assert result.returncode == 1 and "FAIL  websocket" in result.stdout and "token refused" in result.stdout
 
-    # Graceful stop: SIGTERM to PID 1 (exec-form CMD), done within ECS's stopTimeout. uvicorn
+    # Graceful stop: SIGTERM to PID 1 (exec-form CMD), done within ECS's stopTimeout (a product
+    # bound: ECS kills the task after it; the drain is budgeted well inside it). uvicorn
     # re-raises the signal once its shutdown is complete, hence the exit by SIGTERM.
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
-    process.wait(timeout=40)
+    process.wait(timeout=120)
     output = log.read_text()
     assert process.returncode in (0, -signal.SIGTERM), output
     assert '"Application shutdown complete."' in output

@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,6 +45,31 @@ def protected_redis() -> Iterator[RedisServer]:
         yield server
 
 
+def health_when(port: int, ready: Callable[[httpx.Response], bool], timeout: float = 60.0) -> dict[str, Any]:
+    """The first /healthz body for which `ready` holds; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        if ready(response):
+            body: dict[str, Any] = response.json()
+            return body
+        assert time.monotonic() < deadline, (
+            f"/healthz never got there: {response.status_code} {response.text}"
+        )
+        time.sleep(0.2)
+
+
+def online(users: int) -> None:
+    """Registers users before the service starts, so they are in its registry watch's first
+    snapshot: the emulator can miss a change written while a watch is still starting."""
+    db = firestore.Client(project="process-test")
+    for n in range(users):
+        db.document(f"listeners_registry/u{n}").set(
+            {"status": "online", "heartbeat_at": "2999-01-01T00:00:00Z"}
+        )
+    db.close()
+
+
 def service_env(redis: RedisServer, emulator: FirestoreEmulator) -> dict[str, str]:
     return {
         "LISTENERS_REDIS_HOST": "127.0.0.1",
@@ -72,33 +98,23 @@ def test_broken_configuration_exits_with_one_message() -> None:
 def test_runs_reports_health_and_stops_on_sigterm(
     protected_redis: RedisServer, emulator: FirestoreEmulator
 ) -> None:
+    online(20)
     port = free_port()
     process = uvicorn(service_env(protected_redis, emulator), port)
     try:
         wait_for_port(port, 60, None)
-        deadline = time.monotonic() + 30
-        while True:
-            health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
-            if health.json().get("redis") == "ok" or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert health.status_code == 200
-        assert health.json() == {"status": "ok", "version": "0.1.0", "listeners_count": 0, "redis": "ok"}
-        assert httpx.get(f"http://127.0.0.1:{port}/version", timeout=5).json()["version"] == "0.1.0"
-        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        health = health_when(
+            port, lambda r: r.json().get("redis") == "ok" and r.json()["listeners_count"] == 20
+        )
+        assert health == {"status": "ok", "version": "0.1.0", "listeners_count": 20, "redis": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/version", timeout=30).json()["version"] == "0.1.0"
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
         assert "listeners_publish_lag_seconds_bucket" in metrics and "listeners_attached_users" in metrics
-        db = firestore.Client(project="process-test")
-        for n in range(20):
-            db.document(f"listeners_registry/u{n}").set(
-                {"status": "online", "heartbeat_at": firestore.SERVER_TIMESTAMP, "ttl_seconds": 90}
-            )
-        db.close()
-        while httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["listeners_count"] < 20:
-            assert time.monotonic() < deadline + 30
-            time.sleep(0.2)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=15)
+        output, _ = process.communicate(timeout=60)
+        # A product bound: the shutdown budget (LISTENERS_SHUTDOWN_TIMEOUT_SECONDS, 8 s), plus
+        # 2 s for the interpreter to exit.
         assert time.monotonic() - started < 10
         assert process.returncode in (
             0,
@@ -123,12 +139,11 @@ def test_wrong_redis_password_is_reported_without_the_password(emulator: Firesto
         process = uvicorn(service_env(redis, emulator), port)
         try:
             wait_for_port(port, 60, None)
-            time.sleep(1.0)
-            health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+            health = health_when(port, lambda r: r.status_code == 200)  # started, not stopping
             assert health["status"] == "degraded" and health["redis"] == "down"
         finally:
             process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=15)
+            output, _ = process.communicate(timeout=60)
     assert "redis unavailable" in output
     assert PASSWORD not in output and "another-password-123" not in output
 
@@ -138,25 +153,19 @@ def test_sigterm_exits_in_time_even_with_firestore_gone(
 ) -> None:
     with FirestoreEmulator() as own:
         monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", own.host)
+        online(40)
         port = free_port()
         env = {**service_env(protected_redis, own), "LISTENERS_SHUTDOWN_TIMEOUT_SECONDS": "6"}
         process = uvicorn(env, port)
         try:
             wait_for_port(port, 60, None)
-            db = firestore.Client(project="process-test")
-            for n in range(40):
-                db.document(f"listeners_registry/u{n}").set(
-                    {"status": "online", "heartbeat_at": "2999-01-01T00:00:00Z"}
-                )
-            db.close()
-            deadline = time.monotonic() + 60
-            while httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["listeners_count"] < 40:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            health_when(port, lambda r: r.json().get("listeners_count") == 40)
             own.stop(signal.SIGKILL)  # every watch now closes slowly
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
-            process.communicate(timeout=30)
+            process.communicate(timeout=60)
+            # A product bound: the 6 s shutdown budget holds even when every watch hangs; 4 s
+            # more for the interpreter to exit.
             assert time.monotonic() - started < 10
         finally:
             if process.poll() is None:

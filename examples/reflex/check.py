@@ -1,11 +1,12 @@
 """Drives the example States with the real Reflex package and the real bridge.
 
-    .venv-reflex/bin/python examples/reflex/check.py UID SECONDS
+    .venv-reflex/bin/python examples/reflex/check.py UID
 
-Creates real State instances, feeds them `Bridge.events(UID)` through `_on_event` for
-SECONDS (what the background task does under `async with self`), then prints the
-public attributes and Reflex's dirty vars as JSON on stdout. What this cannot run here:
-the browser side and Reflex's own event loop (`reflex run` builds a Next.js frontend).
+Creates real State instances and feeds them `Bridge.events(UID)` through `_on_event` (what
+the background task does under `async with self`) until its standard input is closed. After
+each event it prints one JSON line: the event's type and the public attributes and Reflex's
+dirty vars; at the end, one more line (`"event": null`) with the final state. What this cannot
+run here: the browser side and Reflex's own event loop (`reflex run` builds a Next.js frontend).
 """
 
 from __future__ import annotations
@@ -23,34 +24,41 @@ from states import MessengerState, NotificationState, bridge
 from listeners.bridge import ChatThreads, DirectMessages, Notifications
 
 
-async def main(uid: str, seconds: float) -> None:
+async def main(uid: str) -> None:
     notes = NotificationState(_reflex_internal_init=True)  # type: ignore[call-arg]
     messenger = MessengerState(_reflex_internal_init=True)  # type: ignore[call-arg]
     notes.uid = messenger.uid = uid
     reducer, reducers = Notifications(), (DirectMessages(), ChatThreads())
 
+    def show(event_type: str | None) -> None:
+        state = {
+            "event": event_type,
+            "notifications": notes.notifications,
+            "unread_count": notes.unread_count,
+            "dirty": sorted(notes.dirty_vars),
+            "direct_messages": messenger.direct_messages,
+            "has_new_messages": messenger.has_new_messages,
+        }
+        print(json.dumps(state), flush=True)
+
     async def follow() -> None:
         async for event in bridge().events(uid):
             notes._on_event(reducer, event)
             messenger._on_event(reducers, event)
+            show(event["type"])
 
+    stdin = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     task = asyncio.create_task(follow())
-    await asyncio.sleep(seconds)
-    task.cancel()
+    stdin_closed = asyncio.create_task(stdin.read())
+    await asyncio.wait({task, stdin_closed}, return_when=asyncio.FIRST_COMPLETED)
+    for running in (task, stdin_closed):
+        running.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await task
-    print(
-        json.dumps(
-            {
-                "notifications": notes.notifications,
-                "unread_count": notes.unread_count,
-                "dirty": sorted(notes.dirty_vars),
-                "direct_messages": messenger.direct_messages,
-                "has_new_messages": messenger.has_new_messages,
-            }
-        )
-    )
+        await task  # raises what ended the bridge early, if anything did
+    show(None)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+    asyncio.run(main(sys.argv[1]))
