@@ -21,7 +21,11 @@ class InvalidInput(ValueError):
     """One item of outside input that is refused; the message says why, never the payload."""
 
 
-def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
+def parse_json(
+    raw: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH, allow_surrogates: bool = False
+) -> Any:
+    """The JSON value, or InvalidInput. Lone surrogates (valid JSON escapes, invalid text) are
+    refused unless `allow_surrogates`: data we only pass on is cleaned by `encode_json` instead."""
     if len(raw) > max_bytes:
         raise InvalidInput(f"larger than {max_bytes} bytes")
     try:
@@ -35,7 +39,7 @@ def parse_json(raw: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) 
         raise InvalidInput("not JSON") from None
     if depth(value, max_depth) > max_depth:
         raise InvalidInput(f"nested deeper than {max_depth}")
-    if has_lone_surrogate(value):
+    if not allow_surrogates and has_lone_surrogate(value):
         raise InvalidInput("a string holds a lone surrogate")
     return value
 
