@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from listeners.config import Settings
-from listeners.deliver.tokens import UNKNOWN_KEY, TokenRejected, TokenVerifier
+from listeners.deliver.tokens import CERTIFICATES_UNAVAILABLE, TokenRejected, TokenVerifier
 from listeners.local.auth import LocalIssuer
 from tests.test_websocket import closed_with, next_event, serving, ws_settings
 
@@ -74,7 +74,7 @@ async def test_a_failed_fetch_backs_off_and_refuses_meanwhile(certs: Certs, issu
         for _ in range(20):
             with pytest.raises(TokenRejected) as refused:
                 await verifier.verify(token, now=now)
-            assert refused.value.code == UNKNOWN_KEY and "certificates" in refused.value.reason
+            assert refused.value.code == CERTIFICATES_UNAVAILABLE and "certificates" in refused.value.reason
         assert certs.hits == 1  # one fetch, then refusals from memory
         with pytest.raises(TokenRejected):
             await verifier.verify(token, now=now + 1.01)  # the first step (at most 1 s) has passed
@@ -99,7 +99,7 @@ async def test_connections_are_refused_quickly_while_certificates_are_down(
         started = time.monotonic()
         for n in range(12):
             async with connect(f"{url}?token={issuer.mint(f'u{n}')}") as ws:
-                assert await closed_with(ws) == UNKNOWN_KEY
+                assert await closed_with(ws) == CERTIFICATES_UNAVAILABLE
         elapsed = time.monotonic() - started
         # Not one fetch per connection: after the first failure the waits are at least 0.5 s,
         # 1 s, 2 s...: within `elapsed` seconds, at most 1 + log2(2 * elapsed + 1) fetches.

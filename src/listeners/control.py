@@ -28,16 +28,18 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
 from listeners.backoff import Backoff
 from listeners.config import RedisSettings
 from listeners.inputs import InvalidInput, parse_json, valid_key
-from listeners.metrics import Metrics
 from listeners.publish.redis import close_quietly, redis_client
 from listeners.source.registry import ChatThread
+
+if TYPE_CHECKING:  # the bridge imports this module where prometheus_client is not installed
+    from listeners.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

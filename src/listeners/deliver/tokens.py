@@ -58,6 +58,9 @@ WRONG_AUDIENCE = 4006
 WRONG_ISSUER = 4007
 EXPIRED = 4008
 NOT_YET_VALID = 4009
+# Not the token's fault: the certificates could not be fetched. 1013 ("try again later") tells
+# the client to reconnect with backoff, where 4004 would tell it the token is bad for good.
+CERTIFICATES_UNAVAILABLE = 1013
 NO_SUBJECT = 4010
 
 
@@ -163,7 +166,7 @@ class TokenVerifier:
 
     def _refuse_while_backing_off(self, now: float) -> None:
         if not self._certs and now < self._retry_at:
-            raise TokenRejected("certificates unavailable (retrying later)", UNKNOWN_KEY)
+            raise TokenRejected("certificates unavailable (retrying later)", CERTIFICATES_UNAVAILABLE)
 
     async def _fetch(self, now: float) -> None:
         try:
@@ -177,7 +180,9 @@ class TokenVerifier:
             if not self._certs:
                 self._retry_at = now + _FETCH_BACKOFF.delay(self._failures)
                 self._failures += 1
-                raise TokenRejected(f"certificates unavailable ({type(exc).__name__})", UNKNOWN_KEY) from None
+                raise TokenRejected(
+                    f"certificates unavailable ({type(exc).__name__})", CERTIFICATES_UNAVAILABLE
+                ) from None
             self._fresh_until = now + _REFETCH_AFTER  # keep the ones we have; ask again later
             return
         self._certs = certs
