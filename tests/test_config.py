@@ -160,3 +160,22 @@ def test_secret_names_map_to_secret_manager_ids() -> None:
     )
     full = "projects/x/secrets/y/versions/3"
     assert secret_path("gcp", full) == full
+
+
+def test_token_certificates_come_over_https_or_from_loopback() -> None:
+    base = {"LISTENERS_REDIS_HOST": "h", "FIRESTORE_EMULATOR_HOST": "e:1", "FIREBASE_PROJECT_ID": "p"}
+    assert load_settings(base).websocket.certs_url.startswith("https://www.googleapis.com/")
+    for url in (
+        "https://certs.example.com/x",
+        "http://127.0.0.1:9099/certs",
+        "http://localhost/c",
+        "http://[::1]/c",
+    ):
+        assert load_settings({**base, "LISTENERS_TOKEN_CERTS_URL": url}).websocket.certs_url == url
+    for url in ("http://certs.example.com/x", "http://127.0.0.1.example.com/c", "ftp://127.0.0.1/c", "certs"):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({**base, "LISTENERS_TOKEN_CERTS_URL": url})
+        assert caught.value.problems == [
+            "LISTENERS_TOKEN_CERTS_URL: must be https:// (http:// only on loopback:"
+            " 127.0.0.0/8, ::1, localhost)"
+        ]

@@ -371,7 +371,7 @@ OUTPUTS = {
     "LogGroupName": "/ecs/listeners-service",
     "RedisHost": "master.listeners.abcdef.use1.cache.amazonaws.com",
     "RedisPort": "6379",
-    "RedisAuthSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:RedisAuthSecret-Abc-x1Y2z3",
+    "RedisServiceUserSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:RedisUser-x1Y2z3",
     "GoogleCredentialsSecretArn": "arn:aws:secretsmanager:us-east-1:123456789012:secret:google-AbCdEf",
     "GoogleProjectId": "pinnokio-prod",
     "WebSocketUrl": "wss://listeners.example.com/ws",
@@ -465,12 +465,13 @@ def test_task_definition_environment_has_no_secret() -> None:
     secrets = {s["name"]: s["valueFrom"] for s in container["secrets"]}
     assert SPEC_RUNTIME - {"GOOGLE_SERVICE_ACCOUNT_SECRET", "AWS_SECRET_NAME"} <= set(env) | set(secrets)
     assert not [name for name in env if SECRET_VALUED.search(name)]
-    assert secrets == {
-        "LISTENERS_REDIS_PASSWORD": OUTPUTS["RedisAuthSecretArn"] + ":password::",
+    assert secrets == {  # the service's own Redis user: name and password from one secret
+        "LISTENERS_REDIS_USERNAME": OUTPUTS["RedisServiceUserSecretArn"] + ":username::",
+        "LISTENERS_REDIS_PASSWORD": OUTPUTS["RedisServiceUserSecretArn"] + ":password::",
         "GOOGLE_APPLICATION_CREDENTIALS_JSON": OUTPUTS["GoogleCredentialsSecretArn"],
     }
     config = (ROOT / "src" / "listeners" / "config.py").read_text()
-    for name in env:  # every variable is one the service (or uvicorn) reads: no typo
+    for name in [*env, *secrets]:  # every variable is one the service (or uvicorn) reads: no typo
         assert name.startswith("UVICORN_") or f'"{name}"' in config, name
 
 
@@ -529,7 +530,8 @@ def test_infrastructure_matches_section_7() -> None:
     infra = cfn(ROOT / "deploy" / "cloudformation" / "infra.yaml")["Resources"]
     redis = infra["Redis"]["Properties"]
     assert redis["TransitEncryptionEnabled"] is True and redis["AtRestEncryptionEnabled"] is True
-    assert "resolve:secretsmanager" in json.dumps(redis["AuthToken"])
+    assert redis["TransitEncryptionMode"] == "required"
+    assert redis["UserGroupIds"] == [{"Ref": "RedisUserGroup"}] and "AuthToken" not in redis
     ingress = [r["Properties"] for r in infra.values() if r["Type"] == "AWS::EC2::SecurityGroupIngress"]
     to_redis = [i for i in ingress if i["GroupId"] == {"Ref": "RedisSecurityGroup"}]
     assert {json.dumps(i["SourceSecurityGroupId"]) for i in to_redis} == {
@@ -556,6 +558,43 @@ def test_infrastructure_matches_section_7() -> None:
     assert (target["HealthCheckPath"], target["Port"], target["TargetType"]) == ("/healthz", 8080, "ip")
     assert infra["LogGroup"]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
     assert "Policies" not in infra["TaskRole"]["Properties"]  # the task itself needs no AWS API
+
+
+def test_redis_users_log_in_with_their_own_generated_passwords() -> None:
+    """ElastiCache RBAC (docs/security-redis.md): the service, the Reflex backend and a
+    switched-off `default`, each with a password generated in Secrets Manager whose `username`
+    is the user's name; only the service's secret reaches the task. The access strings
+    themselves are checked, and exercised on a real redis-server, in tests/test_redis_acl.py."""
+    infra = cfn(ROOT / "deploy" / "cloudformation" / "infra.yaml")["Resources"]
+    users = {name: r["Properties"] for name, r in infra.items() if r["Type"] == "AWS::ElastiCache::User"}
+    secret_of = {
+        "RedisServiceUser": "RedisServiceUserSecret",
+        "RedisBackendUser": "RedisBackendUserSecret",
+        "RedisDefaultUser": "RedisDefaultUserSecret",
+    }
+    assert set(users) == set(secret_of)
+    for name, props in users.items():
+        secret = infra[secret_of[name]]["Properties"]["GenerateSecretString"]
+        assert json.loads(secret["SecretStringTemplate"]) == {"username": props["UserName"]}, name
+        assert secret["GenerateStringKey"] == "password" and secret["PasswordLength"] >= 32
+        assert props["AuthenticationMode"]["Type"] == "password" and "NoPasswordRequired" not in props
+        (password,) = props["AuthenticationMode"]["Passwords"]
+        assert json.dumps(password) == json.dumps(
+            {"Fn::Sub": f"{{{{resolve:secretsmanager:${{{secret_of[name]}}}:SecretString:password}}}}"}
+        ), name
+        assert props["Engine"] == {"Ref": "RedisEngine"}
+    assert users["RedisDefaultUser"]["UserName"] == "default"
+    assert users["RedisDefaultUser"]["AccessString"].split()[0] == "off"
+    assert len({json.dumps(p["UserId"]) for p in users.values()}) == 3
+    group = infra["RedisUserGroup"]["Properties"]
+    assert sorted(u["Ref"] for u in group["UserIds"]) == sorted(secret_of)
+    assert group["Engine"] == {"Ref": "RedisEngine"}
+    statements = infra["TaskExecutionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    (task_secrets,) = [s for s in statements if s["Sid"] == "TaskSecrets"]
+    assert {"Ref": "RedisServiceUserSecret"} in task_secrets["Resource"]
+    assert not {json.dumps({"Ref": s}) for s in ("RedisBackendUserSecret", "RedisDefaultUserSecret")} & {
+        json.dumps(r) for r in task_secrets["Resource"]
+    }
 
 
 def test_service_autoscales_on_cpu_from_one_task() -> None:

@@ -281,8 +281,9 @@ async def test_limits(
             await next_event(ws, "auth.ok")
             client = aioredis.Redis(port=redis_server.port)
             async with client.pipeline(transaction=False) as pipe:
-                for n in range(2000):
-                    pipe.publish("user:slow", json.dumps({"type": "notif.remove", "n": n, "pad": "x" * 200}))
+                for n in range(2000):  # envelopes of this user: the hub forwards nothing else
+                    event = {"type": "notif.remove", "uid": "slow", "event_id": f"e{n}", "timestamp": "t"}
+                    pipe.publish("user:slow", json.dumps({**event, "payload": {"doc_id": "x" * 200}}))
                 await pipe.execute()
             await client.aclose()
             assert await closed_with(ws) == 4014

@@ -11,9 +11,11 @@ Values of secrets are wrapped in `Secret` so that no repr, log line or error sho
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import socket
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,9 +102,16 @@ class WebSocketSettings:
     max_frame_bytes: int = 16_384
     messages_per_second: float = 10.0
     max_sockets_per_user: int = 10
-    max_sockets: int = 10_000
+    max_sockets: int = 10_000  # authenticated sockets; those still authenticating have their own cap
     queue_length: int = 1_000
     presence: bool = False
+    # A socket that never authenticates costs its client nothing: a smaller cap and a shorter deadline
+    # keep a flood of them from crowding out users (docs/websocket.md).
+    max_unauthenticated_sockets: int = 1_000
+    unauthenticated_timeout_seconds: float = 5.0
+    max_threads_per_user: int = 20
+    chat_subscribes_per_second: float = 2.0  # each one is a registry write every instance reads
+    max_event_bytes: int = 8 * 1024 * 1024  # an event on Redis larger than this is not forwarded
     admin_token: Secret | None = None  # the operations page; off without it
 
 
@@ -380,7 +389,7 @@ def _redis_settings(r: _Reader, redis_secret: Mapping[str, Any]) -> RedisSetting
         password=_secret(r.get(redis_secret, "password", "LISTENERS_REDIS_PASSWORD")),
         username=r.text(
             r.get(redis_secret, "username", "LISTENERS_REDIS_USERNAME"),
-            "LISTENERS_REDIS_USERNAME",
+            "LISTENERS_REDIS_USERNAME / redis.username",
             "",
         ),
         tls=r.boolean(
@@ -428,10 +437,11 @@ def _websocket(r: _Reader, env: Mapping[str, str], secret: Mapping[str, Any]) ->
     admin = _secret(r.get(secret, "admin_token", "LISTENERS_ADMIN_TOKEN"))
     if admin is not None and len(admin.reveal()) < 16:
         r.problems.append("LISTENERS_ADMIN_TOKEN / admin_token: must be at least 16 characters")
+    certs_url = r.text(env.get("LISTENERS_TOKEN_CERTS_URL"), "LISTENERS_TOKEN_CERTS_URL", default.certs_url)
+    if not https_or_loopback(certs_url):  # whoever serves the certificates decides who signs in
+        r.problems.append(f"LISTENERS_TOKEN_CERTS_URL: must be https:// ({LOOPBACK_ONLY})")
     return WebSocketSettings(
-        certs_url=r.text(
-            env.get("LISTENERS_TOKEN_CERTS_URL"), "LISTENERS_TOKEN_CERTS_URL", default.certs_url
-        ),
+        certs_url=certs_url,
         clock_skew_seconds=r.number(
             env.get("LISTENERS_TOKEN_CLOCK_SKEW_SECONDS"), "LISTENERS_TOKEN_CLOCK_SKEW_SECONDS", 30.0, 0, 300
         ),
@@ -454,8 +464,63 @@ def _websocket(r: _Reader, env: Mapping[str, str], secret: Mapping[str, Any]) ->
             env.get("LISTENERS_WS_QUEUE_LENGTH"), "LISTENERS_WS_QUEUE_LENGTH", 1_000, 1, 1_000_000
         ),
         presence=r.boolean(env.get("LISTENERS_WS_PRESENCE"), "LISTENERS_WS_PRESENCE", False),
+        max_unauthenticated_sockets=r.integer(
+            env.get("LISTENERS_WS_MAX_UNAUTHENTICATED_SOCKETS"),
+            "LISTENERS_WS_MAX_UNAUTHENTICATED_SOCKETS",
+            default.max_unauthenticated_sockets,
+            1,
+            1_000_000,
+        ),
+        unauthenticated_timeout_seconds=r.number(
+            env.get("LISTENERS_WS_UNAUTHENTICATED_TIMEOUT_SECONDS"),
+            "LISTENERS_WS_UNAUTHENTICATED_TIMEOUT_SECONDS",
+            default.unauthenticated_timeout_seconds,
+            0.1,
+            120,
+        ),
+        max_threads_per_user=r.integer(
+            env.get("LISTENERS_WS_MAX_THREADS_PER_USER"),
+            "LISTENERS_WS_MAX_THREADS_PER_USER",
+            default.max_threads_per_user,
+            1,
+            1_000,
+        ),
+        chat_subscribes_per_second=r.number(
+            env.get("LISTENERS_WS_CHAT_SUBSCRIBES_PER_SECOND"),
+            "LISTENERS_WS_CHAT_SUBSCRIBES_PER_SECOND",
+            default.chat_subscribes_per_second,
+            0.1,
+            100,
+        ),
+        max_event_bytes=r.integer(
+            env.get("LISTENERS_WS_MAX_EVENT_BYTES"),
+            "LISTENERS_WS_MAX_EVENT_BYTES",
+            default.max_event_bytes,
+            1_024,
+            64 * 1024 * 1024,
+        ),
         admin_token=admin,
     )
+
+
+LOOPBACK_ONLY = "http:// only on loopback: 127.0.0.0/8, ::1, localhost"
+
+
+def https_or_loopback(url: str) -> bool:
+    """An https URL with a host, or http to this machine (the tests' and the demo's local
+    issuer): a certificate fetched in clear text could be swapped on the way."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https":
+        return bool(host)
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _secret(value: Any) -> Secret | None:

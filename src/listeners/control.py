@@ -6,34 +6,51 @@ service answers on the user's own channel with fresh syncs.
 
 Requests are signed with HMAC-SHA256 under the control token that the service and its
 consumers share (`control_token` in the Redis secret, or LISTENERS_CONTROL_TOKEN), and
-carry a time: a request more than `MAX_SKEW` seconds off is refused. A replay inside
-that window only causes one more sync, which is harmless.
+carry a time and a nonce: a request more than `MAX_SKEW` seconds off is refused, and a
+signed request is served once: its signature is remembered until its time leaves the
+window, so a replay inside the window is refused too (`SeenRequests`, bounded).
+
+Anything that can publish on the channel can send anything, so each message is read as
+outside input (inputs.parse_json: bounded size and depth, UTF-8, no lone surrogates) and
+refused on its own, with one log line that gives the reason and never the message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
 from listeners.backoff import Backoff
 from listeners.config import RedisSettings
+from listeners.inputs import InvalidInput, parse_json, valid_key
 from listeners.publish.redis import close_quietly, redis_client
 from listeners.source.registry import ChatThread
+
+if TYPE_CHECKING:  # the bridge imports this module where prometheus_client is not installed
+    from listeners.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 MAX_SKEW = 60.0
 MAX_REQUEST_BYTES = 4096
+MAX_DEPTH = 4  # a request nests 3 deep: {threads: [[space_code, thread_key, mode]]}
+MAX_UID_LENGTH = 128  # Firebase's limit
+MAX_NONCE_LENGTH = 64
+# Requests remembered at once. Consumers send one per (re)subscribe and one every 5 s until
+# a sync arrives; 50,000 inside 2 minutes is far above that, and costs about 30 MB at worst.
+MAX_SEEN = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +61,36 @@ class ResyncRequest:
 
 class InvalidRequest(ValueError):
     pass
+
+
+class SeenRequests:
+    """Signatures of the requests served, each kept until its `ts` leaves the window.
+
+    Keyed by the signature: it covers every field (nonce included), so a replay has the same
+    one however its JSON is spelt. Bounded: when full of live entries a new request is refused
+    rather than an entry forgotten early (which would let that one be replayed); consumers ask
+    again after 5 s, by which time entries have expired.
+    """
+
+    def __init__(self, capacity: int = MAX_SEEN) -> None:
+        self._capacity = capacity
+        self._expiry: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []  # (expires_at, signature), soonest first
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def first_use(self, signature: str, expires_at: float, now: float) -> None:
+        """Record a request; raise `InvalidRequest` if it was already served, or no room."""
+        while self._heap and self._heap[0][0] < now:
+            _, old = heapq.heappop(self._heap)
+            self._expiry.pop(old, None)
+        if signature in self._expiry:
+            raise InvalidRequest("replayed request")
+        if len(self._expiry) >= self._capacity:
+            raise InvalidRequest("too many requests to remember; try again later")
+        self._expiry[signature] = expires_at
+        heapq.heappush(self._heap, (expires_at, signature))
 
 
 def _signature(token: str, fields: dict[str, Any]) -> str:
@@ -65,36 +112,77 @@ def resync_request(
     return json.dumps({**fields, "sig": _signature(token, fields)}).encode()
 
 
-def verify(token: str, raw: bytes, now: float | None = None) -> ResyncRequest:
+def _seconds(value: object) -> float | None:
+    """A finite time in seconds, or None. NaN would pass an `abs(...) > MAX_SKEW` test and
+    never expire; an integer of a thousand digits overflows a float; True is an int."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _valid_thread(thread: object) -> bool:
+    # Valid keys, as in channel names; a mode that is not a chat mode matches no open thread.
+    return isinstance(thread, list) and len(thread) == 3 and all(valid_key(part) for part in thread)
+
+
+def verify(
+    token: str, raw: bytes | str, now: float | None = None, *, seen: SeenRequests | None = None
+) -> ResyncRequest:
+    """The request in `raw`, or `InvalidRequest` saying why not (never echoing the input).
+    With `seen`, a request is accepted once: it is recorded there after every other check."""
+    now = time.time() if now is None else now
     if len(raw) > MAX_REQUEST_BYTES:
         raise InvalidRequest(f"request larger than {MAX_REQUEST_BYTES} bytes")
     try:
-        message = json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("not JSON") from None
+        message = parse_json(raw, max_bytes=MAX_REQUEST_BYTES, max_depth=MAX_DEPTH)
+    except InvalidInput as exc:
+        raise InvalidRequest(str(exc)) from None
     if not isinstance(message, dict):
         raise InvalidRequest("not a JSON object")
     signature = message.pop("sig", None)
-    if not isinstance(signature, str) or not hmac.compare_digest(signature, _signature(token, message)):
-        raise InvalidRequest("bad signature")
-    ts, uid, threads = message.get("ts"), message.get("uid"), message.get("threads", [])
-    if message.get("type") != "resync" or not isinstance(uid, str) or not uid:
-        raise InvalidRequest("not a resync request for a uid")
-    if not isinstance(ts, int | float) or abs((time.time() if now is None else now) - ts) > MAX_SKEW:
-        raise InvalidRequest("stale or future request")
-    if not isinstance(threads, list) or not all(
-        isinstance(t, list) and len(t) == 3 and all(isinstance(p, str) and p for p in t) for t in threads
+    # Bytes, not str: compare_digest raises TypeError on a str that is not ASCII.
+    if not isinstance(signature, str) or not hmac.compare_digest(
+        signature.encode(), _signature(token, message).encode()
     ):
+        raise InvalidRequest("bad signature")
+    ts, uid, threads, nonce = (
+        message.get("ts"),
+        message.get("uid"),
+        message.get("threads", []),
+        message.get("nonce"),
+    )
+    if message.get("type") != "resync" or not valid_key(uid, MAX_UID_LENGTH):
+        raise InvalidRequest("not a resync request for a valid uid")
+    assert isinstance(uid, str)
+    ts = _seconds(ts)
+    if ts is None or abs(now - ts) > MAX_SKEW:
+        raise InvalidRequest("stale or future request")
+    if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_NONCE_LENGTH:
+        raise InvalidRequest("no nonce")
+    if not isinstance(threads, list) or not all(_valid_thread(t) for t in threads):
         raise InvalidRequest("threads must be [space_code, thread_key, mode] triples")
+    if seen is not None:
+        seen.first_use(signature, ts + MAX_SKEW, now)  # past that, the time check refuses it
     return ResyncRequest(uid, tuple(ChatThread(*t) for t in threads))
 
 
 class ControlListener:
     """Subscribes to the control channel for as long as the service runs, through Redis outages."""
 
-    def __init__(self, settings: RedisSettings, on_resync: Callable[[ResyncRequest], None]) -> None:
+    def __init__(
+        self,
+        settings: RedisSettings,
+        on_resync: Callable[[ResyncRequest], None],
+        metrics: Metrics | None = None,
+    ) -> None:
         self._settings = settings
         self._on_resync = on_resync
+        self._metrics = metrics
+        self._seen = SeenRequests()
         self._backoff = Backoff()
         self.subscribed = asyncio.Event()
 
@@ -123,10 +211,25 @@ class ControlListener:
             await asyncio.sleep(self._backoff.delay(attempt))
             attempt += 1
 
-    def _handle(self, token: str, raw: bytes) -> None:
+    def _handle(self, token: str, raw: object) -> None:
+        """One message: served, or refused with its reason. Never raises, so no message can
+        end the listener."""
         try:
-            request = verify(token, raw)
+            if not isinstance(raw, bytes | str):
+                raise InvalidRequest("not a text message")
+            request = verify(token, raw, seen=self._seen)
         except InvalidRequest as exc:
-            log.warning("control request refused", extra={"reason": str(exc)})
+            self._refused(str(exc))
             return
-        self._on_resync(request)
+        except Exception as exc:  # a case the checks above missed: refuse it, keep listening
+            self._refused(f"unexpected {type(exc).__name__}")
+            return
+        try:
+            self._on_resync(request)
+        except Exception as exc:  # a bug in serving one request must not stop the others
+            log.error("control request failed", extra={"uid": request.uid, "reason": type(exc).__name__})
+
+    def _refused(self, reason: str) -> None:
+        log.warning("control request refused", extra={"reason": reason})
+        if self._metrics is not None:
+            self._metrics.rejected_inputs.labels(source="control").inc()

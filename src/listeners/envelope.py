@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from listeners.inputs import encode_json
 from listeners.normalise.timestamps import format_utc
 
 
@@ -42,4 +42,5 @@ class Envelope:
         }
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        # Never raises: a lone surrogate or a NaN in a document must not stop the publisher.
+        return encode_json(self.to_dict())

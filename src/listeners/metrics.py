@@ -38,6 +38,12 @@ class Metrics:
         self.malformed_registry = Counter(
             "listeners_registry_malformed", "Registry documents skipped as malformed", registry=r
         )
+        self.rejected_inputs = Counter(
+            "listeners_rejected_inputs",
+            "Items of outside input refused and skipped, by where they came from",
+            ["source"],
+            registry=r,
+        )
         self.attaches = Counter("listeners_user_attaches", "Users attached here", registry=r)
         self.detaches = Counter(
             "listeners_user_detaches", "Users detached here, by reason", ["reason"], registry=r

@@ -18,6 +18,7 @@ from types import TracebackType
 
 from listeners.backoff import Backoff
 from listeners.envelope import Envelope
+from listeners.inputs import clean_text, valid_key
 from listeners.metrics import Metrics
 from listeners.publish.publisher import Publisher
 from listeners.session import Channels, Sources, UserSession
@@ -131,9 +132,14 @@ class Node:
             self._versions[doc.id] = doc.update_time
             changed.add(doc.id)
             try:
+                if not valid_key(doc.id, max_length=128):
+                    # it would make `chat:{uid}:…` ambiguous, or a database path another user's
+                    raise MalformedEntry("the document id is not a valid uid")
                 entry = parse_entry(doc.id, doc.data, self._settings.default_ttl_seconds)
-            except MalformedEntry as exc:
-                self._warn_malformed(doc.id, str(exc))
+            except Exception as exc:  # MalformedEntry, or anything a hostile document triggers
+                self._warn_malformed(
+                    doc.id, str(exc) if isinstance(exc, MalformedEntry) else type(exc).__name__
+                )
                 continue  # the last valid entry, if any, stays in force (and can expire)
             self._entries[doc.id] = entry
         for uid in self._versions.keys() - seen:
@@ -146,7 +152,10 @@ class Node:
     def _warn_malformed(self, uid: str, reason: str) -> None:
         # Called once per document version: unchanged documents are not read again.
         self._metrics.malformed_registry.inc()
-        log.warning("registry document skipped as malformed", extra={"uid": uid, "reason": reason})
+        self._metrics.rejected_inputs.labels("registry").inc()
+        log.warning(
+            "registry document skipped as malformed", extra={"uid": clean_text(uid)[:128], "reason": reason}
+        )
 
     def _reconcile(self, uid: str) -> None:
         entry = self._entries.get(uid)
@@ -227,41 +236,45 @@ class Node:
         registry_backoff = Backoff(base=0.5, cap=30.0)
         while True:
             await asyncio.sleep(self._settings.sweep_interval_seconds)
-            now = self._clock()
-            for uid, entry in list(self._entries.items()):
-                if uid in self.sessions and not entry.is_online(now):
-                    self._detach(uid, "expired")
-            mono = time.monotonic()
-            for uid, deadline in list(self._moving.items()):
-                if uid not in self.sessions or self._owns(uid):
-                    del self._moving[uid]
-                elif mono >= deadline:
-                    self._detach(uid, "moved to another instance")
-            if not self.registry_healthy and mono >= self._registry_retry_at:
-                log.warning("registry watch ended; replacing it")
-                self._metrics.stream_restarts.labels("registry").inc()
-                self._registry_retry_at = mono + registry_backoff.delay(self._registry_failures)
-                self._registry_failures += 1
-                if self._registry is not None:
-                    await self._registry.close()
-                self._start_registry()
-            restarts = [
-                (session, stream)
-                for session in self.sessions.values()
-                for stream in session.all_streams()
-                if stream.restart_due(mono)
-            ]
-            for session, stream in restarts:
-                log.warning("stream ended; replacing it", extra={"uid": session.uid, "stream": stream.kind})
-                self._metrics.stream_restarts.labels(stream.kind).inc()
-            if restarts:
-                await asyncio.gather(
-                    *(stream.restart(mono) for _, stream in restarts), return_exceptions=True
-                )
-            self._metrics.failed_streams.set(
-                sum(not s.healthy for session in self.sessions.values() for s in session.all_streams())
-            )
-            self._metrics.attached_users.set(len(self.sessions))
-            self._metrics.cluster_members.set(self._members())
-            self._metrics.open_streams.set(self._source.open_streams)
-            self._metrics.firestore_connections.set(self._source.connections)
+            try:
+                await self._sweep(registry_backoff)
+            except Exception:  # one bad round must not end expiry and watch replacement for good
+                log.exception("node sweep failed; next round in %ss", self._settings.sweep_interval_seconds)
+
+    async def _sweep(self, registry_backoff: Backoff) -> None:
+        now = self._clock()
+        for uid, entry in list(self._entries.items()):
+            if uid in self.sessions and not entry.is_online(now):
+                self._detach(uid, "expired")
+        mono = time.monotonic()
+        for uid, deadline in list(self._moving.items()):
+            if uid not in self.sessions or self._owns(uid):
+                del self._moving[uid]
+            elif mono >= deadline:
+                self._detach(uid, "moved to another instance")
+        if not self.registry_healthy and mono >= self._registry_retry_at:
+            log.warning("registry watch ended; replacing it")
+            self._metrics.stream_restarts.labels("registry").inc()
+            self._registry_retry_at = mono + registry_backoff.delay(self._registry_failures)
+            self._registry_failures += 1
+            if self._registry is not None:
+                await self._registry.close()
+            self._start_registry()
+        restarts = [
+            (session, stream)
+            for session in self.sessions.values()
+            for stream in session.all_streams()
+            if stream.restart_due(mono)
+        ]
+        for session, stream in restarts:
+            log.warning("stream ended; replacing it", extra={"uid": session.uid, "stream": stream.kind})
+            self._metrics.stream_restarts.labels(stream.kind).inc()
+        if restarts:
+            await asyncio.gather(*(stream.restart(mono) for _, stream in restarts), return_exceptions=True)
+        self._metrics.failed_streams.set(
+            sum(not s.healthy for session in self.sessions.values() for s in session.all_streams())
+        )
+        self._metrics.attached_users.set(len(self.sessions))
+        self._metrics.cluster_members.set(self._members())
+        self._metrics.open_streams.set(self._source.open_streams)
+        self._metrics.firestore_connections.set(self._source.connections)

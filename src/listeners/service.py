@@ -177,7 +177,7 @@ async def running(
     def on_resync(request: ResyncRequest) -> None:
         node.resync_user(request.uid, request.threads)
 
-    control = ControlListener(settings.redis, on_resync)
+    control = ControlListener(settings.redis, on_resync, metrics)
     publishing = asyncio.create_task(publisher.run(), name="publisher")
     listening = asyncio.create_task(control.run(), name="control")
     coordinating = asyncio.create_task(membership.run(), name="membership")

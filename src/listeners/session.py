@@ -114,8 +114,8 @@ class UserSession:
     def _refusal(self, thread: ChatThread) -> str:
         if self._sources.rtdb is None:
             return "the Realtime Database is not configured"
-        companies = self.entry.authorized_companies_ids
-        if companies and thread.space_code not in companies:
+        # Fail closed: no companies on the entry means no chat at all, never every chat.
+        if thread.space_code not in self.entry.authorized_companies_ids:
             return "space_code is not in authorized_companies_ids"
         return ""
 

@@ -8,7 +8,6 @@ the next sync carries the current state. Events seen twice (same `event_id`) are
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -21,20 +20,22 @@ from listeners.backoff import Backoff
 from listeners.config import RedisSettings
 from listeners.control import resync_request
 from listeners.events import KNOWN_TYPES
+from listeners.inputs import InvalidInput, parse_json
 from listeners.publish.redis import close_quietly, redis_client
 from listeners.source.registry import ChatThread
 
 log = logging.getLogger(__name__)
 
+MAX_EVENT_BYTES = 16 * 2**20  # a sync of a long list is the largest event; far below this
 _SYNC_TYPES = frozenset({"notif.sync", "msg.sync", "chat.sync"})
 
 
 def parse_event(raw: bytes | str, uid: str) -> dict[str, Any] | None:
     """The event, or None (logged) when it is not one this consumer should apply."""
     try:
-        event = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        log.warning("event skipped: not JSON", extra={"uid": uid})
+        event = parse_json(raw, max_bytes=MAX_EVENT_BYTES)
+    except InvalidInput as exc:
+        log.warning("event skipped", extra={"uid": uid, "reason": str(exc)})
         return None
     if not isinstance(event, dict):
         log.warning("event skipped: not a JSON object", extra={"uid": uid})

@@ -41,7 +41,9 @@ def firestore_async_client(service: Service) -> Any:
 async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
     settings = service.settings
     redis = settings.redis
-    hub = Hub(redis, settings.instance_id)
+    hub = Hub(
+        redis, settings.instance_id, service.metrics, max_message_bytes=settings.websocket.max_event_bytes
+    )
     verifier = TokenVerifier(
         settings.firebase.project_id,
         certs_url=settings.websocket.certs_url,
@@ -65,27 +67,39 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
                 [(redis.control_channel, resync_request(redis.control_token.reveal(), uid, threads))]
             )
 
-    async def write_threads(uid: str, thread: ChatThread, add: bool) -> None:
-        if presence is not None:
-            await presence.set_threads(uid, sorted(gateway.threads_of(uid), key=str))
-            return
-        # Read, change, write on the condition that nobody wrote in between (and again if so):
-        # the field may not exist yet, and other writers (the bridge) may change it too.
+    async def write_threads(uid: str, thread: ChatThread, add: bool) -> bool:
+        """The user's `chat_threads` in the registry, with `thread` added or removed: True once
+        written (for a removal: once it is no longer there)."""
         fields = {"space_code": thread.space_code, "thread_key": thread.thread_key, "mode": thread.mode}
         document = db.collection(REGISTRY_COLLECTION).document(uid)
+        if presence is not None:
+            await presence.set_threads(uid, sorted(gateway.threads_of(uid), key=str))
+            if not add:
+                return True
+            # Presence keeps a failed write for its next heartbeat and does not say: read it back.
+            try:
+                snapshot = await document.get()
+            except Exception as exc:
+                log.warning("chat thread not confirmed", extra={"uid": uid, "reason": type(exc).__name__})
+                return False
+            return fields in ((snapshot.to_dict() or {}).get("chat_threads") or [])
+        # Read, change, write on the condition that nobody wrote in between (and again if so):
+        # the field may not exist yet, and other writers (the bridge) may change it too.
+        reason = ""
         for _ in range(3):
             try:
                 snapshot = await document.get()
                 if not snapshot.exists:
                     log.warning("chat thread not written: user not in the registry", extra={"uid": uid})
-                    return
+                    return False
                 current = [t for t in (snapshot.to_dict() or {}).get("chat_threads") or [] if t != fields]
                 option = db.write_option(last_update_time=snapshot.update_time)
                 await document.update({"chat_threads": [*current, fields] if add else current}, option=option)
-                return
+                return True
             except Exception as exc:  # a concurrent write, or Firestore unreachable: try again
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = type(exc).__name__
         log.warning("chat thread not written to the registry", extra={"uid": uid, "reason": reason})
+        return False
 
     async def mark_read(uid: str, doc_id: str) -> bool:
         """The UI marks a notification read: only the token's own, and only an existing one."""
@@ -100,8 +114,8 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
             return False
         return True
 
-    async def open_thread(uid: str, thread: ChatThread) -> None:
-        await write_threads(uid, thread, add=True)
+    async def open_thread(uid: str, thread: ChatThread) -> bool:
+        return await write_threads(uid, thread, add=True)
 
     async def close_thread(uid: str, thread: ChatThread) -> None:
         await write_threads(uid, thread, add=False)
@@ -113,12 +127,14 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
             hub=hub,
             verifier=verifier,
             channels=Channels(redis.channel_prefix, redis.chat_channel_prefix),
+            metrics=service.metrics,
             entry=service.node.entry,
             resync=resync,
             mark_read=mark_read,
             open_thread=open_thread,
             close_thread=close_thread,
             presence=presence.online if presence is not None else None,
+            chat=service.rtdb is not None,
         ),
     )
     running_hub = service.supervise(asyncio.create_task(hub.run(), name="hub"))

@@ -7,6 +7,11 @@ Pinned to RS256; the key is chosen by `kid` among Google's securetoken certifica
 clock skew, and a non-empty `sub` (the uid). Every refusal has its own reason and close
 code, so a client and an operator can tell them apart. The signature is checked with
 google-auth's RSA verifier before any claim is trusted.
+
+The certificates decide whose tokens are accepted, so they come over https only (http to a
+loopback address for the local issuer of the tests and the demo). While none could be
+fetched, the fetch is retried with exponential backoff, and tokens are refused at once in
+between, rather than each connection waiting on its own fetch of a failing endpoint.
 """
 
 from __future__ import annotations
@@ -22,10 +27,17 @@ from typing import Any
 import httpx
 from google.auth import crypt
 
+from listeners.backoff import Backoff
+from listeners.config import LOOPBACK_ONLY, https_or_loopback
+
 GOOGLE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 MAX_TOKEN_BYTES = 8192
 _MAX_AGE = re.compile(r"max-age=(\d+)")
 _REFETCH_AFTER = 60.0  # an unknown kid refetches the certificates at most this often
+# With no certificates at all, failed fetches are retried after 0.5-1 s, then twice as long
+# each time, up to 15-30 s: an outage of Google's endpoint costs few requests, and a short
+# blip at start-up is over within a second.
+_FETCH_BACKOFF = Backoff(base=1.0, cap=30.0)
 
 
 class TokenRejected(Exception):
@@ -46,6 +58,9 @@ WRONG_AUDIENCE = 4006
 WRONG_ISSUER = 4007
 EXPIRED = 4008
 NOT_YET_VALID = 4009
+# Not the token's fault: the certificates could not be fetched. 1013 ("try again later") tells
+# the client to reconnect with backoff, where 4004 would tell it the token is bad for good.
+CERTIFICATES_UNAVAILABLE = 1013
 NO_SUBJECT = 4010
 
 
@@ -69,6 +84,8 @@ class TokenVerifier:
         clock_skew_seconds: float = 30.0,
         http: httpx.AsyncClient | None = None,
     ) -> None:
+        if not https_or_loopback(certs_url):
+            raise ValueError(f"certificate URL must be https:// ({LOOPBACK_ONLY})")
         self._project = project_id
         self._issuer = f"https://securetoken.google.com/{project_id}"
         self._certs_url = certs_url
@@ -77,6 +94,8 @@ class TokenVerifier:
         self._certs: dict[str, str] = {}
         self._fresh_until = 0.0
         self._fetched_at = 0.0
+        self._failures = 0  # fetches failed in a row while no certificate is known
+        self._retry_at = 0.0  # until then, with no certificate known, refuse without fetching
         self._lock = asyncio.Lock()
 
     async def aclose(self) -> None:
@@ -133,7 +152,9 @@ class TokenVerifier:
         return VerifiedToken(uid=uid, expires_at=float(exp), claims=claims)
 
     async def _certificate(self, kid: str, now: float) -> str:
+        self._refuse_while_backing_off(now)  # before the lock: no queueing behind a slow fetch
         async with self._lock:
+            self._refuse_while_backing_off(now)  # the fetch we waited for may just have failed
             stale = now >= self._fresh_until
             unknown = kid not in self._certs and now - self._fetched_at >= _REFETCH_AFTER
             if stale or unknown:
@@ -143,19 +164,29 @@ class TokenVerifier:
             raise TokenRejected("unknown key id", UNKNOWN_KEY)
         return certificate
 
+    def _refuse_while_backing_off(self, now: float) -> None:
+        if not self._certs and now < self._retry_at:
+            raise TokenRejected("certificates unavailable (retrying later)", CERTIFICATES_UNAVAILABLE)
+
     async def _fetch(self, now: float) -> None:
         try:
             response = await self._http.get(self._certs_url)
             response.raise_for_status()
             certs = response.json()
+            if not isinstance(certs, dict) or not all(isinstance(v, str) for v in certs.values()):
+                raise ValueError("not a map of key ids to certificates")
         except (httpx.HTTPError, ValueError) as exc:
             self._fetched_at = now
             if not self._certs:
-                raise TokenRejected(f"certificates unavailable ({type(exc).__name__})", UNKNOWN_KEY) from None
+                self._retry_at = now + _FETCH_BACKOFF.delay(self._failures)
+                self._failures += 1
+                raise TokenRejected(
+                    f"certificates unavailable ({type(exc).__name__})", CERTIFICATES_UNAVAILABLE
+                ) from None
             self._fresh_until = now + _REFETCH_AFTER  # keep the ones we have; ask again later
             return
-        if isinstance(certs, dict) and all(isinstance(v, str) for v in certs.values()):
-            self._certs = certs
+        self._certs = certs
+        self._failures = 0
         match = _MAX_AGE.search(response.headers.get("cache-control", ""))
         self._fetched_at = now
         self._fresh_until = now + (int(match.group(1)) if match else 0)

@@ -5,14 +5,16 @@ comes in `?token=`, in `Sec-WebSocket-Protocol: bearer, <token>`, or as a first
 `{"type": "auth", "token": ...}` message; once verified, the socket follows the user's
 channels through the hub and asks for a resync, so it starts with fresh syncs. Every
 limit is explicit: frame size, client messages per second, sockets per user and per
-instance, and the outbound queue (a slow consumer is closed, reconnects and resyncs).
+instance, sockets still authenticating and their deadline, chat threads per user and
+`chat.subscribe` per second, and the outbound queue (a slow consumer is closed, reconnects
+and resyncs). Chat fails closed: a thread is served only to a user whose registry entry
+names the thread's company (docs/websocket.md, "Chat threads").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import defaultdict
@@ -25,6 +27,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from listeners.config import WebSocketSettings
 from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
+from listeners.inputs import InvalidInput, encode_json, parse_json, valid_key
+from listeners.metrics import Metrics
 from listeners.session import Channels
 from listeners.source.registry import CHAT_MODES, ChatThread, RegistryEntry, valid_thread_part
 
@@ -35,12 +39,18 @@ ORIGIN_REFUSED = 1008  # before the upgrade: the client sees HTTP 403
 TOO_BIG = 1009
 INSTANCE_FULL = 1013
 GOING_AWAY = 1001
+INTERNAL_ERROR = 1011
 NO_TOKEN = 4001
 TOKEN_EXPIRED = 4011
+UID_REFUSED = 4012  # the token's uid cannot stand in a channel name or a database path
 TOO_MANY_SOCKETS = 4013
 SLOW_CONSUMER = 4014
 RATE_LIMITED = 4015
 UID_CHANGED = 4017
+
+MAX_UID_LENGTH = 128  # Firebase's own limit; tokens.py refuses longer ones as 4010
+HUB_CONFIRM_SECONDS = 5.0  # Redis answers a SUBSCRIBE in well under a second when it is up
+OPEN_THREAD_SECONDS = 15.0  # the registry write (a read and a conditional write, retried)
 
 
 @dataclass
@@ -50,12 +60,14 @@ class Services:
     hub: Hub
     verifier: TokenVerifier
     channels: Channels
+    metrics: Metrics
     entry: Callable[[str], RegistryEntry | None]  # the user's registry entry, if known
     resync: Callable[[str, tuple[ChatThread, ...]], Coroutine[Any, Any, None]]
     mark_read: Callable[[str, str], Awaitable[bool]]  # (uid, doc_id) -> written
-    open_thread: Callable[[str, ChatThread], Awaitable[None]]
+    open_thread: Callable[[str, ChatThread], Awaitable[bool]]  # -> written to the registry
     close_thread: Callable[[str, ChatThread], Awaitable[None]]
     presence: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
+    chat: bool = True  # False without a Realtime Database: no thread could ever be served
 
 
 @dataclass
@@ -66,6 +78,8 @@ class Gateway:
     sockets: dict[str, set[Connection]] = field(default_factory=lambda: defaultdict(set))
     closing: bool = False
     count: int = 0  # every socket past the Origin check, authenticated or not yet
+    unauthenticated: int = 0  # accepted, token not verified yet (their own, smaller cap)
+    authenticated: int = 0  # verified; `max_sockets` caps these
 
     def origin_allowed(self, websocket: WebSocket) -> bool:
         """No Origin (not a browser), a listed origin, or the page's own origin."""
@@ -106,9 +120,14 @@ class Connection:
         self.uid = ""
         self.expires_at = 0.0
         self.threads: set[ChatThread] = set()
+        self._thread_sinks: dict[ChatThread, Callable[[str], None]] = {}  # what the hub calls
+        # Events of a thread being opened, held until `chat.subscribed` is out: a client sees
+        # the answer first, then the thread's `chat.sync`, whatever the timing.
+        self._held: dict[ChatThread, list[str]] = {}
         self._outbound: asyncio.Queue[str] = asyncio.Queue(self.settings.queue_length)
-        self._tokens = 2 * self.settings.messages_per_second  # token bucket, burst of two seconds
-        self._refilled = time.monotonic()
+        self._messages = TokenBucket(self.settings.messages_per_second, burst_seconds=2)
+        # Each chat.subscribe is a registry write that every instance reads: its own budget.
+        self._subscribes = TokenBucket(self.settings.chat_subscribes_per_second, burst_seconds=5)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept until done
 
@@ -127,30 +146,62 @@ class Connection:
         if len(subprotocols) == 2 and subprotocols[0] == "bearer":
             token = subprotocols[1]
         await self.websocket.accept(subprotocol="bearer" if token and subprotocols[0] == "bearer" else None)
-        if self.gateway.count > self.settings.max_sockets or self.gateway.closing:
+        gateway = self.gateway
+        # Sockets still authenticating cost a client nothing but a connection: they have their
+        # own, smaller cap, so that a flood of them cannot take the places of signed-in users.
+        if (
+            gateway.closing
+            or gateway.unauthenticated >= self.settings.max_unauthenticated_sockets
+            or gateway.authenticated >= self.settings.max_sockets
+        ):
             await self.close(INSTANCE_FULL, "instance full")
             return
-        verified = await self._authenticate(token)
+        gateway.unauthenticated += 1
+        try:
+            verified = await self._authenticate(token)
+        finally:
+            gateway.unauthenticated -= 1
         if verified is None:
             return
+        if not valid_key(verified.uid, max_length=MAX_UID_LENGTH):
+            # `chat:{uid}:{space}:{thread}` and `clients/{uid}/…` must mean one thing only
+            self.services.metrics.rejected_inputs.labels(source="websocket").inc()
+            log.warning("websocket refused: uid", extra={"reason": "the uid is not a valid key"})
+            await self.close(UID_REFUSED, "uid not usable")
+            return
+        if gateway.authenticated >= self.settings.max_sockets or gateway.closing:
+            await self.close(INSTANCE_FULL, "instance full")
+            return
         self.uid, self.expires_at = verified.uid, verified.expires_at
-        mine = self.gateway.sockets[self.uid]
+        mine = gateway.sockets[self.uid]
         if len(mine) >= self.settings.max_sockets_per_user:
             await self.close(TOO_MANY_SOCKETS, "too many sockets for this user")
             return
         mine.add(self)
+        gateway.authenticated += 1
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.services.presence is not None:
                     await stack.enter_async_context(self.services.presence(self.uid))
                 await self._run()
         finally:
+            gateway.authenticated -= 1
             mine.discard(self)
             if not mine:
-                self.gateway.sockets.pop(self.uid, None)
+                gateway.sockets.pop(self.uid, None)
             await self._leave()
 
     async def _authenticate(self, token: str | None) -> VerifiedToken | None:
+        """The verified token, or None once the socket is closed. The whole of it, waiting for
+        an `auth` message included, fits in `unauthenticated_timeout_seconds`."""
+        try:
+            async with asyncio.timeout(self.settings.unauthenticated_timeout_seconds):
+                return await self._verify(token)
+        except TimeoutError:
+            await self.close(NO_TOKEN, "not authenticated in time")
+            return None
+
+    async def _verify(self, token: str | None) -> VerifiedToken | None:
         if token is None:
             try:
                 async with asyncio.timeout(self.settings.auth_timeout_seconds):
@@ -177,7 +228,9 @@ class Connection:
 
     async def _run(self) -> None:
         user_channel = self.services.channels.user(self.uid)
-        await self.services.hub.subscribe(user_channel, self._deliver)
+        if not await self.services.hub.subscribe(user_channel, self.uid, self._deliver):
+            await self.close(INTERNAL_ERROR, "no delivery for this uid")  # a valid uid never gets here
+            return
         forget = self.services.hub.on_reconnect(self._after_reconnect)
         writer = asyncio.create_task(self._write(), name=f"ws-write {self.uid}")
         watchdog = asyncio.create_task(self._expire(), name=f"ws-expiry {self.uid}")
@@ -227,28 +280,18 @@ class Connection:
             if len(data) > self.settings.max_frame_bytes:
                 await self.close(TOO_BIG, "frame too large")
                 return None
-            if not self._allow():
+            if not self._messages.take():
                 log.warning("websocket closed: rate limited", extra={"uid": self.uid})
                 await self.close(RATE_LIMITED, "too many messages")
                 return None
             try:
-                message = json.loads(data)
-            except ValueError:
+                message = parse_json(data, max_bytes=self.settings.max_frame_bytes)
+            except InvalidInput:
                 message = None
             if isinstance(message, dict):
                 return message
             await self._send({"type": "error", "reason": "messages are JSON objects"})
         return None
-
-    def _allow(self) -> bool:
-        now = time.monotonic()
-        rate = self.settings.messages_per_second
-        self._tokens = min(2 * rate, self._tokens + (now - self._refilled) * rate)
-        self._refilled = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
     async def _handle(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -266,6 +309,7 @@ class Connection:
         elif kind in ("chat.subscribe", "chat.unsubscribe"):
             thread = _thread(message)
             if thread is None:
+                self.services.metrics.rejected_inputs.labels(source="websocket").inc()
                 await self._send(
                     {"type": "error", "reason": "space_code, thread_key and mode needed, as database keys"}
                 )
@@ -293,33 +337,99 @@ class Connection:
         await self._send({"type": "auth.ok", "uid": self.uid, "expires_at": self.expires_at})
 
     async def _subscribe_thread(self, thread: ChatThread) -> None:
-        entry = self.services.entry(self.uid)
-        companies = entry.authorized_companies_ids if entry else frozenset()
-        if companies and thread.space_code not in companies:
+        refusal = self._chat_refusal(thread)
+        if refusal:
             log.warning(
                 "chat thread refused",
-                extra={
-                    "uid": self.uid,
-                    "space_code": thread.space_code,
-                    "reason": "not an authorised company",
-                },
+                extra={"uid": self.uid, "space_code": thread.space_code, "reason": refusal},
             )
-            await self._send(
-                {"type": "chat.refused", "reason": "not an authorised company", **_fields(thread)}
-            )
+            # One meaning for clients: after `chat.refused` the socket does not have the thread
+            # (it may have had it before the user lost the company).
+            await self._unsubscribe_thread(thread)
+            await self._send({"type": "chat.refused", "reason": refusal, **_fields(thread)})
             return
         if thread not in self.threads:
-            self.threads.add(thread)
-            await self.services.hub.subscribe(self.services.channels.chat(self.uid, thread), self._deliver)
-            await self.services.open_thread(self.uid, thread)
+            failure = await self._open(thread)
+            if failure:
+                log.warning(
+                    "chat thread not opened",
+                    extra={"uid": self.uid, "space_code": thread.space_code, "reason": failure},
+                )
+                await self._send({"type": "chat.refused", "reason": failure, **_fields(thread)})
+                return
         await self._send({"type": "chat.subscribed", **_fields(thread)})
+        for text in self._held.pop(thread, []):
+            self._deliver(text)
         await self.services.resync(self.uid, (thread,))
+
+    def _chat_refusal(self, thread: ChatThread) -> str:
+        """Why this socket may not have the thread, or "". Fails closed: no registry entry, or
+        an entry without companies, serves no thread at all."""
+        if not self._subscribes.take():
+            return "too many chat.subscribe messages; retry later"
+        if not self.services.chat:
+            return "chat is not available (no Realtime Database)"
+        entry = self.services.entry(self.uid)
+        if entry is None or thread.space_code not in entry.authorized_companies_ids:
+            return "not an authorised company"
+        mine = self.gateway.threads_of(self.uid)
+        if thread not in mine and len(mine) >= self.settings.max_threads_per_user:
+            return f"too many threads (at most {self.settings.max_threads_per_user} per user)"
+        return ""
+
+    async def _open(self, thread: ChatThread) -> str:
+        """Sets the thread up: the hub's subscription confirmed by Redis, then the thread
+        written to the registry (which makes the serving instance open its stream). Returns
+        "" once both are done; otherwise undoes what was done and says what failed."""
+        # Claimed before any await: the per-user cap counts it for the user's other sockets.
+        self.threads.add(thread)
+        self._held[thread] = []
+        sink = self._thread_sinks[thread] = self._thread_sink(thread)
+        channel = self.services.channels.chat(self.uid, thread)
+        hub = self.services.hub
+        subscribed = await hub.subscribe(channel, self.uid, sink) and await hub.confirmed(
+            channel, HUB_CONFIRM_SECONDS
+        )
+        if subscribed and await self._written(thread):
+            return ""
+        self.threads.discard(thread)
+        del self._held[thread], self._thread_sinks[thread]
+        await hub.unsubscribe(channel, sink)
+        if not subscribed:
+            return "delivery unavailable (Redis); retry later"
+        if thread not in self.gateway.threads_of(self.uid):
+            # A write that landed late is undone, and presence forgets the thread instead of
+            # writing it at its next heartbeat.
+            await self.services.close_thread(self.uid, thread)
+        return "the thread could not be written to the registry; retry later"
+
+    def _thread_sink(self, thread: ChatThread) -> Callable[[str], None]:
+        def sink(text: str) -> None:
+            held = self._held.get(thread)
+            if held is None:
+                self._deliver(text)
+            elif len(held) < self.settings.queue_length:
+                held.append(text)
+            elif not self._closed:
+                log.warning("websocket closed: slow consumer", extra={"uid": self.uid})
+                self._spawn(self.close(SLOW_CONSUMER, "slow consumer"))
+
+        return sink
+
+    async def _written(self, thread: ChatThread) -> bool:
+        try:
+            async with asyncio.timeout(OPEN_THREAD_SECONDS):
+                return await self.services.open_thread(self.uid, thread)
+        except TimeoutError:
+            return False
 
     async def _unsubscribe_thread(self, thread: ChatThread) -> None:
         if thread not in self.threads:
             return
         self.threads.discard(thread)
-        await self.services.hub.unsubscribe(self.services.channels.chat(self.uid, thread), self._deliver)
+        self._held.pop(thread, None)
+        sink = self._thread_sinks.pop(thread)
+        await self.services.hub.unsubscribe(self.services.channels.chat(self.uid, thread), sink)
         if thread not in self.gateway.threads_of(self.uid):
             await self.services.close_thread(self.uid, thread)
 
@@ -338,7 +448,7 @@ class Connection:
         self._spawn(self.services.resync(self.uid, tuple(self.threads)))
 
     async def _send(self, message: dict[str, Any]) -> None:
-        self._deliver(json.dumps(message))
+        self._deliver(encode_json(message).decode())
 
     async def _write(self) -> None:
         while True:
@@ -357,6 +467,25 @@ class Connection:
                 await self.close(TOKEN_EXPIRED, "token expired")
                 return
             await asyncio.sleep(min(remaining, 60.0))
+
+
+class TokenBucket:
+    """`rate` per second on average, with bursts of `burst_seconds` worth (at least one)."""
+
+    def __init__(self, rate: float, burst_seconds: float) -> None:
+        self._rate = rate
+        self._burst = max(1.0, rate * burst_seconds)
+        self._tokens = self._burst
+        self._refilled = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 def _thread(message: dict[str, Any]) -> ChatThread | None:

@@ -322,6 +322,14 @@ class Hub:
             stream.end()
         return len(hit)
 
+    def inject(self, ns: str, keys: tuple[str, ...], event: str, raw: bytes) -> int:
+        """Send a raw, possibly malformed event to the streams open at exactly this path: the
+        fuzz tests' way to put bytes on the wire that no real write could produce."""
+        hit = [stream for stream in self._streams if stream.ns == ns and stream.keys == keys]
+        for stream in hit:
+            stream.queue.put_nowait(b"event: " + event.encode() + b"\ndata: " + raw + b"\n\n")
+        return len(hit)
+
     def reset(self) -> None:
         self._data.clear()
         self._denied.clear()
@@ -492,6 +500,12 @@ def build_app(hub: Hub) -> Starlette:
         hub.reset()
         return JSONResponse({})
 
+    async def inject(request: Request) -> Response:
+        ns = request.query_params.get("ns") or DEFAULT_NAMESPACE
+        keys = _keys(request.query_params.get("path", "/"))
+        event = request.query_params.get("event", "put")
+        return JSONResponse({"injected": hub.inject(ns, keys, event, await request.body())})
+
     return Starlette(
         routes=[
             Route("/_standin/streams", streams, methods=["GET"]),
@@ -501,6 +515,7 @@ def build_app(hub: Hub) -> Starlette:
             Route("/_standin/redirect", redirect, methods=["POST"]),
             Route("/_standin/hold", hold, methods=["POST"]),
             Route("/_standin/reset", reset, methods=["POST"]),
+            Route("/_standin/inject", inject, methods=["POST"]),
             Route("/{path:path}", data, methods=list(_METHODS)),
         ]
     )
@@ -593,6 +608,14 @@ class RtdbStandin(_Child):
 
     async def cancel(self, path: str, ns: str | None = None) -> int:
         return int((await self.hook("POST", "cancel", path=path, **({"ns": ns} if ns else {})))["cancelled"])
+
+    async def inject(self, path: str, event: str, raw: bytes, ns: str | None = None) -> int:
+        """Raw bytes as one event's data to the streams open at `path` (see Hub.inject)."""
+        params = {"path": path, "event": event, **({"ns": ns} if ns else {})}
+        async with httpx.AsyncClient(base_url=self.url, timeout=10.0) as http:
+            response = await http.post("/_standin/inject", params=params, content=raw)
+            response.raise_for_status()
+            return int(response.json()["injected"])
 
     async def set_redirect(self, on: bool) -> None:
         await self.hook("POST", "redirect", on="1" if on else "0")

@@ -7,23 +7,26 @@ Expiry is logical: nothing changes in Firestore when it happens, so the node swe
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from listeners.inputs import valid_key
 from listeners.normalise.timestamps import parse_timestamp
 
 REGISTRY_COLLECTION = "listeners_registry"
 DEFAULT_TTL_SECONDS = 90
+# Registry values are clamped to sane ranges: a TTL of 1e20 s or a heartbeat in the year 9999
+# would otherwise overflow the date arithmetic of every sweep.
+MAX_TTL_SECONDS = 86_400
+MAX_HEARTBEAT_AHEAD = timedelta(minutes=5)  # clock skew between writers; later counts as this
 _STATUSES = ("online", "offline")
-# A thread's parts are Realtime Database keys: no "/" and none of the characters it forbids.
-_BAD_KEY = re.compile(r"[/.#$\[\]\x00-\x1f\x7f]")
 
 
 def valid_thread_part(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 200 and not _BAD_KEY.search(value)
+    """A thread's parts are Realtime Database keys and parts of a channel name (inputs.valid_key)."""
+    return valid_key(value)
 
 
 CHAT_MODES = frozenset({"job_chats", "chats", "active_chats"})
@@ -77,6 +80,8 @@ def parse_entry(uid: str, data: Mapping[str, Any], default_ttl: int) -> Registry
         ttl = int(ttl)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
         problems.append(f"ttl_seconds must be a positive integer (got {_describe(ttl)})")
+    else:
+        ttl = min(ttl, MAX_TTL_SECONDS)
 
     companies: Any = data.get("authorized_companies_ids") or []
     if not isinstance(companies, list) or not all(isinstance(c, str) for c in companies):
@@ -91,6 +96,7 @@ def parse_entry(uid: str, data: Mapping[str, Any], default_ttl: int) -> Registry
     if problems:
         raise MalformedEntry("; ".join(problems))
     assert heartbeat is not None
+    heartbeat = min(heartbeat, datetime.now(UTC) + MAX_HEARTBEAT_AHEAD)
     return RegistryEntry(
         uid=uid,
         status=str(status),

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 
 import httpx
 
 from listeners.backoff import Backoff
+from listeners.inputs import InvalidInput, parse_json
 from listeners.source.rtdb.client import DEFAULT_IDLE_TIMEOUT, RtdbClient, RtdbError, _error
 from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SseEvent, SseParser
 from listeners.source.rtdb.tree import Json, _ProtocolError, apply_event, split_path
@@ -202,9 +202,12 @@ class NodeStream:
         kind = event.event
         if kind in ("put", "patch"):
             try:
-                message = json.loads(event.data)
-            except ValueError as exc:
-                raise _ProtocolError(f"{kind} data is not JSON: {exc}") from exc
+                # Bounded: a put holds at most the watched subtree, never deeper than this.
+                message = parse_json(
+                    event.data, max_bytes=self._max_event_bytes, max_depth=64, allow_surrogates=True
+                )
+            except InvalidInput as exc:
+                raise _ProtocolError(f"{kind} data refused: {exc}") from None
             if (
                 not isinstance(message, dict)
                 or not isinstance(message.get("path"), str)
