@@ -228,8 +228,9 @@ class Recorder(latency.Consumer):
 
 
 def write_registry(db: firestore.Client, uids: list[str]) -> None:
-    """Every user online until 2999: no heartbeat write (which the emulator would fan out
-    to every watch) is needed while the benchmark runs."""
+    """Every user online until 2999: no heartbeat write is needed while the benchmark runs
+    (each would reach every instance's registry watch; on the npm fallback emulator, every
+    watch)."""
     for i in range(0, len(uids), 500):  # a batch holds at most 500 writes
         batch = db.batch()
         for uid in uids[i : i + 500]:

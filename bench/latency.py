@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 from google.cloud import firestore
 
 from listeners.local.processes import (
+    GOOGLE,
     PROJECT_ROOT,
     FirestoreEmulator,
     RedisServer,
@@ -311,9 +312,9 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
     service: BenchService | None = None
     sent: dict[str, float] = {}  # doc_id -> monotonic time just before its write call
     try:
-        # The users are online before the service starts, as after a deploy: the emulator
-        # resends every watched query on every write, so registering them one by one under
-        # a running service would cost O(N^2) resends that production does not have.
+        # The users are online before the service starts, as after a deploy. (On the npm
+        # fallback emulator, which resends every watched query on every write, registering
+        # them one by one under a running service would also cost O(N^2) resends.)
         await loop.run_in_executor(pool, write_registry, db, uids)
         await consumer.start()
         began = time.monotonic()
@@ -406,11 +407,23 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     redis_version = _version(["redis-server", "--version"]).split(" v=")[-1].split(" ")[0]
+    kind = emulator_kind()
+    if kind == GOOGLE:  # a Java program: its runtime and the Debian package's version
+        try:
+            java = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=10).stderr
+        except (OSError, subprocess.SubprocessError):
+            java = ""
+        java_version = java.split('"')[1] if java.count('"') >= 2 else "?"
+        package = "google-cloud-cli-firestore-emulator"
+        package_version = _version(["dpkg-query", "-W", "-f=${Version}", package]) or "?"
+        runtime = f"Java {java_version}, {package} {package_version}"
+    else:
+        runtime = f"node {_version(['node', '--version'])}"
     return (
         f"{os.cpu_count()} cores ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
-        f"redis-server {redis_version}, node {_version(['node', '--version'])}, "
-        f"{FirestoreEmulator.describe(emulator_kind())}"
+        f"redis-server {redis_version}, {runtime}, "
+        f"{FirestoreEmulator.describe(kind)}"
     )
 
 

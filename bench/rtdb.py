@@ -249,8 +249,9 @@ async def run_size(
         check_alive(standin=standin.process)
 
     try:
-        # Registered before the service starts, as after a deploy: the emulator resends
-        # every watched query on every Firestore write (see bench.latency).
+        # Registered before the service starts, as after a deploy. (On the npm fallback
+        # emulator, which resends every watched query on every write, registering them
+        # under a running service would also cost O(N^2) resends.)
         await loop.run_in_executor(None, write_registry, db, uids)
         await consumer.start()
         began = time.monotonic()
