@@ -561,7 +561,7 @@ def test_infrastructure_matches_section_7() -> None:
 
 
 def test_redis_users_log_in_with_their_own_generated_passwords() -> None:
-    """ElastiCache RBAC (docs/security-redis.md): the service, the Reflex backend and a
+    """ElastiCache RBAC (docs/security.md): the service, the Reflex backend and a
     switched-off `default`, each with a password generated in Secrets Manager whose `username`
     is the user's name; only the service's secret reaches the task. The access strings
     themselves are checked, and exercised on a real redis-server, in tests/test_redis_acl.py."""

@@ -1,6 +1,6 @@
 """Direct mode's security controls, over a real WebSocket against the served app: chat fails
 closed, the hub survives and filters what Redis carries, unauthenticated sockets are capped
-(docs/websocket.md, docs/security-websocket.md)."""
+(docs/websocket.md, docs/security.md)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ _QUIET_HANDSHAKE = _quiet_handshake()
 
 def redis_client(settings: RedisSettings, *, timeout: float = 5.0) -> redis.Redis:
     """A client with certificate verification whenever TLS is on (never `CERT_NONE`), logged in
-    as `settings.username` (an ACL user, docs/security-redis.md) when one is set, else as the
+    as `settings.username` (an ACL user, docs/security.md) when one is set, else as the
     default user; on connect it runs nothing but AUTH (or HELLO … AUTH) and, if set, SELECT."""
     kwargs: dict[str, object] = dict(_QUIET_HANDSHAKE)
     if settings.tls:
