@@ -314,3 +314,36 @@ async def test_websocket_chat_subscription(
             await next_event(ws, "chat.unsubscribed")
             service = app.state.service
             await wait_until(lambda: not service.node.sessions["tia"].threads)  # the stream is closed
+
+
+async def test_chat_fails_closed_without_companies(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any
+) -> None:
+    """An entry with no companies gets no chat at all: another company's thread is neither
+    delivered nor marked read (it used to be both, for every Direct-mode presence entry)."""
+    thread = "globex/chats/t7/messages"
+    await rtdb.set(f"{thread}/-g1", chat_message(1))
+    user: Consumer = await subscribe("ivy")
+    chat: Consumer = await subscribe("ivy:globex:t7", prefix="chat:")
+    async with running(rtdb_settings):
+        await fb.set("listeners_registry/ivy", {
+            "status": "online", "heartbeat_at": "2999-01-01T00:00:00Z", "authorized_companies_ids": [],
+            "chat_threads": [{"space_code": "globex", "thread_key": "t7", "mode": "chats"}],
+        })  # fmt: skip
+        await user.wait_for(lambda e: len(of(user, "msg.sync")) >= 1)  # attached, streams open
+        # sentinel: a direct message for ivy, published after anything the thread could give
+        since = user.mark()
+        await user.until_sentinel(
+            since,
+            lambda: rtdb.set("clients/ivy/direct_message_notif/s1", dm(1)),
+            lambda e: e["type"] == "msg.add",
+        )
+        await rtdb.set(f"{thread}/-g2", chat_message(2))
+        await user.until_sentinel(
+            user.mark(),
+            lambda: rtdb.set("clients/ivy/direct_message_notif/s2", dm(2)),
+            lambda e: e["type"] == "msg.add" and "s2" in json.dumps(e["payload"]),
+        )
+    assert chat.events == []
+    marked = await rtdb.get(thread)
+    assert not marked["-g1"]["read"] and not marked["-g2"]["read"]
