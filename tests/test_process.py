@@ -59,6 +59,19 @@ def health_when(port: int, ready: Callable[[httpx.Response], bool], timeout: flo
         time.sleep(0.2)
 
 
+def stopped(process: subprocess.Popen[str], timeout: float = 60.0) -> str:
+    """Its output once it exited; killed (and the test failed) if it did not within `timeout`,
+    so that a hung service never outlives the test."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        tail = output[-3000:]
+        raise AssertionError(f"still running {timeout} s after SIGTERM; last output:\n{tail}") from None
+    return output
+
+
 def online(users: int) -> None:
     """Registers users before the service starts, so they are in its registry watch's first
     snapshot: the emulator can miss a change written while a watch is still starting."""
@@ -143,7 +156,7 @@ def test_wrong_redis_password_is_reported_without_the_password(emulator: Firesto
             assert health["status"] == "degraded" and health["redis"] == "down"
         finally:
             process.send_signal(signal.SIGTERM)
-            output, _ = process.communicate(timeout=60)
+            output = stopped(process)
     assert "redis unavailable" in output
     assert PASSWORD not in output and "another-password-123" not in output
 

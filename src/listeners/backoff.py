@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass
+
+
+def reraise_if_cancelled() -> None:
+    """Call first in an `except` of a reconnect loop. redis-py can turn a cancellation that
+    lands while it connects into a ConnectionError; a loop that catches that and retries would
+    never stop, and shutdown would wait on it for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from listeners.backoff import Backoff
+from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.publish.redis import close_quietly, redis_client
 
@@ -82,6 +82,7 @@ class Membership:
                     await self._heartbeat(client)
                     failures = 0
                 except (RedisError, OSError) as exc:
+                    reraise_if_cancelled()
                     failures += 1
                     if failures == 1:
                         log.warning(
@@ -141,6 +142,7 @@ class Membership:
                     if message is not None:
                         self._changed.set()  # look now rather than at the next beat
             except (RedisError, OSError):
+                reraise_if_cancelled()
                 pass
             finally:
                 await asyncio.shield(close_quietly(pubsub, client))
@@ -158,6 +160,7 @@ class Membership:
             await client.zrem(MEMBERS_KEY, self.instance_id)
             await client.publish(CHANGES_CHANNEL, self.instance_id)
         except (RedisError, OSError) as exc:
+            reraise_if_cancelled()
             log.warning("membership: could not leave cleanly", extra={"reason": type(exc).__name__})
         finally:
             await close_quietly(client)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from listeners.backoff import Backoff
+from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.inputs import InvalidInput, parse_json, valid_key
 from listeners.publish.redis import close_quietly, redis_client
@@ -204,6 +204,7 @@ class ControlListener:
                     if message is not None:
                         self._handle(token.reveal(), message["data"])
             except (RedisError, OSError) as exc:
+                reraise_if_cancelled()
                 self.subscribed.clear()
                 log.warning("control channel lost; resubscribing", extra={"reason": type(exc).__name__})
             finally:

@@ -96,7 +96,10 @@ class Node:
                 await self._task
             self._task = None
         if self._registry is not None:
-            await self._registry.close()
+            # Closed within the same budget as the users' watches: the SDK's close can hang.
+            closing = asyncio.create_task(self._registry.close(), name="close-registry")
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             self._registry = None
         for uid in list(self.sessions):
             self._detach(uid, "shutdown")

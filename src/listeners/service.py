@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
@@ -210,13 +210,21 @@ async def running(
         budget = settings.shutdown_timeout_seconds
         if publisher.up and not await publisher.flush(budget / 4):
             log.warning("shutdown: events still queued were dropped", extra={"dropped": publisher.queued})
-        for task in (listening, publishing, coordinating):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks((listening, publishing, coordinating), budget / 4)
         with contextlib.suppress(Exception):
             await broker.disconnect()
         await source.aclose()
         if rtdb is not None:
             await rtdb.aclose()
         log.info("service stopped")
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[None]], timeout: float) -> None:
+    """Cancel and wait, within a bound: a task that ignores its cancellation (a library that
+    swallows it mid-connect) must not hold the shutdown past its budget."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    _, stuck = await asyncio.wait(tasks, timeout=timeout)
+    if stuck:
+        log.warning("shutdown: tasks did not stop in time", extra={"tasks": [t.get_name() for t in stuck]})

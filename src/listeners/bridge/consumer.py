@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from listeners.backoff import Backoff
+from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.control import resync_request
 from listeners.events import KNOWN_TYPES
@@ -122,6 +122,7 @@ class Bridge:
                     synced = synced or event["type"] in _SYNC_TYPES
                     yield event
             except (RedisError, OSError) as exc:
+                reraise_if_cancelled()
                 log.warning("redis lost; resubscribing", extra={"uid": uid, "reason": type(exc).__name__})
             finally:
                 await asyncio.shield(close_quietly(pubsub, client))

@@ -17,7 +17,7 @@ from listeners.deliver.tokens import TokenVerifier
 from listeners.deliver.websocket import Gateway, Services
 from listeners.publish.broker import BrokerUnavailable
 from listeners.publish.redis import RedisBroker
-from listeners.service import Service
+from listeners.service import Service, stop_tasks
 from listeners.session import Channels
 from listeners.source.registry import REGISTRY_COLLECTION, ChatThread
 
@@ -142,9 +142,7 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
         yield gateway
     finally:
         await gateway.close_all()
-        running_hub.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running_hub
+        await stop_tasks([running_hub], service.settings.shutdown_timeout_seconds / 4)
         await verifier.aclose()
         await control.disconnect()
         db.close()

@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from listeners.backoff import Backoff
+from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.inputs import InvalidInput, parse_json
 from listeners.metrics import Metrics
@@ -146,8 +146,10 @@ class Hub:
                     if message is not None:
                         self._on_message(message)
             except (RedisError, OSError) as exc:
+                reraise_if_cancelled()
                 log.warning("hub lost redis; resubscribing", extra={"reason": type(exc).__name__})
             except Exception as exc:  # a bug must not leave the instance without delivery
+                reraise_if_cancelled()
                 log.error("hub failed; reconnecting", extra={"reason": type(exc).__name__})
             finally:
                 self._ready.clear()

@@ -13,6 +13,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from listeners.backoff import reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.publish.broker import BrokerUnavailable, Message
 
@@ -84,12 +85,14 @@ class RedisBroker:
                     pipe.publish(channel, body)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
+            reraise_if_cancelled()
             raise BrokerUnavailable(_reason(exc)) from None
 
     async def ping(self) -> None:
         try:
             await self._client.ping()
         except (RedisError, OSError) as exc:
+            reraise_if_cancelled()
             raise BrokerUnavailable(_reason(exc)) from None
 
 
