@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
-from listeners.cluster import MEMBERS_KEY, owner
+from listeners.cluster import MEMBERS_KEY, entry_id, owner
 from listeners.control import resync_request
 from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
 
@@ -407,7 +407,7 @@ async def members(redis: RedisServer) -> set[str]:
     """The instances in the membership set, as Redis holds it."""
     client = aioredis.Redis(port=redis.port)
     try:
-        return {m.decode() for m in cast(list[bytes], await client.zrange(MEMBERS_KEY, 0, -1))}
+        return {entry_id(m.decode()) for m in cast(list[bytes], await client.zrange(MEMBERS_KEY, 0, -1))}
     finally:
         await client.aclose()
 

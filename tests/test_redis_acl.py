@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from listeners.bridge import Bridge
-from listeners.cluster import CHANGES_CHANNEL, MEMBERS_KEY
+from listeners.cluster import CHANGES_CHANNEL, MEMBERS_KEY, entry_id
 from listeners.config import REDIS_SECRET, ConfigError, RedisSettings, Secret, load_redis_settings
 from listeners.control import resync_request
 from listeners.local.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
@@ -397,7 +397,9 @@ async def test_the_service_runs_under_its_own_user_and_answers_the_backends_user
                 assert time.monotonic() < deadline, "the service never reached Redis as its own user"
                 await asyncio.sleep(0.2)
         async with asyncio.timeout(120):  # the membership heartbeat: TIME, ZADD … on its own key
-            while b"acl-test" not in await admin.zrange(MEMBERS_KEY, 0, -1):
+            while "acl-test" not in {
+                entry_id(m.decode()) for m in cast(list[bytes], await admin.zrange(MEMBERS_KEY, 0, -1))
+            }:
                 await asyncio.sleep(0.2)
 
         # A user comes online: the service publishes on user:{uid}, the backend's user receives.

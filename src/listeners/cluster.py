@@ -10,6 +10,13 @@ Changes are announced on the channel `listeners:members:changes`, so a join or a
 leave is seen at once; a killed instance is noticed when its entry expires. If Redis
 cannot be reached, the last view is kept: an instance keeps serving what it owns and
 nothing flaps. docs/scaling.md has the failure analysis.
+
+Each entry is `{instance_id}#{nonce}`, the nonce drawn afresh by every process, so two
+processes started with the same id are told apart. A process joins only when no other live
+process holds its id: one that finds its id held (the other's entry is renewed while it
+waits) raises `IdentityConflict` and never serves; one whose id was held by a process that
+died waits until that entry expires (one TTL), then the id is free. Ownership hashes the ids,
+never the nonces.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -32,6 +40,16 @@ log = logging.getLogger(__name__)
 
 MEMBERS_KEY = "listeners:members"
 CHANGES_CHANNEL = "listeners:members:changes"
+NONCE_SEPARATOR = "#"
+
+
+class IdentityConflict(RuntimeError):
+    """Another live process holds this instance id: this one must not serve."""
+
+
+def entry_id(entry: str) -> str:
+    """The instance id of a membership entry (`id#nonce`; an entry without a nonce is its id)."""
+    return entry.rpartition(NONCE_SEPARATOR)[0] or entry
 
 
 def score(member: str, uid: str) -> int:
@@ -54,6 +72,11 @@ class Membership:
     ) -> None:
         self._settings = settings
         self.instance_id = instance_id
+        self.nonce = secrets.token_hex(8)
+        self.entry = f"{instance_id}{NONCE_SEPARATOR}{self.nonce}"
+        self.joined = False  # no other live process held our id when we joined: we may serve
+        self.conflict: str | None = None  # why we refused to serve, once we have
+        self._rivals: dict[str, float] = {}  # other processes' entries for our id: their expiry
         self._ttl = ttl_seconds
         self._beat = beat_seconds
         self.members: tuple[str, ...] = (instance_id,)  # alone until Redis says otherwise
@@ -65,7 +88,19 @@ class Membership:
         self.ready = asyncio.Event()  # set after the first heartbeat: the view is Redis's
         self._backoff = Backoff()
 
+    @property
+    def contested(self) -> bool:
+        """Not joined yet: another process's entry for our id is still there."""
+        return not self.joined and bool(self._rivals) and self.conflict is None
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self._ttl
+
     def owns(self, uid: str) -> bool:
+        """Nothing before we joined (our id may be another process's) nor after a conflict."""
+        if not self.joined or self.conflict is not None:
+            return False
         return owner(uid, self.members) == self.instance_id
 
     def on_change(self, callback: Callable[[], None]) -> None:
@@ -102,13 +137,38 @@ class Membership:
         seconds, micros = await client.time()
         now = seconds + micros / 1_000_000
         async with client.pipeline(transaction=False) as pipe:
-            pipe.zadd(MEMBERS_KEY, {self.instance_id: now + self._ttl})
+            pipe.zadd(MEMBERS_KEY, {self.entry: now + self._ttl})
             pipe.zremrangebyscore(MEMBERS_KEY, "-inf", now)
-            pipe.zrange(MEMBERS_KEY, 0, -1)
-            added, _, names = await pipe.execute()
+            pipe.zrange(MEMBERS_KEY, 0, -1, withscores=True)
+            added, _, entries = await pipe.execute()
         if self._left:
             return  # leave() ran meanwhile: do not come back
-        found = {n.decode() for n in names} | {self.instance_id}
+        names = [name.decode() for name, _ in entries]
+        rivals = {
+            name: float(expiry)
+            for name, expiry in ((n.decode(), e) for n, e in entries)
+            if entry_id(name) == self.instance_id and name != self.entry
+        }
+        if not self.joined or added:
+            # Joining, or back after our entry was gone: the id must not be another live
+            # process's. Each of two processes joining at once reads after its own write, so
+            # at least one of them sees the other: never do both serve.
+            if self._contested(rivals):
+                await self._refuse(client, rivals)
+                return
+            if rivals:
+                self._rivals = rivals
+                return  # held by a process that may be dead: wait for its entry to expire
+            if not self.joined:
+                log.info("membership: joined", extra={"instance_id": self.instance_id, "nonce": self.nonce})
+            self.joined = True
+        elif rivals and set(rivals) - set(self._rivals):
+            log.warning(
+                "membership: another process tried to join with this instance id; it must refuse",
+                extra={"instance_id": self.instance_id, "entries": sorted(rivals)},
+            )
+        self._rivals = rivals
+        found = {entry_id(n) for n in names} | {self.instance_id}
         if added:  # our entry was new: we joined, or came back; tell the others now
             await client.publish(CHANGES_CHANNEL, self.instance_id)
             if self.ready.is_set():
@@ -118,9 +178,10 @@ class Membership:
                 self._grace_until = time.monotonic() + self._ttl
         if time.monotonic() < self._grace_until:
             found |= set(self.members)
+        first = not self.ready.is_set()
         self.ready.set()
         members = tuple(sorted(found))
-        if members != self.members:
+        if members != self.members or first:
             log.info("membership changed", extra={"members": list(members)})
             self.members = members
             for callback in list(self._listeners):
@@ -128,6 +189,32 @@ class Membership:
                     callback()
                 except Exception:  # the heartbeat must go on whatever a listener does
                     log.exception("membership listener failed")
+
+    def _contested(self, rivals: dict[str, float]) -> bool:
+        """A rival is live if it renewed its entry since we first saw it, or if we held the
+        id and lost our entry (cut off past the TTL, or Redis restarted) while it joined."""
+        if rivals and self.joined:
+            return True
+        return any(expiry > self._rivals.get(name, expiry) for name, expiry in rivals.items())
+
+    async def _refuse(self, client: redis.Redis, rivals: dict[str, float]) -> None:
+        self.conflict = (
+            f"instance id {self.instance_id!r} is held by another live process "
+            f"({', '.join(sorted(rivals))}); this process ({self.entry}) will not serve. "
+            "Give every process its own LISTENERS_INSTANCE_ID, or leave it unset."
+        )
+        log.error("membership: instance id in use, refusing to serve", extra={"reason": self.conflict})
+        self._left = True
+        was_serving = self.joined
+        self.joined = False
+        with contextlib.suppress(RedisError, OSError):
+            await client.zrem(MEMBERS_KEY, self.entry)
+        self.ready.set()
+        if was_serving:
+            for callback in list(self._listeners):  # let go of every user at once
+                with contextlib.suppress(Exception):
+                    callback()
+        raise IdentityConflict(self.conflict)
 
     async def _watch_changes(self) -> None:
         attempt = 0
@@ -157,7 +244,7 @@ class Membership:
             await asyncio.wait_for(self._stopped.wait(), 2.0)
         client = redis_client(self._settings, timeout=2.0)
         try:
-            await client.zrem(MEMBERS_KEY, self.instance_id)
+            await client.zrem(MEMBERS_KEY, self.entry)
             await client.publish(CHANGES_CHANNEL, self.instance_id)
         except (RedisError, OSError) as exc:
             reraise_if_cancelled()

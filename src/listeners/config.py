@@ -14,6 +14,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import secrets
 import socket
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -115,6 +116,12 @@ class WebSocketSettings:
     admin_token: Secret | None = None  # the operations page; off without it
 
 
+def default_instance_id() -> str:
+    """Unique per process: processes sharing a host (uvicorn --workers, host networking, a
+    developer's machine) must not share an id, or each would believe it owns every user."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 @dataclass(frozen=True)
 class Settings:
     redis: RedisSettings
@@ -123,7 +130,7 @@ class Settings:
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     aws_region: str = ""
     google_project_id: str = ""
-    instance_id: str = field(default_factory=socket.gethostname)
+    instance_id: str = field(default_factory=default_instance_id)
     log_level: str = "INFO"
     sweep_interval_seconds: float = 1.0
     max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
@@ -316,7 +323,7 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
         websocket=websocket,
         aws_region=env.get("AWS_REGION_NAME", ""),
         google_project_id=project,
-        instance_id=env.get("LISTENERS_INSTANCE_ID") or socket.gethostname(),
+        instance_id=env.get("LISTENERS_INSTANCE_ID") or default_instance_id(),
         log_level=log_level,
         sweep_interval_seconds=r.number(
             env.get("LISTENERS_SWEEP_INTERVAL_SECONDS"),

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
 from listeners import __version__
-from listeners.cluster import Membership, owner
+from listeners.cluster import IdentityConflict, Membership, owner
 from listeners.config import Settings
 from listeners.control import ControlListener, ResyncRequest
 from listeners.metrics import Metrics
@@ -191,7 +191,14 @@ async def running(
         async with asyncio.timeout(STARTUP_WAIT_SECONDS):
             await membership.ready.wait()
             await publisher.ready.wait()
+    if membership.contested:  # our id is another process's entry: is it alive? Within a TTL we know
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(membership.ttl_seconds + 2 * STARTUP_WAIT_SECONDS):
+                await membership.ready.wait()
     try:
+        if membership.conflict is not None:
+            # The process must not serve, and must say so: startup fails, uvicorn exits non-zero.
+            raise IdentityConflict(membership.conflict)
         async with node:
             # The registry's first snapshot: from here on, every registry write is seen (Google's
             # emulator may drop a write made while a listener is still opening).
@@ -225,6 +232,9 @@ async def stop_tasks(tasks: Iterable[asyncio.Task[None]], timeout: float) -> Non
     tasks = list(tasks)
     for task in tasks:
         task.cancel()
-    _, stuck = await asyncio.wait(tasks, timeout=timeout)
+    done, stuck = await asyncio.wait(tasks, timeout=timeout)
+    for task in done:  # what they died of was logged when they died (an identity conflict, say)
+        if not task.cancelled():
+            task.exception()
     if stuck:
         log.warning("shutdown: tasks did not stop in time", extra={"tasks": [t.get_name() for t in stuck]})
