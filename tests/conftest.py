@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from google.api_core import exceptions
 from google.cloud import firestore
 
 from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
@@ -85,13 +86,26 @@ class Firebase:
         self.db = db
 
     async def set(self, path: str, data: dict[str, Any]) -> None:
-        await asyncio.to_thread(self.db.document(path).set, data)
+        await self._write(self.db.document(path).set, data)
 
     async def update(self, path: str, data: dict[str, Any]) -> None:
-        await asyncio.to_thread(self.db.document(path).update, data)
+        await self._write(self.db.document(path).update, data)
 
     async def delete(self, path: str) -> None:
-        await asyncio.to_thread(self.db.document(path).delete)
+        await self._write(self.db.document(path).delete)
+
+    @staticmethod
+    async def _write(write: Callable[..., Any], *args: Any) -> None:
+        """Retried on the transient errors a loaded emulator gives (it cancelled a commit once
+        under load: 499 "call already cancelled"); each of these writes is idempotent."""
+        for attempt in range(5):
+            try:
+                await asyncio.to_thread(write, *args)
+                return
+            except (exceptions.Cancelled, exceptions.ServiceUnavailable, exceptions.DeadlineExceeded):
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2 * 2**attempt)
 
     async def online(
         self, uid: str, companies: list[str] | None = None, ttl: int = 90, heartbeat: Any = None
