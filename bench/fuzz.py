@@ -42,7 +42,9 @@ def main() -> int:
     minutes = (time.monotonic() - started) / 60
     summary = (result.stdout.strip().splitlines() or ["no output"])[-1]
     counts = json.loads(report.read_text()) if report.exists() else {}
-    print(result.stdout[-3000:], result.stderr[-2000:], sep="\n")
+    full = report.with_name("pytest-output.txt")  # the failing example, if any, is in here
+    full.write_text(result.stdout + result.stderr)
+    print(result.stdout[-3000:], result.stderr[-2000:], f"full output: {full}", sep="\n")
     write(args, counts, summary, minutes, result.returncode)
     return result.returncode
 
