@@ -71,7 +71,7 @@ async def browser() -> AsyncIterator[Browser]:
 
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, port: int) -> AsyncIterator[Starlette]:
-    app = create_app(settings)
+    app = create_app(settings, on_fatal=lambda reason: None)  # never SIGTERM the test process
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -34,7 +34,7 @@ from listeners.cluster import CHANGES_CHANNEL, MEMBERS_KEY, entry_id
 from listeners.config import REDIS_SECRET, ConfigError, RedisSettings, Secret, load_redis_settings
 from listeners.control import resync_request
 from listeners.local.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
-from listeners.publish.redis import redis_client
+from listeners.publish.connection import redis_client
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
 from tests.test_deploy import cfn
 
@@ -159,7 +159,7 @@ def test_the_access_strings_name_the_channels_and_keys_the_code_uses() -> None:
     ):
         assert rule in service, rule
     backend = USERS["backend"]["access_string"]
-    assert f"&{defaults.control_channel} -@all +publish (" in backend
+    assert f"&{defaults.control_channel} -@all +publish +ping (" in backend
     assert f"&{defaults.channel_prefix}* &{defaults.chat_channel_prefix}* +subscribe +unsubscribe)" in backend
     assert USERS["default"]["user_name"] == "default" and USERS["default"]["access_string"].startswith("off ")
     for user in USERS.values():  # ElastiCache sets passwords through its API, never in the string
@@ -259,7 +259,6 @@ async def test_the_backend_subscribes_to_events_and_publishes_only_resync_reques
     denied = [
         ("PSUBSCRIBE", "user:*"),  # exact SUBSCRIBE only
         ("PUBSUB", "CHANNELS"),  # would list who is online
-        ("PING",),
         ("ZRANGE", MEMBERS_KEY, "0", "-1"),
         ("GET", "anything"),
         ("KEYS", "*"),
@@ -271,6 +270,7 @@ async def test_the_backend_subscribes_to_events_and_publishes_only_resync_reques
     for command in denied:
         with pytest.raises(NoPermissionError):
             await backend.execute_command(*command)
+    assert await backend.ping()  # the heartbeat of its pub/sub connection
 
 
 async def test_the_service_runs_what_it_needs_and_nothing_else(

@@ -44,7 +44,10 @@ def ws_settings(settings: Settings, certs_url: str, **overrides: Any) -> Setting
 
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[tuple[str, Any]]:
-    app = create_app(settings)
+    """The app in this process; a task that cannot be kept alive fails the test (instead of
+    the SIGTERM to this process that the real app sends)."""
+    fatal: list[str] = []
+    app = create_app(settings, on_fatal=fatal.append)
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **uvicorn_options
@@ -57,6 +60,7 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
     finally:
         server.should_exit = True
         await task
+    assert not fatal, fatal
 
 
 async def next_event(ws: ClientConnection, kind: str, timeout: float = 30) -> dict[str, Any]:

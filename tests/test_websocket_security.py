@@ -21,6 +21,7 @@ from listeners.deliver.hub import Hub
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import RedisServer
 from listeners.metrics import Metrics
+from listeners.publish.redis import RedisBroker
 from listeners.source.rtdb import RtdbClient
 from tests.conftest import Firebase
 from tests.test_pipeline import wait_until
@@ -290,7 +291,7 @@ async def test_thread_parts_and_uids_must_be_keys(
             async with asyncio.timeout(30):
                 while await ws.recv() != text:
                     pass
-        assert not app.state.service.dead_tasks
+        assert not any(app.state.service.supervisor.restarts.values())
 
 
 # -- 2. the hub survives any one message and forwards only envelopes ----------------
@@ -344,7 +345,7 @@ async def test_hub_forwards_only_envelopes_of_the_sockets_own_user(
             await client.publish("user:hal", good)  # the hub is still running
             assert await first.recv() == good
         assert app.state.gateway.services.hub.connected
-        assert not app.state.service.dead_tasks
+        assert not any(app.state.service.supervisor.restarts.values())
 
 
 async def test_hub_refuses_channels_redis_cannot_carry_and_survives_reconnects(
@@ -353,7 +354,7 @@ async def test_hub_refuses_channels_redis_cannot_carry_and_survives_reconnects(
     """The same guard at the hub's own interface: a channel name with a lone surrogate used to
     stop the hub when it resubscribed after a reconnect."""
     metrics = Metrics()
-    hub = Hub(settings.redis, "unit", metrics)
+    hub = Hub(RedisBroker(settings.redis), "unit", metrics)
     received: list[str] = []
     task = asyncio.create_task(hub.run())
     try:

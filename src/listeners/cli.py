@@ -325,7 +325,7 @@ async def check_redis(settings: RedisSettings, timeout: float) -> Check:
     name verified, as the service does) and Pub/Sub in one go."""
     from redis.exceptions import RedisError
 
-    from listeners.publish.redis import close_quietly, redis_client
+    from listeners.publish.connection import close_quietly, redis_client
 
     tls = "TLS, certificate verified" if settings.tls else "no TLS"
     mode = f"{tls}, {'AUTH' if settings.password else 'no AUTH'}"

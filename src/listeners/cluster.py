@@ -34,7 +34,9 @@ from redis.exceptions import RedisError
 
 from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
-from listeners.publish.redis import close_quietly, redis_client
+from listeners.publish.broker import Broker
+from listeners.publish.connection import close_quietly, redis_client
+from listeners.supervisor import Fatal
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ CHANGES_CHANNEL = "listeners:members:changes"
 NONCE_SEPARATOR = "#"
 
 
-class IdentityConflict(RuntimeError):
+class IdentityConflict(Fatal):
     """Another live process holds this instance id: this one must not serve."""
 
 
@@ -67,10 +69,13 @@ class Membership:
         settings: RedisSettings,
         instance_id: str,
         *,
-        ttl_seconds: float = 6.0,
-        beat_seconds: float = 1.0,
+        broker: Broker,
+        ttl_seconds: float = 3.0,
+        beat_seconds: float = 0.5,
     ) -> None:
         self._settings = settings
+        # Joins and leaves, announced: look now rather than at the next beat.
+        self._changes = broker.subscriber("membership", lambda channel, data: self._changed.set())
         self.instance_id = instance_id
         self.nonce = secrets.token_hex(8)
         self.entry = f"{instance_id}{NONCE_SEPARATOR}{self.nonce}"
@@ -108,8 +113,11 @@ class Membership:
 
     async def run(self) -> None:
         """Heartbeat and watch, for as long as the instance runs; never raises on Redis trouble."""
-        client = redis_client(self._settings, timeout=5.0)
-        watcher = asyncio.create_task(self._watch_changes(), name="membership-changes")
+        # The command timeout stays below the TTL: a heartbeat stuck on a dead connection
+        # fails, and the next one makes a new connection before our entry expires.
+        client = redis_client(self._settings, timeout=min(5.0, self._ttl / 2))
+        await self._changes.subscribe(CHANGES_CHANNEL)
+        watcher = asyncio.create_task(self._changes.run(), name="membership-changes")
         failures = 0
         try:
             while not self._left:
@@ -132,6 +140,7 @@ class Membership:
             await asyncio.gather(watcher, return_exceptions=True)
             await close_quietly(client)
             self._stopped.set()
+        await asyncio.Event().wait()  # left: nothing more to do, until the service stops us
 
     async def _heartbeat(self, client: redis.Redis) -> None:
         seconds, micros = await client.time()
@@ -140,7 +149,11 @@ class Membership:
             pipe.zadd(MEMBERS_KEY, {self.entry: now + self._ttl})
             pipe.zremrangebyscore(MEMBERS_KEY, "-inf", now)
             pipe.zrange(MEMBERS_KEY, 0, -1, withscores=True)
-            added, _, entries = await pipe.execute()
+            added, expired, entries = await pipe.execute()
+        if expired:
+            # A member died (its entry expired): whoever removes it tells the others, so that
+            # every instance takes over its share now rather than at its own next look.
+            await client.publish(CHANGES_CHANNEL, "expired")
         if self._left:
             return  # leave() ran meanwhile: do not come back
         names = [name.decode() for name, _ in entries]
@@ -215,26 +228,6 @@ class Membership:
                 with contextlib.suppress(Exception):
                     callback()
         raise IdentityConflict(self.conflict)
-
-    async def _watch_changes(self) -> None:
-        attempt = 0
-        while True:
-            client = redis_client(self._settings, timeout=10.0)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(CHANGES_CHANNEL)
-                attempt = 0
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if message is not None:
-                        self._changed.set()  # look now rather than at the next beat
-            except (RedisError, OSError):
-                reraise_if_cancelled()
-                pass
-            finally:
-                await asyncio.shield(close_quietly(pubsub, client))
-            await asyncio.sleep(self._backoff.delay(attempt))
-            attempt += 1
 
     async def leave(self) -> None:
         """A clean stop: leave at once and tell the others, so they take over now."""

@@ -30,12 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
-from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.inputs import InvalidInput, parse_json, valid_key
-from listeners.publish.redis import close_quietly, redis_client
+from listeners.publish.broker import Broker
 from listeners.source.registry import ChatThread
 
 if TYPE_CHECKING:  # the bridge imports this module where prometheus_client is not installed
@@ -171,10 +168,12 @@ def verify(
 
 
 class ControlListener:
-    """Subscribes to the control channel for as long as the service runs, through Redis outages."""
+    """Subscribes to the control channel for as long as the service runs, through Redis outages
+    (the broker's subscriber reconnects, and notices a dead connection)."""
 
     def __init__(
         self,
+        broker: Broker,
         settings: RedisSettings,
         on_resync: Callable[[ResyncRequest], None],
         metrics: Metrics | None = None,
@@ -183,34 +182,24 @@ class ControlListener:
         self._on_resync = on_resync
         self._metrics = metrics
         self._seen = SeenRequests()
-        self._backoff = Backoff()
+        self._subscriber = broker.subscriber("control", self._message)
+        self._subscriber.on_connect(lambda reconnected: self.subscribed.set())
         self.subscribed = asyncio.Event()
 
     async def run(self) -> None:
-        token = self._settings.control_token
-        if token is None:
+        if self._settings.control_token is None:
             log.warning("no control token (LISTENERS_CONTROL_TOKEN): consumer resync requests are disabled")
-            return
-        attempt = 0
-        while True:
-            client = redis_client(self._settings, timeout=10.0)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(self._settings.control_channel)
-                self.subscribed.set()
-                attempt = 0
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if message is not None:
-                        self._handle(token.reveal(), message["data"])
-            except (RedisError, OSError) as exc:
-                reraise_if_cancelled()
-                self.subscribed.clear()
-                log.warning("control channel lost; resubscribing", extra={"reason": type(exc).__name__})
-            finally:
-                await asyncio.shield(close_quietly(pubsub, client))
-            await asyncio.sleep(self._backoff.delay(attempt))
-            attempt += 1
+            await asyncio.Event().wait()  # nothing to do, but a supervised task does not end
+        await self._subscriber.subscribe(self._settings.control_channel)
+        try:
+            await self._subscriber.run()
+        finally:
+            self.subscribed.clear()
+
+    def _message(self, channel: str, data: bytes) -> None:
+        token = self._settings.control_token
+        if token is not None:
+            self._handle(token.reveal(), data)
 
     def _handle(self, token: str, raw: object) -> None:
         """One message: served, or refused with its reason. Never raises, so no message can

@@ -27,6 +27,18 @@ class Metrics:
             "Times Redis came back after being unreachable",
             registry=r,
         )
+        self.pubsub_reconnects = Counter(
+            "listeners_pubsub_reconnects",
+            "Pub/Sub connections made again after a loss or a missed heartbeat, by consumer",
+            ["connection"],
+            registry=r,
+        )
+        self.task_restarts = Counter(
+            "listeners_task_restarts",
+            "Long-lived tasks restarted after they died, by task",
+            ["task"],
+            registry=r,
+        )
         self.redis_up = Gauge("listeners_redis_up", "1 when Redis answers", registry=r)
         self.events = Counter("listeners_events", "Events published, by type", ["type"], registry=r)
         self.publish_failures = Counter(

@@ -3,6 +3,11 @@
 Everything here runs on the event loop, and attach and detach are plain synchronous
 dict updates, so they cannot race with each other; only the closing of a detached
 user's watches is awaited, in the background.
+
+Users whose state may have changed (a registry change, a change of membership) are queued
+and reconciled in slices of at most `slice_seconds`, the loop free in between: taking over
+a thousand users from a dead instance, or the first snapshot of a large registry, must not
+stall delivery to everyone else.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class NodeSettings:
     sweep_interval_seconds: float = 1.0
     close_timeout_seconds: float = 4.0
     handover_seconds: float = 1.5  # a user that moved away is served here this long after
+    slice_seconds: float = 0.02  # longest run of reconciles before the loop gets a turn
 
 
 class Node:
@@ -70,15 +76,16 @@ class Node:
         self._registry: Watch | None = None
         self._registry_failures = 0
         self._registry_retry_at = 0.0
+        self._registry_generation = 0  # callbacks of a replaced registry watch are ignored
         self._closing: set[asyncio.Task[None]] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._dirty: dict[str, None] = {}  # users to reconcile, in the order they came
+        self._dirty_added = asyncio.Event()
         self.registry_ready = asyncio.Event()  # set by the registry's first snapshot
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def __aenter__(self) -> Node:
         self._start_registry()
-        self._task = asyncio.create_task(self._supervise(), name="node-supervisor")
         return self
 
     async def __aexit__(
@@ -90,11 +97,9 @@ class Node:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stops the registry watch and detaches every user (`run` must be stopped first)."""
+        self._registry_generation += 1
+        self._dirty.clear()
         if self._registry is not None:
             # Closed within the same budget as the users' watches: the SDK's close can hang.
             closing = asyncio.create_task(self._registry.close(), name="close-registry")
@@ -117,8 +122,17 @@ class Node:
     # -- registry ----------------------------------------------------------------
 
     def _start_registry(self) -> None:
+        self._registry_generation += 1
+        generation = self._registry_generation
+
+        def on_snapshot(snapshot: Snapshot) -> None:
+            # A replaced watch may still deliver a snapshot it had in flight: an older view,
+            # which would undo what the new watch said.
+            if generation == self._registry_generation:
+                self._on_registry(snapshot)
+
         try:
-            self._registry = self._source.watch(Query(REGISTRY_COLLECTION), self._on_registry)
+            self._registry = self._source.watch(Query(REGISTRY_COLLECTION), on_snapshot)
         except Exception as exc:
             log.error("registry watch failed to start", extra={"reason": f"{type(exc).__name__}: {exc}"})
 
@@ -149,8 +163,7 @@ class Node:
             del self._versions[uid]
             self._entries.pop(uid, None)
             changed.add(uid)
-        for uid in changed:
-            self._reconcile_safely(uid)
+        self._reconcile_soon(changed)
 
     def _warn_malformed(self, uid: str, reason: str) -> None:
         # Called once per document version: unchanged documents are not read again.
@@ -181,8 +194,29 @@ class Node:
 
     def rebalance(self) -> None:
         """The set of instances changed: take the users that are ours now, hand over the rest."""
-        for uid in self._entries.keys() | self.sessions.keys():
-            self._reconcile_safely(uid)
+        self._reconcile_soon(self._entries.keys() | self.sessions.keys())
+
+    def _reconcile_soon(self, uids: Iterable[str]) -> None:
+        for uid in uids:
+            self._dirty[uid] = None
+        if self._dirty:
+            self._dirty_added.set()
+
+    @property
+    def pending(self) -> int:
+        """Users waiting to be reconciled."""
+        return len(self._dirty)
+
+    async def _reconcile_dirty(self) -> None:
+        """Reconciles queued users, `slice_seconds` at a time, until none is left."""
+        loop = asyncio.get_running_loop()
+        while self._dirty:
+            until = loop.time() + self._settings.slice_seconds
+            while self._dirty and loop.time() < until:
+                uid = next(iter(self._dirty))
+                del self._dirty[uid]
+                self._reconcile_safely(uid)
+            await asyncio.sleep(0)
 
     def _reconcile_safely(self, uid: str) -> None:
         try:
@@ -233,12 +267,22 @@ class Node:
 
     # -- periodic work -----------------------------------------------------------
 
-    async def _supervise(self) -> None:
-        """Sweeps logical expiry (nothing in Firestore changes when it happens) and replaces
-        watches that ended."""
+    async def run(self) -> None:
+        """Reconciles queued users as they come; sweeps logical expiry (nothing in Firestore
+        changes when it happens) and replaces watches that ended."""
         registry_backoff = Backoff(base=0.5, cap=30.0)
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self._settings.sweep_interval_seconds
         while True:
-            await asyncio.sleep(self._settings.sweep_interval_seconds)
+            self._dirty_added.clear()
+            if self._dirty:
+                await self._reconcile_dirty()
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty_added.wait(), max(0.0, next_sweep - loop.time()))
+            if loop.time() < next_sweep:
+                continue
+            next_sweep = loop.time() + self._settings.sweep_interval_seconds
             try:
                 await self._sweep(registry_backoff)
             except Exception:  # one bad round must not end expiry and watch replacement for good

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
@@ -24,8 +24,11 @@ from listeners.session import Channels, Sources
 from listeners.source.firestore import FirestoreSource
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
 from listeners.source.snapshots import SnapshotSource
+from listeners.supervisor import Supervisor, stop_tasks
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Service", "running", "stop_tasks"]
 
 _FIRESTORE_SCOPES = ["https://www.googleapis.com/auth/datastore"]
 HANDOVER_SECONDS = 1.5  # on SIGTERM, how long we keep serving after the others know we leave
@@ -42,26 +45,11 @@ class Service:
     node: Node
     control: ControlListener
     membership: Membership
+    broker: Broker
+    supervisor: Supervisor
     rtdb: RtdbClient | None = None
     stopping: bool = False
-    dead_tasks: list[str] = field(default_factory=list)  # background tasks that ended with an error
-
-    def supervise(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
-        """A background task that must run for the whole life of the instance: if it dies,
-        say so in the log and in /healthz instead of going on silently without it."""
-
-        def done(finished: asyncio.Task[None]) -> None:
-            if finished.cancelled() or finished.exception() is None:
-                return
-            error = finished.exception()
-            self.dead_tasks.append(finished.get_name())
-            log.error(
-                "background task died",
-                extra={"task": finished.get_name(), "reason": f"{type(error).__name__}: {error}"},
-            )
-
-        task.add_done_callback(done)
-        return task
+    failed: str | None = None  # why a task could not be kept alive: the process must go
 
     def user(self, uid: str) -> dict[str, object]:
         """Where a user is served, for operators (authenticated: it names a uid)."""
@@ -89,13 +77,17 @@ class Service:
 
     def health(self) -> dict[str, object]:
         redis = "ok" if self.publisher.up else "down"
-        ok = redis == "ok" and self.node.registry_healthy and not self.stopping and not self.dead_tasks
-        return {
-            "status": "ok" if ok else "degraded",
+        ok = redis == "ok" and self.node.registry_healthy and not self.stopping
+        body: dict[str, object] = {
+            "status": "failed" if self.failed else "ok" if ok else "degraded",
             "version": __version__,
             "listeners_count": len(self.node.sessions),
             "redis": redis,
+            "task_restarts": {name: n for name, n in self.supervisor.restarts.items() if n},
         }
+        if self.failed:
+            body["reason"] = self.failed
+        return body
 
 
 def firestore_source(settings: Settings) -> FirestoreSource:
@@ -148,13 +140,18 @@ async def running(
     broker: Broker | None = None,
     source: SnapshotSource | None = None,
     rtdb: RtdbClient | None = None,
+    on_fatal: Callable[[str], None] = lambda reason: None,
 ) -> AsyncIterator[Service]:
-    """The whole service, started; on exit it stops the listeners, then flushes what is queued."""
+    """The whole service, started; on exit it stops the listeners, then flushes what is queued.
+
+    `on_fatal(reason)` is called when a task cannot be kept alive (after `service.failed` is
+    set): the application then stops the process with a non-zero status (deliver/http.py).
+    """
     metrics = Metrics()
-    broker = broker or RedisBroker(settings.redis)
+    broker = broker or RedisBroker(settings.redis, metrics)
     source = source or firestore_source(settings)
     rtdb = rtdb or rtdb_client(settings)
-    membership = Membership(settings.redis, settings.instance_id)
+    membership = Membership(settings.redis, settings.instance_id, broker=broker)
     publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)
     node = Node(
         NodeSettings(
@@ -177,13 +174,18 @@ async def running(
     def on_resync(request: ResyncRequest) -> None:
         node.resync_user(request.uid, request.threads)
 
-    control = ControlListener(settings.redis, on_resync, metrics)
-    publishing = asyncio.create_task(publisher.run(), name="publisher")
-    listening = asyncio.create_task(control.run(), name="control")
-    coordinating = asyncio.create_task(membership.run(), name="membership")
-    service = Service(settings, metrics, publisher, source, node, control, membership, rtdb)
-    for task in (publishing, listening, coordinating):
-        service.supervise(task)
+    def fail(reason: str) -> None:
+        service.failed = reason
+        on_fatal(reason)
+
+    control = ControlListener(broker, settings.redis, on_resync, metrics)
+    supervisor = Supervisor(metrics, fail)
+    service = Service(
+        settings, metrics, publisher, source, node, control, membership, broker, supervisor, rtdb
+    )
+    supervisor.start("publisher", publisher.run)
+    supervisor.start("control", control.run)
+    supervisor.start("membership", membership.run)
     log.info("service starting", extra={"version": __version__, "instance_id": settings.instance_id})
     # Attaching before the other instances are known would attach every user here first, and
     # before Redis answers would drop every first sync (to be resent a moment later).
@@ -200,6 +202,7 @@ async def running(
             # The process must not serve, and must say so: startup fails, uvicorn exits non-zero.
             raise IdentityConflict(membership.conflict)
         async with node:
+            supervisor.start("node", node.run)
             # The registry's first snapshot: from here on, every registry write is seen (Google's
             # emulator may drop a write made while a listener is still opening).
             with contextlib.suppress(TimeoutError):
@@ -212,29 +215,16 @@ async def running(
             await membership.leave()
             if others:
                 await asyncio.sleep(HANDOVER_SECONDS)  # the others attach while we still serve
+            await supervisor.stop(["node"], settings.shutdown_timeout_seconds / 8)
     finally:
         service.stopping = True
         budget = settings.shutdown_timeout_seconds
         if publisher.up and not await publisher.flush(budget / 4):
             log.warning("shutdown: events still queued were dropped", extra={"dropped": publisher.queued})
-        await stop_tasks((listening, publishing, coordinating), budget / 4)
+        await supervisor.stop(timeout=budget / 4)
         with contextlib.suppress(Exception):
             await broker.disconnect()
         await source.aclose()
         if rtdb is not None:
             await rtdb.aclose()
         log.info("service stopped")
-
-
-async def stop_tasks(tasks: Iterable[asyncio.Task[None]], timeout: float) -> None:
-    """Cancel and wait, within a bound: a task that ignores its cancellation (a library that
-    swallows it mid-connect) must not hold the shutdown past its budget."""
-    tasks = list(tasks)
-    for task in tasks:
-        task.cancel()
-    done, stuck = await asyncio.wait(tasks, timeout=timeout)
-    for task in done:  # what they died of was logged when they died (an identity conflict, say)
-        if not task.cancelled():
-            task.exception()
-    if stuck:
-        log.warning("shutdown: tasks did not stop in time", extra={"tasks": [t.get_name() for t in stuck]})

@@ -1,32 +1,38 @@
 """A user's events from Redis, exact SUBSCRIBE only (ElastiCache Serverless has no PSUBSCRIBE).
 
-Pub/Sub keeps nothing, so after every (re)subscribe the consumer asks the service for a
-resync and repeats the request until a sync arrives: whatever happened while it was away,
-the next sync carries the current state. Events seen twice (same `event_id`) are dropped.
+One `Bridge` per backend process holds one Pub/Sub connection (the broker's subscriber, which
+reconnects and notices a dead connection by its heartbeat), whatever the number of users
+and tabs iterating `events()`: each iterator adds its channels to that connection and reads
+from a queue of its own.
+
+Pub/Sub keeps nothing, so whenever an iterator starts, and after every reconnection, it asks
+the service for a resync and repeats the request until a sync arrives: whatever happened
+while it was away, the next sync carries the current state. So does an iterator whose queue
+overflowed because its reader was too slow. Events seen twice (same `event_id`) are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.control import resync_request
 from listeners.events import KNOWN_TYPES
 from listeners.inputs import InvalidInput, parse_json
-from listeners.publish.redis import close_quietly, redis_client
+from listeners.publish.broker import Broker, BrokerUnavailable
+from listeners.publish.redis import RedisBroker
 from listeners.source.registry import ChatThread
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 16 * 2**20  # a sync of a long list is the largest event; far below this
+MAX_QUEUED = 10_000  # events waiting for one iterator; past that it drops them and resyncs
 _SYNC_TYPES = frozenset({"notif.sync", "msg.sync", "chat.sync"})
 
 
@@ -75,19 +81,59 @@ class _Recent:
         return True
 
 
+class _Reader:
+    """One `events()` iterator: its user, channels and queue, and whether it holds a sync."""
+
+    def __init__(self, uid: str, channels: list[str], threads: tuple[ChatThread, ...]) -> None:
+        self.uid = uid
+        self.channels = channels
+        self.threads = threads
+        self.synced = False
+        self.asked = float("-inf")  # monotonic time of the last resync request
+        self._events: deque[dict[str, Any]] = deque()
+        self._wakeup = asyncio.Event()
+
+    def put(self, event: dict[str, Any]) -> None:
+        if len(self._events) >= MAX_QUEUED:  # the reader is too slow: a sync brings it back
+            log.warning("events dropped for a slow reader; resyncing", extra={"uid": self.uid})
+            self.lost()
+            return
+        self._events.append(event)
+        self.synced = self.synced or event["type"] in _SYNC_TYPES
+        self._wakeup.set()
+
+    def lost(self) -> None:
+        """Events were missed: ask for a resync now, and until a sync arrives."""
+        self.synced = False
+        self.asked = float("-inf")
+        self._wakeup.set()
+
+    async def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, or None after `timeout` or when woken to ask for a resync."""
+        if not self._events:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+        return self._events.popleft() if self._events else None
+
+
 class Bridge:
     def __init__(
         self,
         settings: RedisSettings,
         *,
-        backoff: Backoff | None = None,
+        broker: Broker | None = None,
         resync_retry_seconds: float = 5.0,
         dedup_size: int = 4096,
     ) -> None:
         self._settings = settings
-        self._backoff = backoff or Backoff(base=0.2, cap=10.0)
+        self._broker = broker or RedisBroker(settings)
         self._resync_retry = resync_retry_seconds
         self._dedup_size = dedup_size
+        self._readers: dict[str, set[_Reader]] = {}  # channel -> the iterators reading it
+        self._subscriber = self._broker.subscriber("bridge", self._on_message)
+        self._subscriber.on_connect(self._on_connect)
+        self._task: asyncio.Task[None] | None = None
 
     def channels(self, uid: str, threads: Sequence[ChatThread] = ()) -> list[str]:
         prefix, chat = self._settings.channel_prefix, self._settings.chat_channel_prefix
@@ -96,45 +142,76 @@ class Bridge:
     async def events(self, uid: str, threads: Sequence[ChatThread] = ()) -> AsyncIterator[dict[str, Any]]:
         """Every event of this user (and these chat threads), for as long as it is iterated.
 
-        Never raises on Redis trouble: it reconnects with backoff and resyncs. Cancelling
-        the task, or leaving the `async for`, closes the connection.
+        Never raises on Redis trouble: the connection comes back by itself and this iterator
+        resyncs. Leaving the `async for` (or cancelling its task) lets its channels go; the
+        connection closes when no iterator is left.
         """
+        reader = _Reader(uid, self.channels(uid, threads), tuple(threads))
         seen = _Recent(self._dedup_size)
-        channels = self.channels(uid, threads)
-        attempt = 0
-        while True:
-            client = redis_client(self._settings, timeout=10.0)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(*channels)
-                attempt = 0
-                synced = False
-                asked = await self._ask_resync(client, uid, threads)
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if message is None:
-                        if not synced and time.monotonic() - asked > self._resync_retry:
-                            asked = await self._ask_resync(client, uid, threads)
-                        continue
-                    event = parse_event(message["data"], uid)
-                    if event is None or not seen.add(event["event_id"]):
-                        continue
-                    synced = synced or event["type"] in _SYNC_TYPES
+        await self._join(reader)
+        try:
+            while True:
+                if not reader.synced and time.monotonic() - reader.asked > self._resync_retry:
+                    await self._ask_resync(reader)
+                event = await reader.next(timeout=1.0)
+                if event is not None and seen.add(event["event_id"]):
                     yield event
-            except (RedisError, OSError) as exc:
-                reraise_if_cancelled()
-                log.warning("redis lost; resubscribing", extra={"uid": uid, "reason": type(exc).__name__})
-            finally:
-                await asyncio.shield(close_quietly(pubsub, client))
-            await asyncio.sleep(self._backoff.delay(attempt))
-            attempt += 1
+        finally:
+            await asyncio.shield(self._leave(reader))
 
-    async def _ask_resync(self, client: Any, uid: str, threads: Sequence[ChatThread]) -> float:
+    async def _join(self, reader: _Reader) -> None:
+        for channel in reader.channels:
+            self._readers.setdefault(channel, set()).add(reader)
+            await self._subscriber.subscribe(channel)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._subscriber.run(), name="bridge-subscriber")
+
+    async def _leave(self, reader: _Reader) -> None:
+        for channel in reader.channels:
+            readers = self._readers.get(channel, set())
+            readers.discard(reader)
+            if not readers:
+                self._readers.pop(channel, None)
+                await self._subscriber.unsubscribe(channel)
+        if not self._readers and self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def aclose(self) -> None:
+        """Closes the connection now (iterators still running get it back on their next join)."""
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _on_connect(self, reconnected: bool) -> None:
+        for readers in list(self._readers.values()):
+            for reader in readers:
+                reader.lost()  # whatever was published meanwhile is lost: resync
+
+    def _on_message(self, channel: str, data: bytes) -> None:
+        readers = self._readers.get(channel)
+        if not readers:
+            return
+        event = parse_event(data, next(iter(readers)).uid)
+        if event is None:
+            return
+        for reader in readers:
+            reader.put(event)
+
+    async def _ask_resync(self, reader: _Reader) -> None:
         token = self._settings.control_token
+        reader.asked = time.monotonic()
         if token is None:
-            log.warning("no control token: cannot ask for a resync", extra={"uid": uid})
-            return float("inf")
-        await client.publish(
-            self._settings.control_channel, resync_request(token.reveal(), uid, tuple(threads))
-        )
-        return time.monotonic()
+            reader.asked = float("inf")
+            log.warning("no control token: cannot ask for a resync", extra={"uid": reader.uid})
+            return
+        # Asked before Redis confirms the user's channel, the answer could come before it.
+        if not await self._subscriber.confirmed(reader.channels[0], timeout=self._resync_retry):
+            return
+        message = resync_request(token.reveal(), reader.uid, reader.threads)
+        with contextlib.suppress(BrokerUnavailable):  # asked again after resync_retry_seconds
+            await self._broker.publish_many([(self._settings.control_channel, message)])

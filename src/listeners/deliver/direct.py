@@ -3,7 +3,6 @@ and the registry writes that chat subscriptions and presence need."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -16,8 +15,7 @@ from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenVerifier
 from listeners.deliver.websocket import Gateway, Services
 from listeners.publish.broker import BrokerUnavailable
-from listeners.publish.redis import RedisBroker
-from listeners.service import Service, stop_tasks
+from listeners.service import Service
 from listeners.session import Channels
 from listeners.source.registry import REGISTRY_COLLECTION, ChatThread
 
@@ -42,14 +40,17 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
     settings = service.settings
     redis = settings.redis
     hub = Hub(
-        redis, settings.instance_id, service.metrics, max_message_bytes=settings.websocket.max_event_bytes
+        service.broker,
+        settings.instance_id,
+        service.metrics,
+        max_message_bytes=settings.websocket.max_event_bytes,
     )
     verifier = TokenVerifier(
         settings.firebase.project_id,
         certs_url=settings.websocket.certs_url,
         clock_skew_seconds=settings.websocket.clock_skew_seconds,
     )
-    control = RedisBroker(redis)
+    control = service.broker
     db = firestore_async_client(service)
     presence = (
         Presence(db, ttl_seconds=settings.service.heartbeat_ttl_seconds)
@@ -137,12 +138,11 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
             chat=service.rtdb is not None,
         ),
     )
-    running_hub = service.supervise(asyncio.create_task(hub.run(), name="hub"))
+    service.supervisor.start("hub", hub.run)
     try:
         yield gateway
     finally:
         await gateway.close_all()
-        await stop_tasks([running_hub], service.settings.shutdown_timeout_seconds / 4)
+        await service.supervisor.stop(["hub"], service.settings.shutdown_timeout_seconds / 4)
         await verifier.aclose()
-        await control.disconnect()
         db.close()

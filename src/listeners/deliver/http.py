@@ -4,14 +4,18 @@ WebSocket of Direct mode on `alb_ws_path` (deliver.websocket).
 /healthz answers 200 while the process can serve, with `status: "degraded"` when Redis or
 the registry watch is down: restarting the task would not bring Redis back, and the ALB
 would otherwise drain every instance at once. It answers 503 only while the instance
-starts or stops, so the ALB sends it no new WebSocket during a drain.
+starts or stops, so the ALB sends it no new WebSocket during a drain, and once a task could
+not be kept alive (`status: "failed"`), while the process stops to be replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import AsyncIterator
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,15 +30,30 @@ from listeners.deliver.direct import direct_mode
 from listeners.deliver.websocket import Gateway
 from listeners.service import Service, running
 
+EXIT_TASK_FAILED = 70  # EX_SOFTWARE: a task could not be kept alive (docs/operations.md)
 
-def create_app(settings: Settings) -> Starlette:
+
+def stop_process(reason: str) -> None:
+    """A task cannot be kept alive: stop as on SIGTERM (handing users over, flushing), after
+    which the lifespan exits the process with EXIT_TASK_FAILED so that ECS replaces it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(settings: Settings, *, on_fatal: Callable[[str], None] = stop_process) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with running(settings) as service, direct_mode(service) as gateway:
+        async with running(settings, on_fatal=on_fatal) as service, direct_mode(service) as gateway:
             app.state.service = service
             app.state.gateway = gateway
             yield
             service.stopping = True
+        if service.failed:
+            # uvicorn has no exit status of its own for this: everything is closed, so leave now.
+            logging.getLogger("listeners").critical(
+                "exiting after a task failure", extra={"status": EXIT_TASK_FAILED, "reason": service.failed}
+            )
+            logging.shutdown()
+            os._exit(EXIT_TASK_FAILED)
 
     async def websocket(websocket: WebSocket) -> None:
         gateway: Gateway | None = getattr(websocket.app.state, "gateway", None)
@@ -48,7 +67,7 @@ def create_app(settings: Settings) -> Starlette:
         if service is None:
             return JSONResponse({"status": "starting", "version": __version__}, status_code=503)
         body = service.health()
-        return JSONResponse(body, status_code=503 if service.stopping else 200)
+        return JSONResponse(body, status_code=503 if service.stopping or service.failed else 200)
 
     async def version(request: Request) -> Response:
         return JSONResponse({"version": __version__, "instance_id": settings.instance_id})

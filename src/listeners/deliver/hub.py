@@ -1,7 +1,8 @@
 """The hub: this instance's WebSocket connections, fed from Redis through one connection.
 
 Every socket subscribes to its user's channels; the hub holds one Pub/Sub connection for
-the whole instance, subscribes each channel once (reference-counted), and hands every
+the whole instance (a `Subscriber` of the broker, which notices a dead connection and makes
+it again), subscribes each channel once (reference-counted), and hands every
 message to the sinks of that channel. Delivery goes through Redis, so a socket can land
 on any instance, whichever instance serves its user. When Redis comes back after a loss
 the hub subscribes everything again and tells its sockets, which ask for a resync.
@@ -15,18 +16,13 @@ single message, and no single channel name, can stop the hub.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from listeners.backoff import Backoff, reraise_if_cancelled
-from listeners.config import RedisSettings
 from listeners.inputs import InvalidInput, parse_json
 from listeners.metrics import Metrics
-from listeners.publish.redis import close_quietly, redis_client
+from listeners.publish.broker import Broker
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +37,24 @@ MAX_CHANNEL_BYTES = 1024  # `chat:{uid}:{space}:{thread}` of valid keys stays fa
 class Hub:
     def __init__(
         self,
-        settings: RedisSettings,
+        broker: Broker,
         instance_id: str,
         metrics: Metrics,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._settings = settings
         self._metrics = metrics
         self._max_bytes = max_message_bytes
         self._sinks: dict[str, set[Sink]] = {}
         self._owners: dict[str, str] = {}  # channel -> the uid whose envelopes it may carry
-        self._confirmed: set[str] = set()  # channels Redis has confirmed on this connection
-        self._changed = asyncio.Event()  # pulsed on every confirmation, and on connect/loss
         self._on_reconnect: set[Callable[[], None]] = set()
-        self._pubsub: Any = None
-        self._ready = asyncio.Event()
+        self._subscriber = broker.subscriber("hub", self._on_message)
+        self._subscriber.on_connect(self._connected)
         self._home = f"listeners:hub:{instance_id}"  # keeps the connection open with no socket
-        self._backoff = Backoff()
 
     @property
     def connected(self) -> bool:
-        return self._ready.is_set()
+        return self._subscriber.connected
 
     @property
     def channels(self) -> int:
@@ -71,6 +63,11 @@ class Hub:
     def on_reconnect(self, callback: Callable[[], None]) -> Callable[[], None]:
         self._on_reconnect.add(callback)
         return lambda: self._on_reconnect.discard(callback)
+
+    def _connected(self, reconnected: bool) -> None:
+        if reconnected:  # sockets missed what was published meanwhile: they ask for a resync
+            for callback in list(self._on_reconnect):
+                callback()
 
     async def subscribe(self, channel: str, uid: str, sink: Sink) -> bool:
         """Hands the channel's envelopes of `uid` to `sink`. False, and nothing subscribed, for a
@@ -83,8 +80,8 @@ class Hub:
         first = not sinks
         sinks.add(sink)
         self._owners[channel] = uid
-        if first and self._ready.is_set():
-            await self._command("subscribe", channel)
+        if first:
+            await self._subscriber.subscribe(channel)
         return True
 
     async def unsubscribe(self, channel: str, sink: Sink) -> None:
@@ -95,83 +92,25 @@ class Hub:
         if not sinks:
             del self._sinks[channel]
             del self._owners[channel]
-            self._confirmed.discard(channel)
-            if self._ready.is_set():
-                await self._command("unsubscribe", channel)
+            await self._subscriber.unsubscribe(channel)
 
     def is_confirmed(self, channel: str) -> bool:
-        return self._ready.is_set() and channel in self._confirmed
+        return self._subscriber.is_confirmed(channel)
 
     async def confirmed(self, channel: str, timeout: float) -> bool:
         """Whether Redis confirms the channel's subscription within `timeout`; False at once
         while the hub has no Redis (a subscription then would only be a promise)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while self._ready.is_set() and channel not in self._confirmed:
-                    await self._changed.wait()
-        except TimeoutError:
-            return False
-        return self.is_confirmed(channel)
-
-    def _pulse(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _command(self, name: str, channel: str) -> None:
-        try:
-            await getattr(self._pubsub, name)(channel)
-        except (RedisError, OSError) as exc:  # the reader notices too, and resubscribes all
-            log.warning("hub subscription failed", extra={"reason": type(exc).__name__})
+        return await self._subscriber.confirmed(channel, timeout)
 
     async def run(self) -> None:
-        attempt, first = 0, True
-        while True:
-            client = redis_client(self._settings, timeout=10.0)
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(self._home, *self._sinks)
-                # Sockets may have added channels while that subscribe was in flight.
-                while missing := [c for c in self._sinks if c.encode() not in pubsub.channels]:
-                    await pubsub.subscribe(*missing)
-                self._pubsub = pubsub
-                self._ready.set()
-                self._pulse()
-                attempt = 0
-                if not first:
-                    for callback in list(self._on_reconnect):
-                        callback()
-                first = False
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=5.0)
-                    if message is not None:
-                        self._on_message(message)
-            except (RedisError, OSError) as exc:
-                reraise_if_cancelled()
-                log.warning("hub lost redis; resubscribing", extra={"reason": type(exc).__name__})
-            except Exception as exc:  # a bug must not leave the instance without delivery
-                reraise_if_cancelled()
-                log.error("hub failed; reconnecting", extra={"reason": type(exc).__name__})
-            finally:
-                self._ready.clear()
-                self._confirmed.clear()
-                self._pulse()
-                await asyncio.shield(close_quietly(pubsub, client))
-            await asyncio.sleep(self._backoff.delay(attempt))
-            attempt += 1
+        await self._subscriber.subscribe(self._home)
+        await self._subscriber.run()
 
-    def _on_message(self, message: Mapping[str, Any]) -> None:
-        raw = message.get("channel")
-        # Only channels the hub encoded itself are subscribed: their names decode.
-        channel = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        kind = message.get("type")
-        if kind in ("subscribe", "unsubscribe"):
-            (self._confirmed.add if kind == "subscribe" else self._confirmed.discard)(channel)
-            self._pulse()
-            return
+    def _on_message(self, channel: str, data: bytes) -> None:
         sinks = self._sinks.get(channel)
-        if kind != "message" or not sinks:
+        if not sinks:
             return  # e.g. a message that was in flight when its last socket left
-        text = self._envelope_text(channel, message.get("data"))
+        text = self._envelope_text(channel, data)
         if text is None:
             return
         for sink in list(sinks):

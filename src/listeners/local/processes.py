@@ -260,7 +260,12 @@ class ServiceProcess:
     """
 
     def __init__(
-        self, env: Mapping[str, str], *, port: int | None = None, log_path: Path | None = None
+        self,
+        env: Mapping[str, str],
+        *,
+        port: int | None = None,
+        log_path: Path | None = None,
+        app: str = "app.main:app",
     ) -> None:
         self.port = port or free_port()
         self.log_path = log_path
@@ -268,7 +273,7 @@ class ServiceProcess:
             sys.executable,
             "-m",
             "uvicorn",
-            "app.main:app",
+            app,
             "--host",
             "127.0.0.1",
             "--port",

@@ -2,74 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from listeners.backoff import reraise_if_cancelled
 from listeners.config import RedisSettings
-from listeners.publish.broker import BrokerUnavailable, Message
+from listeners.publish.broker import BrokerUnavailable, Handler, Message
+from listeners.publish.connection import redis_client
+from listeners.publish.redis_subscriber import RedisSubscriber
 
-
-def _quiet_handshake() -> dict[str, object]:
-    """Keyword arguments that keep redis-py from sending CLIENT SETINFO (and, from redis-py 8,
-    CLIENT MAINT_NOTIFICATIONS) on every new connection.
-
-    Neither ACL user of deploy/redis-acl.json may run CLIENT: each connection would leave
-    refusals in the ACL log, where real refusals must stand out. redis-py ignores the errors, so
-    nothing else changes; ElastiCache sends no maintenance notifications anyway. The names of
-    these arguments changed across the redis-py versions the package allows (>=5.2).
-    """
-    parameters = inspect.signature(redis.Redis.__init__).parameters
-    quiet: dict[str, object] = {}
-    if "driver_info" in parameters:
-        quiet["driver_info"] = None
-    else:
-        quiet.update(lib_name=None, lib_version=None)
-    if "maint_notifications_config" in parameters:
-        from redis.maint_notifications import MaintNotificationsConfig
-
-        quiet["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-    return quiet
-
-
-_QUIET_HANDSHAKE = _quiet_handshake()
-
-
-def redis_client(settings: RedisSettings, *, timeout: float = 5.0) -> redis.Redis:
-    """A client with certificate verification whenever TLS is on (never `CERT_NONE`), logged in
-    as `settings.username` (an ACL user, docs/security.md) when one is set, else as the
-    default user; on connect it runs nothing but AUTH (or HELLO … AUTH) and, if set, SELECT."""
-    kwargs: dict[str, object] = dict(_QUIET_HANDSHAKE)
-    if settings.tls:
-        kwargs.update(ssl=True, ssl_cert_reqs=ssl.CERT_REQUIRED, ssl_check_hostname=True)
-        if settings.ca_file:
-            kwargs["ssl_ca_certs"] = settings.ca_file
-    password = settings.password.reveal() if settings.password else None
-    return redis.Redis(
-        host=settings.host,
-        port=settings.port,
-        db=settings.db,
-        username=settings.username or None,
-        password=password,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        # The publisher owns reconnection (backoff, resync); hidden retries would only
-        # delay its notice that Redis is gone.
-        retry=Retry(NoBackoff(), 0),
-        **kwargs,  # type: ignore[arg-type]
-    )
+if TYPE_CHECKING:  # the bridge runs where prometheus_client is not installed
+    from listeners.metrics import Metrics
 
 
 class RedisBroker:
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(self, settings: RedisSettings, metrics: Metrics | None = None) -> None:
+        self._settings = settings
+        self._metrics = metrics
         self._client = redis_client(settings)
 
     async def connect(self) -> None:
@@ -95,14 +46,17 @@ class RedisBroker:
             reraise_if_cancelled()
             raise BrokerUnavailable(_reason(exc)) from None
 
+    def subscriber(self, name: str, handler: Handler) -> RedisSubscriber:
+        """A pub/sub connection of its own (`name` says whose, in logs and metrics)."""
+        metrics = self._metrics
+
+        def counted() -> None:
+            if metrics is not None:
+                metrics.pubsub_reconnects.labels(name).inc()
+
+        return RedisSubscriber(self._settings, name, handler, on_reconnect_count=counted)
+
 
 def _reason(exc: BaseException) -> str:
     # Exception text from redis-py names host and port, never the password.
     return f"{type(exc).__name__}: {exc}"[:300]
-
-
-async def close_quietly(*connections: Any) -> None:
-    """Close pub/sub objects and clients whose Redis may already be gone."""
-    for connection in connections:
-        with contextlib.suppress(RedisError, OSError):
-            await connection.aclose()
