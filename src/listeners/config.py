@@ -136,6 +136,10 @@ class Settings:
     max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
     publish_queue_max: int = 10_000
     shutdown_timeout_seconds: float = 8.0
+    # Exactly one instance is deployed: serve every user even while Redis (hence the
+    # membership that says who serves whom) cannot be reached. Off: nobody is served until the
+    # membership is established, so that no two instances ever serve one user.
+    single_instance: bool = False
 
 
 class _Reader:
@@ -353,6 +357,7 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
             0.5,
             60.0,
         ),
+        single_instance=r.boolean(env.get("LISTENERS_SINGLE_INSTANCE"), "LISTENERS_SINGLE_INSTANCE", False),
     )
     if r.problems:
         raise ConfigError(r.problems)

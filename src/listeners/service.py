@@ -164,7 +164,7 @@ async def running(
         Sources(source, rtdb, settings.firebase.chat_mark_read),
         publisher,
         metrics,
-        owns=membership.owns,
+        owns=(lambda uid: membership.conflict is None) if settings.single_instance else membership.owns,
         members=lambda: len(membership.members),
     )
     metrics.instance.labels(settings.instance_id).set(1)
