@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 
 from listeners.config import Secret, Settings, WebSocketSettings
 from listeners.deliver import pages
-from listeners.deliver.http import create_app
+from listeners.deliver.http import ProcessHooks, create_app
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import free_port
 from listeners.local.rtdb_server import RtdbStandin
@@ -71,7 +71,8 @@ async def browser() -> AsyncIterator[Browser]:
 
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, port: int) -> AsyncIterator[Starlette]:
-    app = create_app(settings, on_fatal=lambda reason: None)  # never SIGTERM the test process
+    # A failure must never SIGTERM or exit the test process.
+    app = create_app(settings, process=ProcessHooks(stop=lambda reason: None, exit=lambda status: None))
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -22,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from listeners.config import Settings, WebSocketSettings
-from listeners.deliver.http import create_app
+from listeners.deliver.http import ProcessHooks, create_app
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import RedisServer, free_port
 from tests.conftest import Consumer, Firebase
@@ -47,7 +47,8 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
     """The app in this process; a task that cannot be kept alive fails the test (instead of
     the SIGTERM to this process that the real app sends)."""
     fatal: list[str] = []
-    app = create_app(settings, on_fatal=fatal.append)
+    exits: list[int] = []
+    app = create_app(settings, process=ProcessHooks(stop=fatal.append, exit=exits.append))
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **uvicorn_options
@@ -60,7 +61,7 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
     finally:
         server.should_exit = True
         await task
-    assert not fatal, fatal
+    assert not fatal and not exits, (fatal, exits)
 
 
 async def next_event(ws: ClientConnection, kind: str, timeout: float = 30) -> dict[str, Any]:

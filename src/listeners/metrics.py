@@ -66,6 +66,18 @@ class Metrics:
         self.instance = Gauge(
             "listeners_instance", "This instance (its id as a label)", ["instance_id"], registry=r
         )
+        self.loop_lag = Histogram(
+            "listeners_loop_lag_seconds",
+            "How late a 50 ms timer on the event loop fires: how long the loop was kept busy",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.loop_stall_max = Gauge(
+            "listeners_loop_stall_max_seconds",
+            "The longest the event loop was kept busy since start",
+            registry=r,
+        )
+        self.loop_stall_max_value = 0.0
         self.lag = Histogram(
             "listeners_publish_lag_seconds",
             "From the Firestore update time of a document to its event's publish",

@@ -15,6 +15,7 @@ from listeners import __version__
 from listeners.cluster import IdentityConflict, Membership, owner
 from listeners.config import Settings
 from listeners.control import ControlListener, ResyncRequest
+from listeners.loopwatch import watch_loop
 from listeners.metrics import Metrics
 from listeners.node import Node, NodeSettings
 from listeners.publish.broker import Broker
@@ -186,6 +187,7 @@ async def running(
     supervisor.start("publisher", publisher.run)
     supervisor.start("control", control.run)
     supervisor.start("membership", membership.run)
+    supervisor.start("loopwatch", lambda: watch_loop(metrics))
     log.info("service starting", extra={"version": __version__, "instance_id": settings.instance_id})
     # Attaching before the other instances are known would attach every user here first, and
     # before Redis answers would drop every first sync (to be resent a moment later).

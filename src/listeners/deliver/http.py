@@ -15,7 +15,9 @@ import hmac
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,30 +32,51 @@ from listeners.deliver.direct import direct_mode
 from listeners.deliver.websocket import Gateway
 from listeners.service import Service, running
 
-EXIT_TASK_FAILED = 70  # EX_SOFTWARE: a task could not be kept alive (docs/operations.md)
+EXIT_TASK_FAILED = 70  # EX_SOFTWARE: a task could not be kept alive (docs/liveness.md)
+log = logging.getLogger("listeners")
 
 
-def stop_process(reason: str) -> None:
-    """A task cannot be kept alive: stop as on SIGTERM (handing users over, flushing), after
-    which the lifespan exits the process with EXIT_TASK_FAILED so that ECS replaces it."""
+def _sigterm_self(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def create_app(settings: Settings, *, on_fatal: Callable[[str], None] = stop_process) -> Starlette:
+def _exit_now(status: int) -> None:
+    logging.shutdown()
+    os._exit(status)
+
+
+@dataclass(frozen=True)
+class ProcessHooks:
+    """What the app does to its own process. Tests running the app in their own process
+    replace both, so that a failure there fails the test instead of ending it."""
+
+    # A task cannot be kept alive: stop as on SIGTERM (hand users over, flush), after which
+    # the lifespan exits with EXIT_TASK_FAILED so that ECS replaces the task.
+    stop: Callable[[str], None] = _sigterm_self
+    # Leave now with this status (everything that could be closed is closed).
+    exit: Callable[[int], None] = _exit_now
+
+
+def create_app(settings: Settings, *, process: ProcessHooks = ProcessHooks()) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with running(settings, on_fatal=on_fatal) as service, direct_mode(service) as gateway:
+        async with running(settings, on_fatal=process.stop) as service, direct_mode(service) as gateway:
             app.state.service = service
             app.state.gateway = gateway
             yield
             service.stopping = True
+            # Whatever the shutdown waits on (a saturated loop, a library that does not let go),
+            # the process is gone within its budget: ECS and the deployment count on it.
+            watchdog = threading.Timer(settings.shutdown_timeout_seconds, _overrun, (process,))
+            watchdog.daemon = True
+            watchdog.start()
+        watchdog.cancel()
         if service.failed:
             # uvicorn has no exit status of its own for this: everything is closed, so leave now.
-            logging.getLogger("listeners").critical(
+            log.critical(
                 "exiting after a task failure", extra={"status": EXIT_TASK_FAILED, "reason": service.failed}
             )
-            logging.shutdown()
-            os._exit(EXIT_TASK_FAILED)
+            process.exit(EXIT_TASK_FAILED)
 
     async def websocket(websocket: WebSocket) -> None:
         gateway: Gateway | None = getattr(websocket.app.state, "gateway", None)
@@ -101,3 +124,9 @@ def create_app(settings: Settings, *, on_fatal: Callable[[str], None] = stop_pro
         ],
         lifespan=lifespan,
     )
+
+
+def _overrun(process: ProcessHooks) -> None:
+    # On the timer's thread: the loop may be the thing that is stuck.
+    log.error("shutdown budget exhausted (LISTENERS_SHUTDOWN_TIMEOUT_SECONDS); exiting now")
+    process.exit(0)
