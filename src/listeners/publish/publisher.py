@@ -39,7 +39,7 @@ class Publisher:
         *,
         max_queue: int = 10_000,
         max_batch: int = 500,
-        ping_interval: float = 5.0,
+        ping_interval: float = 2.5,
         resync_delay: float = 1.0,
         backoff: Backoff | None = None,
     ) -> None:
