@@ -212,10 +212,12 @@ class Node:
         loop = asyncio.get_running_loop()
         while self._dirty:
             until = loop.time() + self._settings.slice_seconds
-            while self._dirty and loop.time() < until:
+            while True:  # at least one user per slice, whatever the slice
                 uid = next(iter(self._dirty))
                 del self._dirty[uid]
                 self._reconcile_safely(uid)
+                if not self._dirty or loop.time() >= until:
+                    break
             await asyncio.sleep(0)
 
     def _reconcile_safely(self, uid: str) -> None:

@@ -1,0 +1,124 @@
+"""The node as a unit, on an in-memory snapshot source (pure logic: no emulator)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from listeners.metrics import Metrics
+from listeners.node import Node, NodeSettings
+from listeners.publish.broker import MemoryBroker
+from listeners.publish.publisher import Publisher
+from listeners.session import Sources
+from listeners.source.registry import REGISTRY_COLLECTION
+from listeners.source.snapshots import Query, Snapshot, SnapshotHandler, SourceDoc
+
+pytestmark = pytest.mark.asyncio
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class FakeWatch:
+    def __init__(self, query: Query, handler: SnapshotHandler) -> None:
+        self.query = query
+        self.handler = handler
+        self.active = True
+
+    async def close(self) -> None:
+        self.active = False
+
+
+class FakeSource:
+    """Hands every watch's handler to the test, which plays Firestore."""
+
+    def __init__(self) -> None:
+        self.watches: list[FakeWatch] = []
+
+    def watch(self, query: Query, on_snapshot: SnapshotHandler) -> FakeWatch:
+        watch = FakeWatch(query, on_snapshot)
+        self.watches.append(watch)
+        return watch
+
+    def registry(self) -> list[FakeWatch]:
+        return [w for w in self.watches if w.query.collection == REGISTRY_COLLECTION]
+
+    @property
+    def open_streams(self) -> int:
+        return sum(w.active for w in self.watches)
+
+    @property
+    def connections(self) -> int:
+        return 1
+
+    async def aclose(self) -> None:
+        return None
+
+
+def online(uid: str, status: str = "online") -> SourceDoc:
+    data: dict[str, Any] = {"status": status, "heartbeat_at": NOW, "ttl_seconds": 3600}
+    return SourceDoc(uid, data, update_time=NOW + timedelta(microseconds=len(status)))
+
+
+@contextlib.asynccontextmanager
+async def node_on(source: FakeSource, **settings: Any) -> AsyncIterator[Node]:
+    metrics = Metrics()
+    node = Node(
+        NodeSettings(sweep_interval_seconds=0.05, **settings),
+        Sources(source),
+        Publisher(MemoryBroker(), metrics),
+        metrics,
+        clock=lambda: NOW,
+    )
+    async with node:
+        task = asyncio.create_task(node.run())
+        try:
+            yield node
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def until(predicate: Any) -> None:
+    async with asyncio.timeout(30):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_late_snapshots_of_a_replaced_registry_watch_are_ignored() -> None:
+    source = FakeSource()
+    async with node_on(source) as node:
+        first = source.registry()[0]
+        first.handler(Snapshot((online("ann"),)))
+        await until(lambda: "ann" in node.sessions)
+        first.active = False  # the stream ended: the sweep replaces the watch
+        await until(lambda: len(source.registry()) == 2)
+        second = source.registry()[1]
+        second.handler(Snapshot((online("ann", "offline"),)))
+        await until(lambda: "ann" not in node.sessions)
+        # The old watch still had a snapshot in flight, from before ann went offline.
+        first.handler(Snapshot((online("ann"), online("bob"))))
+        second.handler(Snapshot((online("ann", "offline"), online("cid"))))  # a sentinel after it
+        await until(lambda: "cid" in node.sessions)
+        assert set(node.sessions) == {"cid"}  # neither ann back online nor bob from the old view
+
+
+async def test_reconciles_are_queued_and_done_in_slices() -> None:
+    """A registry snapshot of many users returns at once; the users are attached afterwards,
+    in slices (here one user per slice), with the loop given a turn between slices."""
+    source = FakeSource()
+    async with node_on(source, slice_seconds=0.0) as node:
+        users = [online(f"u{i:03d}") for i in range(100)]
+        source.registry()[0].handler(Snapshot(tuple(users)))
+        assert node.sessions == {} and node.pending == 100  # nothing done inside the callback
+        turns = 0
+        while node.pending:
+            turns += 1
+            await asyncio.sleep(0)
+        assert len(node.sessions) == 100
+        assert turns >= 50  # the loop ran other work while the users were being attached
