@@ -84,8 +84,11 @@ class Service:
             "version": __version__,
             "listeners_count": len(self.node.sessions),
             "redis": redis,
-            "task_restarts": {name: n for name, n in self.supervisor.restarts.items() if n},
         }
+        # The specification's four fields always; these two only when there is something to say.
+        restarts = {name: n for name, n in self.supervisor.restarts.items() if n}
+        if restarts:
+            body["task_restarts"] = restarts
         if self.failed:
             body["reason"] = self.failed
         return body
