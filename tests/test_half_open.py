@@ -49,7 +49,7 @@ from listeners.local.processes import RedisServer
 from listeners.local.proxy import Link, TcpProxy
 from listeners.service import Service
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
-from tests.test_bridge import Tab, converged
+from tests.test_bridge import Tab, converged, published
 from tests.test_cluster import carried
 from tests.test_pipeline import serving, wait_until
 from tests.test_websocket import Client, ws_settings
@@ -157,7 +157,7 @@ def report(record: Callable[[str, object], None], consumer: str, **figures: floa
     write's delta delivered more than once)."""
     for name, value in figures.items():
         record(name, round(value, 2))
-    shown = ", ".join(f"{name} {value:g}" for name, value in figures.items())
+    shown = ", ".join(f"{name} {round(value, 2):g}" for name, value in figures.items())
     print(f"\nhalf-open {consumer}: {shown}")
 
 
@@ -210,6 +210,8 @@ async def test_publisher(
     consumer: Consumer = await subscribe("hp-pub")
     async with serving(via(settings, proxy), fb):
         await fb.online("hp-pub")
+        # The attach's sync first: Google's emulator can miss a write made while a watch starts.
+        await consumer.wait_for(lambda events: bool(consumer.of_type("notif.sync")))
         await fb.notification("hp-pub", "before")
         await consumer.wait_for(has("hp-pub", "before"))
         fault = Fault(proxy)
@@ -390,9 +392,10 @@ async def test_bridge(
 ) -> None:
     """`Bridge(...).events(uid)` through the proxy keeps yielding the user's events after the
     freeze; the service itself reaches Redis directly."""
-    async with serving(settings, fb):
+    async with serving(settings, fb) as service:
         await fb.online("hp-br")
         tab = Tab(Bridge(via(settings, proxy).redis), "hp-br")
+        await wait_until(lambda: published(service, "hp-br", "notif.sync"))  # its watch is set up
         await fb.notification("hp-br", "before")
         await converged(tab, db, "hp-br")
         fault = Fault(proxy)
