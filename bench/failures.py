@@ -38,7 +38,10 @@ SCENARIOS = {
     "test_publisher": ("publisher", "half-open: every connection of the service frozen"),
     "test_hub": ("hub (WebSocket, Direct mode)", "half-open: every connection of the service frozen"),
     "test_control": ("control listener", "half-open: the service's pub/sub connections frozen"),
-    "test_membership": ("membership (a 2nd instance joins)", "half-open: every connection of a frozen"),
+    "test_membership": (
+        "membership (a 2nd instance joins)",
+        "half-open: every connection of instance a frozen",
+    ),
     "test_bridge": ("bridge", "half-open: the bridge's connections frozen"),
 }
 NOTICE_BOUND = 10.0  # issue 12
