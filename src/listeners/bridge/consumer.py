@@ -32,6 +32,7 @@ from listeners.source.registry import ChatThread
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 16 * 2**20  # a sync of a long list is the largest event; far below this
+RETRY_AFTER_FAILED_ASK = 0.5  # seconds
 MAX_QUEUED = 10_000  # events waiting for one iterator; past that it drops them and resyncs
 _SYNC_TYPES = frozenset({"notif.sync", "msg.sync", "chat.sync"})
 
@@ -213,5 +214,8 @@ class Bridge:
         if not await self._subscriber.confirmed(reader.channels[0], timeout=self._resync_retry):
             return
         message = resync_request(token.reveal(), reader.uid, reader.threads)
-        with contextlib.suppress(BrokerUnavailable):  # asked again after resync_retry_seconds
+        try:
             await self._broker.publish_many([(self._settings.control_channel, message)])
+        except BrokerUnavailable:
+            # That connection was dead (the next one is new): ask again in a moment, not in 5 s.
+            reader.asked = time.monotonic() - self._resync_retry + RETRY_AFTER_FAILED_ASK
