@@ -48,10 +48,10 @@ from listeners.local.auth import LocalIssuer
 from listeners.local.processes import RedisServer
 from listeners.local.proxy import Link, TcpProxy
 from listeners.service import Service
-from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
+from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 from tests.test_bridge import Tab, converged, published
 from tests.test_cluster import carried
-from tests.test_pipeline import serving, wait_until
+from tests.test_pipeline import serving
 from tests.test_websocket import Client, ws_settings
 from tests.test_websocket import serving as serving_app
 

@@ -28,8 +28,8 @@ from listeners.metrics import Metrics
 from listeners.node import Node
 from listeners.publish.publisher import Publisher
 from listeners.supervisor import Fatal, Supervisor
-from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
-from tests.test_websocket import Client, serving, wait_until, ws_settings
+from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
+from tests.test_websocket import Client, serving, ws_settings
 
 pytestmark = pytest.mark.asyncio
 

@@ -25,15 +25,9 @@ from listeners.config import Settings, WebSocketSettings
 from listeners.deliver.http import ProcessHooks, create_app
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import RedisServer, free_port
-from tests.conftest import Consumer, Firebase
+from tests.conftest import Consumer, Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)
 
 
 def ws_settings(settings: Settings, certs_url: str, **overrides: Any) -> Settings:
