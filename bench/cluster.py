@@ -41,7 +41,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -78,7 +78,13 @@ class Instance:
     """One service process with its own LISTENERS_INSTANCE_ID, sampled with psutil."""
 
     def __init__(
-        self, instance_id: str, redis_port: int, emulator_host: str, project: str, logs: Path
+        self,
+        instance_id: str,
+        redis_port: int,
+        emulator_host: str,
+        project: str,
+        logs: Path,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.id = instance_id
         self.log_path = logs / f"{instance_id}.log"
@@ -97,6 +103,7 @@ class Instance:
             FIREBASE_PROJECT_ID=project,
             LOG_LEVEL="WARNING",
         )
+        env.update(extra_env or {})
         self.service = ServiceProcess(env, log_path=self.log_path)
         self.ps = psutil.Process(self.service.pid)
         self.rss_mb = 0.0  # peak, from the sampler
