@@ -547,6 +547,7 @@ class Takeover:
     # each survivor's listeners_loop_lag_seconds observed from just before the kill to 1 s
     # after the takeover settled, and its listeners_loop_stall_max_seconds before and after
     lag: dict[str, LoopLag] = field(default_factory=dict)
+    idle_lag: dict[str, LoopLag] = field(default_factory=dict)  # over the idle seconds before the kill
     stall_max_before: dict[str, float] = field(default_factory=dict)
     victim_entry: str = ""  # its membership entry, `{id}#{nonce}`
     synced_s: list[float] = field(default_factory=list)  # sorted, kill -> each moved user's new sync
@@ -633,13 +634,14 @@ async def _run_takeover(
             r.ready_s = time.monotonic() - began
             log(f"takeover, {r.instances} instances: {r.users} users spread {r.shares} in {r.ready_s:.1f} s")
             await recorder.quiet(2.0, 20.0)
+            victim, survivors = instances[-1], instances[:-1]
             for instance in instances:
                 instance.cpu()
+            idle_lags = await asyncio.gather(*(s.loop_lag(http) for s in survivors))
             await asyncio.sleep(args.idle)
             r.idle_cpu = {i.id: i.cpu() for i in instances}
             r.rss_before_mb = {i.id: i.ps.memory_info().rss / 2**20 for i in instances}
 
-            victim, survivors = instances[-1], instances[:-1]
             r.victim = victim.id
             live = tuple(sorted(s.id for s in survivors))
             moved = [uid for uid in uids if owner(uid, tuple(sorted(r.ids))) == victim.id]
@@ -660,6 +662,9 @@ async def _run_takeover(
                 raise RuntimeError(f"no membership entry for {victim.id} in {entries}")
             lags = await asyncio.gather(*(s.loop_lag(http) for s in survivors))
             lag_before = dict(zip([s.id for s in survivors], lags, strict=True))
+            for survivor, idle_start, idle_end in zip(survivors, idle_lags, lags, strict=True):
+                if idle_start is not None and idle_end is not None:
+                    r.idle_lag[survivor.id] = idle_end.since(idle_start)
             r.stall_max_before = {k: v.stall_max for k, v in lag_before.items() if v is not None}
 
             killed_at = time.monotonic()
@@ -929,6 +934,11 @@ def render(
                     f"new syncs {_f(v[0], 2)} to {_f(v[-1], 2)} s"
                 )
             by = "; ".join(parts)
+            idle = "; ".join(
+                f"{s} {lag.over(0.05)} > 50 ms, {lag.over(0.1)} > 100 ms of {lag.count}, "
+                f"worst ≤ {_f(lag.worst, 3)} s"
+                for s, lag in t.idle_lag.items()
+            )
             stall_max = "; ".join(
                 f"{s} {_f(t.stall_max_before.get(s, NAN), 3)} -> {_f(lag.stall_max, 3)}"
                 for s, lag in t.lag.items()
@@ -936,8 +946,9 @@ def render(
             lines.append(
                 f"- {t.instances} instances, killed {t.victim} (entry `{t.victim_entry}`): "
                 + (f"**FAILED: {t.error}**; " if t.error else "")
-                + f"{by}; `listeners_loop_stall_max_seconds` (max since start) before the kill -> after "
-                f"the takeover: {stall_max or 'n/a'}; moved users with more than one new sync: "
+                + f"{by}; loop lag over the {args.idle:g} idle seconds before the kill, for comparison: "
+                f"{idle or 'n/a'}; `listeners_loop_stall_max_seconds` (max since start) before the kill "
+                f"-> after the takeover: {stall_max or 'n/a'}; moved users with more than one new sync: "
                 f"{t.repeat_syncs}; notif.sync of users that did not move, after the kill: {t.other_syncs}; "
                 "idle CPU % before the kill "
                 f"{_per(t.idle_cpu, t.ids, 1)}; CPU % from the kill to the last new sync: survivors "
