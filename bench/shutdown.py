@@ -106,6 +106,8 @@ class Stop:
     rss_mb: float = NAN
     idle_cpu: dict[str, float] = field(default_factory=dict)  # % of a core, before the SIGTERM
     idle_machine_cpu: float = NAN  # 100 = every core
+    idle_emulator_cpu: float = NAN  # % of a core
+    idle_bench_cpu: float = NAN
     stop_cpu: float = NAN  # the stopped instance's CPU % from the SIGTERM to its last sample
     load_average: tuple[float, float] = (NAN, NAN)  # 1-minute, at the SIGTERM and after the exit
     stop_s: float = NAN  # SIGTERM -> the process exited
@@ -120,6 +122,13 @@ class Stop:
     stall_max: tuple[float, float] = (NAN, NAN)  # the survivor's loop_stall_max before -> after
     problems_before: int = 0  # the stopped instance's warnings/errors before the SIGTERM
     error: str = ""
+
+    @property
+    def idle_others_cpu(self) -> float:
+        """Before the SIGTERM: the machine's CPU but the instances, the emulator and the bench
+        (100 = one core): other jobs on this shared machine."""
+        mine = sum(self.idle_cpu.values()) + self.idle_emulator_cpu + self.idle_bench_cpu
+        return self.idle_machine_cpu * CORES - mine
 
     @property
     def attached(self) -> int:
@@ -224,11 +233,14 @@ async def _stop(
     moved = [uid for uid in uids if owner(uid, tuple(sorted(r.ids))) == victim.id] if survivors else []
     r.moved = len(moved)
 
-    for instance in instances:
-        instance.cpu()
+    assert emulator.process is not None
+    emu, me = psutil.Process(emulator.process.pid), psutil.Process()
+    for process in (*(i.ps for i in instances), emu, me):
+        process.cpu_percent(None)
     psutil.cpu_percent(None)
     await asyncio.sleep(args.idle)
     r.idle_cpu = {i.id: i.cpu() for i in instances}
+    r.idle_emulator_cpu, r.idle_bench_cpu = emu.cpu_percent(None), me.cpu_percent(None)
     r.idle_machine_cpu = psutil.cpu_percent(None)
     with contextlib.suppress(psutil.Error):
         r.threads = victim.ps.num_threads()
@@ -439,8 +451,10 @@ def render(
             f"stopped {r.victim}): "
             + (f"**FAILED: {r.error}**; " if r.error else "")
             + f"counts at the SIGTERM {r.counts} (shares {r.want}); waited {_f(r.waited_s, 1)} s; "
-            f"idle CPU % per instance {cpu}; the stopped one's CPU % from the SIGTERM to its exit "
-            f"{_f(r.stop_cpu)}; load average {_f(r.load_average[0], 1)} -> {_f(r.load_average[1], 1)}; "
+            f"CPU % over the {args.idle:g} s before the SIGTERM: per instance {cpu}, emulator "
+            f"{_f(r.idle_emulator_cpu)}, bench {_f(r.idle_bench_cpu)}, everything else "
+            f"{_f(r.idle_others_cpu)} (of {100 * CORES}); the stopped one's CPU % from the SIGTERM to its "
+            f"exit {_f(r.stop_cpu)}; load average {_f(r.load_average[0], 1)} -> {_f(r.load_average[1], 1)}; "
             f"warnings/errors before the SIGTERM {r.problems_before}; after it: {_warned(r)}"
             + (
                 f"; survivor's `listeners_loop_stall_max_seconds` {_f(r.stall_max[0], 3)} -> "
