@@ -137,7 +137,8 @@ class Instance:
     async def loop_lag(self, http: httpx.AsyncClient) -> LoopLag | None:
         """Its /metrics: the loop-lag histogram's cumulative bucket counts and the stall gauge."""
         try:
-            text = (await http.get(f"http://127.0.0.1:{self.service.port}/metrics", timeout=5)).text
+            # a loop held up by thousands of SDK threads answers late: wait, the figures are cumulative
+            text = (await http.get(f"http://127.0.0.1:{self.service.port}/metrics", timeout=30)).text
         except httpx.HTTPError:
             return None
         return LoopLag.parse(text)

@@ -72,8 +72,12 @@ START, END = "<!-- bench.shutdown:start -->", "<!-- bench.shutdown:end -->"
 SECTION = "## Shutdown on SIGTERM (`bench/shutdown.py`)"
 CORES = os.cpu_count() or 1
 BUDGET_S = 8.0  # LISTENERS_SHUTDOWN_TIMEOUT_SECONDS's default, item 7's bound
+UVICORN_DOWN = "Shutting down"  # uvicorn's loop saw the signal: it stops accepting, drains
+LIFESPAN_DOWN = "Waiting for application shutdown."  # the lifespan's shutdown: the watchdog starts
 STOPPING = "service stopping: handing users over, then closing listeners"
 STOPPED = "service stopped"
+MILESTONES = (UVICORN_DOWN, LIFESPAN_DOWN, STOPPING, STOPPED)
+ATTACHED, DETACHED = "user attached", "user detached"
 WATCHDOG = "shutdown budget exhausted"
 
 
@@ -121,6 +125,9 @@ class Stop:
     lag: LoopLag | None = None  # the survivor's loop lag, SIGTERM -> 1 s after it settled
     stall_max: tuple[float, float] = (NAN, NAN)  # the survivor's loop_stall_max before -> after
     problems_before: int = 0  # the stopped instance's warnings/errors before the SIGTERM
+    attached_logged: int = 0  # its `user attached` minus `user detached` lines before the SIGTERM
+    attached_after: int = 0  # its `user attached` lines after the SIGTERM
+    last_attach_s: float = NAN  # the last of them, seconds after the SIGTERM
     error: str = ""
 
     @property
@@ -129,10 +136,6 @@ class Stop:
         (100 = one core): other jobs on this shared machine."""
         mine = sum(self.idle_cpu.values()) + self.idle_emulator_cpu + self.idle_bench_cpu
         return self.idle_machine_cpu * CORES - mine
-
-    @property
-    def attached(self) -> int:
-        return sum(c or 0 for c in self.counts.values())
 
     def at(self, message: str) -> float:
         return next((line.at_s for line in self.logged if line.message.startswith(message)), NAN)
@@ -245,7 +248,6 @@ async def _stop(
     with contextlib.suppress(psutil.Error):
         r.threads = victim.ps.num_threads()
         r.rss_mb = victim.ps.memory_info().rss / 2**20
-    r.problems_before = len(_read_log(victim, 0.0))
     async with httpx.AsyncClient() as http:  # survivors only: nothing of ours keeps the victim open
         lag_before = await survivors[0].loop_lag(http) if survivors else None
 
@@ -275,7 +277,7 @@ async def _stop(
             if after is not None and lag_before is not None:
                 r.lag = after.since(lag_before)
                 r.stall_max = (lag_before.stall_max, after.stall_max)
-    r.logged = _read_log(victim, wall)
+    _read_log(r, victim, wall)
     log(
         f"SIGTERM -> exit {_f(r.stop_s, 2)} s (status {r.exit_code}, killed {r.killed}), stopping at "
         f"{_f(r.at(STOPPING), 2)} s, stopped at {_f(r.at(STOPPED), 2)} s, watchdog {r.watchdog}; "
@@ -339,24 +341,33 @@ async def _handover(
     r.resynced_s.sort()
 
 
-def _read_log(instance: Instance, since_wall: float) -> list[Logged]:
-    """The instance's JSON log lines at or after `since_wall` (time.time()); every line of
-    level WARNING or above, and the shutdown's own INFO milestones."""
-    found = []
+def _log_lines(instance: Instance) -> list[tuple[float, dict[str, Any]]]:
+    """The instance's JSON log lines with their time (seconds since the epoch)."""
+    lines = []
     for line in instance.log_path.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
-            at = datetime.fromisoformat(entry["time"]).timestamp()
+            lines.append((datetime.fromisoformat(entry["time"]).timestamp(), entry))
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
-        if at < since_wall:
-            continue
+    return lines
+
+
+def _read_log(r: Stop, instance: Instance, since_wall: float) -> None:
+    """From the stopped instance's log, after `since_wall` (the SIGTERM, time.time()): every
+    line of level WARNING or above, uvicorn's and the service's shutdown milestones, and the
+    users it still attached; before it, the warnings, and the users attached then."""
+    for at, entry in _log_lines(instance):
         message, level = str(entry.get("message", "")), str(entry.get("level", ""))
-        keep = level in ("WARNING", "ERROR", "CRITICAL") or message.startswith((STOPPING, STOPPED))
-        if keep:
+        if at < since_wall:
+            r.problems_before += level in ("WARNING", "ERROR", "CRITICAL")
+            r.attached_logged += (message == ATTACHED) - (message == DETACHED)
+        elif message == ATTACHED:
+            r.attached_after += 1
+            r.last_attach_s = at - since_wall
+        elif level in ("WARNING", "ERROR", "CRITICAL") or message.startswith(MILESTONES):
             extra = {k: v for k, v in entry.items() if k not in ("time", "level", "logger", "message")}
-            found.append(Logged(at - since_wall, level, message, extra))
-    return found
+            r.logged.append(Logged(at - since_wall, level, message, extra))
 
 
 # -- the report ----------------------------------------------------------------------
@@ -393,28 +404,38 @@ def render(
         f"Code: {code}.",
         "",
         f"SIGTERM to the last instance after at most {args.ready_timeout:g} s of waiting for every user "
-        f"to be attached and synced, then {args.idle:g} s idle. *attached*, *synced*: at the SIGTERM, the "
-        "instances' `/healthz` listeners_count summed, and users with a first `notif.sync` at the "
-        "subscriber; *ready s*: until all were (n/a: the wait ran out). Times in seconds after the "
-        "SIGTERM: *stopping*, *stopped*: the instance's `service stopping` and `service stopped` log "
-        "lines (the watchdog's budget starts at the former); *exit*: the process exited; *watchdog*: "
-        f"`{WATCHDOG}` logged. The budget (`LISTENERS_SHUTDOWN_TIMEOUT_SECONDS`) is {BUDGET_S:g} s. "
-        "*threads*, *RSS*, *idle CPU*: the stopped instance's before the SIGTERM (100 = one core); "
-        "*machine CPU*: both cores, 100 = all; *load*: 1-minute load average at the SIGTERM.",
+        f"to be attached and synced, then {args.idle:g} s idle. At the SIGTERM: *attached*: the stopped "
+        "instance's `/healthz` listeners_count (*log*: it did not answer within 5 s; its `user attached` "
+        "minus `user detached` lines instead); *synced*: users (of all) with a first `notif.sync` at the "
+        "subscriber; *ready s*: until every user was attached and synced (n/a: the wait ran out); "
+        "*threads*, *RSS*, *idle CPU*: the stopped instance's (100 = one core); *others CPU*: the "
+        f"machine's CPU but the instances, the emulator and the bench (of {100 * CORES}: other jobs); "
+        "*load*: 1-minute load average. Seconds after the SIGTERM, from the stopped instance's log: "
+        f"*signal seen*: uvicorn's `{UVICORN_DOWN}` (its loop saw the signal; it stops accepting and "
+        f"drains connections); *lifespan*: `{LIFESPAN_DOWN}`, where the application's shutdown, and the "
+        f"watchdog's budget, start; *stopping*, *stopped*: `service stopping` and `service stopped`; "
+        f"*exit*: the process exited (measured by the bench); *watchdog*: `{WATCHDOG}` logged; "
+        "*attaches after*: `user attached` lines after the SIGTERM (the last one's time). The budget "
+        f"(`LISTENERS_SHUTDOWN_TIMEOUT_SECONDS`) is {BUDGET_S:g} s. An exit status of -15 is uvicorn's "
+        "own after a complete shutdown (it re-raises the SIGTERM); the watchdog exits with 0.",
         "",
         "| users | instances | users per instance | attached | synced | ready s | threads | RSS MB "
-        "| idle CPU % | machine CPU % | load | stopping s | stopped s | exit s | exit status | watchdog |",
-        "|" + "---:|" * 15 + "---|",
+        "| idle CPU % | others CPU % | load | signal seen s | lifespan s | stopping s | stopped s | exit s "
+        "| exit status | watchdog | attaches after |",
+        "|" + "---:|" * 16 + "---|---|---:|",
     ]
     for r in runs:
         per = " / ".join(str(r.want.get(i, "?")) for i in r.ids)
+        count = r.counts.get(r.victim)
+        attached = str(count) if count is not None else f"{r.attached_logged} (log)"
+        after = f"{r.attached_after}" + (f" (to {_f(r.last_attach_s, 1)} s)" if r.attached_after else "")
         lines.append(
-            f"| {r.users} | {r.instances} | {per} | {r.attached} | {r.synced} | {_f(r.ready_s, 1)} "
-            f"| {r.threads} | {_f(r.rss_mb)} | {_f(r.idle_cpu.get(r.victim, NAN))} "
-            f"| {_f(r.idle_machine_cpu)} "
-            f"| {_f(r.load_average[0], 1)} | {_f(r.at(STOPPING), 2)} | {_f(r.at(STOPPED), 2)} "
-            f"| {_f(r.stop_s, 2)} "
-            f"| {r.exit_code}{' (SIGKILLed)' if r.killed else ''} | {'**cut**' if r.watchdog else 'no'} |"
+            f"| {r.users} | {r.instances} | {per} | {attached} | {r.synced} | {_f(r.ready_s, 1)} "
+            f"| {r.threads} | {_f(r.rss_mb)} | {_f(r.idle_cpu.get(r.victim, NAN))} | {_f(r.idle_others_cpu)} "
+            f"| {_f(r.load_average[0])} | {_f(r.at(UVICORN_DOWN), 2)} | {_f(r.at(LIFESPAN_DOWN), 2)} "
+            f"| {_f(r.at(STOPPING), 2)} | {_f(r.at(STOPPED), 2)} | {_f(r.stop_s, 2)} "
+            f"| {r.exit_code}{' (SIGKILLed)' if r.killed else ''} | {'**cut**' if r.watchdog else 'no'} "
+            f"| {after} |"
         )
     handovers = [r for r in runs if r.instances > 1]
     if handovers:
