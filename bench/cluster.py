@@ -61,6 +61,8 @@ from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServ
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.cluster:start -->", "<!-- bench.cluster:end -->"
 SECTION = "## Several instances (`bench/cluster.py`)"
+TAKEOVER_START, TAKEOVER_END = "<!-- bench.cluster.takeover:start -->", "<!-- bench.cluster.takeover:end -->"
+TAKEOVER_SECTION = "### Takeover after kill -9 (`bench/cluster.py`)"
 ADMIN_TOKEN = "bench-cluster-admin-token-0123"
 CONTROL_TOKEN = "bench-cluster-control-token-0123"
 NAN = float("nan")
@@ -828,9 +830,10 @@ def render(
     code: str,
     started: datetime,
     elapsed: float,
-) -> str:
-    lines = [
-        START,
+) -> dict[tuple[str, str], str]:
+    """The generated blocks, by their markers: the load's and the takeover's, for those that ran
+    (each run of the bench replaces only the blocks of what it measured)."""
+    head = [
         f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
         "",
         f"Command: `{command}`",
@@ -839,6 +842,19 @@ def render(
         "",
         f"Code: {code}.",
         "",
+    ]
+    blocks = {}
+    if loads:
+        blocks[START, END] = "\n".join([START, *head, *render_loads(loads, args), END])
+    if takeovers:
+        blocks[TAKEOVER_START, TAKEOVER_END] = "\n".join(
+            [TAKEOVER_START, *head, *render_takeovers(takeovers, args), TAKEOVER_END]
+        )
+    return blocks
+
+
+def render_loads(loads: list[Load], args: argparse.Namespace) -> list[str]:
+    lines = [
         f"Load: {args.users} users, {args.seconds:g} s of notification writes at each rate, each to a random "
         "user. Latency: write call -> that document's `notif.add` at the subscriber. CPU % over the "
         "window from the first write to the last `notif.add` (100 = one core); per-instance values "
@@ -880,98 +896,101 @@ def render(
             f"emulator peak RSS {_f(r.emulator_rss_mb)} MB; "
             f"instance log warnings/errors: {_problems(r.problems)}"
         )
-    if takeovers:
-        lines += [
-            "",
-            f"Takeover after kill -9 of the last instance, {args.takeover_users} users, nothing written. "
-            "Seconds from the kill. *Entry expires*: the killed instance's membership score minus "
-            "Redis's `TIME`; *entry removed*: gone from Redis (polled every 20 ms), i.e. the first "
-            "survivor's heartbeat after expiry, whose view drops it in the same pipeline; *views "
-            "changed*: each survivor's `/v1/users` answer, polled every 50 ms, first without the killed "
-            "instance; *new sync*: a moved user's first `notif.sync` after the kill, at the subscriber "
-            "on all the users' channels; *count*: the survivors' `/healthz` listeners_count sum to the "
-            "users; *loop stall*: the longest gap between two answers of a survivor; *lag > 50 ms*, "
-            "*> 100 ms*: "
-            "observations of each survivor's `listeners_loop_lag_seconds` (a 50 ms timer on its loop, "
-            "how late it fired) above 50 and 100 ms, from just before the kill to 1 s after the takeover "
-            "settled (bucket counts read from `/metrics`), out of all its observations then; *worst lag "
-            "≤ s*: the upper bound of the bucket of the largest of them.",
-            "",
-            "| instances | users per instance before | moved | entry expires s | entry removed s "
-            "| views changed s | first new sync s | p50 s | p99 s | last new sync s | attach s "
-            "| count = users s | loop stall s | lag > 50 ms | lag > 100 ms | worst lag ≤ s "
-            "| missing | ready s |",
-            "|" + "---:|" * 18,
-        ]
-        for t in takeovers:
-            survivors = [i for i in t.ids if i != t.victim]
-            views = _per({s: v[1] for s, v in t.view_changed_s.items()}, survivors, 1)
-            shares = {k: float(v) for k, v in t.shares.items()}
-            lines.append(
-                f"| {t.instances} | {_per(shares, t.ids)} | {t.moved} | {_f(t.expires_s, 1)} "
-                f"| {_f(t.removed_s, 1)} | {views} | {_f(t.synced_s[0] if t.synced_s else NAN, 1)} "
-                f"| {_f(percentile(t.synced_s, 50), 1)} | {_f(percentile(t.synced_s, 99), 1)} "
-                f"| {_f(t.takeover_s, 1)} | {_f(t.takeover_s - t.removed_s, 1)} | {_f(t.count_s, 1)} "
-                f"| {_per(t.stall_s, survivors, 2)} | {_lags(t, survivors, 0.05)} "
-                f"| {_lags(t, survivors, 0.1)} "
-                f"| {_per({s: lag.worst for s, lag in t.lag.items()}, survivors, 3)} | {t.missing} "
-                f"| {_f(t.ready_s, 1)} |"
-            )
-        lines += [
-            "",
-            "*attach s* = last new sync minus entry removed: the re-attaching, after the detection.",
-            "",
-            "Per takeover:",
-        ]
-        for t in takeovers:
-            survivors = [i for i in t.ids if i != t.victim]
-            parts = []
-            for s, v in sorted(t.synced_by.items()):
-                low, high = t.view_changed_s.get(s, (NAN, NAN))
-                parts.append(
-                    f"{s} took {t.moved_to.get(s, 0)}: "
-                    f"view changed between {_f(low, 2)} and {_f(high, 2)} s, "
-                    f"count at its new share {_f(t.count_at_s.get(s, NAN), 2)} s, "
-                    f"new syncs {_f(v[0], 2)} to {_f(v[-1], 2)} s"
-                )
-            by = "; ".join(parts)
-            idle = "; ".join(
-                f"{s} {lag.over(0.05)} > 50 ms, {lag.over(0.1)} > 100 ms of {lag.count}, "
-                f"worst ≤ {_f(lag.worst, 3)} s"
-                for s, lag in t.idle_lag.items()
-            )
-            stall_max = "; ".join(
-                f"{s} {_f(t.stall_max_before.get(s, NAN), 3)} -> {_f(lag.stall_max, 3)}"
-                for s, lag in t.lag.items()
-            )
-            lines.append(
-                f"- {t.instances} instances, killed {t.victim} (entry `{t.victim_entry}`): "
-                + (f"**FAILED: {t.error}**; " if t.error else "")
-                + f"{by}; loop lag over the {args.idle:g} idle seconds before the kill, for comparison: "
-                f"{idle or 'n/a'}; `listeners_loop_stall_max_seconds` (max since start) before the kill "
-                f"-> after the takeover: {stall_max or 'n/a'}; moved users with more than one new sync: "
-                f"{t.repeat_syncs}; notif.sync of users that did not move, after the kill: {t.other_syncs}; "
-                "idle CPU % before the kill "
-                f"{_per(t.idle_cpu, t.ids, 1)}; CPU % from the kill to the last new sync: survivors "
-                f"{_per(t.takeover_cpu, survivors)}, emulator {_f(t.emulator_cpu)}, redis-server "
-                f"{_f(t.redis_cpu)}, bench {_f(t.bench_cpu)}, whole machine {_f(t.machine_cpu)} (of 100), "
-                f"everything else {_f(t.others_cpu)} (of {100 * CORES}); load average "
-                f"{_f(t.load_average[0], 1)} -> {_f(t.load_average[1], 1)}; RSS MB before "
-                f"{_per(t.rss_before_mb, t.ids)}, after {_per(t.rss_after_mb, survivors)}; "
-                f"instance log warnings/errors: {_problems(t.problems)}"
-            )
-    lines.append(END)
-    return "\n".join(lines)
+    return lines
 
 
-def update_doc(path: Path, block: str) -> None:
-    """Replace this benchmark's generated block in `path`, or append a section holding it."""
+def render_takeovers(takeovers: list[Takeover], args: argparse.Namespace) -> list[str]:
+    lines = [
+        f"Takeover after kill -9 of the last instance, {args.takeover_users} users, nothing written. "
+        "Seconds from the kill. *Entry expires*: the killed instance's membership score minus "
+        "Redis's `TIME`; *entry removed*: gone from Redis (polled every 20 ms), i.e. the first "
+        "survivor's heartbeat after expiry, whose view drops it in the same pipeline; *views "
+        "changed*: each survivor's `/v1/users` answer, polled every 50 ms, first without the killed "
+        "instance; *new sync*: a moved user's first `notif.sync` after the kill, at the subscriber "
+        "on all the users' channels; *count*: the survivors' `/healthz` listeners_count sum to the "
+        "users; *loop stall*: the longest gap between two answers of a survivor; *lag > 50 ms*, "
+        "*> 100 ms*: "
+        "observations of each survivor's `listeners_loop_lag_seconds` (a 50 ms timer on its loop, "
+        "how late it fired) above 50 and 100 ms, from just before the kill to 1 s after the takeover "
+        "settled (bucket counts read from `/metrics`), out of all its observations then; *worst lag "
+        "≤ s*: the upper bound of the bucket of the largest of them.",
+        "",
+        "| instances | users per instance before | moved | entry expires s | entry removed s "
+        "| views changed s | first new sync s | p50 s | p99 s | last new sync s | attach s "
+        "| count = users s | loop stall s | lag > 50 ms | lag > 100 ms | worst lag ≤ s "
+        "| missing | ready s |",
+        "|" + "---:|" * 18,
+    ]
+    for t in takeovers:
+        survivors = [i for i in t.ids if i != t.victim]
+        views = _per({s: v[1] for s, v in t.view_changed_s.items()}, survivors, 1)
+        shares = {k: float(v) for k, v in t.shares.items()}
+        lines.append(
+            f"| {t.instances} | {_per(shares, t.ids)} | {t.moved} | {_f(t.expires_s, 1)} "
+            f"| {_f(t.removed_s, 1)} | {views} | {_f(t.synced_s[0] if t.synced_s else NAN, 1)} "
+            f"| {_f(percentile(t.synced_s, 50), 1)} | {_f(percentile(t.synced_s, 99), 1)} "
+            f"| {_f(t.takeover_s, 1)} | {_f(t.takeover_s - t.removed_s, 1)} | {_f(t.count_s, 1)} "
+            f"| {_per(t.stall_s, survivors, 2)} | {_lags(t, survivors, 0.05)} "
+            f"| {_lags(t, survivors, 0.1)} "
+            f"| {_per({s: lag.worst for s, lag in t.lag.items()}, survivors, 3)} | {t.missing} "
+            f"| {_f(t.ready_s, 1)} |"
+        )
+    lines += [
+        "",
+        "*attach s* = last new sync minus entry removed: the re-attaching, after the detection.",
+        "",
+        "Per takeover:",
+    ]
+    for t in takeovers:
+        survivors = [i for i in t.ids if i != t.victim]
+        parts = []
+        for s, v in sorted(t.synced_by.items()):
+            low, high = t.view_changed_s.get(s, (NAN, NAN))
+            parts.append(
+                f"{s} took {t.moved_to.get(s, 0)}: "
+                f"view changed between {_f(low, 2)} and {_f(high, 2)} s, "
+                f"count at its new share {_f(t.count_at_s.get(s, NAN), 2)} s, "
+                f"new syncs {_f(v[0], 2)} to {_f(v[-1], 2)} s"
+            )
+        by = "; ".join(parts)
+        idle = "; ".join(
+            f"{s} {lag.over(0.05)} > 50 ms, {lag.over(0.1)} > 100 ms of {lag.count}, "
+            f"worst ≤ {_f(lag.worst, 3)} s"
+            for s, lag in t.idle_lag.items()
+        )
+        stall_max = "; ".join(
+            f"{s} {_f(t.stall_max_before.get(s, NAN), 3)} -> {_f(lag.stall_max, 3)}"
+            for s, lag in t.lag.items()
+        )
+        lines.append(
+            f"- {t.instances} instances, killed {t.victim} (entry `{t.victim_entry}`): "
+            + (f"**FAILED: {t.error}**; " if t.error else "")
+            + f"{by}; loop lag over the {args.idle:g} idle seconds before the kill, for comparison: "
+            f"{idle or 'n/a'}; `listeners_loop_stall_max_seconds` (max since start) before the kill "
+            f"-> after the takeover: {stall_max or 'n/a'}; moved users with more than one new sync: "
+            f"{t.repeat_syncs}; notif.sync of users that did not move, after the kill: {t.other_syncs}; "
+            "idle CPU % before the kill "
+            f"{_per(t.idle_cpu, t.ids, 1)}; CPU % from the kill to the last new sync: survivors "
+            f"{_per(t.takeover_cpu, survivors)}, emulator {_f(t.emulator_cpu)}, redis-server "
+            f"{_f(t.redis_cpu)}, bench {_f(t.bench_cpu)}, whole machine {_f(t.machine_cpu)} (of 100), "
+            f"everything else {_f(t.others_cpu)} (of {100 * CORES}); load average "
+            f"{_f(t.load_average[0], 1)} -> {_f(t.load_average[1], 1)}; RSS MB before "
+            f"{_per(t.rss_before_mb, t.ids)}, after {_per(t.rss_after_mb, survivors)}; "
+            f"instance log warnings/errors: {_problems(t.problems)}"
+        )
+    return lines
+
+
+def update_doc(path: Path, blocks: dict[tuple[str, str], str]) -> None:
+    """Replace each generated block in `path` (by its markers), or append a section holding it."""
     text = path.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+    for (start, end), block in blocks.items():
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + block + rest.split(end, 1)[1]
+        else:
+            section = SECTION if start == START else TAKEOVER_SECTION
+            text = text.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
     path.write_text(text)
 
 
@@ -1089,12 +1108,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join([".venv/bin/python -m bench.cluster", shlex.join(_measuring(given))]).strip()
-    block = render(
+    blocks = render(
         loads, takeovers, args, command, args.code or describe_code(), started, time.monotonic() - began
     )
-    print(block)
+    print("\n\n".join(blocks.values()))
     if not args.no_doc:
-        update_doc(args.doc, block)
+        update_doc(args.doc, blocks)
 
 
 if __name__ == "__main__":
