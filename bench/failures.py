@@ -63,21 +63,25 @@ class Scenario:
     failures: list[str] = field(default_factory=list)
 
 
-def run_tests(runs: int, junit: Path) -> ElementTree.Element:
-    """The half-open tests, each `runs` times in a row, under pytest; its JUnit XML report."""
-    selected = [f"{TESTS}::{test}" for test in SCENARIOS for _ in range(runs)]
-    command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s",
-        f"--junitxml={junit}", *selected,
-    ]  # fmt: skip
-    log(" ".join(shlex.quote(part) for part in command))
-    subprocess.run(command, cwd=PROJECT_ROOT, check=False)  # failures are read from the report
-    return ElementTree.parse(junit).getroot()  # noqa: S314 - pytest's own report, written just now
+def run_tests(runs: int, workdir: Path) -> list[ElementTree.Element]:
+    """The half-open tests under pytest, `runs` times over (one pytest run each: pytest runs a
+    test named twice on its command line once); their JUnit XML reports."""
+    reports = []
+    for run in range(runs):
+        junit = workdir / f"junit-{run}.xml"
+        command = [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-s",
+            f"--junitxml={junit}", *(f"{TESTS}::{test}" for test in SCENARIOS),
+        ]  # fmt: skip
+        log(" ".join(shlex.quote(part) for part in command))
+        subprocess.run(command, cwd=PROJECT_ROOT, check=False)  # failures are read from the report
+        reports.append(ElementTree.parse(junit).getroot())  # noqa: S314 - pytest's own report
+    return reports
 
 
-def collect(report: ElementTree.Element) -> list[Scenario]:
+def collect(reports: list[ElementTree.Element]) -> list[Scenario]:
     scenarios = {test: Scenario(test, *about) for test, about in SCENARIOS.items()}
-    for case in report.iter("testcase"):
+    for case in (case for report in reports for case in report.iter("testcase")):
         scenario = scenarios.get(case.get("name", "").split("[")[0])
         if scenario is None:
             continue
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     started, began = datetime.now(UTC), time.monotonic()
     with tempfile.TemporaryDirectory(prefix="listeners-bench-failures-") as workdir:
-        scenarios = collect(run_tests(args.runs, Path(workdir) / "junit.xml"))
+        scenarios = collect(run_tests(args.runs, Path(workdir)))
     log(f"done in {time.monotonic() - began:.0f} s")
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join([".venv/bin/python -m bench.failures", shlex.join(_measuring(given))]).strip()
