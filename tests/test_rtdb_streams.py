@@ -105,22 +105,19 @@ async def test_direct_messages_sync_and_deltas(
         assert m3["sender_id"] == "u-sender" and m3["url"] == "/edit_form/job-3"
 
         await rtdb.set(f"{base}/m4", dm(4))
-        await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 2)
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.add")) == 1)
         assert [e["payload"]["doc_id"] for e in of(consumer, "msg.add")] == ["m4"]
-        sync = of(consumer, "msg.sync")[1]["payload"]
-        assert sync["new_message"]["doc_id"] == "m4" and sync["count"] == 3
+        assert consumer.doc_ids("msg") == ["m4", "m3", "m1"]  # deltas alone, no sync after them
 
         await rtdb.update(f"{base}/m4", {"status": "done"})
         await consumer.wait_for(lambda e: len(of(consumer, "msg.update")) == 1)
         await rtdb.delete(f"{base}/m1")  # reading a direct message deletes it
         await consumer.wait_for(lambda e: len(of(consumer, "msg.remove")) == 1)
         assert of(consumer, "msg.remove")[0]["payload"] == {"doc_id": "m1"}
-        await consumer.wait_for(
-            lambda e: (
-                [m["doc_id"] for m in of(consumer, "msg.sync")[-1]["payload"]["messages"]] == ["m4", "m3"]
-            )
-        )
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["m4", "m3"])
     assert "m2" not in str(consumer.events)
+    assert len(of(consumer, "msg.sync")) == 1
+    assert [e["seq"] for e in consumer.events] == list(range(1, len(consumer.events) + 1))
 
 
 async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
@@ -250,7 +247,7 @@ async def test_auth_revoked_then_converges(
         await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 1)
         assert await standin.revoke() >= 1
         await rtdb.set("clients/quin/direct_message_notif/after", dm(1))
-        await consumer.wait_for(lambda e: ids(of(consumer, "msg.sync")) == ["after"])
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["after"])
 
 
 async def test_cut_and_restart_give_a_fresh_sync(
@@ -260,16 +257,13 @@ async def test_cut_and_restart_give_a_fresh_sync(
     async with running(rtdb_settings):
         await fb.online("ray")
         await rtdb.set("clients/ray/direct_message_notif/a", dm(1))
-        await consumer.wait_for(lambda e: ids(of(consumer, "msg.sync")) == ["a"])
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["a"])
         syncs = len(of(consumer, "msg.sync"))
         await standin.drop()
         await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) > syncs)  # fresh after the cut
         standin.restart()  # its data is gone
         await rtdb.set("clients/ray/direct_message_notif/b", dm(2))
-        await consumer.wait_for(
-            lambda e: [m["doc_id"] for m in of(consumer, "msg.sync")[-1]["payload"]["messages"]] == ["b"],
-            timeout=30,
-        )
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["b"], timeout=30)
 
 
 async def test_an_enormous_node(

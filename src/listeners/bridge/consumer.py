@@ -8,7 +8,10 @@ from a queue of its own.
 Pub/Sub keeps nothing, so whenever an iterator starts, and after every reconnection, it asks
 the service for a resync and repeats the request until a sync arrives: whatever happened
 while it was away, the next sync carries the current state. So does an iterator whose queue
-overflowed because its reader was too slow. Events seen twice (same `event_id`) are dropped.
+overflowed because its reader was too slow, and one that sees a gap in an event stream (a
+missing `seq`, or an epoch it has no sync of: `ordering`). Events older than the last sync
+and duplicates are dropped, so each event yielded moves the reducers to a state the service
+had.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from listeners.bridge.ordering import Ordering, Verdict
 from listeners.config import RedisSettings
 from listeners.control import resync_request
-from listeners.events import KNOWN_TYPES
+from listeners.events import KNOWN_TYPES, SYNC_TYPES
 from listeners.inputs import InvalidInput, parse_json
 from listeners.publish.broker import Broker, BrokerUnavailable
 from listeners.publish.redis import RedisBroker
@@ -33,7 +37,6 @@ log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 16 * 2**20  # a sync of a long list is the largest event; far below this
 MAX_QUEUED = 10_000  # events waiting for one iterator; past that it drops them and resyncs
-_SYNC_TYPES = frozenset({"notif.sync", "msg.sync", "chat.sync"})
 
 
 def parse_event(raw: bytes | str, uid: str) -> dict[str, Any] | None:
@@ -65,30 +68,17 @@ def parse_event(raw: bytes | str, uid: str) -> dict[str, Any] | None:
     return event
 
 
-class _Recent:
-    """The last `size` event ids, to drop re-deliveries without growing forever."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, event_id: str) -> bool:
-        if event_id in self._ids:
-            return False
-        self._ids[event_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-        return True
-
-
 class _Reader:
     """One `events()` iterator: its user, channels and queue, and whether it holds a sync."""
 
-    def __init__(self, uid: str, channels: list[str], threads: tuple[ChatThread, ...]) -> None:
+    def __init__(
+        self, uid: str, channels: list[str], threads: tuple[ChatThread, ...], ordering: Ordering
+    ) -> None:
         self.uid = uid
         self.channels = channels
         self.threads = threads
-        self.synced = False
+        self.ordering = ordering
+        self.synced = False  # a sync was applied since the last loss
         self.asked = float("-inf")  # monotonic time of the last resync request
         self._events: deque[dict[str, Any]] = deque()
         self._wakeup = asyncio.Event()
@@ -99,8 +89,23 @@ class _Reader:
             self.lost()
             return
         self._events.append(event)
-        self.synced = self.synced or event["type"] in _SYNC_TYPES
         self._wakeup.set()
+
+    @property
+    def needs_resync(self) -> bool:
+        return not self.synced or self.ordering.waiting
+
+    def admit(self, event: dict[str, Any]) -> bool:
+        """Whether to hand this event on; a gap makes the reader ask for a resync."""
+        verdict = self.ordering.admit(event)
+        if verdict is Verdict.GAP and self.synced:
+            log.info("gap in the event stream; asking for a resync", extra={"uid": self.uid})
+            self.lost()
+        if verdict is not Verdict.APPLY:
+            return False
+        if event["type"] in SYNC_TYPES:
+            self.synced = True
+        return True
 
     def lost(self) -> None:
         """Events were missed: ask for a resync now, and until a sync arrives."""
@@ -146,15 +151,14 @@ class Bridge:
         resyncs. Leaving the `async for` (or cancelling its task) lets its channels go; the
         connection closes when no iterator is left.
         """
-        reader = _Reader(uid, self.channels(uid, threads), tuple(threads))
-        seen = _Recent(self._dedup_size)
+        reader = _Reader(uid, self.channels(uid, threads), tuple(threads), Ordering(self._dedup_size))
         await self._join(reader)
         try:
             while True:
-                if not reader.synced and time.monotonic() - reader.asked > self._resync_retry:
+                if reader.needs_resync and time.monotonic() - reader.asked > self._resync_retry:
                     await self._ask_resync(reader)
                 event = await reader.next(timeout=1.0)
-                if event is not None and seen.add(event["event_id"]):
+                if event is not None and reader.admit(event):
                     yield event
         finally:
             await asyncio.shield(self._leave(reader))
