@@ -24,10 +24,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from listeners.bridge.ordering import Ordering, Verdict
+from listeners.bridge.ordering import Follower
 from listeners.config import RedisSettings
 from listeners.control import resync_request
-from listeners.events import KNOWN_TYPES, SYNC_TYPES
+from listeners.events import KNOWN_TYPES
 from listeners.inputs import InvalidInput, parse_json
 from listeners.publish.broker import Broker, BrokerUnavailable
 from listeners.publish.redis import RedisBroker
@@ -72,13 +72,12 @@ class _Reader:
     """One `events()` iterator: its user, channels and queue, and whether it holds a sync."""
 
     def __init__(
-        self, uid: str, channels: list[str], threads: tuple[ChatThread, ...], ordering: Ordering
+        self, uid: str, channels: list[str], threads: tuple[ChatThread, ...], follower: Follower
     ) -> None:
         self.uid = uid
         self.channels = channels
         self.threads = threads
-        self.ordering = ordering
-        self.synced = False  # a sync was applied since the last loss
+        self.follower = follower
         self.asked = float("-inf")  # monotonic time of the last resync request
         self._events: deque[dict[str, Any]] = deque()
         self._wakeup = asyncio.Event()
@@ -93,23 +92,21 @@ class _Reader:
 
     @property
     def needs_resync(self) -> bool:
-        return not self.synced or self.ordering.waiting
+        return self.follower.needs_resync
 
     def admit(self, event: dict[str, Any]) -> bool:
-        """Whether to hand this event on; a gap makes the reader ask for a resync."""
-        verdict = self.ordering.admit(event)
-        if verdict is Verdict.GAP and self.synced:
+        """Whether to hand this event on; a gap makes the reader ask for a resync now."""
+        asking = self.follower.needs_resync
+        if self.follower.admit(event):
+            return True
+        if self.follower.needs_resync and not asking:
             log.info("gap in the event stream; asking for a resync", extra={"uid": self.uid})
-            self.lost()
-        if verdict is not Verdict.APPLY:
-            return False
-        if event["type"] in SYNC_TYPES:
-            self.synced = True
-        return True
+            self.asked = float("-inf")
+        return False
 
     def lost(self) -> None:
         """Events were missed: ask for a resync now, and until a sync arrives."""
-        self.synced = False
+        self.follower.lost()
         self.asked = float("-inf")
         self._wakeup.set()
 
@@ -151,7 +148,7 @@ class Bridge:
         resyncs. Leaving the `async for` (or cancelling its task) lets its channels go; the
         connection closes when no iterator is left.
         """
-        reader = _Reader(uid, self.channels(uid, threads), tuple(threads), Ordering(self._dedup_size))
+        reader = _Reader(uid, self.channels(uid, threads), tuple(threads), Follower(self._dedup_size))
         await self._join(reader)
         try:
             while True:

@@ -109,3 +109,33 @@ class Ordering:
         position.seq = seq
         self._applied.add(event_id)
         return Verdict.APPLY
+
+
+class Follower:
+    """One consumer's side of convergence: the order rules, and whether it must ask the
+    service for a resync (never synced, a loss, or a gap not yet healed by a sync). The
+    bridge asks again every few seconds while `needs_resync` holds."""
+
+    def __init__(self, recent_ids: int = 4096) -> None:
+        self.ordering = Ordering(recent_ids)
+        self.synced = False  # a sync was applied since the last loss
+
+    @property
+    def needs_resync(self) -> bool:
+        return not self.synced or self.ordering.waiting
+
+    def lost(self) -> None:
+        """Events were missed (a reconnection, an overflow): the next sync brings it back."""
+        self.synced = False
+
+    def admit(self, event: Mapping[str, Any]) -> bool:
+        """Whether to apply this event; a gap makes the consumer need a resync."""
+        verdict = self.ordering.admit(event)
+        if verdict is Verdict.GAP:
+            self.synced = False
+            return False
+        if verdict is Verdict.DROP:
+            return False
+        if event.get("type") in SYNC_TYPES:
+            self.synced = True
+        return True
