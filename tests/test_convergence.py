@@ -21,7 +21,7 @@ in flight is delivered and every resync request answered; the consumer's lists m
 the source's.
 
 `LISTENERS_CONVERGENCE_EXAMPLES` sets the number of generated sequences (default 300; the
-long run in docs/events.md used 10,000 and more).
+long run recorded in docs/events.md used 10,000).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -346,6 +347,7 @@ def converged(world: World) -> None:
     assert {m["doc_id"]: m for m in world.messages.view["messages"]} == expected_messages
 
 
+@pytest.mark.timeout(max(600, EXAMPLES // 5))  # a guard against a hang, far above the run's length
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
