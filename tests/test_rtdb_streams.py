@@ -341,3 +341,73 @@ async def test_chat_fails_closed_without_companies(
     assert chat.events == []
     marked = await rtdb.get(thread)
     assert not marked["-g1"]["read"] and not marked["-g2"]["read"]
+
+
+async def test_a_chat_thread_keeps_only_its_last_messages(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any
+) -> None:
+    """LISTENERS_CHAT_HISTORY=20: the stream mirrors the thread's last 20 messages (limitToLast),
+    however long the thread; new messages come once each, and what it remembers stays bounded."""
+    thread = "acme/chats/long/messages"
+    await rtdb.set(thread, {f"-m{n:04d}": chat_message(n) for n in range(300)})
+    chat: Consumer = await subscribe("lea:acme:long", prefix="chat:")
+    bounded = dataclasses.replace(rtdb_settings, chat_history=20)
+    async with running(bounded) as service:
+        await fb.set("listeners_registry/lea", {
+            "status": "online", "heartbeat_at": "2999-01-01T00:00:00Z", "authorized_companies_ids": ["acme"],
+            "chat_threads": [{"space_code": "acme", "thread_key": "long", "mode": "chats"}],
+        })  # fmt: skip
+        await chat.wait_for(lambda e: len(chat.of_type("chat.sync")) == 1)
+        sync = chat.of_type("chat.sync")[0]["payload"]
+        assert [m["id"] for m in sync["raw_messages"]] == [f"-m{n:04d}" for n in range(280, 300)]
+        stream = next(iter(service.node.sessions["lea"].threads.values()))
+        for n in range(300, 330):
+            await rtdb.set(f"{thread}/-m{n:04d}", chat_message(n))
+            # the read marks of the delivered messages come back as changes too
+            assert len(stream._nodes) <= 20 and stream.seen <= 20
+        await chat.wait_for(lambda e: "-m0329" in str(e[-1]))
+        delivered = [m["id"] for x in chat.of_type("chat.message") for m in x["payload"]["raw_messages"]]
+        assert delivered == [f"-m{n:04d}" for n in range(300, 330)]
+        assert len(stream._nodes) <= 20 and stream.seen <= 20
+        events = chat.events
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+class _Stub:
+    """What MessageStream reads of its NodeStream: the children the last event touched."""
+
+    reconnects = 0
+    active = True
+    last_changed: frozenset[str] | None = None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_direct_message_change_costs_the_change_not_the_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pure unit: of 2,000 direct messages, one changed child is normalised alone."""
+    import listeners.streams.messages as messages
+    from listeners.normalise.messages import normalise_message as real
+
+    normalised: list[str] = []
+
+    def counting(push_id: str, node: dict[str, Any]) -> Any:
+        normalised.append(push_id)
+        return real(push_id, node)
+
+    monkeypatch.setattr(messages, "normalise_message", counting)
+    published: list[Any] = []
+    stream = messages.MessageStream("u", frozenset(), Any, lambda e, lag: published.append(e) is None)  # type: ignore[arg-type, func-returns-value]
+    stub = _Stub()
+    stream._stream = stub  # type: ignore[assignment]
+    tree = {f"m{n:04d}": dm(1 + n % 9) for n in range(2000)}
+    stream._on_change(tree)  # the first read: every node
+    assert len(normalised) == 2000 and [e.type for e in published] == ["msg.sync"]
+    normalised.clear()
+    stub.last_changed = frozenset({"m0007"})
+    stream._on_change({**tree, "m0007": dm(3, status="done")})
+    assert normalised == ["m0007"] and [e.type for e in published[1:]] == ["msg.update"]
+    stub.last_changed = frozenset({"m0008"})
+    stream._on_change({k: v for k, v in tree.items() if k != "m0008"})
+    assert normalised == ["m0007"] and published[-1].type == "msg.remove"
+    assert [e.seq for e in published] == [1, 2, 3]

@@ -102,9 +102,12 @@ class RtdbClient:
     def open_streams(self) -> int:
         return sum(1 for stream in self._streams if stream.active)
 
-    async def get(self, path: str = "/", *, shallow: bool = False) -> Json:
-        params = {"shallow": "true"} if shallow else None
-        response = await self._request("GET", path, params=params)
+    async def get(
+        self, path: str = "/", *, shallow: bool = False, query: Mapping[str, str] | None = None
+    ) -> Json:
+        """`query`: REST query parameters, as for `stream`."""
+        params = {**({"shallow": "true"} if shallow else {}), **(query or {})}
+        response = await self._request("GET", path, params=params or None)
         return response.json()
 
     async def set(self, path: str, value: Json) -> None:
