@@ -329,7 +329,11 @@ export class ListenersClient {
       this.retries = 0;
       this.onStatus("live", message.uid);
       this._scheduleRefresh(message.expires_at, mine);
-      return; // the service sends fresh syncs after auth.ok by itself
+      // The service sends fresh syncs after auth.ok by itself; should one of them not come,
+      // ask in 5 s (and every 5 s) until every stream is synced, as the bridge does.
+      clearTimeout(this.resyncTimer);
+      this.resyncTimer = setTimeout(() => this._askResync(mine), 5000);
+      return;
     }
     if (!EVENT_TYPES.includes(message.type)) return;
     const asking = this.follower.needsResync;
