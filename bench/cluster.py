@@ -14,8 +14,9 @@ channels `user:{uid}`.
 Takeover (for each K in --takeover-instances): --takeover-users users spread over K
 instances, then kill -9 of one; the time from the kill until every user it served has had a
 fresh notif.sync (from its new owner: the killed one cannot publish), split into detection
-(the membership entry lives 6 s) and re-attaching, and until the survivors' listeners_count
-sums to --takeover-users.
+(the membership entry `{id}#{nonce}` lives 3 s) and re-attaching, and until the survivors'
+listeners_count sums to --takeover-users; and how long each survivor's event loop was held up
+meanwhile (the gaps between its answers, and its own `listeners_loop_lag_seconds`).
 
     .venv/bin/python -m bench.cluster
 
@@ -31,6 +32,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -39,7 +41,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,12 +55,14 @@ from google.cloud import firestore
 
 from bench import latency
 from bench.latency import log_problems, machine, percentile
-from listeners.cluster import MEMBERS_KEY, owner
+from listeners.cluster import MEMBERS_KEY, entry_id, owner
 from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, ServiceProcess
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.cluster:start -->", "<!-- bench.cluster:end -->"
 SECTION = "## Several instances (`bench/cluster.py`)"
+TAKEOVER_START, TAKEOVER_END = "<!-- bench.cluster.takeover:start -->", "<!-- bench.cluster.takeover:end -->"
+TAKEOVER_SECTION = "### Takeover after kill -9 (`bench/cluster.py`)"
 ADMIN_TOKEN = "bench-cluster-admin-token-0123"
 CONTROL_TOKEN = "bench-cluster-control-token-0123"
 NAN = float("nan")
@@ -76,7 +80,13 @@ class Instance:
     """One service process with its own LISTENERS_INSTANCE_ID, sampled with psutil."""
 
     def __init__(
-        self, instance_id: str, redis_port: int, emulator_host: str, project: str, logs: Path
+        self,
+        instance_id: str,
+        redis_port: int,
+        emulator_host: str,
+        project: str,
+        logs: Path,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.id = instance_id
         self.log_path = logs / f"{instance_id}.log"
@@ -95,6 +105,7 @@ class Instance:
             FIREBASE_PROJECT_ID=project,
             LOG_LEVEL="WARNING",
         )
+        env.update(extra_env or {})
         self.service = ServiceProcess(env, log_path=self.log_path)
         self.ps = psutil.Process(self.service.pid)
         self.rss_mb = 0.0  # peak, from the sampler
@@ -125,6 +136,15 @@ class Instance:
         count = body.get("listeners_count") if isinstance(body, dict) else None
         return count if isinstance(count, int) else None
 
+    async def loop_lag(self, http: httpx.AsyncClient) -> LoopLag | None:
+        """Its /metrics: the loop-lag histogram's cumulative bucket counts and the stall gauge."""
+        try:
+            # a loop held up by thousands of SDK threads answers late: wait, the figures are cumulative
+            text = (await http.get(f"http://127.0.0.1:{self.service.port}/metrics", timeout=30)).text
+        except httpx.HTTPError:
+            return None
+        return LoopLag.parse(text)
+
     async def members(self, http: httpx.AsyncClient, uid: str) -> list[str] | None:
         """The members this instance believes in (GET /v1/users/{uid}, admin token)."""
         try:
@@ -137,6 +157,47 @@ class Instance:
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
         return [str(m) for m in members] if isinstance(members, list) else None
+
+
+_BUCKET = re.compile(r'^listeners_loop_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$')
+_STALL_MAX = re.compile(r"^listeners_loop_stall_max_seconds ([0-9.e+-]+)$")
+
+
+@dataclass(frozen=True)
+class LoopLag:
+    """`listeners_loop_lag_seconds` (how late a 50 ms timer on the loop fires) as read from
+    /metrics: cumulative counts by upper bound (inf last), and the longest stall since start."""
+
+    buckets: tuple[tuple[float, int], ...]
+    stall_max: float
+
+    @classmethod
+    def parse(cls, text: str) -> LoopLag | None:
+        buckets, stall = [], NAN
+        for line in text.splitlines():
+            if found := _BUCKET.match(line):
+                buckets.append((float(found[1]), int(float(found[2]))))
+            elif found := _STALL_MAX.match(line):
+                stall = float(found[1])
+        return cls(tuple(sorted(buckets)), stall) if buckets else None
+
+    def since(self, before: LoopLag) -> LoopLag:
+        """The observations made after `before` was read (same process)."""
+        old = dict(before.buckets)
+        return LoopLag(tuple((le, n - old.get(le, 0)) for le, n in self.buckets), self.stall_max)
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1][1] if self.buckets else 0
+
+    def over(self, seconds: float) -> int:
+        """Observations later than `seconds` (a bucket bound)."""
+        return self.count - dict(self.buckets).get(seconds, 0)
+
+    @property
+    def worst(self) -> float:
+        """The upper bound of the largest observation's bucket (inf: beyond the last bound)."""
+        return next((le for le, n in self.buckets if n == self.count), NAN)
 
 
 def stop_all(instances: Iterable[Instance]) -> None:
@@ -156,17 +217,16 @@ def check_alive(instances: Iterable[Instance], emulator: FirestoreEmulator) -> N
 
 async def start_instances(
     ids: list[str],
-    redis_client: aioredis.Redis,
     redis_port: int,
     emulator: FirestoreEmulator,
     project: str,
     logs: Path,
 ) -> list[Instance]:
-    # The members are entered before the processes start, as in a cluster that is already
-    # running, so that no instance's first view is itself alone (it would attach every user,
-    # then hand most of them over). Each instance's first heartbeat replaces its entry.
-    seconds, micros = await redis_client.time()
-    await redis_client.zadd(MEMBERS_KEY, {i: seconds + micros / 1e6 + 30 for i in ids})
+    """Started together on an empty membership. Each instance's first heartbeat enters it as
+    `{id}#{nonce}`; an entry written for it beforehand would be another live process holding
+    its id (it would wait for that entry to expire, or refuse to serve). Each waits up to 3 s
+    for its first view before attaching anyone; one that joins before the others takes their
+    users for a moment and hands them over (1.5 s), which *ready s* includes."""
     instances: list[Instance] = []
     try:
         for instance_id in ids:
@@ -386,7 +446,7 @@ async def _run_load(
         await loop.run_in_executor(pool, write_registry, db, uids)  # before any instance starts
         await recorder.start()
         began = time.monotonic()
-        instances = await start_instances(r.ids, client, redis_server.port, emulator, project, logs)
+        instances = await start_instances(r.ids, redis_server.port, emulator, project, logs)
         sampling = asyncio.create_task(sampler(instances, emu, peaks))
         async with httpx.AsyncClient() as http:
             r.shares = await settle(http, instances, emulator, uids, recorder, args.ready_timeout)
@@ -487,6 +547,12 @@ class Takeover:
     view_changed_s: dict[str, tuple[float, float]] = field(default_factory=dict)
     count_at_s: dict[str, float] = field(default_factory=dict)  # kill -> survivor's count is its share
     stall_s: dict[str, float] = field(default_factory=dict)  # longest gap between a survivor's answers
+    # each survivor's listeners_loop_lag_seconds observed from just before the kill to 1 s
+    # after the takeover settled, and its listeners_loop_stall_max_seconds before and after
+    lag: dict[str, LoopLag] = field(default_factory=dict)
+    idle_lag: dict[str, LoopLag] = field(default_factory=dict)  # over the idle seconds before the kill
+    stall_max_before: dict[str, float] = field(default_factory=dict)
+    victim_entry: str = ""  # its membership entry, `{id}#{nonce}`
     synced_s: list[float] = field(default_factory=list)  # sorted, kill -> each moved user's new sync
     synced_by: dict[str, list[float]] = field(default_factory=dict)  # per new owner, sorted
     missing: int = 0  # moved users with no new notif.sync before the timeout
@@ -564,20 +630,21 @@ async def _run_takeover(
         await asyncio.to_thread(write_registry, db, uids)
         await recorder.start()
         began = time.monotonic()
-        instances = await start_instances(r.ids, client, redis_server.port, emulator, project, logs)
+        instances = await start_instances(r.ids, redis_server.port, emulator, project, logs)
         sampling = asyncio.create_task(sampler(instances, emu, peaks))
         async with httpx.AsyncClient() as http:
             r.shares = await settle(http, instances, emulator, uids, recorder, args.attach_timeout)
             r.ready_s = time.monotonic() - began
             log(f"takeover, {r.instances} instances: {r.users} users spread {r.shares} in {r.ready_s:.1f} s")
             await recorder.quiet(2.0, 20.0)
+            victim, survivors = instances[-1], instances[:-1]
             for instance in instances:
                 instance.cpu()
+            idle_lags = await asyncio.gather(*(s.loop_lag(http) for s in survivors))
             await asyncio.sleep(args.idle)
             r.idle_cpu = {i.id: i.cpu() for i in instances}
             r.rss_before_mb = {i.id: i.ps.memory_info().rss / 2**20 for i in instances}
 
-            victim, survivors = instances[-1], instances[:-1]
             r.victim = victim.id
             live = tuple(sorted(s.id for s in survivors))
             moved = [uid for uid in uids if owner(uid, tuple(sorted(r.ids))) == victim.id]
@@ -589,19 +656,36 @@ async def _run_takeover(
             psutil.cpu_percent(None)
             load_before = os.getloadavg()[0]
 
+            entries = [
+                e.decode() if isinstance(e, bytes) else str(e)
+                for e in await client.zrange(MEMBERS_KEY, 0, -1)
+            ]
+            r.victim_entry = next((e for e in entries if entry_id(e) == victim.id), "")
+            if not r.victim_entry:
+                raise RuntimeError(f"no membership entry for {victim.id} in {entries}")
+            lags = await asyncio.gather(*(s.loop_lag(http) for s in survivors))
+            lag_before = dict(zip([s.id for s in survivors], lags, strict=True))
+            for survivor, idle_start, idle_end in zip(survivors, idle_lags, lags, strict=True):
+                if idle_start is not None and idle_end is not None:
+                    r.idle_lag[survivor.id] = idle_end.since(idle_start)
+            r.stall_max_before = {k: v.stall_max for k, v in lag_before.items() if v is not None}
+
             killed_at = time.monotonic()
             victim.service.process.send_signal(signal.SIGKILL)
             seconds, micros = await client.time()
-            score = await client.zscore(MEMBERS_KEY, victim.id)
+            score = await client.zscore(MEMBERS_KEY, r.victim_entry) if r.victim_entry else None
             if score is not None:
                 r.expires_s = score - (seconds + micros / 1e6) + (time.monotonic() - killed_at)
             await asyncio.to_thread(victim.service.process.wait, 10)
-            log(f"killed {victim.id} ({r.moved} users); its entry expires {r.expires_s:.1f} s after the kill")
+            log(
+                f"killed {victim.id} ({r.moved} users); its entry {r.victim_entry!r} expires "
+                f"{r.expires_s:.1f} s after the kill"
+            )
 
             stop = asyncio.Event()
             answers: dict[str, list[Answer]] = {s.id: [] for s in survivors}
             watchers = [
-                asyncio.create_task(_watch_entry(client, victim.id, killed_at, r)),
+                asyncio.create_task(_watch_entry(client, r.victim_entry, killed_at, r)),
                 *(
                     asyncio.create_task(_probe(http, s, victim.id, uids[0], killed_at, stop, answers[s.id]))
                     for s in survivors
@@ -621,6 +705,10 @@ async def _run_takeover(
                 r.machine_cpu = psutil.cpu_percent(None)
                 r.load_average = (load_before, os.getloadavg()[0])
                 await asyncio.sleep(1.0)  # a few more answers, for the stall after the last sync
+                lag_after = await asyncio.gather(*(s.loop_lag(http) for s in survivors))
+                for survivor, after in zip(survivors, lag_after, strict=True):
+                    if after is not None and (before := lag_before.get(survivor.id)) is not None:
+                        r.lag[survivor.id] = after.since(before)
             finally:
                 stop.set()
                 for watcher in watchers:
@@ -672,10 +760,11 @@ def _read_answers(r: Takeover, survivor: str, target: int, got: list[Answer]) ->
     r.stall_s[survivor] = max(gaps, default=NAN)
 
 
-async def _watch_entry(client: aioredis.Redis, victim: str, killed_at: float, r: Takeover) -> None:
-    """When the killed instance's entry leaves Redis: the first survivor's beat after it expired
-    (that beat's own view, read in the same pipeline, is the first to drop it)."""
-    while await client.zscore(MEMBERS_KEY, victim) is not None:
+async def _watch_entry(client: aioredis.Redis, entry: str, killed_at: float, r: Takeover) -> None:
+    """When the killed instance's entry (`{id}#{nonce}`) leaves Redis: the first survivor's beat
+    after it expired (that beat's own view, read in the same pipeline, is the first to drop it;
+    it then announces the departure on `listeners:members:changes`)."""
+    while await client.zscore(MEMBERS_KEY, entry) is not None:
         await asyncio.sleep(0.02)
     r.removed_s = time.monotonic() - killed_at
 
@@ -725,6 +814,14 @@ def _problems(problems: dict[str, list[str]]) -> str:
     return f"{len(lines)}" + (f" ({shown})" if shown else "")
 
 
+def _lags(t: Takeover, survivors: list[str], seconds: float) -> str:
+    """Per survivor: observations of the loop lag above `seconds`, of all observations."""
+    return " / ".join(
+        f"{lag.over(seconds)} of {lag.count}" if (lag := t.lag.get(s)) is not None else "n/a"
+        for s in survivors
+    )
+
+
 def render(
     loads: list[Load],
     takeovers: list[Takeover],
@@ -733,9 +830,10 @@ def render(
     code: str,
     started: datetime,
     elapsed: float,
-) -> str:
-    lines = [
-        START,
+) -> dict[tuple[str, str], str]:
+    """The generated blocks, by their markers: the load's and the takeover's, for those that ran
+    (each run of the bench replaces only the blocks of what it measured)."""
+    head = [
         f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
         "",
         f"Command: `{command}`",
@@ -744,6 +842,19 @@ def render(
         "",
         f"Code: {code}.",
         "",
+    ]
+    blocks = {}
+    if loads:
+        blocks[START, END] = "\n".join([START, *head, *render_loads(loads, args), END])
+    if takeovers:
+        blocks[TAKEOVER_START, TAKEOVER_END] = "\n".join(
+            [TAKEOVER_START, *head, *render_takeovers(takeovers, args), TAKEOVER_END]
+        )
+    return blocks
+
+
+def render_loads(loads: list[Load], args: argparse.Namespace) -> list[str]:
+    lines = [
         f"Load: {args.users} users, {args.seconds:g} s of notification writes at each rate, each to a random "
         "user. Latency: write call -> that document's `notif.add` at the subscriber. CPU % over the "
         "window from the first write to the last `notif.add` (100 = one core); per-instance values "
@@ -785,77 +896,101 @@ def render(
             f"emulator peak RSS {_f(r.emulator_rss_mb)} MB; "
             f"instance log warnings/errors: {_problems(r.problems)}"
         )
-    if takeovers:
-        lines += [
-            "",
-            f"Takeover after kill -9 of the last instance, {args.takeover_users} users, nothing written. "
-            "Seconds from the kill. *Entry expires*: the killed instance's membership score minus "
-            "Redis's `TIME`; *entry removed*: gone from Redis (polled every 20 ms), i.e. the first "
-            "survivor's heartbeat after expiry, whose view drops it in the same pipeline; *views "
-            "changed*: each survivor's `/v1/users` answer, polled every 50 ms, first without the killed "
-            "instance; *new sync*: a moved user's first `notif.sync` after the kill, at the subscriber "
-            "on all the users' channels; *count*: the survivors' `/healthz` listeners_count sum to the "
-            "users; *loop stall*: the longest gap between two answers of a survivor.",
-            "",
-            "| instances | users per instance before | moved | entry expires s | entry removed s "
-            "| views changed s | first new sync s | p50 s | p99 s | last new sync s | attach s "
-            "| count = users s | loop stall s | missing | ready s |",
-            "|" + "---:|" * 15,
-        ]
-        for t in takeovers:
-            survivors = [i for i in t.ids if i != t.victim]
-            views = _per({s: v[1] for s, v in t.view_changed_s.items()}, survivors, 1)
-            shares = {k: float(v) for k, v in t.shares.items()}
-            lines.append(
-                f"| {t.instances} | {_per(shares, t.ids)} | {t.moved} | {_f(t.expires_s, 1)} "
-                f"| {_f(t.removed_s, 1)} | {views} | {_f(t.synced_s[0] if t.synced_s else NAN, 1)} "
-                f"| {_f(percentile(t.synced_s, 50), 1)} | {_f(percentile(t.synced_s, 99), 1)} "
-                f"| {_f(t.takeover_s, 1)} | {_f(t.takeover_s - t.removed_s, 1)} | {_f(t.count_s, 1)} "
-                f"| {_per(t.stall_s, survivors, 1)} | {t.missing} | {_f(t.ready_s, 1)} |"
-            )
-        lines += [
-            "",
-            "*attach s* = last new sync minus entry removed: the re-attaching, after the detection.",
-            "",
-            "Per takeover:",
-        ]
-        for t in takeovers:
-            survivors = [i for i in t.ids if i != t.victim]
-            parts = []
-            for s, v in sorted(t.synced_by.items()):
-                low, high = t.view_changed_s.get(s, (NAN, NAN))
-                parts.append(
-                    f"{s} took {t.moved_to.get(s, 0)}: "
-                    f"view changed between {_f(low, 2)} and {_f(high, 2)} s, "
-                    f"count at its new share {_f(t.count_at_s.get(s, NAN), 2)} s, "
-                    f"new syncs {_f(v[0], 2)} to {_f(v[-1], 2)} s"
-                )
-            by = "; ".join(parts)
-            lines.append(
-                f"- {t.instances} instances, killed {t.victim}: "
-                + (f"**FAILED: {t.error}**; " if t.error else "")
-                + f"{by}; moved users with more than one new sync: {t.repeat_syncs}; notif.sync of users "
-                f"that did not move, after the kill: {t.other_syncs}; idle CPU % before the kill "
-                f"{_per(t.idle_cpu, t.ids, 1)}; CPU % from the kill to the last new sync: survivors "
-                f"{_per(t.takeover_cpu, survivors)}, emulator {_f(t.emulator_cpu)}, redis-server "
-                f"{_f(t.redis_cpu)}, bench {_f(t.bench_cpu)}, whole machine {_f(t.machine_cpu)} (of 100), "
-                f"everything else {_f(t.others_cpu)} (of {100 * CORES}); load average "
-                f"{_f(t.load_average[0], 1)} -> {_f(t.load_average[1], 1)}; RSS MB before "
-                f"{_per(t.rss_before_mb, t.ids)}, after {_per(t.rss_after_mb, survivors)}; "
-                f"instance log warnings/errors: {_problems(t.problems)}"
-            )
-    lines.append(END)
-    return "\n".join(lines)
+    return lines
 
 
-def update_doc(path: Path, block: str) -> None:
-    """Replace this benchmark's generated block in `path`, or append a section holding it."""
+def render_takeovers(takeovers: list[Takeover], args: argparse.Namespace) -> list[str]:
+    lines = [
+        f"Takeover after kill -9 of the last instance, {args.takeover_users} users, nothing written. "
+        "Seconds from the kill. *Entry expires*: the killed instance's membership score minus "
+        "Redis's `TIME`; *entry removed*: gone from Redis (polled every 20 ms), i.e. the first "
+        "survivor's heartbeat after expiry, whose view drops it in the same pipeline; *views "
+        "changed*: each survivor's `/v1/users` answer, polled every 50 ms, first without the killed "
+        "instance; *new sync*: a moved user's first `notif.sync` after the kill, at the subscriber "
+        "on all the users' channels; *count*: the survivors' `/healthz` listeners_count sum to the "
+        "users; *loop stall*: the longest gap between two answers of a survivor; *lag > 50 ms*, "
+        "*> 100 ms*: "
+        "observations of each survivor's `listeners_loop_lag_seconds` (a 50 ms timer on its loop, "
+        "how late it fired) above 50 and 100 ms, from just before the kill to 1 s after the takeover "
+        "settled (bucket counts read from `/metrics`), out of all its observations then; *worst lag "
+        "≤ s*: the upper bound of the bucket of the largest of them.",
+        "",
+        "| instances | users per instance before | moved | entry expires s | entry removed s "
+        "| views changed s | first new sync s | p50 s | p99 s | last new sync s | attach s "
+        "| count = users s | loop stall s | lag > 50 ms | lag > 100 ms | worst lag ≤ s "
+        "| missing | ready s |",
+        "|" + "---:|" * 18,
+    ]
+    for t in takeovers:
+        survivors = [i for i in t.ids if i != t.victim]
+        views = _per({s: v[1] for s, v in t.view_changed_s.items()}, survivors, 1)
+        shares = {k: float(v) for k, v in t.shares.items()}
+        lines.append(
+            f"| {t.instances} | {_per(shares, t.ids)} | {t.moved} | {_f(t.expires_s, 1)} "
+            f"| {_f(t.removed_s, 1)} | {views} | {_f(t.synced_s[0] if t.synced_s else NAN, 1)} "
+            f"| {_f(percentile(t.synced_s, 50), 1)} | {_f(percentile(t.synced_s, 99), 1)} "
+            f"| {_f(t.takeover_s, 1)} | {_f(t.takeover_s - t.removed_s, 1)} | {_f(t.count_s, 1)} "
+            f"| {_per(t.stall_s, survivors, 2)} | {_lags(t, survivors, 0.05)} "
+            f"| {_lags(t, survivors, 0.1)} "
+            f"| {_per({s: lag.worst for s, lag in t.lag.items()}, survivors, 3)} | {t.missing} "
+            f"| {_f(t.ready_s, 1)} |"
+        )
+    lines += [
+        "",
+        "*attach s* = last new sync minus entry removed: the re-attaching, after the detection.",
+        "",
+        "Per takeover:",
+    ]
+    for t in takeovers:
+        survivors = [i for i in t.ids if i != t.victim]
+        parts = []
+        for s, v in sorted(t.synced_by.items()):
+            low, high = t.view_changed_s.get(s, (NAN, NAN))
+            parts.append(
+                f"{s} took {t.moved_to.get(s, 0)}: "
+                f"view changed between {_f(low, 2)} and {_f(high, 2)} s, "
+                f"count at its new share {_f(t.count_at_s.get(s, NAN), 2)} s, "
+                f"new syncs {_f(v[0], 2)} to {_f(v[-1], 2)} s"
+            )
+        by = "; ".join(parts)
+        idle = "; ".join(
+            f"{s} {lag.over(0.05)} > 50 ms, {lag.over(0.1)} > 100 ms of {lag.count}, "
+            f"worst ≤ {_f(lag.worst, 3)} s"
+            for s, lag in t.idle_lag.items()
+        )
+        stall_max = "; ".join(
+            f"{s} {_f(t.stall_max_before.get(s, NAN), 3)} -> {_f(lag.stall_max, 3)}"
+            for s, lag in t.lag.items()
+        )
+        lines.append(
+            f"- {t.instances} instances, killed {t.victim} (entry `{t.victim_entry}`): "
+            + (f"**FAILED: {t.error}**; " if t.error else "")
+            + f"{by}; loop lag over the {args.idle:g} idle seconds before the kill, for comparison: "
+            f"{idle or 'n/a'}; `listeners_loop_stall_max_seconds` (max since start) before the kill "
+            f"-> after the takeover: {stall_max or 'n/a'}; moved users with more than one new sync: "
+            f"{t.repeat_syncs}; notif.sync of users that did not move, after the kill: {t.other_syncs}; "
+            "idle CPU % before the kill "
+            f"{_per(t.idle_cpu, t.ids, 1)}; CPU % from the kill to the last new sync: survivors "
+            f"{_per(t.takeover_cpu, survivors)}, emulator {_f(t.emulator_cpu)}, redis-server "
+            f"{_f(t.redis_cpu)}, bench {_f(t.bench_cpu)}, whole machine {_f(t.machine_cpu)} (of 100), "
+            f"everything else {_f(t.others_cpu)} (of {100 * CORES}); load average "
+            f"{_f(t.load_average[0], 1)} -> {_f(t.load_average[1], 1)}; RSS MB before "
+            f"{_per(t.rss_before_mb, t.ids)}, after {_per(t.rss_after_mb, survivors)}; "
+            f"instance log warnings/errors: {_problems(t.problems)}"
+        )
+    return lines
+
+
+def update_doc(path: Path, blocks: dict[tuple[str, str], str]) -> None:
+    """Replace each generated block in `path` (by its markers), or append a section holding it."""
     text = path.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
+    for (start, end), block in blocks.items():
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + block + rest.split(end, 1)[1]
+        else:
+            section = SECTION if start == START else TAKEOVER_SECTION
+            text = text.rstrip("\n") + f"\n\n{section}\n\n{block}\n"
     path.write_text(text)
 
 
@@ -973,12 +1108,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join([".venv/bin/python -m bench.cluster", shlex.join(_measuring(given))]).strip()
-    block = render(
+    blocks = render(
         loads, takeovers, args, command, args.code or describe_code(), started, time.monotonic() - began
     )
-    print(block)
+    print("\n\n".join(blocks.values()))
     if not args.no_doc:
-        update_doc(args.doc, block)
+        update_doc(args.doc, blocks)
 
 
 if __name__ == "__main__":

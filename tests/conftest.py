@@ -273,3 +273,10 @@ def issuer(issuer_and_url: tuple[LocalIssuer, str], project_id: str) -> LocalIss
 
 def iso_ago(seconds: float) -> str:
     return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat()
+
+
+async def wait_until(condition: Callable[[], object], timeout: float = 30.0) -> None:
+    """Polls `condition` until it is true; TimeoutError after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)

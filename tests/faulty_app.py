@@ -22,7 +22,7 @@ async def _dies(self: ControlListener) -> None:
     raise RuntimeError("injected fault")
 
 
-async def _hangs(self: Node) -> None:
+async def _hangs(self: Node, timeout: float | None = None) -> None:
     time.sleep(3600)  # blocks the loop itself, as a stuck library call would
 
 

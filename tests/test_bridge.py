@@ -18,8 +18,8 @@ from listeners.config import Settings
 from listeners.control import resync_request
 from listeners.local.processes import RedisServer
 from listeners.normalise.notifications import newest_first, normalise_notification
-from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
-from tests.test_pipeline import serving, wait_until
+from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
+from tests.test_pipeline import serving
 
 pytestmark = pytest.mark.asyncio
 

@@ -29,8 +29,7 @@ from listeners.deliver.http import ProcessHooks, create_app
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import free_port
 from listeners.local.rtdb_server import RtdbStandin
-from tests.conftest import Firebase
-from tests.test_websocket import wait_until
+from tests.conftest import Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio
 

@@ -15,8 +15,7 @@ from listeners.control import MAX_SKEW, InvalidRequest, SeenRequests, resync_req
 from listeners.local.processes import RedisServer
 from listeners.service import Service, running
 from listeners.source.registry import ChatThread
-from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
-from tests.test_pipeline import wait_until
+from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 
 
 def signed(fields: dict[str, Any]) -> bytes:

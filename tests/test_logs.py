@@ -18,8 +18,8 @@ from websockets.asyncio.client import connect
 
 from listeners import logs
 from listeners.local.processes import free_port
+from tests.conftest import wait_until
 from tests.test_config import ADMIN, PRIVATE_KEY
-from tests.test_pipeline import wait_until
 
 # What a password may hold: quotes, backslashes, a newline; each is escaped in JSON text.
 NASTY = 'pa"ss\\word-with-quote\nand-second-line'

@@ -17,7 +17,7 @@ import pytest
 
 from listeners.config import Settings
 from listeners.service import Service, running
-from tests.conftest import Consumer, Firebase, iso_ago
+from tests.conftest import Consumer, Firebase, iso_ago, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -303,9 +303,3 @@ async def test_streams_are_spread_over_connections(settings: Settings, fb: Fireb
         assert source.open_streams == 5  # the registry and four users
         assert source.connections == 3
         assert all(p.streams <= 2 for p in source._pool)
-
-
-async def wait_until(condition: Any, timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)

@@ -20,9 +20,8 @@ from google.cloud import firestore
 
 from listeners.config import Settings
 from listeners.service import running
-from tests.conftest import CONTROL_TOKEN, Firebase
+from tests.conftest import CONTROL_TOKEN, Firebase, wait_until
 from tests.test_bridge import truth
-from tests.test_pipeline import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 REFLEX_PYTHON = ROOT / ".venv-reflex" / "bin" / "python"

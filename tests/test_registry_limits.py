@@ -10,8 +10,8 @@ import pytest
 from google.cloud import firestore
 
 from listeners.config import Settings
-from tests.conftest import Firebase
-from tests.test_pipeline import serving, wait_until
+from tests.conftest import Firebase, wait_until
+from tests.test_pipeline import serving
 
 pytestmark = pytest.mark.asyncio
 

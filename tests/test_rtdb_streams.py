@@ -18,9 +18,9 @@ from listeners.local.auth import LocalIssuer
 from listeners.local.rtdb_server import RtdbStandin
 from listeners.service import running
 from listeners.source.rtdb import RtdbClient
-from tests.conftest import Consumer, Firebase
+from tests.conftest import Consumer, Firebase, wait_until
 from tests.test_rtdb import no_streams
-from tests.test_websocket import next_event, serving, wait_until, ws_settings
+from tests.test_websocket import next_event, serving, ws_settings
 
 pytestmark = pytest.mark.asyncio
 

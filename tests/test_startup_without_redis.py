@@ -18,8 +18,7 @@ import pytest
 from listeners.config import Settings
 from listeners.local.processes import RedisServer
 from listeners.service import Service, running
-from tests.conftest import Firebase
-from tests.test_pipeline import wait_until
+from tests.conftest import Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio
 

@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 from listeners.cluster import Membership
 from listeners.config import Settings
 from listeners.control import ControlListener, resync_request
-from listeners.deliver.http import EXIT_TASK_FAILED
+from listeners.deliver.http import EXIT_SHUTDOWN_CUT, EXIT_TASK_FAILED
 from listeners.deliver.hub import Hub
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import RedisServer, ServiceProcess
@@ -28,8 +28,8 @@ from listeners.metrics import Metrics
 from listeners.node import Node
 from listeners.publish.publisher import Publisher
 from listeners.supervisor import Fatal, Supervisor
-from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
-from tests.test_websocket import Client, serving, wait_until, ws_settings
+from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
+from tests.test_websocket import Client, serving, ws_settings
 
 pytestmark = pytest.mark.asyncio
 
@@ -238,4 +238,4 @@ async def test_a_shutdown_that_hangs_ends_within_its_budget(
     finally:
         service.stop(signal.SIGKILL)
     text = log.read_text()
-    assert status == 0 and "shutdown budget exhausted" in text, text[-3000:]
+    assert status == EXIT_SHUTDOWN_CUT and "shutdown budget exhausted" in text, text[-3000:]

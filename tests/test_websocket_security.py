@@ -23,8 +23,7 @@ from listeners.local.processes import RedisServer
 from listeners.metrics import Metrics
 from listeners.publish.redis import RedisBroker
 from listeners.source.rtdb import RtdbClient
-from tests.conftest import Firebase
-from tests.test_pipeline import wait_until
+from tests.conftest import Firebase, wait_until
 from tests.test_rtdb_streams import chat_message, ns, rtdb, rtdb_settings, standin  # noqa: F401
 from tests.test_websocket import closed_with, next_event, serving
 from tests.test_websocket import ws_settings as _ws_settings

@@ -80,6 +80,7 @@ class Node:
         self._closing: set[asyncio.Task[None]] = set()
         self._dirty: dict[str, None] = {}  # users to reconcile, in the order they came
         self._dirty_added = asyncio.Event()
+        self._attaching = True  # False once the instance stops: nobody new is taken
         self.registry_ready = asyncio.Event()  # set by the registry's first snapshot
 
     # -- lifecycle ---------------------------------------------------------------
@@ -96,8 +97,13 @@ class Node:
     ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Stops the registry watch and detaches every user (`run` must be stopped first)."""
+    def stop_attaching(self) -> None:
+        """The instance is stopping: attach nobody from now on (those served stay served)."""
+        self._attaching = False
+
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Stops the registry watch and detaches every user (`run` must be stopped first),
+        waiting at most `timeout` (default: the settings' close timeout) for their watches."""
         self._registry_generation += 1
         self._dirty.clear()
         if self._registry is not None:
@@ -106,12 +112,15 @@ class Node:
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
             self._registry = None
-        for uid in list(self.sessions):
+        for count, uid in enumerate(list(self.sessions), 1):
             self._detach(uid, "shutdown")
+            if count % 100 == 0:
+                await asyncio.sleep(0)  # the loop still has a flush and a socket close to do
         if self._closing:
             # A watch's close joins SDK threads, up to a second each while Firestore is
             # unreachable: past the budget the rest is abandoned (their threads are daemons).
-            _, pending = await asyncio.wait(self._closing, timeout=self._settings.close_timeout_seconds)
+            budget = self._settings.close_timeout_seconds if timeout is None else timeout
+            _, pending = await asyncio.wait(self._closing, timeout=budget)
             if pending:
                 log.warning("shutdown: watches left closing", extra={"pending": len(pending)})
 
@@ -180,7 +189,8 @@ class Node:
         if online and entry is not None and self._owns(uid):
             taken_back = self._moving.pop(uid, None) is not None
             if session is None:
-                self._attach(entry)
+                if self._attaching:
+                    self._attach(entry)
             else:
                 session.update(entry)
                 if taken_back:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlsplit
 
@@ -52,6 +52,28 @@ class Service:
     rtdb: RtdbClient | None = None
     stopping: bool = False
     failed: str | None = None  # why a task could not be kept alive: the process must go
+    stop_deadline: float | None = None  # loop time by which the process must have stopped
+    _leaving: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+
+    def begin_stop(self) -> None:
+        """SIGTERM: take no more users and hand ours over now, without waiting for the
+        application's shutdown (the server closes its connections first, which takes time).
+        The shutdown's steps share the budget counted from here."""
+        if self._leaving is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self.stopping = True
+        self.stop_deadline = loop.time() + self.settings.shutdown_timeout_seconds
+        self.node.stop_attaching()
+        self._leaving = asyncio.create_task(self.membership.leave(), name="membership-leave")
+
+    def time_left(self, most: float) -> float:
+        """At most `most` seconds, and no more than what the shutdown budget has left (less
+        half a second for what follows the last step)."""
+        if self.stop_deadline is None:
+            return most
+        left = self.stop_deadline - 0.5 - asyncio.get_running_loop().time()
+        return max(0.05, min(most, left))
 
     def user(self, uid: str) -> dict[str, object]:
         """Where a user is served, for operators (authenticated: it names a uid)."""
@@ -221,22 +243,28 @@ async def running(
                 async with asyncio.timeout(REGISTRY_WAIT_SECONDS):
                     await node.registry_ready.wait()
             yield service
-            service.stopping = True
+            service.begin_stop()
             log.info("service stopping: handing users over, then closing listeners")
             others = len(membership.members) > 1
-            await membership.leave()
-            if others:
-                await asyncio.sleep(HANDOVER_SECONDS)  # the others attach while we still serve
-            await supervisor.stop(["node"], settings.shutdown_timeout_seconds / 8)
+            assert service._leaving is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(service._leaving), service.time_left(2.0))
+            if others:  # the others attach while we still serve
+                await asyncio.sleep(service.time_left(HANDOVER_SECONDS))
+            await supervisor.stop(["node"], service.time_left(1.0))
+            await node.aclose(service.time_left(2.0))
     finally:
-        service.stopping = True
-        budget = settings.shutdown_timeout_seconds
-        if publisher.up and not await publisher.flush(budget / 4):
+        if service.stop_deadline is None:  # stopping on an error before serving: no hand-over
+            service.stopping = True
+            service.stop_deadline = asyncio.get_running_loop().time() + settings.shutdown_timeout_seconds
+        if publisher.up and not await publisher.flush(service.time_left(1.5)):
             log.warning("shutdown: events still queued were dropped", extra={"dropped": publisher.queued})
-        await supervisor.stop(timeout=budget / 4)
-        with contextlib.suppress(Exception):
-            await broker.disconnect()
-        await source.aclose()
-        if rtdb is not None:
-            await rtdb.aclose()
+        await supervisor.stop(timeout=service.time_left(1.0))
+        for closing in (broker.disconnect(), source.aclose(), *([rtdb.aclose()] if rtdb else [])):
+            try:
+                await asyncio.wait_for(closing, service.time_left(1.0))
+            except Exception as exc:  # Redis or Firestore gone, or too slow: exit anyway
+                log.warning("shutdown: a client did not close", extra={"reason": type(exc).__name__})
+        if service._leaving is not None and not service._leaving.done():
+            service._leaving.cancel()
         log.info("service stopped")

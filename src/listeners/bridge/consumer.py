@@ -36,6 +36,8 @@ from listeners.source.registry import ChatThread
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 16 * 2**20  # a sync of a long list is the largest event; far below this
+RETRY_AFTER_FAILED_ASK = 0.5  # seconds
+ASK_TIMEOUT = 2.0  # seconds
 MAX_QUEUED = 10_000  # events waiting for one iterator; past that it drops them and resyncs
 
 
@@ -214,5 +216,12 @@ class Bridge:
         if not await self._subscriber.confirmed(reader.channels[0], timeout=self._resync_retry):
             return
         message = resync_request(token.reveal(), reader.uid, reader.threads)
-        with contextlib.suppress(BrokerUnavailable):  # asked again after resync_retry_seconds
-            await self._broker.publish_many([(self._settings.control_channel, message)])
+        try:
+            # Bounded well below the connection's own timeout: after a reconnect of the
+            # subscriber, the publishing connection may be as dead as the old one was.
+            await asyncio.wait_for(
+                self._broker.publish_many([(self._settings.control_channel, message)]), ASK_TIMEOUT
+            )
+        except (BrokerUnavailable, TimeoutError):
+            # That connection was dead (the next one is new): ask again in a moment, not in 5 s.
+            reader.asked = time.monotonic() - self._resync_retry + RETRY_AFTER_FAILED_ASK

@@ -10,14 +10,17 @@ not be kept alive (`status: "failed"`), while the process stops to be replaced.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -33,6 +36,7 @@ from listeners.deliver.websocket import Gateway
 from listeners.service import Service, running
 
 EXIT_TASK_FAILED = 70  # EX_SOFTWARE: a task could not be kept alive (docs/liveness.md)
+EXIT_SHUTDOWN_CUT = 75  # EX_TEMPFAIL: the shutdown overran its budget and was cut short
 log = logging.getLogger("listeners")
 
 
@@ -63,13 +67,16 @@ def create_app(settings: Settings, *, process: ProcessHooks = ProcessHooks()) ->
         async with running(settings, on_fatal=process.stop) as service, direct_mode(service) as gateway:
             app.state.service = service
             app.state.gateway = gateway
-            yield
+            watchdog = Watchdog(settings.shutdown_timeout_seconds, process)
+
+            def stop_signal() -> None:
+                watchdog.start()
+                service.begin_stop()
+
+            with on_stop_signal(stop_signal):
+                yield
+            watchdog.start()  # a stop without a signal (the server's own) is bounded too
             service.stopping = True
-            # Whatever the shutdown waits on (a saturated loop, a library that does not let go),
-            # the process is gone within its budget: ECS and the deployment count on it.
-            watchdog = threading.Timer(settings.shutdown_timeout_seconds, _overrun, (process,))
-            watchdog.daemon = True
-            watchdog.start()
         watchdog.cancel()
         if service.failed:
             # uvicorn has no exit status of its own for this: everything is closed, so leave now.
@@ -126,7 +133,53 @@ def create_app(settings: Settings, *, process: ProcessHooks = ProcessHooks()) ->
     )
 
 
-def _overrun(process: ProcessHooks) -> None:
-    # On the timer's thread: the loop may be the thing that is stuck.
-    log.error("shutdown budget exhausted (LISTENERS_SHUTDOWN_TIMEOUT_SECONDS); exiting now")
-    process.exit(0)
+class Watchdog:
+    """Ends the process `budget` seconds after `start()`, whatever the shutdown waits on (a
+    saturated loop, a library that does not let go): ECS and deployments count on it. A
+    thread, because the loop may be the thing that is stuck."""
+
+    def __init__(self, budget: float, process: ProcessHooks) -> None:
+        self._timer = threading.Timer(budget, self._overrun, (process,))
+        self._timer.daemon = True
+
+    def start(self) -> None:
+        if not self._timer.is_alive() and not self._timer.finished.is_set():
+            self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    @staticmethod
+    def _overrun(process: ProcessHooks) -> None:
+        log.error("shutdown budget exhausted (LISTENERS_SHUTDOWN_TIMEOUT_SECONDS); exiting now")
+        process.exit(EXIT_SHUTDOWN_CUT)
+
+
+@contextlib.contextmanager
+def on_stop_signal(begin: Callable[[], object]) -> Iterator[None]:
+    """Runs `begin` on the loop as soon as SIGTERM or SIGINT arrives, then the handler that
+    was there (the server's, which starts its own shutdown). The stop begins at the signal,
+    not after the server has closed its connections, which can take seconds."""
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(begin)
+        chained = previous.get(signum)
+        if callable(chained):
+            chained(signum, frame)
+        elif chained == signal.SIG_DFL:
+            raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are only delivered to the main thread
+        return
+    for signum in (int(signal.SIGTERM), int(signal.SIGINT)):
+        previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, chained in previous.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, chained)
