@@ -6,10 +6,10 @@ For each --users N and each --instances K (1 or 2): a private redis-server, a fr
 emulator and project, N registry documents online until 2999 written before anything starts,
 then K service processes (`uvicorn app.main:app`, LOG_LEVEL=INFO, the Dockerfile's
 UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=3 as in the Dockerfile), each with its own
-LISTENERS_INSTANCE_ID. The benchmark waits until every instance serves its share by rendezvous hashing and every user has had a
-first notif.sync, but at most --ready-timeout seconds: then it goes on regardless and reports
-how many users were attached and synced (with the SDK source, 3,000 users on 2 cores may never
-all sync: issue 13). After --idle seconds, SIGTERM to the last instance:
+LISTENERS_INSTANCE_ID. The benchmark waits until every instance serves its share by rendezvous
+hashing and every user has had a first notif.sync, but at most --ready-timeout seconds: then it
+goes on regardless and reports how many users were attached and synced (with the SDK source,
+3,000 users on 2 cores may never all sync: issue 13). After --idle seconds, SIGTERM to the last instance:
 
 - SIGTERM -> exit, and from its log (seconds after the SIGTERM): the application's shutdown
   start (`service stopping`), `service stopped`, whether the watchdog cut the shutdown
