@@ -19,6 +19,8 @@ import redis.asyncio as aioredis
 from google.api_core import exceptions
 from google.cloud import firestore
 
+from listeners.bridge.ordering import Ordering, Verdict
+from listeners.bridge.reducers import DirectMessages, Notifications
 from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
 from listeners.local.auth import LocalIssuer
 from listeners.local.processes import GOOGLE, FirestoreEmulator, RedisServer, emulator_kind
@@ -216,6 +218,17 @@ class Consumer:
     def last_sync(self) -> dict[str, Any] | None:
         syncs = self.of_type("notif.sync")
         return syncs[-1] if syncs else None
+
+    def doc_ids(self, family: str = "notif") -> list[str]:
+        """The list a consumer holds after these events (the bridge's order rules and
+        reducers), as doc ids: what a sync after each change used to show."""
+        ordering = Ordering()
+        reducer: Any = Notifications() if family == "notif" else DirectMessages()
+        for event in self.events:
+            if event["type"].startswith(family + ".") and ordering.admit(event) is Verdict.APPLY:
+                reducer.apply(event)
+        items = reducer.items if family == "notif" else reducer.view["messages"]
+        return [item["doc_id"] for item in items]
 
     async def stop(self) -> None:
         if self._task:

@@ -236,3 +236,6 @@ async def test_pages_are_off_unless_configured(settings: Settings, monkeypatch: 
             ):
                 assert (await client.get(path)).status_code == 404, path
             assert (await client.get("/ops/state")).status_code == (404 if expected == 404 else 401)
+            module = await client.get("/assets/listeners-client.js")  # Direct mode's client: always
+            assert module.status_code == 200 and "export class ListenersClient" in module.text
+            assert module.headers["access-control-allow-origin"] == "*"

@@ -347,6 +347,18 @@ async def test_sigterm_hands_over_without_a_gap(
     # A product bound (docs/scaling.md): no change waits for the handover; an instance that
     # let go before the next owner attached would leave a gap of several seconds.
     assert max(delays.values()) <= 2.0, sorted(delays.items(), key=lambda kv: -kv[1])[:3]
+    # Both instances publish during the overlap, each under its own epoch; a change that both
+    # publish has one event_id, so a consumer keeps one copy (docs/events.md, "Order and gaps").
+    copies: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for _, event in recorder.events:
+        if event["type"] == "notif.add" and (event["uid"], event["payload"]["doc_id"]) in writes:
+            copies.setdefault((event["uid"], event["payload"]["doc_id"]), set()).add(
+                (event["epoch"], event["event_id"])
+            )
+    for key, seen in copies.items():
+        assert len({event_id for _, event_id in seen}) == 1, (key, seen)
+        assert len({epoch for epoch, _ in seen}) == len(seen), (key, seen)  # one copy per epoch
+    print(f"handover: {sum(len(s) > 1 for s in copies.values())} of {len(copies)} changes published twice")
     await settled(cluster)
 
 

@@ -122,3 +122,53 @@ async def test_reconciles_are_queued_and_done_in_slices() -> None:
             await asyncio.sleep(0)
         assert len(node.sessions) == 100
         assert turns >= 50  # the loop ran other work while the users were being attached
+
+
+async def test_a_user_being_handed_over_is_not_resynced_and_a_take_back_starts_a_new_epoch() -> None:
+    """During the handover only the new owner answers resyncs (a sync from here would pull
+    consumers back to an epoch about to end); taking the user back starts a new epoch."""
+    source = FakeSource()
+    metrics = Metrics()
+    publisher = Publisher(MemoryBroker(), metrics)
+    publisher.up = True  # queued, not sent: the queue is what the node published
+    ours = {"ann": True}
+    node = Node(
+        NodeSettings(sweep_interval_seconds=0.05, handover_seconds=3600),
+        Sources(source),
+        publisher,
+        metrics,
+        clock=lambda: NOW,
+        owns=lambda uid: ours[uid],
+    )
+
+    def published() -> list[tuple[str, str, int]]:
+        return [(p.envelope.type, p.envelope.epoch, p.envelope.seq) for p in publisher._queue]
+
+    async with node:
+        task = asyncio.create_task(node.run())
+        try:
+            source.registry()[0].handler(Snapshot((online("ann"),)))
+            await until(lambda: "ann" in node.sessions)
+            notifications = next(w for w in source.watches if w.query.collection.endswith("notifications"))
+            notifications.handler(Snapshot(()))
+            (attach,) = published()
+            assert attach[0] == "notif.sync" and attach[2] == 1
+            node.resync_user("ann", ())
+            assert len(published()) == 2  # the owner answers
+
+            ours["ann"] = False
+            node.rebalance()
+            await until(lambda: "ann" in node._moving)
+            node.resync_user("ann", ())
+            node.resync(None)  # as after a Redis outage
+            assert len(published()) == 2  # nothing from the instance handing the user over
+
+            ours["ann"] = True
+            node.rebalance()
+            await until(lambda: len(published()) == 3)
+            taken_back = published()[2]
+            assert taken_back[0] == "notif.sync" and taken_back[1] != attach[1] and taken_back[2] == 1
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -106,11 +107,28 @@ async def test_add_update_read_delete_give_the_right_deltas(
     ]
     update = next(e["payload"] for e in events if e["type"] == "notif.update")
     assert update["status"] == "error" and update["message"] == "n1.pdf - error"
-    # every change batch ends with a sync holding the whole current list
-    syncs = [e for e in events if e["type"] == "notif.sync"]
-    assert len(syncs) == 1 + 5
-    assert ids(syncs[-1]) == []
+    # deltas travel alone: the attach's sync is the only one, and seq counts every event
+    assert [e["type"] for e in events].count("notif.sync") == 1
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert len({e["epoch"] for e in events}) == 1
     assert len({e["event_id"] for e in events}) == len(events)
+
+
+async def test_sync_each_change_keeps_the_old_behaviour(
+    settings: Settings, fb: Firebase, subscribe: Any
+) -> None:
+    """LISTENERS_SYNC_EACH_CHANGE: a sync after every batch, for consumers not yet migrated."""
+    consumer: Consumer = await subscribe("bea")
+    async with serving(dataclasses.replace(settings, sync_each_change=True), fb):
+        await fb.online("bea")
+        await consumer.wait_for(lambda e: len(e) >= 1)
+        await fb.notification("bea", "n1")
+        events = await consumer.until_sentinel(
+            0, lambda: fb.notification("bea", "sentinel-1"), is_add("sentinel-1")
+        )
+    assert [e["type"] for e in events] == ["notif.sync", "notif.add", "notif.sync"]
+    assert ids(events[-1]) == ["n1"]
+    assert [e["seq"] for e in events] == [1, 2, 3]
 
 
 async def test_unauthorized_company_is_never_published(
@@ -130,7 +148,7 @@ async def test_unauthorized_company_is_never_published(
         assert between == []
         # a change of the company list applies at once, as a fresh sync
         await fb.online("carol", companies=["acme", "other"])
-        await consumer.wait_for(lambda e: len(ids(consumer.last_sync() or {})) == 4)
+        await consumer.wait_for(lambda e: len(consumer.doc_ids()) == 4)
     widened = next(i for i, e in enumerate(consumer.events) if e["type"] == "notif.sync" and len(ids(e)) == 4)
     assert "theirs" not in str(consumer.events[:widened])
     assert ids(consumer.events[0]) == ["mine"]
@@ -236,21 +254,17 @@ async def test_redis_outage_then_consumer_converges(
         await fb.online("ivan")
         await consumer.wait_for(lambda e: len(e) >= 1)  # the watch is set up: changes reach it
         await fb.notification("ivan", "before")
-        await consumer.wait_for(
-            lambda e: ids(consumer.last_sync() or {"payload": {"notifications": []}}) == ["before"]
-        )
+        await consumer.wait_for(lambda e: consumer.doc_ids() == ["before"])
         redis_server.stop()
         await wait_until(lambda: not service.publisher.up)
         assert service.health()["status"] == "degraded" and service.health()["redis"] == "down"
         dropped = service.metrics.publish_failures._value.get()
         await fb.notification("ivan", "during")
         await fb.update("clients/ivan/notifications/before", {"read": True})
-        # both changes seen and dropped: "during" alone is an add and a sync, the read adds a remove
-        await wait_until(lambda: service.metrics.publish_failures._value.get() - dropped >= 3)
+        # both changes seen and dropped: "during" is an add, the read a remove
+        await wait_until(lambda: service.metrics.publish_failures._value.get() - dropped >= 2)
         redis_server.start()
-        await consumer.wait_for(
-            lambda e: ids(consumer.last_sync() or {"payload": {"notifications": []}}) == ["during"]
-        )
+        await consumer.wait_for(lambda e: consumer.doc_ids() == ["during"])
         assert not any(is_add("during")(e) for e in consumer.events)  # it came by the resync
         assert service.health()["status"] == "ok"
         assert service.metrics.redis_reconnects._value.get() >= 1
@@ -271,7 +285,7 @@ async def test_dead_watch_is_replaced_with_a_fresh_sync(
         # "after" may have been written while the new watch was set up, which the emulator can
         # miss: a later change shows the whole set all the same
         await fb.notification("judy", "after-2")
-        await consumer.wait_for(lambda e: sorted(ids(consumer.last_sync() or {})) == ["after", "after-2"])
+        await consumer.wait_for(lambda e: sorted(consumer.doc_ids()) == ["after", "after-2"])
 
 
 async def test_streams_are_spread_over_connections(settings: Settings, fb: Firebase) -> None:

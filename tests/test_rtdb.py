@@ -242,6 +242,52 @@ async def test_put_patch_delete_are_applied_to_the_mirror(client: RtdbClient) ->
     assert stream.reconnects == 0
 
 
+LAST_3 = {"orderBy": '"$key"', "limitToLast": "3"}
+
+
+async def test_queries_follow_the_rest_semantics(client: RtdbClient) -> None:
+    """https://firebase.google.com/docs/database/rest/retrieve-data#section-rest-filtering"""
+    await client.set("/q", {"-a": {"n": 3}, "-b": {"n": 1}, "-c": {"n": 2}, "10": {"n": 0}, "9": {"n": 9}})
+    assert await client.get("/q", query=LAST_3) == {"-a": {"n": 3}, "-b": {"n": 1}, "-c": {"n": 2}}
+    # keys that are integers sort first, numerically
+    first = await client.get("/q", query={"orderBy": '"$key"', "limitToFirst": "2"})
+    assert set(first) == {"9", "10"}
+    by_child = await client.get("/q", query={"orderBy": '"n"', "limitToLast": "2"})
+    assert set(by_child) == {"-a", "9"}
+    ranged = await client.get("/q", query={"orderBy": '"n"', "startAt": "1", "endAt": "2"})
+    assert set(ranged) == {"-b", "-c"}
+    with pytest.raises(RtdbError) as refused:
+        await client.get("/q", query={"limitToLast": "2"})
+    assert refused.value.status == 400 and "orderBy" in refused.value.message
+
+
+async def test_a_stream_with_limit_to_last_keeps_its_window(client: RtdbClient) -> None:
+    """The mirror holds the last three children only; each event names what it touched."""
+    await client.set("/w", {f"k{i}": {"i": i} for i in range(5)})
+    mirror = Mirror()
+    changed: list[Any] = []
+
+    def on_change(tree: Any) -> None:
+        mirror.on_change(tree)
+        changed.append(stream.last_changed)
+
+    stream = client.stream("/w", on_change, query=LAST_3)
+    await synced(stream)
+    assert mirror.trees[-1] == {"k2": {"i": 2}, "k3": {"i": 3}, "k4": {"i": 4}}
+    assert changed == [None]  # the first read: the whole node
+    await client.set("/w/k5", {"i": 5})  # enters the window and pushes k2 out of it
+    await eventually(lambda: stream.tree == {"k3": {"i": 3}, "k4": {"i": 4}, "k5": {"i": 5}})
+    assert set().union(*changed[1:]) == {"k2", "k5"}
+    await client.update("/w/k4", {"read": True})  # a change inside the window
+    await eventually(lambda: stream.tree["k4"] == {"i": 4, "read": True})
+    assert changed[-1] == frozenset({"k4"})
+    await client.set("/w/k0", {"i": 0, "again": True})  # outside the window: nothing at all
+    await client.set("/w/k6", {"i": 6})
+    await eventually(lambda: "k6" in stream.tree)
+    assert len(stream.tree) == 3 and all(c is not None and "k0" not in c for c in changed[1:])
+    await stream.close()
+
+
 async def test_writes_above_the_watched_path(client: RtdbClient) -> None:
     mirror = Mirror()
     stream = client.stream("/users/u1/notifications", mirror.on_change)

@@ -105,22 +105,21 @@ async def test_direct_messages_sync_and_deltas(
         assert m3["sender_id"] == "u-sender" and m3["url"] == "/edit_form/job-3"
 
         await rtdb.set(f"{base}/m4", dm(4))
-        await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 2)
+        await consumer.wait_for(lambda e: len(of(consumer, "msg.add")) == 1)
         assert [e["payload"]["doc_id"] for e in of(consumer, "msg.add")] == ["m4"]
-        sync = of(consumer, "msg.sync")[1]["payload"]
-        assert sync["new_message"]["doc_id"] == "m4" and sync["count"] == 3
+        assert consumer.doc_ids("msg") == ["m4", "m3", "m1"]  # deltas alone, no sync after them
 
         await rtdb.update(f"{base}/m4", {"status": "done"})
         await consumer.wait_for(lambda e: len(of(consumer, "msg.update")) == 1)
         await rtdb.delete(f"{base}/m1")  # reading a direct message deletes it
         await consumer.wait_for(lambda e: len(of(consumer, "msg.remove")) == 1)
         assert of(consumer, "msg.remove")[0]["payload"] == {"doc_id": "m1"}
-        await consumer.wait_for(
-            lambda e: (
-                [m["doc_id"] for m in of(consumer, "msg.sync")[-1]["payload"]["messages"]] == ["m4", "m3"]
-            )
-        )
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["m4", "m3"])
     assert "m2" not in str(consumer.events)
+    assert len(of(consumer, "msg.sync")) == 1
+    # the channel also carries the notifications' stream, which counts its own seq
+    direct = [e for e in consumer.events if e["type"].startswith("msg.")]
+    assert [e["seq"] for e in direct] == list(range(1, len(direct) + 1))
 
 
 async def until_true(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
@@ -250,7 +249,7 @@ async def test_auth_revoked_then_converges(
         await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) == 1)
         assert await standin.revoke() >= 1
         await rtdb.set("clients/quin/direct_message_notif/after", dm(1))
-        await consumer.wait_for(lambda e: ids(of(consumer, "msg.sync")) == ["after"])
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["after"])
 
 
 async def test_cut_and_restart_give_a_fresh_sync(
@@ -260,16 +259,13 @@ async def test_cut_and_restart_give_a_fresh_sync(
     async with running(rtdb_settings):
         await fb.online("ray")
         await rtdb.set("clients/ray/direct_message_notif/a", dm(1))
-        await consumer.wait_for(lambda e: ids(of(consumer, "msg.sync")) == ["a"])
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["a"])
         syncs = len(of(consumer, "msg.sync"))
         await standin.drop()
         await consumer.wait_for(lambda e: len(of(consumer, "msg.sync")) > syncs)  # fresh after the cut
         standin.restart()  # its data is gone
         await rtdb.set("clients/ray/direct_message_notif/b", dm(2))
-        await consumer.wait_for(
-            lambda e: [m["doc_id"] for m in of(consumer, "msg.sync")[-1]["payload"]["messages"]] == ["b"],
-            timeout=30,
-        )
+        await consumer.wait_for(lambda e: consumer.doc_ids("msg") == ["b"], timeout=30)
 
 
 async def test_an_enormous_node(
@@ -347,3 +343,73 @@ async def test_chat_fails_closed_without_companies(
     assert chat.events == []
     marked = await rtdb.get(thread)
     assert not marked["-g1"]["read"] and not marked["-g2"]["read"]
+
+
+async def test_a_chat_thread_keeps_only_its_last_messages(
+    rtdb_settings: Settings, fb: Firebase, rtdb: RtdbClient, subscribe: Any
+) -> None:
+    """LISTENERS_CHAT_HISTORY=20: the stream mirrors the thread's last 20 messages (limitToLast),
+    however long the thread; new messages come once each, and what it remembers stays bounded."""
+    thread = "acme/chats/long/messages"
+    await rtdb.set(thread, {f"-m{n:04d}": chat_message(n) for n in range(300)})
+    chat: Consumer = await subscribe("lea:acme:long", prefix="chat:")
+    bounded = dataclasses.replace(rtdb_settings, chat_history=20)
+    async with running(bounded) as service:
+        await fb.set("listeners_registry/lea", {
+            "status": "online", "heartbeat_at": "2999-01-01T00:00:00Z", "authorized_companies_ids": ["acme"],
+            "chat_threads": [{"space_code": "acme", "thread_key": "long", "mode": "chats"}],
+        })  # fmt: skip
+        await chat.wait_for(lambda e: len(chat.of_type("chat.sync")) == 1)
+        sync = chat.of_type("chat.sync")[0]["payload"]
+        assert [m["id"] for m in sync["raw_messages"]] == [f"-m{n:04d}" for n in range(280, 300)]
+        stream = next(iter(service.node.sessions["lea"].threads.values()))
+        for n in range(300, 330):
+            await rtdb.set(f"{thread}/-m{n:04d}", chat_message(n))
+            # the read marks of the delivered messages come back as changes too
+            assert len(stream._nodes) <= 20 and stream.seen <= 20
+        await chat.wait_for(lambda e: "-m0329" in str(e[-1]))
+        delivered = [m["id"] for x in chat.of_type("chat.message") for m in x["payload"]["raw_messages"]]
+        assert delivered == [f"-m{n:04d}" for n in range(300, 330)]
+        assert len(stream._nodes) <= 20 and stream.seen <= 20
+        events = chat.events
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+class _Stub:
+    """What MessageStream reads of its NodeStream: the children the last event touched."""
+
+    reconnects = 0
+    active = True
+    last_changed: frozenset[str] | None = None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_direct_message_change_costs_the_change_not_the_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pure unit: of 2,000 direct messages, one changed child is normalised alone."""
+    import listeners.streams.messages as messages
+    from listeners.normalise.messages import normalise_message as real
+
+    normalised: list[str] = []
+
+    def counting(push_id: str, node: dict[str, Any]) -> Any:
+        normalised.append(push_id)
+        return real(push_id, node)
+
+    monkeypatch.setattr(messages, "normalise_message", counting)
+    published: list[Any] = []
+    stream = messages.MessageStream("u", frozenset(), Any, lambda e, lag: published.append(e) is None)  # type: ignore[arg-type, func-returns-value]
+    stub = _Stub()
+    stream._stream = stub  # type: ignore[assignment]
+    tree = {f"m{n:04d}": dm(1 + n % 9) for n in range(2000)}
+    stream._on_change(tree)  # the first read: every node
+    assert len(normalised) == 2000 and [e.type for e in published] == ["msg.sync"]
+    normalised.clear()
+    stub.last_changed = frozenset({"m0007"})
+    stream._on_change({**tree, "m0007": dm(3, status="done")})
+    assert normalised == ["m0007"] and [e.type for e in published[1:]] == ["msg.update"]
+    stub.last_changed = frozenset({"m0008"})
+    stream._on_change({k: v for k, v in tree.items() if k != "m0008"})
+    assert normalised == ["m0007"] and published[-1].type == "msg.remove"
+    assert [e.seq for e in published] == [1, 2, 3]

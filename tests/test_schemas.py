@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from listeners.envelope import Envelope
 from listeners.events import EVENT_MODELS
 from listeners.normalise.messages import normalise_message
 from listeners.normalise.notifications import normalise_notification
 from listeners.schemas import render, validate
+from listeners.streams.order import StreamOrder
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
@@ -21,18 +21,19 @@ def test_committed_schemas_are_current() -> None:
 
 
 def test_events_validate() -> None:
+    order = StreamOrder("test")
     item = normalise_notification("d1", {"file_name": "x", "batch_id": "b"})
     message = normalise_message(
         "m1", {"file_name": "x", "sender_id": "s", "expires_at": "2025-01-01 00:00:00"}
     )
     for envelope in (
-        Envelope.create(
+        order.stamp(
             "notif.sync", "u", {"notifications": [item], "count": 1, "timestamp": "2025-01-01T00:00:00Z"}
         ),
-        Envelope.create("notif.add", "u", dict(item)),
-        Envelope.create("notif.update", "u", dict(item)),
-        Envelope.create("notif.remove", "u", {"doc_id": "d1"}),
-        Envelope.create(
+        order.stamp("notif.add", "u", dict(item)),
+        order.stamp("notif.update", "u", dict(item)),
+        order.stamp("notif.remove", "u", {"doc_id": "d1"}),
+        order.stamp(
             "msg.sync",
             "u",
             {
@@ -43,11 +44,11 @@ def test_events_validate() -> None:
                 "has_new_messages": True,
             },
         ),
-        Envelope.create("msg.add", "u", message),
-        Envelope.create("msg.remove", "u", {"doc_id": "m1"}),
-        Envelope.create(
+        order.stamp("msg.add", "u", message),
+        order.stamp("msg.remove", "u", {"doc_id": "m1"}),
+        order.stamp(
             "chat.message", "u", {"space_code": "s", "thread_key": "t", "raw_messages": [{"id": "-a"}]}
         ),
-        Envelope.create("chat.sync", "u", {"space_code": "s", "thread_key": "t", "raw_messages": []}),
+        order.stamp("chat.sync", "u", {"space_code": "s", "thread_key": "t", "raw_messages": []}),
     ):
         validate(envelope.to_dict())

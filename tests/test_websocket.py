@@ -350,3 +350,22 @@ async def test_redis_restart_resyncs_open_sockets(
                     sync = await next_event(ws, "notif.sync", timeout=30)
                     if [n["doc_id"] for n in sync["payload"]["notifications"]] == ["during"]:
                         break
+
+
+async def test_a_resync_message_brings_fresh_syncs_in_the_same_epoch(
+    wss: Settings, fb: Firebase, issuer: LocalIssuer
+) -> None:
+    """A browser that saw a gap sends `resync`: the next sync carries the state, with a seq
+    past everything it had, in the epoch it follows."""
+    await fb.notification("rex", "n1")
+    async with serving(wss) as (url, _):
+        await fb.online("rex")
+        async with connect(f"{url}?token={issuer.mint('rex')}") as ws:
+            first = await next_event(ws, "notif.sync")
+            await fb.notification("rex", "n2")
+            added = await next_event(ws, "notif.add")
+            assert added["epoch"] == first["epoch"] and added["seq"] > first["seq"]
+            await ws.send(json.dumps({"type": "resync"}))
+            again = await next_event(ws, "notif.sync")
+            assert again["epoch"] == first["epoch"] and again["seq"] > added["seq"]
+            assert sorted(n["doc_id"] for n in again["payload"]["notifications"]) == ["n1", "n2"]

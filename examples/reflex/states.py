@@ -6,6 +6,13 @@ State runs one background task per signed-in user: it iterates `Bridge.events(ui
 applies every event under `async with self`, through `_on_event`, which holds all the
 mutations (so a test can drive it without a running app).
 
+Migrated to ordered events (issue 14): the service publishes deltas alone, and the bridge
+hands over only events that move the lists forward — in `seq` order, after a sync of their
+epoch, duplicates and anything older than the last sync dropped, a resync asked on every gap
+— so the reducers hold the service's state without a sync after each change. The service
+needs no `LISTENERS_SYNC_EACH_CHANGE` for these States. `new_message` comes from the newest
+`msg.add` (a sync alone carries none).
+
 Wire-up in the app (after sign-in has set `uid`):
 
     rx.button("…", on_click=[NotificationState.listen, MessengerState.listen])

@@ -140,6 +140,10 @@ class Settings:
     # membership that says who serves whom) cannot be reached. Off: nobody is served until the
     # membership is established, so that no two instances ever serve one user.
     single_instance: bool = False
+    # Issue 14: a sync after every batch of deltas, as before, for consumers not yet migrated to
+    # `seq`/`epoch`; off, deltas travel alone (a few hundred bytes instead of the whole list).
+    sync_each_change: bool = False
+    chat_history: int = 100  # messages mirrored per chat thread: the Realtime Database's limitToLast
 
 
 class _Reader:
@@ -358,6 +362,10 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
             60.0,
         ),
         single_instance=r.boolean(env.get("LISTENERS_SINGLE_INSTANCE"), "LISTENERS_SINGLE_INSTANCE", False),
+        sync_each_change=r.boolean(
+            env.get("LISTENERS_SYNC_EACH_CHANGE"), "LISTENERS_SYNC_EACH_CHANGE", False
+        ),
+        chat_history=r.integer(env.get("LISTENERS_CHAT_HISTORY"), "LISTENERS_CHAT_HISTORY", 100, 1, 10_000),
     )
     if r.problems:
         raise ConfigError(r.problems)

@@ -6,6 +6,7 @@ These TypedDicts are the single source of the JSON Schemas in `docs/schemas/`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal, NotRequired
 
 from typing_extensions import TypedDict  # pydantic reads these on Python 3.11
@@ -62,7 +63,9 @@ class NotifRemovePayload(TypedDict):
 class _Envelope(TypedDict):
     uid: str
     timestamp: str
-    event_id: str
+    event_id: str  # a delta's id is derived from its source: the same change has the same id
+    epoch: str  # one run of the stream on one instance (docs/events.md, "Order and gaps")
+    seq: int  # rises by one per event of the user's stream, syncs included
 
 
 class NotifSyncEvent(_Envelope):
@@ -151,3 +154,15 @@ EVENT_MODELS: dict[str, type] = {
     CHAT_MESSAGE: ChatMessageEvent,
 }
 KNOWN_TYPES = frozenset(EVENT_MODELS)  # every type a consumer may see
+SYNC_TYPES = frozenset({NOTIF_SYNC, MSG_SYNC, CHAT_SYNC})
+
+
+def stream_of(event: Mapping[str, Any]) -> str:
+    """The stream an event belongs to, which its `seq` counts: `notif`, `msg`, or
+    `chat:{space_code}:{thread_key}` (each chat thread is a stream of its own)."""
+    family = str(event.get("type", "")).partition(".")[0]
+    if family == "chat":
+        payload = event.get("payload")
+        payload = payload if isinstance(payload, Mapping) else {}
+        return f"chat:{payload.get('space_code', '')}:{payload.get('thread_key', '')}"
+    return family

@@ -187,12 +187,16 @@ class Node:
         online = entry is not None and entry.is_online(self._clock())
         session = self.sessions.get(uid)
         if online and entry is not None and self._owns(uid):
-            self._moving.pop(uid, None)
+            taken_back = self._moving.pop(uid, None) is not None
             if session is None:
                 if self._attaching:
                     self._attach(entry)
             else:
                 session.update(entry)
+                if taken_back:
+                    # Consumers may have followed the other instance's epoch meanwhile: a new
+                    # epoch with a sync here, or they would drop this one's events as stale.
+                    session.rebase()
         elif session is not None and online and entry is not None:
             # Another instance serves this user now. Keep serving until it has surely
             # attached: an overlap of a moment rather than a gap.
@@ -261,9 +265,11 @@ class Node:
         log.info("user detached", extra={"uid": uid, "reason": reason})
 
     def resync(self, uids: set[str] | None = None) -> None:
-        """A fresh sync for these users (None: all), after events could not be delivered."""
+        """A fresh sync for these users (None: all), after events could not be delivered.
+        Users being handed over are left to their new instance: a sync from here, the old
+        one, would pull consumers back to an epoch that ends in a moment."""
         for uid, session in self.sessions.items():
-            if uids is None or uid in uids:
+            if (uids is None or uid in uids) and uid not in self._moving:
                 session.resync()
 
     def entry(self, uid: str) -> RegistryEntry | None:
@@ -274,7 +280,7 @@ class Node:
         """On a consumer's request: fresh syncs of the user's streams and of these threads.
         A user who is not attached here gets nothing: attaching sends syncs anyway."""
         session = self.sessions.get(uid)
-        if session is not None:
+        if session is not None and uid not in self._moving:  # the new instance answers
             session.resync(threads)
 
     # -- periodic work -----------------------------------------------------------
@@ -307,8 +313,11 @@ class Node:
                 self._detach(uid, "expired")
         mono = time.monotonic()
         for uid, deadline in list(self._moving.items()):
-            if uid not in self.sessions or self._owns(uid):
+            if uid not in self.sessions:
                 del self._moving[uid]
+            elif self._owns(uid):  # taken back: a new epoch, as in _reconcile
+                del self._moving[uid]
+                self.sessions[uid].rebase()
             elif mono >= deadline:
                 self._detach(uid, "moved to another instance")
         if not self.registry_healthy and mono >= self._registry_retry_at:
@@ -323,7 +332,7 @@ class Node:
             (session, stream)
             for session in self.sessions.values()
             for stream in session.all_streams()
-            if stream.restart_due(mono)
+            if session.uid not in self._moving and stream.restart_due(mono)
         ]
         for session, stream in restarts:
             log.warning("stream ended; replacing it", extra={"uid": session.uid, "stream": stream.kind})

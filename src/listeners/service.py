@@ -25,6 +25,7 @@ from listeners.session import Channels, Sources
 from listeners.source.firestore import FirestoreSource
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
 from listeners.source.snapshots import SnapshotSource
+from listeners.streams.view import Publishing
 from listeners.supervisor import Supervisor, stop_tasks
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,13 @@ async def running(
             close_timeout_seconds=settings.shutdown_timeout_seconds / 4,
             handover_seconds=HANDOVER_SECONDS,
         ),
-        Sources(source, rtdb, settings.firebase.chat_mark_read),
+        Sources(
+            source,
+            rtdb,
+            settings.firebase.chat_mark_read,
+            Publishing(settings.instance_id, settings.sync_each_change),
+            settings.chat_history,
+        ),
         publisher,
         metrics,
         owns=(lambda uid: membership.conflict is None) if settings.single_instance else membership.owns,

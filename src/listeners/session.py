@@ -13,10 +13,10 @@ from typing import Protocol
 from listeners.source.registry import ChatThread, RegistryEntry
 from listeners.source.rtdb import RtdbClient
 from listeners.source.snapshots import SnapshotSource
-from listeners.streams.chat import ChatStream
+from listeners.streams.chat import DEFAULT_HISTORY, ChatStream
 from listeners.streams.messages import MessageStream
 from listeners.streams.notifications import NotificationStream
-from listeners.streams.view import Emit
+from listeners.streams.view import DEFAULT_PUBLISHING, Emit, Publishing
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,16 @@ class Stream(Protocol):
 
     def resync(self) -> None: ...
 
+    def rebase(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class Sources:
     firestore: SnapshotSource
     rtdb: RtdbClient | None = None
     chat_mark_read: bool = True
+    publishing: Publishing = DEFAULT_PUBLISHING
+    chat_history: int = DEFAULT_HISTORY  # messages mirrored per chat thread (limitToLast)
 
 
 EmitTo = Callable[[str], Emit]  # channel -> emit on it
@@ -59,9 +63,12 @@ class UserSession:
         self._channels = channels
         emit = emit_to(channels.user(entry.uid))
         companies = entry.authorized_companies_ids
-        self.streams: list[Stream] = [NotificationStream(entry.uid, companies, sources.firestore, emit)]
+        publishing = sources.publishing
+        self.streams: list[Stream] = [
+            NotificationStream(entry.uid, companies, sources.firestore, emit, publishing)
+        ]
         if sources.rtdb is not None:
-            self.streams.append(MessageStream(entry.uid, companies, sources.rtdb, emit))
+            self.streams.append(MessageStream(entry.uid, companies, sources.rtdb, emit, publishing))
         self.threads: dict[ChatThread, ChatStream] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._refused: set[ChatThread] = set()
@@ -88,6 +95,12 @@ class UserSession:
             if threads is None or thread in threads:
                 chat.resync()
 
+    def rebase(self) -> None:
+        """This instance serves the user again after handing it over: every stream starts a new
+        epoch with a sync, so that consumers which followed the other instance follow this one."""
+        for stream in self.all_streams():
+            stream.rebase()
+
     def _follow_threads(self, requested: frozenset[ChatThread]) -> None:
         # Threads of a company the user lost are closed like threads no longer requested.
         allowed = {t for t in requested if not self._refusal(t)}
@@ -106,7 +119,13 @@ class UserSession:
             assert self._sources.rtdb is not None
             emit = self._emit_to(self._channels.chat(self.uid, thread))
             chat = ChatStream(
-                self.uid, thread, self._sources.rtdb, emit, mark_read=self._sources.chat_mark_read
+                self.uid,
+                thread,
+                self._sources.rtdb,
+                emit,
+                mark_read=self._sources.chat_mark_read,
+                history=self._sources.chat_history,
+                publishing=self._sources.publishing,
             )
             self.threads[thread] = chat
             chat.start()

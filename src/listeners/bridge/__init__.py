@@ -1,7 +1,8 @@
 """The consumer side, for the Reflex backend (Bridge mode, specification §8).
 
 - `Bridge.events(uid)`: an async iterator over a user's events that always converges
-  (resync on every (re)subscribe, de-duplication by `event_id`, reconnect with backoff).
+  (resync on every (re)subscribe and every gap in `seq`, events older than the last sync and
+  duplicates dropped, reconnect with backoff; bridge.ordering holds the rules).
 - `reducers`: event stream -> the lists the UI holds.
 - `Presence`: the registry document of an online user, reference-counted, heartbeated.
 

@@ -8,7 +8,10 @@ from a queue of its own.
 Pub/Sub keeps nothing, so whenever an iterator starts, and after every reconnection, it asks
 the service for a resync and repeats the request until a sync arrives: whatever happened
 while it was away, the next sync carries the current state. So does an iterator whose queue
-overflowed because its reader was too slow. Events seen twice (same `event_id`) are dropped.
+overflowed because its reader was too slow, and one that sees a gap in an event stream (a
+missing `seq`, or an epoch it has no sync of: `ordering`). Events older than the last sync
+and duplicates are dropped, so each event yielded moves the reducers to a state the service
+had.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from listeners.bridge.ordering import Follower
 from listeners.config import RedisSettings
 from listeners.control import resync_request
 from listeners.events import KNOWN_TYPES
@@ -35,7 +39,6 @@ MAX_EVENT_BYTES = 16 * 2**20  # a sync of a long list is the largest event; far 
 RETRY_AFTER_FAILED_ASK = 0.5  # seconds
 ASK_TIMEOUT = 2.0  # seconds
 MAX_QUEUED = 10_000  # events waiting for one iterator; past that it drops them and resyncs
-_SYNC_TYPES = frozenset({"notif.sync", "msg.sync", "chat.sync"})
 
 
 def parse_event(raw: bytes | str, uid: str) -> dict[str, Any] | None:
@@ -67,30 +70,16 @@ def parse_event(raw: bytes | str, uid: str) -> dict[str, Any] | None:
     return event
 
 
-class _Recent:
-    """The last `size` event ids, to drop re-deliveries without growing forever."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def add(self, event_id: str) -> bool:
-        if event_id in self._ids:
-            return False
-        self._ids[event_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-        return True
-
-
 class _Reader:
     """One `events()` iterator: its user, channels and queue, and whether it holds a sync."""
 
-    def __init__(self, uid: str, channels: list[str], threads: tuple[ChatThread, ...]) -> None:
+    def __init__(
+        self, uid: str, channels: list[str], threads: tuple[ChatThread, ...], follower: Follower
+    ) -> None:
         self.uid = uid
         self.channels = channels
         self.threads = threads
-        self.synced = False
+        self.follower = follower
         self.asked = float("-inf")  # monotonic time of the last resync request
         self._events: deque[dict[str, Any]] = deque()
         self._wakeup = asyncio.Event()
@@ -101,12 +90,25 @@ class _Reader:
             self.lost()
             return
         self._events.append(event)
-        self.synced = self.synced or event["type"] in _SYNC_TYPES
         self._wakeup.set()
+
+    @property
+    def needs_resync(self) -> bool:
+        return self.follower.needs_resync
+
+    def admit(self, event: dict[str, Any]) -> bool:
+        """Whether to hand this event on; a gap makes the reader ask for a resync now."""
+        asking = self.follower.needs_resync
+        if self.follower.admit(event):
+            return True
+        if self.follower.needs_resync and not asking:
+            log.info("gap in the event stream; asking for a resync", extra={"uid": self.uid})
+            self.asked = float("-inf")
+        return False
 
     def lost(self) -> None:
         """Events were missed: ask for a resync now, and until a sync arrives."""
-        self.synced = False
+        self.follower.lost()
         self.asked = float("-inf")
         self._wakeup.set()
 
@@ -148,15 +150,14 @@ class Bridge:
         resyncs. Leaving the `async for` (or cancelling its task) lets its channels go; the
         connection closes when no iterator is left.
         """
-        reader = _Reader(uid, self.channels(uid, threads), tuple(threads))
-        seen = _Recent(self._dedup_size)
+        reader = _Reader(uid, self.channels(uid, threads), tuple(threads), Follower(self._dedup_size))
         await self._join(reader)
         try:
             while True:
-                if not reader.synced and time.monotonic() - reader.asked > self._resync_retry:
+                if reader.needs_resync and time.monotonic() - reader.asked > self._resync_retry:
                     await self._ask_resync(reader)
                 event = await reader.next(timeout=1.0)
-                if event is not None and seen.add(event["event_id"]):
+                if event is not None and reader.admit(event):
                     yield event
         finally:
             await asyncio.shield(self._leave(reader))

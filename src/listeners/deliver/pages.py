@@ -10,6 +10,8 @@ Demo, only when `LISTENERS_DEMO_TOKEN_URL` is set (the embedded default sets it)
     GET /demo/config  `{token_url, ws_path}` for the page
 
 Both pages load their CSS and JavaScript from `/assets/NAME` (package data under static/).
+`/assets/listeners-client.js`, the browser client module of Direct mode (docs/websocket.md),
+is served whether the pages are on or not, to any origin (public code, no credentials).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from listeners.service import Service
 DEMO_TOKEN_URL_ENV = "LISTENERS_DEMO_TOKEN_URL"
 MAX_UIDS = 200  # online users listed by name; the count is always exact
 MAX_RECENT = 50  # last events shown
+CLIENT_MODULE = "listeners-client.js"
 
 _MEDIA = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -133,7 +136,7 @@ def routes(settings: Settings, demo_token_url: str | None = None) -> list[BaseRo
     admin = settings.websocket.admin_token
     token_url = os.environ.get(DEMO_TOKEN_URL_ENV, "") if demo_token_url is None else demo_token_url
     found: list[BaseRoute] = []
-    files: dict[str, bytes] = {}
+    files: dict[str, bytes] = {CLIENT_MODULE: _static(CLIENT_MODULE)}
 
     if admin is not None:
         files.update((name, _static(name)) for name in ("ops.html", "ops.js", "pages.css"))
@@ -171,13 +174,14 @@ def routes(settings: Settings, demo_token_url: str | None = None) -> list[BaseRo
 
         found += [Route("/demo", demo), Route("/demo/config", demo_config)]
 
-    if found:
+    async def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in files or name.endswith(".html"):
+            return Response("not found", status_code=404, media_type="text/plain")
+        response = _file_response(files, name, _csp())
+        if name == CLIENT_MODULE:  # a module script is fetched with CORS from the app's origin
+            response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
 
-        async def asset(request: Request) -> Response:
-            name = request.path_params["name"]
-            if name not in files or name.endswith(".html"):
-                return Response("not found", status_code=404, media_type="text/plain")
-            return _file_response(files, name, _csp())
-
-        found.append(Route("/assets/{name}", asset))
+    found.append(Route("/assets/{name}", asset))
     return found

@@ -51,6 +51,7 @@ UID_CHANGED = 4017
 MAX_UID_LENGTH = 128  # Firebase's own limit; tokens.py refuses longer ones as 4010
 HUB_CONFIRM_SECONDS = 5.0  # Redis answers a SUBSCRIBE in well under a second when it is up
 OPEN_THREAD_SECONDS = 15.0  # the registry write (a read and a conditional write, retried)
+RESYNCS_PER_SECOND = 0.5  # `resync` messages: a burst of 5, then one every 2 s
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Connection:
         self._messages = TokenBucket(self.settings.messages_per_second, burst_seconds=2)
         # Each chat.subscribe is a registry write that every instance reads: its own budget.
         self._subscribes = TokenBucket(self.settings.chat_subscribes_per_second, burst_seconds=5)
+        self._resyncs = TokenBucket(RESYNCS_PER_SECOND, burst_seconds=10)
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept until done
 
@@ -297,6 +299,13 @@ class Connection:
         kind = message.get("type")
         if kind == "ping":
             await self._send({"type": "pong"})
+        elif kind == "resync":
+            # A client that saw a gap (a missing seq, an epoch without its sync) asks for fresh
+            # syncs of its streams. Each is a whole list: a budget of its own, below messages'.
+            if self._resyncs.take():
+                await self.services.resync(self.uid, tuple(self.threads))
+            else:
+                await self._send({"type": "error", "reason": "too many resync messages; retry later"})
         elif kind == "auth.refresh":
             await self._refresh(message.get("token"))
         elif kind == "notif.read":

@@ -28,8 +28,16 @@ the same port. It implements the documented wire protocol, from these pages:
   arrays are stored as objects with integer keys and read back as arrays when all keys
   are integers and more than half of the keys from 0 to the largest have values.
 
-Not implemented: security rules (beyond the test hook that denies a path), queries
-(orderBy, limits), ETags, server values, streaming with `shallow`.
+- https://firebase.google.com/docs/database/rest/retrieve-data#section-rest-filtering
+  queries: `orderBy` (`"$key"`, `"$value"` or a child key, JSON-quoted) is required with
+  `limitToFirst` / `limitToLast` / `startAt` / `endAt` / `equalTo` (400 otherwise); keys that
+  are 32-bit integers sort first, numerically, then strings; by value or child: null, false,
+  true, numbers, strings, objects, ties by key. A GET answers the matching children as an
+  object. A stream with a query keeps the query's window: each write sends a `put` at
+  "/<child>" for every child that entered, changed in, or left (null) the window.
+
+Not implemented: security rules (beyond the test hook that denies a path), ETags, server
+values, streaming with `shallow`, `startAfter` / `endBefore`.
 
 Test hooks, HTTP under `/_standin/` (and as methods of `Hub` in process):
   GET  /_standin/streams[?ns=]          -> {"open": n, "unauthorized": k}  streams open now,
@@ -205,11 +213,128 @@ def _frame(event: str, data: Json) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+# --- queries -------------------------------------------------------------------------------
+
+
+_QUERY_PARAMS = ("orderBy", "limitToFirst", "limitToLast", "startAt", "endAt", "equalTo")
+
+
+def _key_rank(key: str) -> tuple[int, int, str]:
+    """`$key` order: keys that are 32-bit integers first, numerically, then the others as text."""
+    if key.lstrip("-").isdigit() and -(2**31) <= int(key) < 2**31 and str(int(key)) == key:
+        return (0, int(key), "")
+    return (1, 0, key)
+
+
+def _value_rank(value: Json) -> tuple[Any, ...]:
+    """Value order: null, false, true, numbers, strings, objects."""
+    if value is None:
+        return (0,)
+    if value is False:
+        return (1,)
+    if value is True:
+        return (2,)
+    if isinstance(value, int | float):
+        return (3, value)
+    if isinstance(value, str):
+        return (4, value)
+    return (5,)
+
+
+@dataclass(frozen=True)
+class _Query:
+    order_by: str
+    first: int | None = None
+    last: int | None = None
+    start: Json = None
+    end: Json = None
+    equal: Json = None
+    has_start: bool = False
+    has_end: bool = False
+    has_equal: bool = False
+
+    @classmethod
+    def parse(cls, params: Any) -> _Query | None:
+        given = {name: params[name] for name in _QUERY_PARAMS if name in params}
+        if not given:
+            return None
+        if "orderBy" not in given:
+            raise _BadRequest("orderBy must be defined when other query parameters are defined")
+        try:
+            values = {name: json.loads(raw) for name, raw in given.items()}
+        except ValueError:
+            raise _BadRequest("Constraint index field must be a JSON primitive") from None
+        order_by = values["orderBy"]
+        if not isinstance(order_by, str) or not order_by:
+            raise _BadRequest("orderBy must be a valid JSON encoded path")
+        limits = {}
+        for name in ("limitToFirst", "limitToLast"):
+            if name in values:
+                limit = values[name]
+                if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+                    raise _BadRequest(f"{name} must be a positive integer")
+                limits[name] = limit
+        if len(limits) == 2:
+            raise _BadRequest("limitToFirst and limitToLast cannot both be set")
+        return cls(
+            order_by,
+            limits.get("limitToFirst"),
+            limits.get("limitToLast"),
+            values.get("startAt"),
+            values.get("endAt"),
+            values.get("equalTo"),
+            "startAt" in values,
+            "endAt" in values,
+            "equalTo" in values,
+        )
+
+    def _rank(self, key: str, value: Json) -> tuple[Any, ...]:
+        if self.order_by == "$key":
+            return (_key_rank(key),)
+        ordered = value if self.order_by == "$value" else _child_value(value, self.order_by)
+        return (_value_rank(ordered), _key_rank(key))
+
+    def _bound(self, bound: Json) -> tuple[Any, ...]:
+        return (_key_rank(str(bound)),) if self.order_by == "$key" else (_value_rank(bound),)
+
+    def apply(self, node: Json) -> Json:
+        """The children of `node` this query selects, as a stored object (None when none)."""
+        if not isinstance(node, dict):
+            return None
+        ranked = sorted(node.items(), key=lambda kv: self._rank(*kv))
+        kept = []
+        for key, value in ranked:
+            rank = self._rank(key, value)[:1]
+            if self.has_equal and rank != self._bound(self.equal):
+                continue
+            if self.has_start and rank < self._bound(self.start):
+                continue
+            if self.has_end and rank > self._bound(self.end):
+                continue
+            kept.append((key, value))
+        if self.first is not None:
+            kept = kept[: self.first]
+        if self.last is not None:
+            kept = kept[-self.last :]
+        return dict(kept) or None
+
+
+def _child_value(value: Json, path: str) -> Json:
+    node = value
+    for key in (part for part in path.split("/") if part):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
 @dataclass(eq=False)
 class _Stream:
     ns: str
     keys: tuple[str, ...]
     queue: asyncio.Queue[bytes | str] = field(default_factory=asyncio.Queue)
+    query: _Query | None = None
+    window: Json = None  # with a query: the children last sent
 
     def send(self, event: str, data: Json) -> None:
         self.queue.put_nowait(_frame(event, data))
@@ -238,8 +363,9 @@ class Hub:
 
     # reads and writes
 
-    def read(self, ns: str, keys: tuple[str, ...]) -> Json:
-        return _render(_at(self._data.get(ns), keys))
+    def read(self, ns: str, keys: tuple[str, ...], query: _Query | None = None) -> Json:
+        node = _at(self._data.get(ns), keys)
+        return _render(query.apply(node) if query is not None else node)
 
     def denied(self, ns: str, keys: tuple[str, ...]) -> bool:
         return any(n == ns and _under(keys, prefix) for n, prefix in self._denied)
@@ -275,6 +401,10 @@ class Hub:
         for stream in self._streams:
             if stream.ns != ns:
                 continue
+            if stream.query is not None:
+                if _under(keys, stream.keys) or _under(stream.keys, keys):
+                    self._send_window(stream)
+                continue
             if _under(keys, stream.keys):  # at or below the stream's location
                 relative = "/" + "/".join(keys[len(stream.keys) :])
                 if patch is not None:
@@ -287,11 +417,24 @@ class Hub:
                 if before != after:
                     stream.send("put", {"path": "/", "data": _render(after)})
 
+    def _send_window(self, stream: _Stream) -> None:
+        """A query stream: one `put` per child that entered, changed in or left the window."""
+        assert stream.query is not None
+        window = stream.query.apply(_at(self._data.get(stream.ns), stream.keys)) or {}
+        before = stream.window or {}
+        for key in [*(k for k in before if k not in window), *window]:
+            if before.get(key) != window.get(key):
+                stream.send("put", {"path": f"/{key}", "data": _render(window.get(key))})
+        stream.window = copy.deepcopy(window)
+
     # streams
 
-    def open(self, ns: str, keys: tuple[str, ...]) -> _Stream:
-        stream = _Stream(ns, keys)
-        stream.send("put", {"path": "/", "data": self.read(ns, keys)})
+    def open(self, ns: str, keys: tuple[str, ...], query: _Query | None = None) -> _Stream:
+        stream = _Stream(ns, keys, query=query)
+        node = _at(self._data.get(ns), keys)
+        if query is not None:
+            stream.window = copy.deepcopy(query.apply(node))
+        stream.send("put", {"path": "/", "data": self.read(ns, keys, query)})
         self._streams.add(stream)
         return stream
 
@@ -429,19 +572,23 @@ def build_app(hub: Hub) -> Starlette:
             hub.unauthorized += 1
             return _error(401, "Unauthorized request.")
         streaming = method == "GET" and "text/event-stream" in request.headers.get("accept", "")
+        try:
+            query = _Query.parse(request.query_params) if method == "GET" else None
+        except _BadRequest as exc:
+            return _error(400, str(exc))
         if method == "GET" and hub.denied(ns, keys):
             return _error(401, "Permission denied")
         if streaming:
             if hub.hold:
                 return _error(503, "Service Unavailable (held by the test hook)")
             if hub.redirect and "hop" not in request.query_params:
-                query = urlencode([*request.query_params.multi_items(), ("hop", "1")])
-                return Response(status_code=307, headers={"location": f"{raw}?{query}"})
-            return _EventStream(hub, hub.open(ns, keys))
+                again = urlencode([*request.query_params.multi_items(), ("hop", "1")])
+                return Response(status_code=307, headers={"location": f"{raw}?{again}"})
+            return _EventStream(hub, hub.open(ns, keys, query))
         silent = request.query_params.get("print") == "silent"
         try:
             if method == "GET":
-                value = hub.read(ns, keys)
+                value = hub.read(ns, keys, query)
                 if request.query_params.get("shallow") == "true" and isinstance(value, dict):
                     value = dict.fromkeys(value, True)
                 elif request.query_params.get("shallow") == "true" and isinstance(value, list):

@@ -1,9 +1,16 @@
 """One chat thread a user has open: `{space_code}/{mode}/{thread_key}/messages`.
 
-On subscribe, and after every reconnect, a `chat.sync` with the thread's recent unread
-messages; then one `chat.message` per change holding each new displayable message once,
-in order. Delivered messages are marked `read: true` in the database, as the old client
-did: in the background, only when still unread, and never in the way of delivery.
+The stream mirrors only the thread's last `history` messages: the Realtime Database query
+`orderBy="$key"&limitToLast=history` (push ids sort in creation order), so a thread's memory
+is bounded by the setting (`LISTENERS_CHAT_HISTORY`), however long its history. On subscribe,
+and after every reconnect (a new epoch), a `chat.sync` with the window's most recent unread
+messages; then one `chat.message` per change holding each new displayable message once, in
+order. A change is handled in time proportional to it: the stream names the children an
+event touched, and only those are looked at. Ids already delivered are remembered only
+while they are in the window.
+
+Delivered messages are marked `read: true` in the database, as the old client did: in the
+background, only when still unread, and never in the way of delivery.
 """
 
 from __future__ import annotations
@@ -15,16 +22,17 @@ from typing import Any
 
 import httpx
 
-from listeners.envelope import Envelope
 from listeners.events import CHAT_MESSAGE, CHAT_SYNC
 from listeners.normalise.chat import displayable, in_order, raw_message
 from listeners.source.registry import ChatThread
 from listeners.source.rtdb import NodeStream, RtdbClient, RtdbError
-from listeners.streams.view import Emit
+from listeners.streams.order import StreamOrder
+from listeners.streams.view import DEFAULT_PUBLISHING, Emit, Publishing
 
 log = logging.getLogger(__name__)
 
 RECENT = 50  # unread messages in a chat.sync
+DEFAULT_HISTORY = 100  # messages of a thread mirrored: the Realtime Database's limitToLast
 MARK_READ_QUEUE = 1000  # pending read marks per thread; beyond it marks are skipped, never delivery
 
 
@@ -32,16 +40,26 @@ class ChatStream:
     kind = "chat"
 
     def __init__(
-        self, uid: str, thread: ChatThread, client: RtdbClient, emit: Emit, *, mark_read: bool
+        self,
+        uid: str,
+        thread: ChatThread,
+        client: RtdbClient,
+        emit: Emit,
+        *,
+        mark_read: bool,
+        history: int = DEFAULT_HISTORY,
+        publishing: Publishing = DEFAULT_PUBLISHING,
     ) -> None:
         self.uid = uid
         self.thread = thread
         self._client = client
         self._emit = emit
         self._mark_read = mark_read
+        self.history = history
+        self._order = StreamOrder(publishing.instance_id)
         self._stream: NodeStream | None = None
-        self._seen: set[str] = set()
-        self._recent: list[dict[str, Any]] = []  # what the last chat.sync would show
+        self._nodes: dict[str, Any] = {}  # the window, as the stream last handed it over
+        self._seen: set[str] = set()  # delivered ids still in the window
         self._synced = False
         self._reconnects = 0
         self._marks: asyncio.Queue[str] = asyncio.Queue(MARK_READ_QUEUE)
@@ -52,10 +70,18 @@ class ChatStream:
         t = self.thread
         return f"{t.space_code}/{t.mode}/{t.thread_key}/messages"
 
+    @property
+    def seen(self) -> int:
+        """Delivered ids remembered: at most the window's size."""
+        return len(self._seen)
+
     def start(self) -> None:
         self._synced = False
+        query = {"orderBy": '"$key"', "limitToLast": str(self.history)}
         try:
-            self._stream = self._client.stream(self.path, self._on_change, on_failed=self._on_failed)
+            self._stream = self._client.stream(
+                self.path, self._on_change, on_failed=self._on_failed, query=query
+            )
         except ValueError as exc:  # a key the database refuses (e.g. a "." in a uid): fails alone
             self._on_failed(f"{type(exc).__name__}: {exc}")
         if self._mark_read and self._marker is None:
@@ -88,30 +114,48 @@ class ChatStream:
         if self._synced:
             self._emit_sync()
 
+    def rebase(self) -> None:
+        self._order.new_epoch()
+        self.resync()
+
     def _on_change(self, tree: Any) -> None:
         stream = self._stream
         if stream is not None and stream.reconnects != self._reconnects:
             self._reconnects = stream.reconnects
             self._synced = False  # a fresh full read: a fresh sync
-        nodes: dict[str, Any] = tree if isinstance(tree, dict) else {}
-        shown = [push_id for push_id in in_order(nodes) if displayable(nodes[push_id])]
-        self._recent = [raw_message(p, nodes[p]) for p in shown[-RECENT:]]
-        fresh = [p for p in shown if p not in self._seen]
-        self._seen.update(fresh)
+        self._nodes = tree if isinstance(tree, dict) else {}
+        changed = stream.last_changed if stream is not None else None
         # Only what was handed to the publisher is marked read: a message dropped during a
         # Redis outage stays unread, so the resync after it still carries it.
+        delivered: list[str] = []
         if not self._synced:
             self._synced = True
-            delivered = [m["id"] for m in self._recent] if self._emit_sync() else []
-        elif fresh:
-            payload = self._payload([raw_message(p, nodes[p]) for p in fresh])
-            delivered = fresh if self._emit(Envelope.create(CHAT_MESSAGE, self.uid, payload), None) else []
+            self._order.new_epoch()
+            self._seen = {p for p in self._nodes if displayable(self._nodes[p])}
+            shown = self._recent()
+            delivered = [m["id"] for m in shown] if self._emit_sync(shown) else []
         else:
-            delivered = []
+            if changed is None:  # the node replaced whole mid-stream: look at the window
+                self._seen &= self._nodes.keys()
+            fresh: list[str] = []
+            for push_id in self._nodes if changed is None else changed:
+                node = self._nodes.get(push_id)
+                if node is None:
+                    self._seen.discard(push_id)  # left the window: forgotten
+                elif push_id not in self._seen and displayable(node):
+                    fresh.append(push_id)
+            if fresh:
+                self._seen.update(fresh)
+                delivered = self._emit_message(in_order({p: self._nodes[p] for p in fresh}))
         if self._mark_read:
-            for push_id in delivered:
+            for push_id in delivered or ():
                 with contextlib.suppress(asyncio.QueueFull):
                     self._marks.put_nowait(push_id)
+
+    def _recent(self) -> list[dict[str, Any]]:
+        """The window's most recent unread displayable messages, oldest first."""
+        shown = [p for p in in_order(self._nodes) if displayable(self._nodes[p])]
+        return [raw_message(p, self._nodes[p]) for p in shown[-RECENT:]]
 
     def _payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -120,8 +164,15 @@ class ChatStream:
             "raw_messages": messages,
         }
 
-    def _emit_sync(self) -> bool:
-        return self._emit(Envelope.create(CHAT_SYNC, self.uid, self._payload(self._recent)), None)
+    def _emit_message(self, push_ids: list[str]) -> list[str]:
+        payload = self._payload([raw_message(p, self._nodes[p]) for p in push_ids])
+        # The pushed ids name the change: the same on every instance that sees it.
+        envelope = self._order.stamp(CHAT_MESSAGE, self.uid, payload, identity=",".join(push_ids))
+        return push_ids if self._emit(envelope, None) else []
+
+    def _emit_sync(self, shown: list[dict[str, Any]] | None = None) -> bool:
+        payload = self._payload(self._recent() if shown is None else shown)
+        return self._emit(self._order.stamp(CHAT_SYNC, self.uid, payload), None)
 
     async def _mark_delivered(self) -> None:
         while True:

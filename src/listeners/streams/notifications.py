@@ -15,7 +15,15 @@ from listeners.backoff import Backoff
 from listeners.events import NOTIF_ADD, NOTIF_REMOVE, NOTIF_SYNC, NOTIF_UPDATE
 from listeners.normalise.notifications import newest_first, normalise_notification
 from listeners.source.snapshots import Query, Snapshot, SnapshotSource, Watch
-from listeners.streams.view import Emit, EventNames, Item, PublishedView
+from listeners.streams.view import (
+    DEFAULT_PUBLISHING,
+    Emit,
+    EventNames,
+    Item,
+    PublishedView,
+    Publishing,
+    digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +38,17 @@ def _sync_payload(items: list[Item], added: list[Item]) -> dict[str, Any]:
 class NotificationStream:
     kind = "notifications"
 
-    def __init__(self, uid: str, companies: frozenset[str], source: SnapshotSource, emit: Emit) -> None:
+    def __init__(
+        self,
+        uid: str,
+        companies: frozenset[str],
+        source: SnapshotSource,
+        emit: Emit,
+        publishing: Publishing = DEFAULT_PUBLISHING,
+    ) -> None:
         self.uid = uid
         self._source = source
-        self._view = PublishedView(uid, NAMES, emit, companies, _sync_payload)
+        self._view = PublishedView(uid, NAMES, emit, companies, _sync_payload, publishing=publishing)
         self._watch: Watch | None = None
         self._watch_id: object | None = None
         self._closed = False
@@ -95,6 +110,9 @@ class NotificationStream:
     def resync(self) -> None:
         self._view.resync()
 
+    def rebase(self) -> None:
+        self._view.rebase()
+
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         items: dict[str, Item] = {}
         versions: dict[str, datetime | None] = {}
@@ -111,4 +129,11 @@ class NotificationStream:
         self._failures = 0
         read_time = snapshot.read_time.timestamp() if snapshot.read_time else None
         lag_from = {k: (v.timestamp() if v else read_time) for k, v in versions.items()}
-        self._view.replace(items, lag_from)
+        # The update time names the change: the same on every instance that watches the document.
+        changes = {k: _version(v) if v is not None else digest(items[k]) for k, v in versions.items()}
+        self._view.replace(items, lag_from, changes)
+
+
+def _version(update_time: datetime) -> str:
+    nanos = getattr(update_time, "nanosecond", 0)  # the SDK's DatetimeWithNanoseconds
+    return f"{update_time.isoformat()}+{nanos}ns" if nanos else update_time.isoformat()

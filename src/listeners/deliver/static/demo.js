@@ -1,23 +1,18 @@
-// The demo page: pick a demo user, get a token from the local issuer (LISTENERS_DEMO_TOKEN_URL),
-// open the WebSocket with it (Sec-WebSocket-Protocol: bearer, <token>) and keep the user's
-// notifications and direct messages current from the events. "Mark read" sends notif.read,
-// which writes read: true in Firestore; the notif.remove that follows takes the item away.
+// The demo page: pick a demo user, get a token from the local issuer (LISTENERS_DEMO_TOKEN_URL)
+// and follow the user's notifications and direct messages through the browser client module
+// (/assets/listeners-client.js: token refresh, reconnects, gap detection and resync, reducers).
+// "Mark read" sends notif.read, which writes read: true in Firestore; the notif.remove that
+// follows takes the item away. "Refresh token" sends auth.refresh with a fresh token now.
 // Everything is written with textContent: no data becomes markup.
-"use strict";
+import { ListenersClient } from "/assets/listeners-client.js";
 
 const $ = (id) => document.getElementById(id);
-// Close codes after which reconnecting with a fresh token would not help (docs/websocket.md).
-const FINAL = new Set([1008, 4002, 4003, 4004, 4005, 4006, 4007, 4009, 4010, 4013, 4017]);
 const LOG_ROWS = 40;
 
 let config = null;
 let uid = null;
-let socket = null;
-let generation = 0; // bumped on every sign-in: callbacks of older sockets do nothing
-let retries = 0;
-let refreshTimer = null;
-const notifications = new Map();
-const messages = new Map();
+let client = null;
+let state = { notifications: [], messages: [] };
 const reading = new Set(); // doc_ids with a notif.read on its way
 
 function el(tag, text, className) {
@@ -40,14 +35,6 @@ function when(iso) {
 
 function joined(...parts) {
   return parts.filter((part) => part).join(" · ");
-}
-
-function newestFirst(map) {
-  return [...map.values()].sort((a, b) => {
-    const x = a.timestamp || "", y = b.timestamp || "";
-    if (!x || !y) return x ? -1 : y ? 1 : 0; // unreadable timestamps last
-    return x < y ? 1 : x > y ? -1 : 0;
-  });
 }
 
 async function fetchToken(user) {
@@ -74,19 +61,15 @@ async function start() {
     button.addEventListener("click", () => signIn(user));
     holder.append(button);
   }
+  $("refresh").addEventListener("click", () => client && client.refresh());
   const wanted = decodeURIComponent(location.hash.slice(1));
   if (users.includes(wanted)) signIn(wanted);
 }
 
 function signIn(user) {
-  generation += 1;
-  if (socket) socket.close(1000, "switching user");
-  socket = null;
-  clearTimeout(refreshTimer);
+  if (client) client.stop();
   uid = user;
-  retries = 0;
-  notifications.clear();
-  messages.clear();
+  state = { notifications: [], messages: [] };
   reading.clear();
   renderNotifications();
   renderMessages();
@@ -95,102 +78,32 @@ function signIn(user) {
   for (const button of $("users").children) button.classList.toggle("active", button.dataset.uid === user);
   $("who").textContent = "";
   $("hint").classList.add("hidden");
-  connect(generation);
-}
-
-async function connect(mine) {
-  setConnection("connecting…", "warn");
-  let grant;
-  try {
-    grant = await fetchToken(uid);
-  } catch (error) {
-    return retry(mine, "no token");
-  }
-  if (mine !== generation) return;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}${config.ws_path}`, ["bearer", grant.token]);
-  socket = ws;
-  ws.onmessage = (event) => {
-    if (mine === generation) handle(JSON.parse(event.data), mine);
-  };
-  ws.onclose = (event) => {
-    if (mine !== generation) return;
-    socket = null;
-    clearTimeout(refreshTimer);
-    if (FINAL.has(event.code)) {
-      setConnection(`closed ${event.code}: ${event.reason || "refused"}`, "bad");
-    } else {
-      retry(mine, `closed ${event.code}`);
-    }
-  };
-}
-
-function retry(mine, why) {
-  if (mine !== generation) return;
-  const delay = Math.min(10000, 500 * 2 ** retries);
-  retries += 1;
-  setConnection(`${why}; reconnecting in ${Math.round(delay / 1000)} s`, "warn");
-  setTimeout(() => mine === generation && connect(mine), delay);
-}
-
-function scheduleRefresh(expiresAt, mine) {
-  clearTimeout(refreshTimer);
-  const delay = Math.max(5, expiresAt - Date.now() / 1000 - 60) * 1000;
-  refreshTimer = setTimeout(async () => {
-    if (mine !== generation || !socket) return;
-    try {
-      const grant = await fetchToken(uid);
-      socket.send(JSON.stringify({ type: "auth.refresh", token: grant.token }));
-    } catch (error) {
-      scheduleRefresh(Date.now() / 1000 + 70, mine); // try again in ten seconds
-    }
-  }, delay);
-}
-
-function handle(message, mine) {
-  const p = message.payload || {};
-  switch (message.type) {
-    case "auth.ok":
-      retries = 0;
-      setConnection("live", "ok");
-      $("who").textContent = `${message.uid} · token until ${new Date(message.expires_at * 1000).toLocaleTimeString()}`;
-      scheduleRefresh(message.expires_at, mine);
-      break;
-    case "notif.sync":
-      notifications.clear();
-      for (const item of p.notifications || []) notifications.set(item.doc_id, item);
-      renderNotifications();
-      break;
-    case "notif.add":
-    case "notif.update":
-      notifications.set(p.doc_id, p);
-      renderNotifications(p.doc_id);
-      break;
-    case "notif.remove":
-      notifications.delete(p.doc_id);
-      reading.delete(p.doc_id);
-      renderNotifications();
-      break;
-    case "notif.read.failed":
-      reading.delete(message.doc_id);
-      renderNotifications();
-      break;
-    case "msg.sync":
-      messages.clear();
-      for (const item of p.messages || []) messages.set(item.doc_id, item);
-      renderMessages();
-      break;
-    case "msg.add":
-    case "msg.update":
-      messages.set(p.doc_id, p);
-      renderMessages(p.doc_id);
-      break;
-    case "msg.remove":
-      messages.delete(p.doc_id);
-      renderMessages();
-      break;
-  }
-  log(message);
+  client = new ListenersClient({
+    url: `${scheme}//${location.host}${config.ws_path}`,
+    token: async () => (await fetchToken(user)).token,
+    onStatus: (status, detail) => {
+      const kinds = { live: "ok", connecting: "warn", retrying: "warn", closed: "bad" };
+      setConnection(status === "live" ? "live" : detail || status, kinds[status] || "warn");
+    },
+    onChange: (next, event) => {
+      const flash = event.payload && event.payload.doc_id;
+      if (event.type === "notif.remove") reading.delete(event.payload.doc_id);
+      state = next;
+      if (event.type.startsWith("notif.")) renderNotifications(flash);
+      if (event.type.startsWith("msg.")) renderMessages(flash);
+    },
+    onMessage: (message) => {
+      if (message.type === "auth.ok") {
+        $("who").textContent = `${message.uid} · token until ${new Date(message.expires_at * 1000).toLocaleTimeString()}`;
+      } else if (message.type === "notif.read.failed") {
+        reading.delete(message.doc_id);
+        renderNotifications();
+      }
+      log(message);
+    },
+  });
+  client.start();
 }
 
 function log(message) {
@@ -199,34 +112,39 @@ function log(message) {
   if (message.type === "notif.sync" || message.type === "msg.sync") {
     detail = `${p.count} item${p.count === 1 ? "" : "s"}`;
   }
+  const seq = message.seq === undefined ? "" : String(message.seq);
   const tr = document.createElement("tr");
-  tr.append(el("td", new Date().toLocaleTimeString(), "mono"), el("td", message.type, "mono"), el("td", detail, "mono"));
+  tr.append(
+    el("td", new Date().toLocaleTimeString(), "mono"),
+    el("td", message.type, "mono"),
+    el("td", seq, "mono"),
+    el("td", detail, "mono"),
+  );
   const body = $("log");
   body.prepend(tr);
   while (body.children.length > LOG_ROWS) body.lastChild.remove();
 }
 
 function markRead(docId) {
-  if (!socket || reading.has(docId)) return;
-  reading.add(docId);
-  socket.send(JSON.stringify({ type: "notif.read", doc_id: docId }));
+  if (!client || reading.has(docId)) return;
+  if (client.send({ type: "notif.read", doc_id: docId })) reading.add(docId);
   renderNotifications();
 }
 
 function renderNotifications(flash) {
   const list = $("notifications");
-  $("notif-count").textContent = notifications.size;
-  if (!notifications.size) {
+  const items = state.notifications;
+  $("notif-count").textContent = items.length;
+  if (!items.length) {
     list.replaceChildren(el("div", uid ? "No unread notification." : "Nothing yet.", "empty"));
     return;
   }
-  list.replaceChildren(...newestFirst(notifications).map((n) => {
+  list.replaceChildren(...items.map((n) => {
     const item = el("article", null, `item notification status-${n.status}`);
     item.dataset.docId = n.doc_id;
     if (n.doc_id === flash) item.classList.add("flash");
     const body = el("div", null, "body");
-    const title = el("div", n.file_name, "title");
-    body.append(title);
+    body.append(el("div", n.file_name, "title"));
     body.append(el("div", joined(n.function_name, n.collection_name || n.collection_id), "line"));
     if (n.info_message) body.append(el("div", n.info_message));
     body.append(el("div", `${when(n.timestamp)} · ${n.doc_id}`, "line mono"));
@@ -244,12 +162,13 @@ function renderNotifications(flash) {
 
 function renderMessages(flash) {
   const list = $("messages");
-  $("msg-count").textContent = messages.size;
-  if (!messages.size) {
+  const items = state.messages;
+  $("msg-count").textContent = items.length;
+  if (!items.length) {
     list.replaceChildren(el("div", uid ? "No direct message." : "Nothing yet.", "empty"));
     return;
   }
-  list.replaceChildren(...newestFirst(messages).map((m) => {
+  list.replaceChildren(...items.map((m) => {
     const item = el("article", null, "item message");
     item.dataset.docId = m.doc_id;
     if (m.doc_id === flash) item.classList.add("flash");

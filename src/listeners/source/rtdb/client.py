@@ -102,9 +102,12 @@ class RtdbClient:
     def open_streams(self) -> int:
         return sum(1 for stream in self._streams if stream.active)
 
-    async def get(self, path: str = "/", *, shallow: bool = False) -> Json:
-        params = {"shallow": "true"} if shallow else None
-        response = await self._request("GET", path, params=params)
+    async def get(
+        self, path: str = "/", *, shallow: bool = False, query: Mapping[str, str] | None = None
+    ) -> Json:
+        """`query`: REST query parameters, as for `stream`."""
+        params = {**({"shallow": "true"} if shallow else {}), **(query or {})}
+        response = await self._request("GET", path, params=params or None)
         return response.json()
 
     async def set(self, path: str, value: Json) -> None:
@@ -135,8 +138,12 @@ class RtdbClient:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         backoff: Backoff | None = None,
+        query: Mapping[str, str] | None = None,
     ) -> NodeStream:
-        """Start mirroring `path`; close the returned stream (or the client) to stop."""
+        """Start mirroring `path`; close the returned stream (or the client) to stop.
+
+        `query`: REST query parameters, values JSON-encoded as the REST API wants them, e.g.
+        `{"orderBy": '"$key"', "limitToLast": "100"}`: the mirror then holds the query's window."""
         from listeners.source.rtdb.stream import NodeStream  # here: stream.py imports this module
 
         stream = NodeStream(
@@ -147,6 +154,7 @@ class RtdbClient:
             idle_timeout=idle_timeout,
             max_event_bytes=max_event_bytes,
             backoff=backoff,
+            query=query,
         )
         self._streams.add(stream)
         stream.start()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import httpx
 
@@ -65,8 +65,10 @@ class NodeStream:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         backoff: Backoff | None = None,
+        query: Mapping[str, str] | None = None,
     ) -> None:
         self._client = client
+        self._query = dict(query or {})
         self._keys = split_path(path)
         self.path = "/" + "/".join(self._keys)
         self._on_change = on_change
@@ -85,6 +87,10 @@ class NodeStream:
         self._unauthorized = 0
         self.reconnects = 0
         self.events = 0
+        # The node's children the last applied event touched; None when it replaced the node
+        # whole (the first `put` of a connection). Lets a consumer work in proportion to the
+        # change instead of re-reading the whole mirror.
+        self.last_changed: frozenset[str] | None = None
 
     def start(self) -> None:
         if self._task is None and not self._closed:
@@ -181,6 +187,7 @@ class NodeStream:
                 self._keys,
                 token=token,
                 headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
+                params=self._query,
                 stream=True,
             )
             try:
@@ -215,6 +222,8 @@ class NodeStream:
             ):
                 raise _ProtocolError(f"{kind} data lacks path and data")
             self._tree = apply_event(self._tree, kind, message["path"], message["data"])
+            # the first event of a connection is the full read: the whole node
+            self.last_changed = _children(kind, message["path"], message["data"]) if self._synced else None
             self.events += 1
             if not self._synced:  # the first event of a connection is the full read
                 self._synced = True
@@ -243,3 +252,13 @@ class NodeStream:
                 self._on_failed(reason)
             except Exception:
                 log.exception("rtdb stream %s: on_failed failed", self.path)
+
+
+def _children(kind: str, path: str, data: Json) -> frozenset[str] | None:
+    """The top-level children an event at `path` touches; None when it is the node itself."""
+    keys = [part for part in path.split("/") if part]
+    if keys:
+        return frozenset(keys[:1])
+    if kind == "patch" and isinstance(data, dict):
+        return frozenset(part for child in data for part in [child.strip("/").split("/")[0]] if part)
+    return None  # a put at "/": the whole node replaced
