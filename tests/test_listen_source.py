@@ -1,0 +1,237 @@
+"""The multiplexed Listen source against the SDK's source and a model of the writes.
+
+A hypothesis-generated sequence of sets, merges and deletes moves documents in and out of
+several equality queries on two collections. At each check the test writes one sentinel per
+query after everything else and waits until both sources show it: a snapshot at a read time
+past the sentinel's write holds every earlier write, so the result sets must then agree
+(no sleeping, no "quiet for a while"). `LISTENERS_LISTEN_EXAMPLES` sets how many sequences
+run (a few in CI; thousands for a long run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from google.api_core import exceptions
+from google.cloud import firestore
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from listeners.local.processes import FirestoreEmulator
+from listeners.source.firestore import FirestoreSource
+from listeners.source.listen import ListenSource
+from listeners.source.snapshots import Query, Snapshot, SnapshotSource
+
+from .conftest import google_emulator_only
+
+EXAMPLES = int(os.environ.get("LISTENERS_LISTEN_EXAMPLES", "4"))
+WAIT = 60.0  # generous: a loaded 2-core machine, an emulator in Java
+
+QUERIES = (
+    Query("alpha", (("k", 0),)),
+    Query("alpha", (("k", 1),)),
+    Query("alpha", (("on", True),)),
+    Query("alpha", (("k", 1), ("on", False))),
+    Query("beta"),
+    Query("beta", (("k", 2),)),
+)
+DOCS = ("d0", "d1", "d2", "d3", "d4")
+
+Docs = dict[str, dict[str, Any]]
+
+
+def matches(query: Query, collection: str, data: dict[str, Any]) -> bool:
+    # Firestore compares types too: 1 is not true; a missing field matches nothing
+    return collection == query.collection and all(
+        k in data and type(data[k]) is type(v) and data[k] == v for k, v in query.equals
+    )
+
+
+def sentinel_fields(query: Query) -> dict[str, Any]:
+    """A document that matches `query`: its own equalities, the rest at values no filter picks."""
+    return {"k": 9, "on": None, **dict(query.equals)}
+
+
+SENTINELS = [
+    [
+        f"sentinel-{j}"
+        for j, other in enumerate(QUERIES)
+        if matches(query, other.collection, sentinel_fields(other))
+    ]
+    for query in QUERIES
+]
+
+
+@dataclass
+class Recorder:
+    """The latest result set of every query from one source; `changed` fires on each snapshot."""
+
+    results: list[Docs | None] = field(default_factory=lambda: [None] * len(QUERIES))
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def handler(self, index: int) -> Callable[[Snapshot], None]:
+        def on_snapshot(snapshot: Snapshot) -> None:
+            self.results[index] = {d.id: dict(d.data) for d in snapshot.docs}
+            self.changed.set()
+
+        return on_snapshot
+
+    def settled(self, seq: int) -> bool:
+        """Every query shows the last sentinel write it matches (a sentinel can match several)."""
+        return all(
+            r is not None and all(r.get(s, {}).get("seq") == seq for s in SENTINELS[i])
+            for i, r in enumerate(self.results)
+        )
+
+
+class Differential:
+    """Both sources watching QUERIES, the writes, and the model of what Firestore holds."""
+
+    def __init__(self, db: firestore.Client, sources: dict[str, SnapshotSource]) -> None:
+        self.db = db
+        self.sources = sources
+        self.recorders = {name: Recorder() for name in sources}
+        self.model: dict[tuple[str, str], dict[str, Any]] = {}
+        self.seq = 0
+        self.checks = 0
+
+    def start(self) -> None:
+        for name, source in self.sources.items():
+            for i, query in enumerate(QUERIES):
+                source.watch(query, self.recorders[name].handler(i))
+
+    async def apply(self, op: tuple[Any, ...]) -> None:
+        kind, collection, doc_id, *rest = op
+        ref = self.db.document(f"{collection}/{doc_id}")
+        if kind == "set":
+            data = {"k": rest[0], "on": rest[1], "n": rest[2]}
+            await write(ref.set, data)
+            self.model[collection, doc_id] = data
+        elif kind == "merge":
+            await write(ref.set, {rest[0]: rest[1]}, merge=True)
+            self.model[collection, doc_id] = {**self.model.get((collection, doc_id), {}), rest[0]: rest[1]}
+        else:
+            await write(ref.delete)
+            self.model.pop((collection, doc_id), None)
+
+    async def check(self) -> None:
+        """Write the sentinels, wait for every source to show them, then compare."""
+        self.seq += 1
+        for i, query in enumerate(QUERIES):
+            data = {**sentinel_fields(query), "seq": self.seq}
+            await write(self.db.document(f"{query.collection}/sentinel-{i}").set, data)
+            self.model[query.collection, f"sentinel-{i}"] = data
+        for name, recorder in self.recorders.items():
+            try:
+                async with asyncio.timeout(WAIT):
+                    while not recorder.settled(self.seq):
+                        recorder.changed.clear()
+                        await recorder.changed.wait()
+            except TimeoutError:
+                raise AssertionError(f"{name} never showed sentinel {self.seq}: {recorder.results}") from None
+        for i, query in enumerate(QUERIES):
+            expected = {d: data for (c, d), data in self.model.items() if matches(query, c, data)}
+            for name, recorder in self.recorders.items():
+                assert recorder.results[i] == expected, f"{name}, {query}"
+        self.checks += 1
+
+
+async def write(call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Retried on the transient errors a loaded emulator gives; each write is idempotent."""
+    for attempt in range(6):
+        try:
+            await asyncio.to_thread(call, *args, **kwargs)
+            return
+        except (exceptions.Cancelled, exceptions.ServiceUnavailable, exceptions.DeadlineExceeded):
+            if attempt == 5:
+                raise
+            await asyncio.sleep(0.2 * 2**attempt)  # a retry's backoff, not a wait for a result
+
+
+def listen_source(project: str, host: str, targets_per_stream: int = 2) -> ListenSource:
+    # 6 queries, 2 targets per stream, 2 streams per connection: 3 streams over 2 connections
+    return ListenSource(
+        project, emulator_host=host, targets_per_stream=targets_per_stream, max_streams_per_connection=2
+    )
+
+
+writes = st.one_of(
+    st.tuples(
+        st.just("set"),
+        st.sampled_from(("alpha", "beta")),
+        st.sampled_from(DOCS),
+        st.sampled_from((0, 1, 2)),
+        st.booleans(),
+        st.integers(0, 3),
+    ),
+    st.tuples(
+        st.just("merge"),
+        st.sampled_from(("alpha", "beta")),
+        st.sampled_from(DOCS),
+        st.sampled_from(("k", "on", "n")),
+        st.sampled_from((0, 1, 2, True, False)),
+    ),
+    st.tuples(st.just("delete"), st.sampled_from(("alpha", "beta")), st.sampled_from(DOCS)),
+)
+steps = st.lists(st.one_of(writes, writes, writes, st.just(("check",)), st.just(("cut",))), max_size=25)
+
+
+async def run(differential: Differential, ops: list[tuple[Any, ...]], cut: Callable[[], None] | None) -> None:
+    differential.start()
+    await differential.check()
+    for op in ops:
+        if op[0] == "check":
+            await differential.check()
+        elif op[0] == "cut":
+            if cut is not None:
+                cut()
+        else:
+            await differential.apply(op)
+    await differential.check()
+
+
+def scenario(host: str, ops: list[tuple[Any, ...]], *, cut: bool) -> None:
+    project = f"test-{uuid.uuid4().hex[:12]}"
+    db = firestore.Client(project=project)
+    listen = listen_source(project, host)
+    sdk = FirestoreSource(project, None)
+
+    def interrupt() -> None:
+        for stream in listen.pool.streams:
+            stream.interrupt()  # as a network failure would: every target resumes with its token
+
+    async def main() -> None:
+        try:
+            await run(Differential(db, {"listen": listen, "sdk": sdk}), ops, interrupt if cut else None)
+        finally:
+            await listen.aclose()
+            await sdk.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        db.close()
+
+
+@google_emulator_only("the SDK source and the Listen source keep many targets per stream")
+@pytest.mark.timeout(600)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@given(ops=steps)
+def test_listen_source_agrees_with_the_sdk_and_the_model(emulator: FirestoreEmulator, ops: list[Any]) -> None:
+    scenario(emulator.host, ops, cut=False)
+
+
+@google_emulator_only("the SDK source and the Listen source keep many targets per stream")
+@pytest.mark.timeout(600)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops=steps.map(lambda ops: [*ops[: len(ops) // 2], ("cut",), *ops[len(ops) // 2 :]]))
+def test_listen_source_agrees_when_its_streams_are_cut_mid_sequence(
+    emulator: FirestoreEmulator, ops: list[Any]
+) -> None:
+    scenario(emulator.host, ops, cut=True)
