@@ -225,3 +225,14 @@ def test_the_query_target_carries_equality_filters() -> None:
     first, second = structured.where.composite_filter.filters
     assert first.field_filter.field.field_path == "read" and first.field_filter.value.boolean_value is False
     assert second.unary_filter.op == wire.StructuredQuery.UnaryFilter.Operator.IS_NULL
+
+
+def test_a_target_relistened_without_a_token_takes_only_the_resent_set() -> None:
+    """The npm emulator issues no resume tokens: after a reconnect it re-sends the result set
+    with no RESET, and a document that left meanwhile is simply not among it."""
+    state = listening("a")
+    feed(state, doc("d1", 1), doc("d2", 1), change(wire.CURRENT, 1), global_point(1))
+    state.disconnected()
+    assert [r.add_target.resume_token for r in state.resume()] == [b""]
+    snapshots, _, _ = feed(state, change(wire.ADD, 1), doc("d2", 1), change(wire.CURRENT, 1), global_point(2))
+    assert snapshots == {"a": ["d2"]}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from google.cloud import firestore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from listeners.local.processes import FirestoreEmulator
+from listeners.local.processes import NPM, PROJECT_ROOT, FirestoreEmulator
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
 from listeners.source.snapshots import Query, Snapshot, SnapshotSource
@@ -196,10 +196,10 @@ async def run(differential: Differential, ops: list[tuple[Any, ...]], cut: Calla
     await differential.check()
 
 
-def scenario(host: str, ops: list[tuple[Any, ...]], *, cut: bool) -> None:
+def scenario(host: str, ops: list[tuple[Any, ...]], *, cut: bool, targets_per_stream: int = 2) -> None:
     project = f"test-{uuid.uuid4().hex[:12]}"
     db = firestore.Client(project=project)
-    listen = listen_source(project, host)
+    listen = listen_source(project, host, targets_per_stream)
     sdk = FirestoreSource(project, None)
 
     def interrupt() -> None:
@@ -235,3 +235,63 @@ def test_listen_source_agrees_when_its_streams_are_cut_mid_sequence(
     emulator: FirestoreEmulator, ops: list[Any]
 ) -> None:
     scenario(emulator.host, ops, cut=True)
+
+
+@google_emulator_only("the SDK source and the Listen source keep many targets per stream")
+@pytest.mark.timeout(600)
+def test_listen_source_recovers_when_the_emulator_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulator forgets every document and resume token; each source must converge on
+    what the new one holds. An emulator of its own: the session's stays undisturbed."""
+    with FirestoreEmulator() as own:
+        monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", own.host)
+        project = f"test-{uuid.uuid4().hex[:12]}"
+        db = firestore.Client(project=project)
+        listen = listen_source(project, own.host)
+        sdk = FirestoreSource(project, None)
+        before = [("set", "alpha", d, n % 3, n % 2 == 0, n) for n, d in enumerate(DOCS)]
+        after = [("set", "beta", "d0", 2, True, 7), ("set", "alpha", "d1", 1, False, 8)]
+
+        async def main() -> None:
+            differential = Differential(db, {"listen": listen, "sdk": sdk})
+            try:
+                differential.start()
+                for op in before:
+                    await differential.apply(op)
+                await differential.check()
+                await asyncio.to_thread(own.restart)
+                differential.model.clear()  # the emulator keeps nothing across a restart
+                for op in after:
+                    await differential.apply(op)
+                await differential.check()
+                assert all(s.restarts >= 1 for s in listen.pool.streams)
+            finally:
+                await listen.aclose()
+                await sdk.aclose()
+
+        try:
+            asyncio.run(main())
+        finally:
+            db.close()
+
+
+NPM_PACKAGE = PROJECT_ROOT / "node_modules" / "@firestore-emulator" / "server"
+
+
+@pytest.fixture(scope="module")
+def npm_emulator() -> Iterator[FirestoreEmulator]:
+    if not NPM_PACKAGE.exists():
+        pytest.skip(f"the npm emulator is not installed ({NPM_PACKAGE}): run scripts/bootstrap")
+    with FirestoreEmulator(kind=NPM) as server:
+        yield server
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@given(ops=steps)
+def test_listen_source_works_on_the_npm_emulator_with_one_target_per_stream(
+    npm_emulator: FirestoreEmulator, ops: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The npm emulator answers only the first target of a stream: one per stream there, so
+    the pool holds six streams over three connections."""
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", npm_emulator.host)  # the SDK source's
+    scenario(npm_emulator.host, ops, cut=True, targets_per_stream=1)

@@ -14,6 +14,7 @@ The rules follow the reference clients (firebase-js-sdk `watch_change.ts`, the P
 - REMOVE with a `cause` is that target's own error: it ends that watch only.
 - Resume tokens are committed only at a consistent point where the target was current: a
   reconnect drops pending changes and resumes from the last delivered state, never past it.
+  A target with no token is re-listened from scratch, which is a reset.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ class ListenState(Generic[K]):
             state.pending.clear()
             state.current = False
             state.token = state.committed
+            if not state.committed:
+                # Re-listened without a token, the server sends the whole result set again and
+                # no RESET (the npm emulator never issues tokens): what is not re-sent is gone.
+                state.reset()
 
     def resume(self) -> list[Any]:
         """The add_target requests that re-listen every target on a new stream."""
