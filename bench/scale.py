@@ -81,7 +81,7 @@ async def run(args: argparse.Namespace) -> list[tuple[int, list[Row]]]:
     with RedisServer() as redis_server:
         for users in args.users:
             rows: list[Row] = []
-            for source in args.sources:
+            for source in [s for s in args.sources if s != "sdk" or users <= args.sdk_max_users]:
                 name = f"listeners-scale-{source}-{users}-{uuid.uuid4().hex[:6]}"
                 tmp = Path(tempfile.gettempdir())
                 row = Row(source, Result(users, tmp / f"{name}.log", tmp / f"{name}-emulator.log"))
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=lambda s: [int(n) for n in s.split(",")], default=[1000])
     parser.add_argument("--sources", type=lambda s: s.split(","), default=["sdk", "listen"])
+    parser.add_argument(
+        "--sdk-max-users", type=int, default=1000, help="larger sizes run the Listen source only"
+    )
     parser.add_argument("--writes-per-size", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=100.0, help="notification writes per second")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling")
