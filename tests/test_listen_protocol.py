@@ -236,3 +236,15 @@ def test_a_target_relistened_without_a_token_takes_only_the_resent_set() -> None
     assert [r.add_target.resume_token for r in state.resume()] == [b""]
     snapshots, _, _ = feed(state, change(wire.ADD, 1), doc("d2", 1), change(wire.CURRENT, 1), global_point(2))
     assert snapshots == {"a": ["d2"]}
+
+
+def test_a_consistent_point_looks_only_at_targets_that_changed() -> None:
+    state = listening("a", "b", "c")
+    feed(state, change(wire.CURRENT), global_point(1, token=b"g1"))
+    snapshots, _, _ = feed(state, doc("d1", 2, targets=(2,)), global_point(2, token=b"g2"))
+    assert snapshots == {"b": ["d1"]}
+    # the untouched targets still resume from the newest stream-wide token
+    assert [r.add_target.resume_token for r in state.resume()] == [b"g2", b"g2", b"g2"]
+    feed(state, change(wire.RESET, 3), global_point(3, token=b"g3"))
+    state.disconnected()
+    assert [r.add_target.resume_token for r in state.resume()] == [b"g3", b"g3", b"g2"]

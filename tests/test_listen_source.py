@@ -31,7 +31,7 @@ from listeners.source.snapshots import Query, Snapshot, SnapshotSource
 from .conftest import google_emulator_only
 
 EXAMPLES = int(os.environ.get("LISTENERS_LISTEN_EXAMPLES", "4"))
-WAIT = 60.0  # generous: a loaded 2-core machine, an emulator in Java
+WAIT = 120.0  # generous: a loaded 2-core machine, an emulator in Java
 
 QUERIES = (
     Query("alpha", (("k", 0),)),

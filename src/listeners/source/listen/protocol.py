@@ -31,6 +31,10 @@ from listeners.source.snapshots import Snapshot, SourceDoc
 K = TypeVar("K", bound=Hashable)  # what the stream's owner knows a target by (its watch)
 
 
+Token = tuple[int, bytes]  # (the order it came in on this stream, the resume token)
+NO_TOKEN: Token = (0, b"")
+
+
 @dataclass(eq=False, slots=True)
 class TargetState(Generic[K]):
     key: K
@@ -40,12 +44,11 @@ class TargetState(Generic[K]):
     pending: dict[str, SourceDoc | None] = field(default_factory=dict)  # None: left the result
     current: bool = False
     delivered: bool = False
-    token: bytes = b""  # latest received
-    committed: bytes = b""  # at the last consistent point where this target was current
-
-    def reset(self) -> None:
-        self.pending = dict.fromkeys(self.docs)
-        self.current = False
+    token: Token = NO_TOKEN  # the latest sent for this target by id
+    committed: Token = NO_TOKEN  # as of the last consistent point where it was current
+    # Current at the last consistent point: the stream-wide tokens committed since cover it
+    # too. Kept as a flag so a consistent point costs nothing for targets that did not change.
+    follows: bool = False
 
     def count(self) -> int:
         """How many documents the target holds with its pending changes applied."""
@@ -89,6 +92,10 @@ class ListenState(Generic[K]):
         self._by_id: dict[int, TargetState[K]] = {}
         self._by_key: dict[K, TargetState[K]] = {}
         self._next_id = 1
+        self._order = 0
+        self._stream_token = NO_TOKEN  # the latest sent with no target ids: for every target
+        self._stream_committed = NO_TOKEN
+        self._dirty: dict[TargetState[K], None] = {}  # to look at at the next consistent point
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -114,18 +121,21 @@ class ListenState(Generic[K]):
         if state is None:
             return None
         del self._by_id[state.target_id]
+        self._dirty.pop(state, None)
         return wire.ListenRequest(database=self.database, remove_target=state.target_id)
 
     def disconnected(self) -> None:
         """The stream ended: every target falls back to what was last delivered."""
         for state in self._by_key.values():
+            self._freeze(state)
             state.pending.clear()
-            state.current = False
             state.token = state.committed
-            if not state.committed:
+            if not state.committed[1]:
                 # Re-listened without a token, the server sends the whole result set again and
                 # no RESET (the npm emulator never issues tokens): what is not re-sent is gone.
-                state.reset()
+                self._reset(state)
+        self._dirty.clear()
+        self._stream_token = self._stream_committed = NO_TOKEN
 
     def resume(self) -> list[Any]:
         """The add_target requests that re-listen every target on a new stream."""
@@ -141,14 +151,18 @@ class ListenState(Generic[K]):
             doc = self._known(change.document, change.target_ids) or source_doc(change.document)
             for state in self._states(change.target_ids):
                 state.pending[change.document.name] = doc
+                self._dirty[state] = None
             for state in self._states(change.removed_target_ids):
                 state.pending[change.document.name] = None
+                self._dirty[state] = None
         elif kind == "document_delete":
             for state in self._states(response.document_delete.removed_target_ids):
                 state.pending[response.document_delete.document] = None
+                self._dirty[state] = None
         elif kind == "document_remove":
             for state in self._states(response.document_remove.removed_target_ids):
                 state.pending[response.document_remove.document] = None
+                self._dirty[state] = None
         elif kind == "filter":
             filtered = self._by_id.get(response.filter.target_id)
             if filtered is not None and filtered.count() != response.filter.count:
@@ -157,10 +171,15 @@ class ListenState(Generic[K]):
 
     def _target_change(self, change: Any, outcome: Outcome[K]) -> None:
         kind = change.target_change_type
-        states = self._states(change.target_ids) if change.target_ids else list(self._by_key.values())
+        every = not change.target_ids
+        states = list(self._by_key.values()) if every else self._states(change.target_ids)
         if change.resume_token:
-            for state in states:
-                state.token = change.resume_token
+            self._order += 1
+            if every:
+                self._stream_token = (self._order, change.resume_token)
+            for state in [] if every else states:
+                state.token = (self._order, change.resume_token)
+                self._dirty[state] = None
         if kind == wire.REMOVE:
             if change.HasField("cause") and change.cause.code:
                 error = TargetError(change.cause.code, change.cause.message)
@@ -171,29 +190,48 @@ class ListenState(Generic[K]):
         elif kind == wire.CURRENT:
             for state in states:
                 state.current = True
+                self._dirty[state] = None
         elif kind == wire.RESET:
             for state in states:
-                state.reset()
-        elif kind == wire.NO_CHANGE and not change.target_ids and change.HasField("read_time"):
+                self._reset(state)
+        elif kind == wire.NO_CHANGE and every and change.HasField("read_time"):
             self._consistent(timestamp(change.read_time), outcome)
 
     def _consistent(self, read_time: datetime, outcome: Outcome[K]) -> None:
-        for state in self._by_key.values():
+        """Only targets that changed since the last point are looked at; the rest follow the
+        stream's token."""
+        self._stream_committed = self._stream_token
+        dirty, self._dirty = self._dirty, {}
+        for state in dirty:
             if not state.current:
-                continue
+                continue  # it comes back here with its CURRENT
+            state.committed = max(self._committed(state), state.token)
+            state.follows = True
             changed = state.apply()
-            state.committed = state.token
             if changed or not state.delivered:
                 state.delivered = True
                 outcome.snapshots.append((state.key, Snapshot(tuple(state.docs.values()), read_time)))
+
+    def _committed(self, state: TargetState[K]) -> Token:
+        return max(state.committed, self._stream_committed) if state.follows else state.committed
+
+    def _freeze(self, state: TargetState[K]) -> None:
+        """The target stops being current: later stream-wide commits no longer cover it."""
+        state.committed = self._committed(state)
+        state.follows = False
+        state.current = False
+
+    def _reset(self, state: TargetState[K]) -> None:
+        self._freeze(state)
+        state.pending = dict.fromkeys(state.docs)
 
     def _relisten(self, state: TargetState[K]) -> list[Any]:
         remove = wire.ListenRequest(database=self.database, remove_target=state.target_id)
         del self._by_id[state.target_id]
         state.target_id = self._new_id()
         self._by_id[state.target_id] = state
-        state.reset()
-        state.token = state.committed = b""
+        self._reset(state)
+        state.token = state.committed = NO_TOKEN
         return [remove, self._add_request(state)]
 
     def _known(self, document: Any, target_ids: Iterable[int]) -> SourceDoc | None:
@@ -220,8 +258,9 @@ class ListenState(Generic[K]):
         target = wire.Target()
         target.CopyFrom(state.query)
         target.target_id = state.target_id
-        if state.committed:
-            target.resume_token = state.committed
+        token = self._committed(state)[1]
+        if token:
+            target.resume_token = token
         return wire.ListenRequest(database=self.database, add_target=target)
 
 
