@@ -295,3 +295,95 @@ def test_listen_source_works_on_the_npm_emulator_with_one_target_per_stream(
     the pool holds six streams over three connections."""
     monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", npm_emulator.host)  # the SDK source's
     scenario(npm_emulator.host, ops, cut=True, targets_per_stream=1)
+
+
+def own_connections_to(port: int) -> int:
+    """This process's established TCP connections to `port`."""
+    import psutil
+
+    return sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    )
+
+
+class Latest:
+    """Each watch's latest result set, and an event per change."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, set[str]] = {}
+        self.changed = asyncio.Event()
+
+    def handler(self, name: str) -> Callable[[Snapshot], None]:
+        def on_snapshot(snapshot: Snapshot) -> None:
+            self.results[name] = {d.id for d in snapshot.docs}
+            self.changed.set()
+
+        return on_snapshot
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def test_streams_spread_over_connections_and_closing_a_watch_keeps_its_stream(
+    emulator: FirestoreEmulator, project_id: str
+) -> None:
+    """The pool on the emulator path: one target per stream and two streams per connection
+    give five streams over three TCP connections. Closing a watch is a remove_target."""
+    source = ListenSource(
+        project_id, emulator_host=emulator.host, targets_per_stream=1, max_streams_per_connection=2
+    )
+    db = firestore.Client(project=project_id)
+    latest = Latest()
+    names = [f"c{n}" for n in range(5)]
+    before = own_connections_to(emulator.port)  # other clients of this process (`db` has none yet)
+    try:
+        watches = {name: source.watch(Query(name), latest.handler(name)) for name in names}
+        await latest.until(lambda: len(latest.results) == 5)
+        assert [len(c.streams) for c in source.pool.connections] == [2, 2, 1]
+        assert source.open_streams == 5 and source.connections == 3
+        assert own_connections_to(emulator.port) - before == 3
+        closed = watches["c0"].stream
+        await watches["c0"].close()
+        await write(db.document("c0/after-close").set, {"n": 1})
+        await write(db.document("c1/sentinel").set, {"n": 1})  # written after, on another stream
+        await latest.until(lambda: latest.results["c1"] == {"sentinel"})
+        assert latest.results["c0"] == set()  # nothing after its close
+        assert closed.open and closed.restarts == 0 and closed.targets == 0
+    finally:
+        await source.aclose()
+        db.close()
+
+
+@google_emulator_only("the npm emulator answers only the first target of a stream")
+async def test_a_target_error_ends_that_watch_only(emulator: FirestoreEmulator, project_id: str) -> None:
+    source = ListenSource(project_id, emulator_host=emulator.host)
+    db = firestore.Client(project=project_id)
+    latest = Latest()
+    try:
+        good = source.watch(Query("good"), latest.handler("good"))
+        await latest.until(lambda: "good" in latest.results)
+        # the parent `documents/a` is a collection: the server refuses this target, and only it
+        bad = source.watch(Query("a/b"), latest.handler("bad"))
+        ended = asyncio.Event()
+        failed = bad.failed
+
+        def on_failed(error: Any) -> None:
+            failed(error)
+            ended.set()
+
+        bad.failed = on_failed  # type: ignore[method-assign]
+        async with asyncio.timeout(WAIT):
+            await ended.wait()
+        assert not bad.active and bad.error is not None and bad.error.code == 3  # INVALID_ARGUMENT
+        await write(db.document("good/after").set, {"n": 1})
+        await latest.until(lambda: latest.results["good"] == {"after"})
+        assert good.active and good.stream is bad.stream and good.stream.restarts == 0
+        assert "bad" not in latest.results
+    finally:
+        await source.aclose()
+        db.close()

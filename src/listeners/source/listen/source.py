@@ -30,8 +30,11 @@ SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),  # a connection per channel: the stream limit is per connection
     ("grpc.max_receive_message_length", -1),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
+    # Pings find a dead connection under a quiet stream. Java gRPC servers (the emulator) send
+    # GOAWAY "too_many_pings" to pings more often than every 5 minutes, ending every stream on
+    # the connection; 30 s did exactly that.
+    ("grpc.keepalive_time_ms", 360_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 ]
 
 Tokens = Callable[..., Awaitable[str]]  # tokens(refresh=bool) -> access token
