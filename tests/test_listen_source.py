@@ -15,6 +15,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -387,3 +388,25 @@ async def test_a_target_error_ends_that_watch_only(emulator: FirestoreEmulator, 
     finally:
         await source.aclose()
         db.close()
+
+
+async def test_credentials_give_fresh_bearer_tokens_and_the_emulator_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tokens come from the credentials, refreshed before they expire (ServiceAccountTokens, as
+    the Realtime Database client) and on the server's UNAUTHENTICATED; the emulator takes owner."""
+    from .test_rtdb import FakeCredentials
+
+    monkeypatch.delenv("FIRESTORE_EMULATOR_HOST", raising=False)
+    credentials = FakeCredentials()
+    source = ListenSource("p", credentials=credentials)
+    metadata = dict(await source._metadata(False))
+    assert metadata["authorization"] == "Bearer sa-1"
+    assert metadata["google-cloud-resource-prefix"] == "projects/p/databases/(default)"
+    assert dict(await source._metadata(False))["authorization"] == "Bearer sa-1"  # still valid
+    credentials.expiry = datetime(2000, 1, 1)
+    assert dict(await source._metadata(False))["authorization"] == "Bearer sa-2"  # expiring: refreshed
+    # the server said no right after a refresh: that token is reused, no storm of refreshes
+    assert dict(await source._metadata(True))["authorization"] == "Bearer sa-2"
+    emulated = ListenSource("p", emulator_host="127.0.0.1:1")
+    assert dict(await emulated._metadata(False))["authorization"] == "Bearer owner"
