@@ -85,6 +85,7 @@ class ListenSource:
         *,
         emulator_host: str | None = None,
         credentials: Any = None,
+        tokens: Tokens | None = None,
         max_streams_per_connection: int = FIRESTORE_STREAM_LIMIT,
         targets_per_stream: int = TARGETS_PER_STREAM,
         host: str = FIRESTORE_HOST,
@@ -96,7 +97,9 @@ class ListenSource:
         self.database = f"projects/{project_id}/databases/(default)"
         self._emulator_host = emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST") or None
         self._host = host
-        self._tokens: Tokens = emulator_token if self._emulator_host else _credential_tokens(credentials)
+        if tokens is None:
+            tokens = emulator_token if self._emulator_host else _credential_tokens(credentials)
+        self._tokens = tokens
         self._targets_per_stream = targets_per_stream
         self.pool = ListenPool(
             self._new_channel, self._new_stream, max_streams_per_connection=max_streams_per_connection
