@@ -11,6 +11,7 @@ run (a few in CI; thousands for a long run).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -341,6 +342,7 @@ async def test_streams_spread_over_connections_and_closing_a_watch_keeps_its_str
     db = firestore.Client(project=project_id)
     latest = Latest()
     names = [f"c{n}" for n in range(5)]
+    gc.collect()  # channels earlier tests dropped close now, not while this one counts
     before = own_connections_to(emulator.port)  # other clients of this process (`db` has none yet)
     try:
         watches = {name: source.watch(Query(name), latest.handler(name)) for name in names}
