@@ -103,6 +103,9 @@ class ListenState(Generic[K]):
     def __contains__(self, key: K) -> bool:
         return key in self._by_key
 
+    def all_current(self) -> bool:
+        return all(state.current for state in self._by_key.values())
+
     def target(self, key: K) -> TargetState[K]:
         return self._by_key[key]
 

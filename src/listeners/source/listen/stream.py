@@ -49,6 +49,7 @@ class ListenStream:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._refresh_token = False
+        self._all_current = asyncio.Event()
 
     @property
     def targets(self) -> int:
@@ -63,6 +64,7 @@ class ListenStream:
         return self._call is not None
 
     def add(self, watch: ListenWatch, target: Any) -> None:
+        self._all_current.clear()
         self._send(self.state.add(watch, target))
         self._wake.set()
         if self._task is None:
@@ -76,7 +78,13 @@ class ListenStream:
     def interrupt(self) -> None:
         """Cut the current call as a network failure would (tests): the stream resumes."""
         if self._call is not None:
+            self._all_current.clear()
             self._call.cancel()
+
+    async def current(self) -> None:
+        """Until every target of this stream is CURRENT (tests: Google's emulator can miss a
+        write that races a target being added, so they write only once this returns)."""
+        await self._all_current.wait()
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -111,6 +119,7 @@ class ListenStream:
             finally:
                 self._outgoing = None
                 self._call = None
+                self._all_current.clear()
                 self.state.disconnected()
             self.restarts += 1
             attempt = 0 if self.responses > before else attempt + 1
@@ -145,6 +154,8 @@ class ListenStream:
             for watch, snapshot in outcome.snapshots:
                 if watch in self.state:  # an earlier callback may have closed it
                     watch.deliver(snapshot)
+            if not self._all_current.is_set() and self.state.all_current():
+                self._all_current.set()
 
 
 def deliver_safely(handler: Callable[[Snapshot], None], snapshot: Snapshot) -> None:
