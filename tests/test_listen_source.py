@@ -112,7 +112,7 @@ class Differential:
         """Until every query of every source has its first snapshot and every Listen target is
         CURRENT. Google's emulator can run a target's first query before a write that races
         the target's ADD yet stamp its CURRENT later, and never send that write to it (seen with
-        several targets per stream: docs/benchmarks.md); writes start after this."""
+        several targets per stream: README.md); writes start after this."""
         async with asyncio.timeout(WAIT):
             for recorder in self.recorders.values():
                 while any(r is None for r in recorder.results):
