@@ -318,7 +318,9 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
         await loop.run_in_executor(pool, write_registry, db, uids)
         await consumer.start()
         began = time.monotonic()
-        service = BenchService(redis_port, emulator.host, project, r.log_path)
+        service = BenchService(
+            redis_port, emulator.host, project, r.log_path, getattr(args, "service_env", None)
+        )
         await loop.run_in_executor(None, wait_for_port, service.port, 60.0, service.process)
         await wait_healthy(service.port, r.users, args.ready_timeout)
         if not await consumer.wait(lambda: len(consumer.synced) == r.users, args.ready_timeout):

@@ -21,9 +21,9 @@ from google.cloud import firestore
 
 from listeners.bridge.ordering import Ordering, Verdict
 from listeners.bridge.reducers import DirectMessages, Notifications
-from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
+from listeners.config import TARGETS_PER_STREAM, FirebaseSettings, RedisSettings, Secret, Settings
 from listeners.local.auth import LocalIssuer
-from listeners.local.processes import GOOGLE, FirestoreEmulator, RedisServer, emulator_kind
+from listeners.local.processes import GOOGLE, NPM, FirestoreEmulator, RedisServer, emulator_kind
 
 CONTROL_TOKEN = "test-control-token-0123456789"
 
@@ -38,6 +38,8 @@ def redis_server() -> Iterator[RedisServer]:
 def emulator() -> Iterator[FirestoreEmulator]:
     with FirestoreEmulator() as server:
         os.environ["FIRESTORE_EMULATOR_HOST"] = server.host
+        # for the services the tests start as child processes
+        os.environ["LISTENERS_FIRESTORE_TARGETS_PER_STREAM"] = str(targets_per_stream(server.kind))
         yield server
 
 
@@ -71,7 +73,13 @@ def settings(redis_server: RedisServer, emulator: FirestoreEmulator, project_id:
         firebase=FirebaseSettings(project_id=project_id, emulator_host=emulator.host),
         sweep_interval_seconds=0.2,
         instance_id="test",
+        targets_per_stream=targets_per_stream(emulator.kind),
     )
+
+
+def targets_per_stream(kind: str) -> int:
+    """The npm emulator answers only the first target of a Listen stream."""
+    return 1 if kind == NPM else TARGETS_PER_STREAM
 
 
 @pytest.fixture

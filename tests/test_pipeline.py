@@ -17,6 +17,8 @@ import pytest
 
 from listeners.config import Settings
 from listeners.service import Service, running
+from listeners.source.listen.protocol import TargetError
+from listeners.source.listen.source import ListenWatch
 from tests.conftest import Consumer, Firebase, iso_ago, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -278,8 +280,13 @@ async def test_dead_watch_is_replaced_with_a_fresh_sync(
         await fb.online("judy")
         await consumer.wait_for(lambda e: len(e) >= 1)
         stream: Any = service.node.sessions["judy"].streams[0]
-        # end the SDK's stream underneath us, as a terminal gRPC error would
-        await asyncio.to_thread(stream._watch._sdk_watch.close)
+        watch = stream._watch
+        if isinstance(watch, ListenWatch):
+            # the server's REMOVE with a cause: this target's own error ends its watch
+            watch.failed(TargetError(13, "ended by the test"))
+        else:
+            # end the SDK's stream underneath us, as a terminal gRPC error would
+            await asyncio.to_thread(watch._sdk_watch.close)
         await fb.notification("judy", "after")
         await consumer.wait_for(lambda e: len(consumer.of_type("notif.sync")) >= 2)  # the replacement's
         # "after" may have been written while the new watch was set up, which the emulator can
@@ -294,6 +301,7 @@ async def test_streams_are_spread_over_connections(settings: Settings, fb: Fireb
         firebase=settings.firebase,
         sweep_interval_seconds=0.2,
         max_streams_per_connection=2,
+        firestore_source="sdk",  # the Listen source's pool: tests/test_listen_source.py
     )
     async with serving(limited, fb) as service:
         for uid in ("u1", "u2", "u3", "u4"):

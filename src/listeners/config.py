@@ -25,6 +25,8 @@ REDIS_SECRET = "pinnokio/listeners/redis"
 FIREBASE_SECRET = "pinnokio/listeners/firebase_admin"
 SERVICE_SECRET = "pinnokio/listeners/service_config"
 MAX_STREAMS_PER_CONNECTION = 100  # Firestore's limit per gRPC connection
+FIRESTORE_SOURCES = ("listen", "sdk")  # the multiplexed Listen client, or the SDK's on_snapshot
+TARGETS_PER_STREAM = 500  # query targets on one Listen stream (docs/benchmarks.md)
 
 SecretReader = Callable[[str], str | None]  # None when the secret does not exist
 
@@ -134,6 +136,8 @@ class Settings:
     log_level: str = "INFO"
     sweep_interval_seconds: float = 1.0
     max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
+    firestore_source: str = "listen"
+    targets_per_stream: int = TARGETS_PER_STREAM
     publish_queue_max: int = 10_000
     shutdown_timeout_seconds: float = 8.0
     # Exactly one instance is deployed: serve every user even while Redis (hence the
@@ -321,6 +325,10 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
 
     websocket = _websocket(r, env, service_secret)
 
+    firestore_source = env.get("LISTENERS_FIRESTORE_SOURCE", "listen").strip().lower() or "listen"
+    if firestore_source not in FIRESTORE_SOURCES:
+        r.problems.append("LISTENERS_FIRESTORE_SOURCE: must be listen or sdk")
+        firestore_source = "listen"
     log_level = env.get("LOG_LEVEL", "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         r.problems.append("LOG_LEVEL: must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
@@ -346,6 +354,14 @@ def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReade
             MAX_STREAMS_PER_CONNECTION,
             1,
             MAX_STREAMS_PER_CONNECTION,
+        ),
+        firestore_source=firestore_source,
+        targets_per_stream=r.integer(
+            env.get("LISTENERS_FIRESTORE_TARGETS_PER_STREAM"),
+            "LISTENERS_FIRESTORE_TARGETS_PER_STREAM",
+            TARGETS_PER_STREAM,
+            1,
+            100_000,
         ),
         publish_queue_max=r.integer(
             env.get("LISTENERS_PUBLISH_QUEUE_MAX"),

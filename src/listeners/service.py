@@ -23,6 +23,7 @@ from listeners.publish.publisher import Publisher
 from listeners.publish.redis import RedisBroker
 from listeners.session import Channels, Sources
 from listeners.source.firestore import FirestoreSource
+from listeners.source.listen import ListenSource
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
 from listeners.source.snapshots import SnapshotSource
 from listeners.streams.view import Publishing
@@ -117,13 +118,21 @@ class Service:
         return body
 
 
-def firestore_source(settings: Settings) -> FirestoreSource:
+def firestore_source(settings: Settings) -> SnapshotSource:
     credentials = None
     if not settings.firebase.emulator_host and settings.firebase.admin_json is not None:
         from google.oauth2 import service_account
 
         info = json.loads(settings.firebase.admin_json.reveal())
         credentials = service_account.Credentials.from_service_account_info(info, scopes=_FIRESTORE_SCOPES)  # type: ignore[no-untyped-call]
+    if settings.firestore_source == "listen":
+        return ListenSource(
+            settings.firebase.project_id,
+            emulator_host=settings.firebase.emulator_host or None,
+            credentials=credentials,
+            max_streams_per_connection=settings.max_streams_per_connection,
+            targets_per_stream=settings.targets_per_stream,
+        )
     return FirestoreSource(
         settings.firebase.project_id,
         credentials,

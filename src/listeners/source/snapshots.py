@@ -1,8 +1,9 @@
 """The source interface: a query watch that delivers whole snapshots on the event loop.
 
 Implementations call `on_snapshot` on the loop thread, never from a thread of their own,
-and `Watch.close()` never blocks the loop. The first implementation wraps the Firestore
-SDK (two threads per watch); the scale work replaces it behind this same interface.
+and `Watch.close()` never blocks the loop. Two implementations: `listen.ListenSource`, a
+multiplexed Listen client on grpc.aio (the default), and `firestore.FirestoreSource` on the
+SDK (two threads per watch), kept selectable by `LISTENERS_FIRESTORE_SOURCE`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,197 @@
+"""Scale: the SDK source against the multiplexed Listen source, side by side (issue 13).
+
+For each user count and source, on a fresh Google Firestore emulator: the floor first (an
+in-process Listen client adds one notification query per user on a fresh project, all on one
+stream; the seconds until every target delivered its first snapshot are the emulator's own
+speed), then `bench.latency`'s run with `LISTENERS_FIRESTORE_SOURCE` set: users online before
+the service starts, time until every user got its first `notif.sync`, threads, idle CPU, RSS,
+write -> `notif.add` on Redis at `--rate` writes per second, SIGTERM to exit.
+
+    .venv/bin/python -m bench.scale --users 1000 --sources sdk,listen --rate 100 --writes-per-size 1000
+
+The results replace the generated block of this benchmark in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.latency import (
+    DOC,
+    LoggedEmulator,
+    Result,
+    _measuring,
+    _version,
+    machine,
+    percentile,
+    run_size,
+    update_doc,
+)
+from listeners.local.processes import PROJECT_ROOT, RedisServer, emulator_env
+from listeners.source.listen import ListenSource
+from listeners.source.snapshots import Query, Snapshot
+
+START, END = "<!-- bench.scale:start -->", "<!-- bench.scale:end -->"
+SECTION = "## Scale: SDK source against the Listen source (`bench/scale.py`)"
+
+
+@dataclass
+class Row:
+    source: str
+    result: Result
+    floor_s: float = float("nan")
+
+
+async def floor(host: str, users: int, timeout: float) -> float:
+    """Seconds until `users` notification queries on one stream all delivered a snapshot."""
+    source = ListenSource(f"floor-{uuid.uuid4().hex[:6]}", emulator_host=host, targets_per_stream=users)
+    seen: set[int] = set()
+    done = asyncio.Event()
+
+    def handler(i: int) -> Callable[[Snapshot], None]:
+        def on_snapshot(_: Snapshot) -> None:
+            seen.add(i)
+            if len(seen) == users:
+                done.set()
+
+        return on_snapshot
+
+    began = time.monotonic()
+    try:
+        for i in range(users):
+            source.watch(Query(f"clients/u{i:04d}/notifications", (("read", False),)), handler(i))
+        await asyncio.wait_for(done.wait(), timeout)
+        return time.monotonic() - began
+    finally:
+        await source.aclose()
+
+
+async def run(args: argparse.Namespace) -> list[tuple[int, list[Row]]]:
+    runs: list[tuple[int, list[Row]]] = []
+    with RedisServer() as redis_server:
+        for users in args.users:
+            rows: list[Row] = []
+            for source in [s for s in args.sources if s != "sdk" or users <= args.sdk_max_users]:
+                name = f"listeners-scale-{source}-{users}-{uuid.uuid4().hex[:6]}"
+                tmp = Path(tempfile.gettempdir())
+                row = Row(source, Result(users, tmp / f"{name}.log", tmp / f"{name}-emulator.log"))
+                rows.append(row)
+                args.service_env = {"LISTENERS_FIRESTORE_SOURCE": source}
+                print(f"[scale] {users} users, {source} source ...", file=sys.stderr, flush=True)
+                emulator = LoggedEmulator(row.result.emulator_log)
+                try:
+                    with emulator:
+                        emulator_env(emulator.host)
+                        row.floor_s = await floor(emulator.host, users, args.ready_timeout)
+                        await run_size(row.result, args, redis_server.port, emulator)
+                except Exception as exc:  # reported; the next run still goes
+                    row.result.error = f"{type(exc).__name__}: {exc}"
+                r = row.result
+                print(
+                    f"[scale] {users} {source}: floor {row.floor_s:.1f} s, synced {r.ready_s:.1f} s, "
+                    f"threads {r.threads}, idle {r.idle_cpu:.1f} %, rss {r.rss_mb:.0f} MB, "
+                    f"p50 {percentile(r.latencies_ms, 50):.0f} p99 {percentile(r.latencies_ms, 99):.0f} ms, "
+                    f"stop {r.stop_s:.1f} s" + (f", FAILED: {r.error}" if r.error else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            runs.append((users, rows))
+    return runs
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.0f} x" if b > 0 else "∞ (0 below)"
+
+
+def render(
+    runs: list[tuple[int, list[Row]]], command: str, code: str, started: datetime, elapsed: float
+) -> str:
+    lines = [
+        START,
+        f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        f"Code: {code}.",
+        "",
+        "| users | source | floor s | synced s | synced / floor | threads | idle CPU % | RSS MB "
+        "| writes | received | p50 ms | p99 ms | max ms | stop s |",
+        "|---:|---|" + "---:|" * 12,
+    ]
+    for users, rows in runs:
+        for row in rows:
+            r = row.result
+            lat = r.latencies_ms
+            lines.append(
+                f"| {users} | {row.source} | {row.floor_s:.1f} | {r.ready_s:.1f} "
+                f"| {r.ready_s / row.floor_s:.2f} "
+                f"| {r.threads} | {r.idle_cpu:.1f} | {r.rss_mb:.0f} | {r.sent} | {r.received} "
+                f"| {percentile(lat, 50):.0f} | {percentile(lat, 99):.0f} | {percentile(lat, 100):.0f} "
+                f"| {r.stop_s:.1f} |"
+            )
+    lines.append("")
+    for users, rows in runs:
+        by = {row.source: row.result for row in rows}
+        if "sdk" in by and "listen" in by:
+            sdk, listen = by["sdk"], by["listen"]
+            lines.append(
+                f"- {users} users, SDK / Listen: threads {ratio(sdk.threads, listen.threads)}, "
+                f"idle CPU {ratio(sdk.idle_cpu, listen.idle_cpu)}, RSS {ratio(sdk.rss_mb, listen.rss_mb)}, "
+                f"time to sync {sdk.ready_s / listen.ready_s:.1f} x."
+            )
+        for row in rows:
+            if row.result.error or row.result.problems:
+                lines.append(
+                    f"- {users} {row.source}: "
+                    + (f"**FAILED: {row.result.error}**; " if row.result.error else "")
+                    + f"{len(row.result.problems)} warnings/errors in the service log"
+                )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=lambda s: [int(n) for n in s.split(",")], default=[1000])
+    parser.add_argument("--sources", type=lambda s: s.split(","), default=["sdk", "listen"])
+    parser.add_argument(
+        "--sdk-max-users", type=int, default=1000, help="larger sizes run the Listen source only"
+    )
+    parser.add_argument("--writes-per-size", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=100.0, help="notification writes per second")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling")
+    parser.add_argument("--drain", type=float, default=150.0)
+    parser.add_argument("--quiet", type=float, default=15.0)
+    parser.add_argument("--ready-timeout", type=float, default=900.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--code")
+    args = parser.parse_args(argv)
+    started, began = datetime.now(UTC), time.monotonic()
+    runs = asyncio.run(run(args))
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join([".venv/bin/python -m bench.scale", *_measuring(given)])
+    described = _version(["git", "-C", str(PROJECT_ROOT), "describe", "--always", "--dirty"])
+    code = args.code or (f"`{described}`" if described else "unknown")
+    block = render(runs, command, code, started, time.monotonic() - began)
+    print(block)
+    if not args.no_doc:
+        update_doc(args.doc, block, START, END, SECTION)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LISTENERS_FIRESTORE_EMULATOR", "google")
+    main()

@@ -1,0 +1,155 @@
+"""`ListenSource`: the `SnapshotSource` on the multiplexed Listen client.
+
+Every watch is one query target on a shared stream; `on_snapshot` runs on the loop, inside
+the stream's task; `close()` sends remove_target and returns at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+
+from listeners.source.listen.pool import ListenPool, open_listen
+from listeners.source.listen.protocol import TargetError, query_target
+from listeners.source.listen.stream import ListenStream, Metadata, deliver_safely
+from listeners.source.snapshots import Query, Snapshot, SnapshotHandler
+
+log = logging.getLogger(__name__)
+
+FIRESTORE_HOST = "firestore.googleapis.com:443"
+FIRESTORE_STREAM_LIMIT = 100
+# Measured on Google's emulator (docs/benchmarks.md): one stream kept 10,000 targets with
+# millisecond latency; a bound keeps a stream's reconnect (every target re-listened) small.
+TARGETS_PER_STREAM = 500
+SCOPES = ("https://www.googleapis.com/auth/datastore",)
+_CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),  # a connection per channel: the stream limit is per connection
+    ("grpc.max_receive_message_length", -1),
+    # Pings find a dead connection under a quiet stream. Java gRPC servers (the emulator) send
+    # GOAWAY "too_many_pings" to pings more often than every 5 minutes, ending every stream on
+    # the connection; 30 s did exactly that.
+    ("grpc.keepalive_time_ms", 360_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+Tokens = Callable[..., Awaitable[str]]  # tokens(refresh=bool) -> access token
+
+
+async def emulator_token(*, refresh: bool = False) -> str:
+    return "owner"  # what the Firebase emulators take as an administrator's token
+
+
+class ListenWatch:
+    def __init__(self, stream: ListenStream, on_snapshot: SnapshotHandler, query: Query) -> None:
+        self._stream = stream
+        self._on_snapshot = on_snapshot
+        self.query = query
+        self.error: TargetError | None = None
+        self._closed = False
+
+    @property
+    def active(self) -> bool:
+        return not self._closed and self.error is None
+
+    @property
+    def stream(self) -> ListenStream:
+        return self._stream
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._stream.remove(self)
+
+    def deliver(self, snapshot: Snapshot) -> None:
+        if not self._closed:
+            deliver_safely(self._on_snapshot, snapshot)
+
+    def failed(self, error: TargetError) -> None:
+        """The server removed this target with its own error (not a stream failure)."""
+        self.error = error
+        log.error(
+            "firestore target failed",
+            extra={"collection": self.query.collection, "reason": f"{error.code}: {error.message}"},
+        )
+
+
+class ListenSource:
+    def __init__(
+        self,
+        project_id: str,
+        *,
+        emulator_host: str | None = None,
+        credentials: Any = None,
+        tokens: Tokens | None = None,
+        max_streams_per_connection: int = FIRESTORE_STREAM_LIMIT,
+        targets_per_stream: int = TARGETS_PER_STREAM,
+        host: str = FIRESTORE_HOST,
+    ) -> None:
+        if not 1 <= max_streams_per_connection <= FIRESTORE_STREAM_LIMIT:
+            raise ValueError("max_streams_per_connection must be between 1 and 100")
+        if targets_per_stream < 1:
+            raise ValueError("targets_per_stream must be at least 1")
+        self.database = f"projects/{project_id}/databases/(default)"
+        self._emulator_host = emulator_host or os.environ.get("FIRESTORE_EMULATOR_HOST") or None
+        self._host = host
+        if tokens is None:
+            tokens = emulator_token if self._emulator_host else _credential_tokens(credentials)
+        self._tokens = tokens
+        self._targets_per_stream = targets_per_stream
+        self.pool = ListenPool(
+            self._new_channel, self._new_stream, max_streams_per_connection=max_streams_per_connection
+        )
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for s in self.pool.streams if s.open)
+
+    @property
+    def connections(self) -> int:
+        return len(self.pool.connections)
+
+    def watch(self, query: Query, on_snapshot: SnapshotHandler) -> ListenWatch:
+        target = query_target(self.database, query.collection, query.equals)
+        stream = self.pool.stream_with_room()
+        watch = ListenWatch(stream, on_snapshot, query)
+        stream.add(watch, target)
+        return watch
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    def _new_channel(self) -> grpc.aio.Channel:
+        if self._emulator_host:
+            return grpc.aio.insecure_channel(self._emulator_host, options=_CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self._host, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS)
+
+    def _new_stream(self, channel: grpc.aio.Channel) -> ListenStream:
+        return ListenStream(open_listen(channel), self.database, self._metadata, self._targets_per_stream)
+
+    async def _metadata(self, refresh: bool) -> Metadata:
+        token = await self._tokens(refresh=refresh)
+        return (
+            ("authorization", f"Bearer {token}"),
+            # Without it the emulator accepts targets and never sends their changes.
+            ("google-cloud-resource-prefix", self.database),
+            ("x-goog-request-params", f"database={quote(self.database, safe='')}"),
+        )
+
+
+def _credential_tokens(credentials: Any) -> Tokens:
+    """Access tokens refreshed before they expire, from the given credentials or the
+    environment's (Application Default Credentials)."""
+    from listeners.source.rtdb.tokens import ServiceAccountTokens
+
+    if credentials is None:
+        import google.auth
+
+        credentials, _ = google.auth.default(scopes=list(SCOPES))
+    elif getattr(credentials, "requires_scopes", False):
+        credentials = credentials.with_scopes(list(SCOPES))
+    return ServiceAccountTokens(credentials)

@@ -1,0 +1,168 @@
+"""One Listen stream holding many targets: opens the call, re-listens every target with its
+resume token after a failure (backoff with jitter), and hands the protocol's outcomes to the
+watches. Closing a watch sends remove_target; the stream itself stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from listeners.backoff import Backoff, reraise_if_cancelled
+from listeners.source.listen.protocol import ListenState, TargetError
+from listeners.source.snapshots import Snapshot
+
+if TYPE_CHECKING:
+    from listeners.source.listen.source import ListenWatch
+
+log = logging.getLogger(__name__)
+
+RECONNECT = Backoff(base=0.5, cap=30.0)
+Metadata = Sequence[tuple[str, str]]
+MetadataFactory = Callable[[bool], Awaitable[Metadata]]  # argument: force a token refresh
+OpenCall = Callable[[AsyncIterator[Any], Metadata], Any]  # a grpc.aio stream-stream call
+
+
+class ListenStream:
+    def __init__(
+        self,
+        open_call: OpenCall,
+        database: str,
+        metadata: MetadataFactory,
+        capacity: int,
+        backoff: Backoff = RECONNECT,
+    ) -> None:
+        self.state: ListenState[ListenWatch] = ListenState(database)
+        self.capacity = capacity
+        self.restarts = 0  # calls that ended and were replaced
+        self.responses = 0
+        self._open_call = open_call
+        self._metadata = metadata
+        self._backoff = backoff
+        self._outgoing: asyncio.Queue[Any] | None = None
+        self._call: Any = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._refresh_token = False
+        self._all_current = asyncio.Event()
+
+    @property
+    def targets(self) -> int:
+        return len(self.state)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.state) < self.capacity
+
+    @property
+    def open(self) -> bool:
+        return self._call is not None
+
+    def add(self, watch: ListenWatch, target: Any) -> None:
+        self._all_current.clear()
+        self._send(self.state.add(watch, target))
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="firestore-listen")
+
+    def remove(self, watch: ListenWatch) -> None:
+        request = self.state.remove(watch)
+        if request is not None:
+            self._send(request)
+
+    def interrupt(self) -> None:
+        """Cut the current call as a network failure would (tests): the stream resumes."""
+        if self._call is not None:
+            self._all_current.clear()
+            self._call.cancel()
+
+    async def current(self) -> None:
+        """Until every target of this stream is CURRENT (tests: Google's emulator can miss a
+        write that races a target being added, so they write only once this returns)."""
+        await self._all_current.wait()
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _send(self, request: Any) -> None:
+        # Without an open call the request is not lost: the next call starts with `resume()`.
+        if self._outgoing is not None:
+            self._outgoing.put_nowait(request)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            while not len(self.state):  # an idle stream opens no call
+                self._wake.clear()
+                await self._wake.wait()
+            before = self.responses
+            try:
+                await self._session()
+                reason = "closed by the server"
+            except asyncio.CancelledError:
+                reraise_if_cancelled()  # our task was cancelled; otherwise the call was
+                reason = "call cancelled"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+                self._refresh_token = exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            except Exception as exc:  # a broken call must never end the stream for good
+                reason = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._outgoing = None
+                self._call = None
+                self._all_current.clear()
+                self.state.disconnected()
+            self.restarts += 1
+            attempt = 0 if self.responses > before else attempt + 1
+            delay = self._backoff.delay(attempt)
+            log.warning(
+                "firestore listen stream ended; resuming",
+                extra={"reason": reason, "targets": len(self.state), "retry_in": round(delay, 2)},
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        metadata = await self._metadata(self._refresh_token)
+        self._refresh_token = False
+        outgoing: asyncio.Queue[Any] = asyncio.Queue()
+        for request in self.state.resume():  # no await from here until the call is set
+            outgoing.put_nowait(request)
+        self._outgoing = outgoing
+
+        async def requests() -> AsyncIterator[Any]:
+            while True:
+                yield await outgoing.get()
+
+        call = self._open_call(requests(), metadata)
+        self._call = call
+        async for response in call:
+            self.responses += 1
+            outcome = self.state.on_response(response)
+            for request in outcome.requests:
+                outgoing.put_nowait(request)
+            for watch, error in outcome.failed:
+                watch.failed(error)
+            for watch, snapshot in outcome.snapshots:
+                if watch in self.state:  # an earlier callback may have closed it
+                    watch.deliver(snapshot)
+            if not self._all_current.is_set() and self.state.all_current():
+                self._all_current.set()
+
+
+def deliver_safely(handler: Callable[[Snapshot], None], snapshot: Snapshot) -> None:
+    try:
+        handler(snapshot)
+    except Exception:  # one watch's handler must not break the stream of every other
+        log.exception("snapshot handler failed")
+
+
+__all__ = ["ListenStream", "Metadata", "MetadataFactory", "TargetError", "deliver_safely"]
