@@ -417,7 +417,7 @@ def render(
         f"*exit*: the process exited (measured by the bench); *watchdog*: `{WATCHDOG}` logged; "
         "*attaches after*: `user attached` lines after the SIGTERM (the last one's time). The budget "
         f"(`LISTENERS_SHUTDOWN_TIMEOUT_SECONDS`) is {BUDGET_S:g} s. An exit status of -15 is uvicorn's "
-        "own after a complete shutdown (it re-raises the SIGTERM); the watchdog exits with 0.",
+        "own after a complete shutdown (it re-raises the SIGTERM); the watchdog exits with 75.",
         "",
         "| users | instances | users per instance | attached | synced | ready s | threads | RSS MB "
         "| idle CPU % | others CPU % | load | signal seen s | lifespan s | stopping s | stopped s | exit s "
