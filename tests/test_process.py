@@ -16,7 +16,7 @@ import httpx
 import pytest
 from google.cloud import firestore
 
-from listeners.local.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
+from listeners.local.processes import FirestoreEmulator, RedisServer, _Child, free_port, wait_for_port
 from tests.test_config import ADMIN, PRIVATE_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,3 +184,21 @@ def test_sigterm_exits_in_time_even_with_firestore_gone(
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+class _NeverListens(_Child):
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+def test_a_child_that_does_not_come_up_is_stopped_not_left_running() -> None:
+    """A redis-server or emulator that misses its start-up deadline (a loaded machine) used to
+    be left running after the TimeoutError, an orphan for the rest of the session."""
+    child = _NeverListens()
+    try:
+        with pytest.raises(TimeoutError):
+            child.start(timeout=0.5)  # nothing ever listens: the deadline passes for sure
+        assert child.process is None  # stopped and reaped
+    finally:
+        child.stop(signal.SIGKILL)
+        child.cleanup()

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -87,7 +87,16 @@ class _Child:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_port(self.port, timeout, self.process)
+        self._ready_or_stopped(lambda: wait_for_port(self.port, timeout, self.process))
+
+    def _ready_or_stopped(self, wait: Callable[[], None]) -> None:
+        """Waits for the child to be ready; if it is not, stops it before raising: a child that
+        did not come up in time must not outlive the run that started it."""
+        try:
+            wait()
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is None:
@@ -223,7 +232,11 @@ class FirestoreEmulator(_Child):
         super().start(timeout)
         if self.kind == GOOGLE:
             # It accepts connections a moment before it serves; it says so in its output.
-            wait_for_output(self.log_path, "Dev App Server is now running", timeout, self.process, offset)
+            self._ready_or_stopped(
+                lambda: wait_for_output(
+                    self.log_path, "Dev App Server is now running", timeout, self.process, offset
+                )
+            )
 
     @property
     def host(self) -> str:
