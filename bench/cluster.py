@@ -54,7 +54,7 @@ import redis.asyncio as aioredis
 from google.cloud import firestore
 
 from bench import latency
-from bench.latency import log_problems, machine, percentile
+from bench.latency import log_problems, percentile, report_head
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
 from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, ServiceProcess
 
@@ -833,16 +833,7 @@ def render(
 ) -> dict[tuple[str, str], str]:
     """The generated blocks, by their markers: the load's and the takeover's, for those that ran
     (each run of the bench replaces only the blocks of what it measured)."""
-    head = [
-        f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine()}.",
-        "",
-        f"Code: {code}.",
-        "",
-    ]
+    head = report_head(command, code, started, elapsed)
     blocks = {}
     if loads:
         blocks[START, END] = "\n".join([START, *head, *render_loads(loads, args), END])

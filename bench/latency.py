@@ -429,9 +429,9 @@ def machine() -> str:
     )
 
 
-def render(results: list[Result], command: str, code: str, started: datetime, elapsed: float) -> str:
-    lines = [
-        START,
+def report_head(command: str, code: str, started: datetime, elapsed: float) -> list[str]:
+    """The lines every benchmark's block opens with: when, the exact command, the machine, the code."""
+    return [
         f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
         "",
         f"Command: `{command}`",
@@ -440,6 +440,13 @@ def render(results: list[Result], command: str, code: str, started: datetime, el
         "",
         f"Code: {code}.",
         "",
+    ]
+
+
+def render(results: list[Result], command: str, code: str, started: datetime, elapsed: float) -> str:
+    lines = [
+        START,
+        *report_head(command, code, started, elapsed),
         "| users | writes sent | received | missing | p50 ms | p95 ms | p99 ms | max ms "
         "| service CPU % | RSS MB | threads | idle CPU % | emulator CPU % | ready s | stop s |",
         "|" + "---:|" * 15,

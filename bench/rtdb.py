@@ -54,8 +54,8 @@ from bench.latency import (
     _version,
     check_alive,
     log_problems,
-    machine,
     percentile,
+    report_head,
     update_doc,
     wait_healthy,
 )
@@ -372,14 +372,7 @@ def render(sizes: list[Size], command: str, code: str, started: datetime, elapse
     base = next((s for s in sizes if s.users == 0 and s.rtdb and not s.error), None)
     lines = [
         START,
-        f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine()}.",
-        "",
-        f"Code: {code}.",
-        "",
+        *report_head(command, code, started, elapsed),
         "Direct-message latency, PUT on the stand-in to `msg.add` at the subscriber:",
         "",
         "| users | writes sent | received | missing | p50 ms | p95 ms | p99 ms | max ms "

@@ -32,8 +32,8 @@ from bench.latency import (
     Result,
     _measuring,
     _version,
-    machine,
     percentile,
+    report_head,
     run_size,
     update_doc,
 )
@@ -118,14 +118,7 @@ def render(
 ) -> str:
     lines = [
         START,
-        f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine()}.",
-        "",
-        f"Code: {code}.",
-        "",
+        *report_head(command, code, started, elapsed),
         "| users | source | floor s | synced s | synced / floor | threads | idle CPU % | RSS MB "
         "| writes | received | p50 ms | p99 ms | max ms | stop s |",
         "|---:|---|" + "---:|" * 12,

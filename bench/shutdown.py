@@ -63,7 +63,7 @@ from bench.cluster import (
     stop_all,
     write_registry,
 )
-from bench.latency import machine, percentile, update_doc
+from bench.latency import percentile, report_head, update_doc
 from listeners.cluster import owner
 from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer
 
@@ -395,14 +395,7 @@ def render(
 ) -> str:
     lines = [
         START,
-        f"Run of {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s in all.",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Machine: {machine()}.",
-        "",
-        f"Code: {code}.",
-        "",
+        *report_head(command, code, started, elapsed),
         f"SIGTERM to the last instance after at most {args.ready_timeout:g} s of waiting for every user "
         f"to be attached and synced, then {args.idle:g} s idle. At the SIGTERM: *attached*: the stopped "
         "instance's `/healthz` listeners_count (*log*: it did not answer within 5 s; its `user attached` "
