@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -288,3 +288,32 @@ async def wait_until(condition: Callable[[], object], timeout: float = 30.0) -> 
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.05)
+
+
+def service_env(
+    redis_port: int, project: str, control_token: str = CONTROL_TOKEN, **extra: str
+) -> dict[str, str]:
+    """The environment of a service process (`uvicorn app.main:app`) in a test: this process's,
+    without any setting of ours, plus Redis, the emulator, the project and the control token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "GOOGLE_"))}
+    env.update(
+        LISTENERS_REDIS_HOST="127.0.0.1",
+        LISTENERS_REDIS_PORT=str(redis_port),
+        LISTENERS_CONTROL_TOKEN=control_token,
+        FIRESTORE_EMULATOR_HOST=os.environ["FIRESTORE_EMULATOR_HOST"],
+        FIREBASE_PROJECT_ID=project,
+    )
+    env.update(extra)  # may override any of the above
+    return env
+
+
+def register_online(db: firestore.Client, uids: Iterable[str]) -> None:
+    """Registry entries online until 2999, in one batch: written before the services start, so
+    that they are in the registry watch's first snapshot."""
+    batch = db.batch()
+    for uid in uids:
+        batch.set(
+            db.document(f"listeners_registry/{uid}"),
+            {"status": "online", "heartbeat_at": "2999-01-01T00:00:00Z"},
+        )
+    batch.commit()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import time
 import uuid
@@ -25,6 +24,7 @@ from google.cloud import firestore
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
 from listeners.control import resync_request
 from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
+from tests.conftest import register_online, service_env
 
 pytestmark = pytest.mark.asyncio
 
@@ -40,15 +40,13 @@ class Instance:
         self, instance_id: str, redis: RedisServer, emulator: FirestoreEmulator, project: str
     ) -> None:
         self.id = instance_id
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "GOOGLE_"))}
-        env.update(
-            LISTENERS_REDIS_HOST="127.0.0.1",
-            LISTENERS_REDIS_PORT=str(redis.port),
+        env = service_env(
+            redis.port,
+            project,
+            CONTROL,
             LISTENERS_INSTANCE_ID=instance_id,
             LISTENERS_ADMIN_TOKEN=ADMIN,
-            LISTENERS_CONTROL_TOKEN=CONTROL,
             FIRESTORE_EMULATOR_HOST=emulator.host,
-            FIREBASE_PROJECT_ID=project,
             LOG_LEVEL="WARNING",
         )
         self.service = ServiceProcess(env, log_path=Path(redis.workdir) / f"{instance_id}.log")
@@ -226,13 +224,7 @@ def cluster_redis() -> Iterator[RedisServer]:
 def cluster(cluster_redis: RedisServer, emulator: FirestoreEmulator) -> Iterator[dict[str, Any]]:
     project = f"cluster-{uuid.uuid4().hex[:8]}"
     db = firestore.Client(project=project)
-    batch = db.batch()
-    for uid in USERS:
-        batch.set(
-            db.document(f"listeners_registry/{uid}"),
-            {"status": "online", "heartbeat_at": "2999-01-01T00:00:00Z"},
-        )
-    batch.commit()
+    register_online(db, USERS)
     state: dict[str, Any] = {"db": db, "instances": {}, "project": project}
     for name in ("i1", "i2", "i3"):
         state["instances"][name] = Instance(name, cluster_redis, emulator, project)

@@ -8,7 +8,6 @@ sentinel write made after it.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from google.cloud import firestore
 
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
 from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
+from tests.conftest import register_online, service_env
 from tests.test_cluster import ADMIN, CONTROL, USERS, Recorder
 
 pytestmark = pytest.mark.asyncio
@@ -39,16 +39,7 @@ class Process:
     def __init__(
         self, name: str, redis: RedisServer, project: str, instance_id: str | None, *, listen: bool = True
     ) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "GOOGLE_"))}
-        env.update(
-            LISTENERS_REDIS_HOST="127.0.0.1",
-            LISTENERS_REDIS_PORT=str(redis.port),
-            LISTENERS_ADMIN_TOKEN=ADMIN,
-            LISTENERS_CONTROL_TOKEN=CONTROL,
-            FIRESTORE_EMULATOR_HOST=os.environ["FIRESTORE_EMULATOR_HOST"],
-            FIREBASE_PROJECT_ID=project,
-            LOG_LEVEL="INFO",
-        )
+        env = service_env(redis.port, project, CONTROL, LISTENERS_ADMIN_TOKEN=ADMIN, LOG_LEVEL="INFO")
         if instance_id is not None:
             env["LISTENERS_INSTANCE_ID"] = instance_id
         self.log_path = Path(redis.workdir) / f"{name}.log"
@@ -88,13 +79,7 @@ def redis_server() -> Iterator[RedisServer]:
 def project(emulator: FirestoreEmulator) -> Iterator[tuple[str, firestore.Client]]:
     name = f"identity-{uuid.uuid4().hex[:8]}"
     db = firestore.Client(project=name)
-    batch = db.batch()
-    for uid in SERVED:
-        batch.set(
-            db.document(f"listeners_registry/{uid}"),
-            {"status": "online", "heartbeat_at": "2999-01-01T00:00:00Z"},
-        )
-    batch.commit()
+    register_online(db, SERVED)
     yield name, db
     db.close()
 

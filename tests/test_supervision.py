@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from listeners.metrics import Metrics
 from listeners.node import Node
 from listeners.publish.publisher import Publisher
 from listeners.supervisor import Fatal, Supervisor
-from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
+from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, service_env, wait_until
 from tests.test_websocket import Client, serving, ws_settings
 
 pytestmark = pytest.mark.asyncio
@@ -190,24 +189,11 @@ async def socket_sees(socket: Client, doc_id: str) -> None:
     await socket._receive_until(0, holds, 30)
 
 
-def service_env(redis_server: RedisServer, project_id: str, fault: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "GOOGLE_"))}
-    env.update(
-        LISTENERS_REDIS_HOST="127.0.0.1",
-        LISTENERS_REDIS_PORT=str(redis_server.port),
-        LISTENERS_CONTROL_TOKEN=CONTROL_TOKEN,
-        LISTENERS_TEST_FAULT=fault,
-        FIRESTORE_EMULATOR_HOST=os.environ["FIRESTORE_EMULATOR_HOST"],
-        FIREBASE_PROJECT_ID=project_id,
-    )
-    return env
-
-
 async def test_a_process_whose_task_keeps_dying_exits_non_zero(
     redis_server: RedisServer, project_id: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "service.log"
-    env = service_env(redis_server, project_id, "control-dies")
+    env = service_env(redis_server.port, project_id, LISTENERS_TEST_FAULT="control-dies")
     service = ServiceProcess(env, log_path=log, app="tests.faulty_app:app")
     try:
         service.wait_listening(120)
@@ -225,9 +211,12 @@ async def test_a_shutdown_that_hangs_ends_within_its_budget(
     """The loop itself is blocked during the shutdown: the watchdog thread ends the process
     when the budget is spent (a generous bound here: the point is that it ends at all)."""
     log = tmp_path / "service.log"
-    env = service_env(redis_server, project_id, "shutdown-hangs") | {
-        "LISTENERS_SHUTDOWN_TIMEOUT_SECONDS": "2"
-    }
+    env = service_env(
+        redis_server.port,
+        project_id,
+        LISTENERS_TEST_FAULT="shutdown-hangs",
+        LISTENERS_SHUTDOWN_TIMEOUT_SECONDS="2",
+    )
     service = ServiceProcess(env, log_path=log, app="tests.faulty_app:app")
     try:
         service.wait_listening(120)
