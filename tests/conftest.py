@@ -297,6 +297,8 @@ def service_env(
     without any setting of ours, plus Redis, the emulator, the project and the control token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTENERS_", "FIREBASE", "GOOGLE_"))}
     env.update(
+        # what the emulator fixture chose for the children: one target per stream on npm's
+        LISTENERS_FIRESTORE_TARGETS_PER_STREAM=os.environ["LISTENERS_FIRESTORE_TARGETS_PER_STREAM"],
         LISTENERS_REDIS_HOST="127.0.0.1",
         LISTENERS_REDIS_PORT=str(redis_port),
         LISTENERS_CONTROL_TOKEN=control_token,
