@@ -18,10 +18,11 @@ async def test_a_stopping_instance_attaches_nobody_and_leaves_at_once(
     async with running(settings) as service:
         await fb.online("early")
         await wait_until(lambda: "early" in service.node.sessions)
-        service.begin_stop()  # what SIGTERM does, before the server has closed its connections
+        leaving = service.begin_stop()  # what SIGTERM does, before the server has closed its connections
         assert service.stopping and service.health()["status"] == "degraded"
         await fb.online("late")
         await wait_until(lambda: service.node.entry("late") is not None and not service.node.pending)
         assert set(service.node.sessions) == {"early"}  # still served until the shutdown; nobody new
-        await wait_until(lambda: service._leaving is not None and service._leaving.done())
+        await wait_until(leaving.done)
+        assert service.begin_stop() is leaving  # a second signal starts nothing new
         assert service.time_left(100.0) <= settings.shutdown_timeout_seconds

@@ -27,11 +27,9 @@ from listeners.source.listen import ListenSource
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
 from listeners.source.snapshots import SnapshotSource
 from listeners.streams.view import Publishing
-from listeners.supervisor import Supervisor, stop_tasks
+from listeners.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Service", "running", "stop_tasks"]
 
 _FIRESTORE_SCOPES = ["https://www.googleapis.com/auth/datastore"]
 HANDOVER_SECONDS = 1.5  # on SIGTERM, how long we keep serving after the others know we leave
@@ -56,17 +54,18 @@ class Service:
     stop_deadline: float | None = None  # loop time by which the process must have stopped
     _leaving: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
-    def begin_stop(self) -> None:
+    def begin_stop(self) -> asyncio.Task[None]:
         """SIGTERM: take no more users and hand ours over now, without waiting for the
         application's shutdown (the server closes its connections first, which takes time).
-        The shutdown's steps share the budget counted from here."""
-        if self._leaving is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self.stopping = True
-        self.stop_deadline = loop.time() + self.settings.shutdown_timeout_seconds
-        self.node.stop_attaching()
-        self._leaving = asyncio.create_task(self.membership.leave(), name="membership-leave")
+        The shutdown's steps share the budget counted from here. Returns the leaving of the
+        membership (the same task on every call)."""
+        if self._leaving is None:
+            loop = asyncio.get_running_loop()
+            self.stopping = True
+            self.stop_deadline = loop.time() + self.settings.shutdown_timeout_seconds
+            self.node.stop_attaching()
+            self._leaving = asyncio.create_task(self.membership.leave(), name="membership-leave")
+        return self._leaving
 
     def time_left(self, most: float) -> float:
         """At most `most` seconds, and no more than what the shutdown budget has left (less
@@ -252,12 +251,11 @@ async def running(
                 async with asyncio.timeout(REGISTRY_WAIT_SECONDS):
                     await node.registry_ready.wait()
             yield service
-            service.begin_stop()
+            leaving = service.begin_stop()
             log.info("service stopping: handing users over, then closing listeners")
             others = len(membership.members) > 1
-            assert service._leaving is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(service._leaving), service.time_left(2.0))
+                await asyncio.wait_for(asyncio.shield(leaving), service.time_left(2.0))
             if others:  # the others attach while we still serve
                 await asyncio.sleep(service.time_left(HANDOVER_SECONDS))
             await supervisor.stop(["node"], service.time_left(1.0))

@@ -71,7 +71,7 @@ def create_app(settings: Settings, *, process: ProcessHooks = ProcessHooks()) ->
 
             def stop_signal() -> None:
                 watchdog.start()
-                service.begin_stop()
+                service.begin_stop()  # the leaving goes on; the shutdown awaits it
 
             with on_stop_signal(stop_signal):
                 yield
