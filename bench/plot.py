@@ -1,0 +1,54 @@
+"""PNG figures for the benchmark reports: one row of panels, one line per series.
+
+    from bench.plot import Panel, save_panels
+    save_panels(Path("docs/scale.png"), "Scale", "online users", [
+        Panel("threads", {"listen": [(1000, 8), (10000, 8)], "sdk": [(1000, 2020)]}, log_y=True),
+    ])
+
+matplotlib runs headless (Agg) and only here, so the service never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+Series = Sequence[tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Panel:
+    y_label: str
+    series: Mapping[str, Series]
+    log_y: bool = False
+    log_x: bool = False
+
+
+def save_panels(path: Path, title: str, x_label: str, panels: Sequence[Panel]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        for name, points in panel.series.items():
+            ordered = sorted(points)
+            if ordered:
+                axis.plot([x for x, _ in ordered], [y for _, y in ordered], marker="o", label=name)
+        axis.set_xlabel(x_label)
+        axis.set_ylabel(panel.y_label)
+        if panel.log_y:
+            axis.set_yscale("log")
+        if panel.log_x:
+            axis.set_xscale("log")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # No timestamp in the metadata, so an unchanged figure is an unchanged file.
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(figure)
+    return path
