@@ -214,6 +214,24 @@ class BenchService(ServiceProcess):
         return time.monotonic() - began
 
 
+def profile(args: argparse.Namespace, pid: int, phase: str, seconds: float) -> subprocess.Popen[bytes] | None:
+    """With --profile DIR: py-spy samples the service for `seconds` (collapsed stacks DIR/PHASE.txt)."""
+    folder: Path | None = getattr(args, "profile", None)
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    py_spy = os.environ.get("BENCH_PY_SPY", "/tmp/pyspy/bin/py-spy")
+    out = folder / f"{phase}.txt"
+    command = [py_spy, "record", "-p", str(pid), "-d", str(max(1, round(seconds))), "-r", "50"]
+    command += ["--format", "raw", "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def finish(process: subprocess.Popen[bytes] | None) -> None:
+    if process is not None:
+        await asyncio.get_running_loop().run_in_executor(None, process.wait)
+
+
 def write_registry(db: firestore.Client, uids: list[str]) -> None:
     for i in range(0, len(uids), 500):  # a batch holds at most 500 writes
         batch = db.batch()
@@ -327,9 +345,12 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
             raise TimeoutError(f"only {len(consumer.synced)} of {r.users} users got their first notif.sync")
         r.ready_s = time.monotonic() - began
 
+        idle_profile = profile(args, service.pid, "idle", args.idle)
         service.ps.cpu_percent(None)
         await asyncio.sleep(args.idle)
         r.idle_cpu = service.ps.cpu_percent(None)
+        await finish(idle_profile)
+        write_profile = profile(args, service.pid, "writes", args.writes_per_size / args.rate)
 
         sampler = asyncio.create_task(sample(service.ps, emu, r))
         writes = []
@@ -358,6 +379,7 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
             ):
                 break
         r.drain_s = time.monotonic() - drained
+        await finish(write_profile)
         r.cpu, r.emulator_cpu = service.ps.cpu_percent(None), emu.cpu_percent(None)
         r.bench_cpu, r.machine_cpu = me.cpu_percent(None), psutil.cpu_percent(None)
         await asyncio.sleep(0.5)  # let late duplicates or stray events show up in the counts

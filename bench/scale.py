@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", type=float, default=15.0)
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--profile", type=Path, help="py-spy flame graphs of the idle and write phases here")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--code")

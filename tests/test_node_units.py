@@ -172,3 +172,52 @@ async def test_a_user_being_handed_over_is_not_resynced_and_a_take_back_starts_a
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_a_failed_stream_is_restarted_by_the_rounds_of_bounded_health_checks() -> None:
+    """Each sweep looks at `health_checks_per_sweep` users only, and a round covers them all:
+    the failed stream of the last user checked is still replaced."""
+    source = FakeSource()
+    async with node_on(source, health_checks_per_sweep=1) as node:
+        source.registry()[0].handler(Snapshot(tuple(online(f"u{i}") for i in range(5))))
+        await until(lambda: len(node.sessions) == 5)
+        failed = next(w for w in source.watches if w.query.collection == "clients/u0/notifications")
+        failed.active = False
+        await until(
+            lambda: sum(w.query.collection == "clients/u0/notifications" for w in source.watches) == 2
+        )
+        assert node._metrics.stream_restarts.labels("notifications")._value.get() == 1
+
+
+async def test_expiries_are_popped_as_they_fall_due_and_heartbeats_do_not_pile_up() -> None:
+    clock = [NOW]
+    source = FakeSource()
+    metrics = Metrics()
+    node = Node(
+        NodeSettings(sweep_interval_seconds=0.05),
+        Sources(source),
+        Publisher(MemoryBroker(), metrics),
+        metrics,
+        clock=lambda: clock[0],
+    )
+
+    def beat(uid: str, at: datetime, ttl: int) -> SourceDoc:
+        data = {"status": "online", "heartbeat_at": at, "ttl_seconds": ttl}
+        return SourceDoc(uid, data, update_time=at)
+
+    async with node:
+        task = asyncio.create_task(node.run())
+        try:
+            registry = source.registry()[0]
+            for n in range(3000):  # heartbeats of a long-lived user and a short-lived one
+                at = NOW + timedelta(milliseconds=n)
+                registry.handler(Snapshot((beat("long", at, 86_400), beat("short", at, 60))))
+            assert len(node._expiries) <= 2 * 2 + 1024
+            await until(lambda: set(node.sessions) == {"long", "short"})
+            clock[0] = NOW + timedelta(seconds=120)  # past the last beat's 60 s
+            await until(lambda: set(node.sessions) == {"long"})
+            assert metrics.detaches.labels("expired")._value.get() == 1
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

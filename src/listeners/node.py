@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +28,7 @@ from listeners.envelope import Envelope
 from listeners.inputs import clean_text, valid_key
 from listeners.metrics import Metrics
 from listeners.publish.publisher import Publisher
-from listeners.session import Channels, Sources, UserSession
+from listeners.session import Channels, Sources, Stream, UserSession
 from listeners.source.registry import (
     REGISTRY_COLLECTION,
     ChatThread,
@@ -48,6 +50,9 @@ class NodeSettings:
     close_timeout_seconds: float = 4.0
     handover_seconds: float = 1.5  # a user that moved away is served here this long after
     slice_seconds: float = 0.02  # longest run of reconciles before the loop gets a turn
+    # Streams whose health one sweep looks at: a failed stream is noticed within
+    # users / health_checks_per_sweep sweeps, and a sweep stays short at 10,000 users.
+    health_checks_per_sweep: int = 1000
 
 
 class Node:
@@ -72,6 +77,11 @@ class Node:
         self.sessions: dict[str, UserSession] = {}
         self._moving: dict[str, float] = {}  # uid -> monotonic time to let a moved user go
         self._entries: dict[str, RegistryEntry] = {}  # last valid registry entry of each uid
+        # (expiry as a POSIX time, tie-break, entry): entries replaced since are skipped when popped
+        self._expiries: list[tuple[float, int, RegistryEntry]] = []
+        self._pushes = itertools.count()
+        self._health_round: list[str] = []  # users whose streams the sweeps still have to check
+        self._failed_in_round = 0
         self._versions: dict[str, object] = {}  # uid -> update time of the document last read
         self._registry: Watch | None = None
         self._registry_failures = 0
@@ -167,12 +177,31 @@ class Node:
                     doc.id, str(exc) if isinstance(exc, MalformedEntry) else type(exc).__name__
                 )
                 continue  # the last valid entry, if any, stays in force (and can expire)
-            self._entries[doc.id] = entry
+            self._set_entry(entry)
         for uid in self._versions.keys() - seen:
             del self._versions[uid]
             self._entries.pop(uid, None)
             changed.add(uid)
         self._reconcile_soon(changed)
+
+    def _set_entry(self, entry: RegistryEntry) -> None:
+        self._entries[entry.uid] = entry
+        heapq.heappush(self._expiries, (entry.expires_at().timestamp(), next(self._pushes), entry))
+        if len(self._expiries) > 2 * len(self._entries) + 1024:
+            # Heartbeats push an item each; with long TTLs the stale ones would pile up.
+            entries = self._entries.values()
+            self._expiries = [(e.expires_at().timestamp(), next(self._pushes), e) for e in entries]
+            heapq.heapify(self._expiries)
+
+    def _expired(self, now: datetime) -> list[str]:
+        """Users whose current entry expired by `now`: the work is the expiries, not the users."""
+        expired = []
+        limit = now.timestamp()
+        while self._expiries and self._expiries[0][0] <= limit:
+            entry = heapq.heappop(self._expiries)[2]
+            if self._entries.get(entry.uid) is entry:
+                expired.append(entry.uid)
+        return expired
 
     def _warn_malformed(self, uid: str, reason: str) -> None:
         # Called once per document version: unchanged documents are not read again.
@@ -307,9 +336,8 @@ class Node:
                 log.exception("node sweep failed; next round in %ss", self._settings.sweep_interval_seconds)
 
     async def _sweep(self, registry_backoff: Backoff) -> None:
-        now = self._clock()
-        for uid, entry in list(self._entries.items()):
-            if uid in self.sessions and not entry.is_online(now):
+        for uid in self._expired(self._clock()):
+            if uid in self.sessions:
                 self._detach(uid, "expired")
         mono = time.monotonic()
         for uid, deadline in list(self._moving.items()):
@@ -328,21 +356,34 @@ class Node:
             if self._registry is not None:
                 await self._registry.close()
             self._start_registry()
-        restarts = [
-            (session, stream)
-            for session in self.sessions.values()
-            for stream in session.all_streams()
-            if session.uid not in self._moving and stream.restart_due(mono)
-        ]
+        restarts = self._health_checks(mono)
         for session, stream in restarts:
             log.warning("stream ended; replacing it", extra={"uid": session.uid, "stream": stream.kind})
             self._metrics.stream_restarts.labels(stream.kind).inc()
         if restarts:
             await asyncio.gather(*(stream.restart(mono) for _, stream in restarts), return_exceptions=True)
-        self._metrics.failed_streams.set(
-            sum(not s.healthy for session in self.sessions.values() for s in session.all_streams())
-        )
         self._metrics.attached_users.set(len(self.sessions))
         self._metrics.cluster_members.set(self._members())
         self._metrics.open_streams.set(self._source.open_streams)
         self._metrics.firestore_connections.set(self._source.connections)
+
+    def _health_checks(self, mono: float) -> list[tuple[UserSession, Stream]]:
+        """The next `health_checks_per_sweep` users' streams that are due a restart. A round
+        covers every user once; the failed-streams gauge is set at the end of each round."""
+        if not self._health_round:
+            self._metrics.failed_streams.set(self._failed_in_round)
+            self._failed_in_round = 0
+            self._health_round = list(self.sessions)
+        batch = self._health_round[-self._settings.health_checks_per_sweep :]
+        del self._health_round[-self._settings.health_checks_per_sweep :]
+        due = []
+        for uid in batch:
+            session = self.sessions.get(uid)
+            if session is None or uid in self._moving:
+                continue
+            for stream in session.all_streams():
+                if not stream.healthy:
+                    self._failed_in_round += 1
+                    if stream.restart_due(mono):
+                        due.append((session, stream))
+        return due
