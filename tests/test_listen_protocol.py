@@ -248,3 +248,17 @@ def test_a_consistent_point_looks_only_at_targets_that_changed() -> None:
     feed(state, change(wire.RESET, 3), global_point(3, token=b"g3"))
     state.disconnected()
     assert [r.add_target.resume_token for r in state.resume()] == [b"g3", b"g3", b"g2"]
+
+
+def test_each_snapshot_says_what_changed_since_the_previous_one() -> None:
+    """The changes carried with a snapshot: what the registry watch reads instead of the whole
+    result set, so that a heartbeat costs one entry, not every user."""
+    state = listening("a")
+    changes = []
+    for response in (doc("d1", 1), doc("d2", 1), change(wire.CURRENT, 1), global_point(1)):
+        changes += [s.changes for _, s in state.on_response(response).snapshots]
+    for response in (doc("d1", 2), doc("d2", 1), delete("d3", 1), remove("d2", 1), global_point(2)):
+        changes += [s.changes for _, s in state.on_response(response).snapshots]
+    first, second = changes
+    assert first is not None and sorted(d.id for d in first.upserted) == ["d1", "d2"] and not first.removed
+    assert second is not None and [d.id for d in second.upserted] == ["d1"] and second.removed == ("d2",)

@@ -16,7 +16,7 @@ from listeners.publish.broker import MemoryBroker
 from listeners.publish.publisher import Publisher
 from listeners.session import Sources
 from listeners.source.registry import REGISTRY_COLLECTION
-from listeners.source.snapshots import Query, Snapshot, SnapshotHandler, SourceDoc
+from listeners.source.snapshots import Changes, Query, Snapshot, SnapshotHandler, SourceDoc
 
 pytestmark = pytest.mark.asyncio
 
@@ -221,3 +221,21 @@ async def test_expiries_are_popped_as_they_fall_due_and_heartbeats_do_not_pile_u
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_registry_changes_are_read_instead_of_the_whole_collection() -> None:
+    """After a watch's first snapshot the node reads the changes only: a document that did not
+    change (here: one that would be refused if read) is not looked at again."""
+    source = FakeSource()
+    async with node_on(source) as node:
+        registry = source.registry()[0]
+        ann, bob = online("ann"), online("bob")
+        registry.handler(Snapshot((ann,)))
+        await until(lambda: "ann" in node.sessions)
+        unread = SourceDoc("unread", {"status": "online"}, update_time=NOW)  # no heartbeat_at
+        registry.handler(Snapshot((ann, unread, bob), changes=Changes(upserted=(bob,))))
+        await until(lambda: "bob" in node.sessions)
+        assert node._metrics.malformed_registry._value.get() == 0
+        registry.handler(Snapshot((bob, unread), changes=Changes(removed=("ann",))))
+        await until(lambda: "ann" not in node.sessions)
+        assert node._metrics.detaches.labels("offline")._value.get() == 1

@@ -36,10 +36,14 @@ from listeners.source.registry import (
     RegistryEntry,
     parse_entry,
 )
-from listeners.source.snapshots import Query, Snapshot, Watch
+from listeners.source.snapshots import Query, Snapshot, SourceDoc, Watch
 from listeners.streams.view import Emit
 
 log = logging.getLogger(__name__)
+
+# Only online entries: an offline one is not served, and a user who goes offline leaves the
+# query's result, which the node reads as gone. Every heartbeat of an online user still comes.
+REGISTRY_QUERY = Query(REGISTRY_COLLECTION, (("status", "online"),))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,7 @@ class Node:
         self._registry_failures = 0
         self._registry_retry_at = 0.0
         self._registry_generation = 0  # callbacks of a replaced registry watch are ignored
+        self._registry_seeded = False  # the current watch delivered its first snapshot
         self._closing: set[asyncio.Task[None]] = set()
         self._dirty: dict[str, None] = {}  # users to reconcile, in the order they came
         self._dirty_added = asyncio.Event()
@@ -150,39 +155,47 @@ class Node:
             if generation == self._registry_generation:
                 self._on_registry(snapshot)
 
+        self._registry_seeded = False
         try:
-            self._registry = self._source.watch(Query(REGISTRY_COLLECTION), on_snapshot)
+            self._registry = self._source.watch(REGISTRY_QUERY, on_snapshot)
         except Exception as exc:
             log.error("registry watch failed to start", extra={"reason": f"{type(exc).__name__}: {exc}"})
 
     def _on_registry(self, snapshot: Snapshot) -> None:
         self._registry_failures = 0
         self.registry_ready.set()
-        seen: set[str] = set()
         changed: set[str] = set()
-        for doc in snapshot.docs:
-            seen.add(doc.id)
-            # Every snapshot holds the whole collection: skip documents already read.
-            if doc.update_time is not None and self._versions.get(doc.id) == doc.update_time:
-                continue
-            self._versions[doc.id] = doc.update_time
-            changed.add(doc.id)
-            try:
-                if not valid_key(doc.id, max_length=128):
-                    # it would make `chat:{uid}:…` ambiguous, or a database path another user's
-                    raise MalformedEntry("the document id is not a valid uid")
-                entry = parse_entry(doc.id, doc.data, self._settings.default_ttl_seconds)
-            except Exception as exc:  # MalformedEntry, or anything a hostile document triggers
-                self._warn_malformed(
-                    doc.id, str(exc) if isinstance(exc, MalformedEntry) else type(exc).__name__
-                )
-                continue  # the last valid entry, if any, stays in force (and can expire)
-            self._set_entry(entry)
-        for uid in self._versions.keys() - seen:
-            del self._versions[uid]
+        if snapshot.changes is not None and self._registry_seeded:
+            # Heartbeats change the registry all the time: the work is the changed entries.
+            for doc in snapshot.changes.upserted:
+                self._read_entry(doc, changed)
+            gone: Iterable[str] = snapshot.changes.removed
+        else:  # a new watch's first view, or a source that does not say what changed
+            for doc in snapshot.docs:
+                self._read_entry(doc, changed)
+            gone = self._versions.keys() - {doc.id for doc in snapshot.docs}
+        for uid in list(gone):
+            self._versions.pop(uid, None)
             self._entries.pop(uid, None)
             changed.add(uid)
+        self._registry_seeded = True
         self._reconcile_soon(changed)
+
+    def _read_entry(self, doc: SourceDoc, changed: set[str]) -> None:
+        # Sources without changes deliver the whole collection: skip documents already read.
+        if doc.update_time is not None and self._versions.get(doc.id) == doc.update_time:
+            return
+        self._versions[doc.id] = doc.update_time
+        changed.add(doc.id)
+        try:
+            if not valid_key(doc.id, max_length=128):
+                # it would make `chat:{uid}:…` ambiguous, or a database path another user's
+                raise MalformedEntry("the document id is not a valid uid")
+            entry = parse_entry(doc.id, doc.data, self._settings.default_ttl_seconds)
+        except Exception as exc:  # MalformedEntry, or anything a hostile document triggers
+            self._warn_malformed(doc.id, str(exc) if isinstance(exc, MalformedEntry) else type(exc).__name__)
+            return  # the last valid entry, if any, stays in force (and can expire)
+        self._set_entry(entry)
 
     def _set_entry(self, entry: RegistryEntry) -> None:
         self._entries[entry.uid] = entry
@@ -232,7 +245,8 @@ class Node:
             session.update(entry)
             self._moving.setdefault(uid, time.monotonic() + self._settings.handover_seconds)
         elif session is not None:
-            reason = "deleted" if entry is None else entry.status if entry.status != "online" else "expired"
+            # No entry: it left the online query (went offline, or was deleted).
+            reason = "offline" if entry is None else entry.status if entry.status != "online" else "expired"
             self._detach(uid, reason)
 
     def rebalance(self) -> None:

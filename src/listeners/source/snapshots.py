@@ -22,11 +22,26 @@ class SourceDoc:
 
 
 @dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed since the watch's previous snapshot: documents added or modified, and the
+    ids of those that left the result."""
+
+    upserted: tuple[SourceDoc, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.upserted or self.removed)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Every document the query matches now (not only the changed ones)."""
+    """Every document the query matches now (not only the changed ones), and, where the
+    source knows them, the changes since the previous snapshot of the same watch (None: it
+    does not say; compare `docs`)."""
 
     docs: tuple[SourceDoc, ...]
     read_time: datetime | None = None
+    changes: Changes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 
 from listeners.source.listen import wire
 from listeners.source.listen.convert import source_doc, timestamp
-from listeners.source.snapshots import Snapshot, SourceDoc
+from listeners.source.snapshots import Changes, Snapshot, SourceDoc
 
 K = TypeVar("K", bound=Hashable)  # what the stream's owner knows a target by (its watch)
 
@@ -57,20 +57,21 @@ class TargetState(Generic[K]):
             n += (doc is not None) - (name in self.docs)
         return n
 
-    def apply(self) -> bool:
-        """Apply the pending changes; True when the result set changed."""
-        changed = False
+    def apply(self) -> Changes:
+        """Apply the pending changes; what changed in the result set."""
+        upserted: list[SourceDoc] = []
+        removed: list[str] = []
         for name, doc in self.pending.items():
             old = self.docs.get(name)
             if doc is None:
                 if old is not None:
                     del self.docs[name]
-                    changed = True
+                    removed.append(old.id)
             elif old is None or old.update_time != doc.update_time or doc.update_time is None:
                 self.docs[name] = doc
-                changed = True
+                upserted.append(doc)
         self.pending.clear()
-        return changed
+        return Changes(tuple(upserted), tuple(removed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,10 +211,11 @@ class ListenState(Generic[K]):
                 continue  # it comes back here with its CURRENT
             state.committed = max(self._committed(state), state.token)
             state.follows = True
-            changed = state.apply()
-            if changed or not state.delivered:
+            changes = state.apply()
+            if changes or not state.delivered:
                 state.delivered = True
-                outcome.snapshots.append((state.key, Snapshot(tuple(state.docs.values()), read_time)))
+                snapshot = Snapshot(tuple(state.docs.values()), read_time, changes)
+                outcome.snapshots.append((state.key, snapshot))
 
     def _committed(self, state: TargetState[K]) -> Token:
         return max(state.committed, self._stream_committed) if state.follows else state.committed
