@@ -84,6 +84,7 @@ class Result:
     events: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # warnings, errors, non-JSON lines of the log
     error: str = ""
+    gc: dict[str, dict[str, Any]] = field(default_factory=dict)  # forced full collections (--gc)
 
     @property
     def received(self) -> int:
@@ -232,6 +233,19 @@ async def finish(process: subprocess.Popen[bytes] | None) -> None:
         await asyncio.get_running_loop().run_in_executor(None, process.wait)
 
 
+async def forced_collections(pid: int, log: Path, timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+    """SIGUSR2 to a service started with bench/gc_probe: its full collections, timed as it is
+    and with every object unfrozen ({"as-is": record, "unfrozen": record})."""
+    os.kill(pid, signal.SIGUSR2)
+    async with asyncio.timeout(timeout):
+        while True:
+            lines = log.read_text().splitlines() if log.exists() else []
+            forced = {r["forced"]: r for r in map(json.loads, lines) if "forced" in r}
+            if len(forced) == 2:
+                return forced
+            await asyncio.sleep(0.2)
+
+
 def write_registry(db: firestore.Client, uids: list[str]) -> None:
     for i in range(0, len(uids), 500):  # a batch holds at most 500 writes
         batch = db.batch()
@@ -350,6 +364,9 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
         await asyncio.sleep(args.idle)
         r.idle_cpu = service.ps.cpu_percent(None)
         await finish(idle_profile)
+        gc_log = (getattr(args, "service_env", None) or {}).get("BENCH_GC_LOG")
+        if gc_log:
+            r.gc = await forced_collections(service.pid, Path(gc_log))
         write_profile = profile(args, service.pid, "writes", args.writes_per_size / args.rate)
 
         sampler = asyncio.create_task(sample(service.ps, emu, r))

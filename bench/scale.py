@@ -3,7 +3,8 @@
 For each user count and source, on a fresh Google Firestore emulator: the floor first (an
 in-process Listen client adds one notification query per user on a fresh project, all on one
 stream; the seconds until every target delivered its first snapshot are the emulator's own
-speed), then `bench.latency`'s run with `LISTENERS_FIRESTORE_SOURCE` set: users online before
+speed), and `--floor-writes` notifications at `--rate`, each timed from its write to its
+arrival on that client's stream (the emulator's own latency); then `bench.latency`'s run with `LISTENERS_FIRESTORE_SOURCE` set: users online before
 the service starts, time until every user got its first `notif.sync`, threads, idle CPU, RSS,
 write -> `notif.add` on Redis at `--rate` writes per second, SIGTERM to exit.
 
@@ -16,15 +17,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import random
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from google.cloud import firestore
 
 from bench.latency import (
     DOC,
@@ -36,6 +42,7 @@ from bench.latency import (
     report_head,
     run_size,
     update_doc,
+    write_notification,
 )
 from listeners.local.processes import PROJECT_ROOT, RedisServer, emulator_env
 from listeners.source.listen import ListenSource
@@ -49,17 +56,34 @@ SECTION = "## Scale: SDK source against the Listen source (`bench/scale.py`)"
 class Row:
     source: str
     result: Result
-    floor_s: float = float("nan")
+    floor: Floor = field(default_factory=lambda: Floor())
 
 
-async def floor(host: str, users: int, timeout: float) -> float:
-    """Seconds until `users` notification queries on one stream all delivered a snapshot."""
-    source = ListenSource(f"floor-{uuid.uuid4().hex[:6]}", emulator_host=host, targets_per_stream=users)
+@dataclass
+class Floor:
+    """The emulator's own speed with a plain Listen client in this process: no service."""
+
+    synced_s: float = float("nan")
+    latencies_ms: list[float] = field(default_factory=list)  # write -> change on the stream
+
+
+async def floor(host: str, users: int, args: argparse.Namespace) -> Floor:
+    """Seconds until `users` notification queries on one stream all delivered a snapshot; then
+    `--floor-writes` notifications at `--rate`, each timed from just before its write to its
+    arrival in its query's snapshot."""
+    project = f"floor-{uuid.uuid4().hex[:6]}"
+    source = ListenSource(project, emulator_host=host, targets_per_stream=users)
+    result = Floor()
     seen: set[int] = set()
     done = asyncio.Event()
+    sent: dict[str, float] = {}
+    arrived: dict[str, float] = {}
 
     def handler(i: int) -> Callable[[Snapshot], None]:
-        def on_snapshot(_: Snapshot) -> None:
+        def on_snapshot(snapshot: Snapshot) -> None:
+            now = time.monotonic()
+            for doc in snapshot.changes.upserted if snapshot.changes else snapshot.docs:
+                arrived.setdefault(doc.id, now)
             seen.add(i)
             if len(seen) == users:
                 done.set()
@@ -67,12 +91,31 @@ async def floor(host: str, users: int, timeout: float) -> float:
         return on_snapshot
 
     began = time.monotonic()
+    db = firestore.Client(project=project)
+    pool = ThreadPoolExecutor(16, thread_name_prefix="floor-write")
+    loop = asyncio.get_running_loop()
     try:
         for i in range(users):
             source.watch(Query(f"clients/u{i:04d}/notifications", (("read", False),)), handler(i))
-        await asyncio.wait_for(done.wait(), timeout)
-        return time.monotonic() - began
+        await asyncio.wait_for(done.wait(), args.ready_timeout)
+        result.synced_s = time.monotonic() - began
+        rng = random.Random(args.seed)
+        writes = []
+        began = time.monotonic()
+        for n in range(args.floor_writes):
+            await asyncio.sleep(max(0.0, began + n / args.rate - time.monotonic()))
+            uid = f"u{rng.randrange(users):04d}"
+            writes.append(loop.run_in_executor(pool, write_notification, db, uid, f"f{n:05d}", sent))
+        await asyncio.gather(*writes)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.quiet):
+                while not sent.keys() <= arrived.keys():
+                    await asyncio.sleep(0.05)
+        result.latencies_ms = sorted((arrived[d] - t0) * 1000 for d, t0 in sent.items() if d in arrived)
+        return result
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        db.close()
         await source.aclose()
 
 
@@ -87,18 +130,24 @@ async def run(args: argparse.Namespace) -> list[tuple[int, list[Row]]]:
                 row = Row(source, Result(users, tmp / f"{name}.log", tmp / f"{name}-emulator.log"))
                 rows.append(row)
                 args.service_env = {"LISTENERS_FIRESTORE_SOURCE": source}
+                if args.gc:
+                    probe = str(Path(__file__).resolve().parent / "gc_probe")
+                    args.service_env["PYTHONPATH"] = os.pathsep.join(
+                        filter(None, [probe, os.environ.get("PYTHONPATH")])
+                    )
+                    args.service_env["BENCH_GC_LOG"] = str(tmp / f"{name}.gc.jsonl")
                 print(f"[scale] {users} users, {source} source ...", file=sys.stderr, flush=True)
                 emulator = LoggedEmulator(row.result.emulator_log)
                 try:
                     with emulator:
                         emulator_env(emulator.host)
-                        row.floor_s = await floor(emulator.host, users, args.ready_timeout)
+                        row.floor = await floor(emulator.host, users, args)
                         await run_size(row.result, args, redis_server.port, emulator)
                 except Exception as exc:  # reported; the next run still goes
                     row.result.error = f"{type(exc).__name__}: {exc}"
                 r = row.result
                 print(
-                    f"[scale] {users} {source}: floor {row.floor_s:.1f} s, synced {r.ready_s:.1f} s, "
+                    f"[scale] {users} {source}: floor {row.floor.synced_s:.1f} s, synced {r.ready_s:.1f} s, "
                     f"threads {r.threads}, idle {r.idle_cpu:.1f} %, rss {r.rss_mb:.0f} MB, "
                     f"p50 {percentile(r.latencies_ms, 50):.0f} p99 {percentile(r.latencies_ms, 99):.0f} ms, "
                     f"stop {r.stop_s:.1f} s" + (f", FAILED: {r.error}" if r.error else ""),
@@ -120,18 +169,19 @@ def render(
         START,
         *report_head(command, code, started, elapsed),
         "| users | source | floor s | synced s | synced / floor | threads | idle CPU % | RSS MB "
-        "| writes | received | p50 ms | p99 ms | max ms | stop s |",
-        "|---:|---|" + "---:|" * 12,
+        "| writes | received | p50 ms | p99 ms | max ms | floor p50 ms | floor p99 ms | stop s |",
+        "|---:|---|" + "---:|" * 14,
     ]
     for users, rows in runs:
         for row in rows:
-            r = row.result
+            r, f = row.result, row.floor
             lat = r.latencies_ms
             lines.append(
-                f"| {users} | {row.source} | {row.floor_s:.1f} | {r.ready_s:.1f} "
-                f"| {r.ready_s / row.floor_s:.2f} "
+                f"| {users} | {row.source} | {f.synced_s:.1f} | {r.ready_s:.1f} "
+                f"| {r.ready_s / f.synced_s:.2f} "
                 f"| {r.threads} | {r.idle_cpu:.1f} | {r.rss_mb:.0f} | {r.sent} | {r.received} "
                 f"| {percentile(lat, 50):.0f} | {percentile(lat, 99):.0f} | {percentile(lat, 100):.0f} "
+                f"| {percentile(f.latencies_ms, 50):.0f} | {percentile(f.latencies_ms, 99):.0f} "
                 f"| {r.stop_s:.1f} |"
             )
     lines.append("")
@@ -145,6 +195,14 @@ def render(
                 f"time to sync {sdk.ready_s / listen.ready_s:.1f} x."
             )
         for row in rows:
+            forced = row.result.gc
+            if forced:
+                lines.append(
+                    f"- {users} {row.source}, one full collection (the GC pause, `--gc`): "
+                    f"{forced['as-is']['ms']:.1f} ms as the service runs ({forced['as-is']['tracked']:,} "
+                    f"objects tracked, {forced['as-is']['frozen']:,} frozen at start-up); "
+                    f"{forced['unfrozen']['ms']:.1f} ms with all {forced['unfrozen']['tracked']:,} tracked."
+                )
             if row.result.error or row.result.problems:
                 lines.append(
                     f"- {users} {row.source}: "
@@ -163,12 +221,18 @@ def main(argv: list[str] | None = None) -> None:
         "--sdk-max-users", type=int, default=1000, help="larger sizes run the Listen source only"
     )
     parser.add_argument("--writes-per-size", type=int, default=1000)
+    parser.add_argument(
+        "--floor-writes", type=int, default=300, help="writes timed on the floor client, at --rate"
+    )
     parser.add_argument("--rate", type=float, default=100.0, help="notification writes per second")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU sampling")
     parser.add_argument("--drain", type=float, default=150.0)
     parser.add_argument("--quiet", type=float, default=15.0)
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--gc", action="store_true", help="time a full collection with and without gc.freeze (bench/gc_probe)"
+    )
     parser.add_argument("--profile", type=Path, help="py-spy flame graphs of the idle and write phases here")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--no-doc", action="store_true")

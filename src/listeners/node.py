@@ -97,6 +97,7 @@ class Node:
         self._dirty_added = asyncio.Event()
         self._attaching = True  # False once the instance stops: nobody new is taken
         self.registry_ready = asyncio.Event()  # set by the registry's first snapshot
+        self.settled = asyncio.Event()  # set once the users of that snapshot are reconciled
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -339,6 +340,8 @@ class Node:
             if self._dirty:
                 await self._reconcile_dirty()
                 continue
+            if self.registry_ready.is_set():
+                self.settled.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._dirty_added.wait(), max(0.0, next_sweep - loop.time()))
             if loop.time() < next_sweep:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -250,7 +251,9 @@ async def running(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(REGISTRY_WAIT_SECONDS):
                     await node.registry_ready.wait()
+            freezing = asyncio.create_task(freeze_after_attach(node), name="gc-freeze")
             yield service
+            freezing.cancel()
             leaving = service.begin_stop()
             log.info("service stopping: handing users over, then closing listeners")
             others = len(membership.members) > 1
@@ -275,3 +278,13 @@ async def running(
         if service._leaving is not None and not service._leaving.done():
             service._leaving.cancel()
         log.info("service stopped")
+
+
+async def freeze_after_attach(node: Node) -> None:
+    """Once the registry's first users are attached, move every object allocated so far out of
+    the collector's reach (gc.freeze): modules and sessions live as long as the process, and a
+    full collection that walks them holds the GIL, stalling every user's delivery
+    (measured in docs/benchmarks.md)."""
+    await node.settled.wait()
+    gc.freeze()
+    log.info("start-up objects frozen", extra={"count": gc.get_freeze_count()})
