@@ -1,12 +1,15 @@
 """Scale: the SDK source against the multiplexed Listen source, side by side (issue 13).
 
-For each user count and source, on a fresh Google Firestore emulator: the floor first (an
-in-process Listen client adds one notification query per user on a fresh project, all on one
-stream; the seconds until every target delivered its first snapshot are the emulator's own
-speed), and `--floor-writes` notifications at `--rate`, each timed from its write to its
-arrival on that client's stream (the emulator's own latency); then `bench.latency`'s run with `LISTENERS_FIRESTORE_SOURCE` set: users online before
-the service starts, time until every user got its first `notif.sync`, threads, idle CPU, RSS,
-write -> `notif.add` on Redis at `--rate` writes per second, SIGTERM to exit.
+For each user count and source, on a fresh Google Firestore emulator:
+- the floor first: an in-process Listen client adds one notification query per user on a
+  fresh project, all on one stream; the seconds until every target delivered its first
+  snapshot are the emulator's own speed. Then `--floor-writes` notifications at `--rate`,
+  each timed from its write to its arrival on that stream: the emulator's own latency (the
+  first writes a fresh emulator takes, so its JIT warms up on them).
+- then `bench.latency`'s run with `LISTENERS_FIRESTORE_SOURCE` set: users online before the
+  service starts, time until every user got its first `notif.sync`, threads, idle CPU, RSS,
+  write -> `notif.add` on Redis at `--rate` writes per second, SIGTERM to exit.
+- `--gc`: one full collection timed in the service, as it runs and with nothing frozen.
 
     .venv/bin/python -m bench.scale --users 1000 --sources sdk,listen --rate 100 --writes-per-size 1000
 
