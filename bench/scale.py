@@ -52,6 +52,7 @@ from listeners.source.listen import ListenSource
 from listeners.source.snapshots import Query, Snapshot
 
 START, END = "<!-- bench.scale:start -->", "<!-- bench.scale:end -->"
+FIGURE = DOC.parent / "scale.png"
 SECTION = "## Scale: SDK source against the Listen source (`bench/scale.py`)"
 
 
@@ -216,6 +217,26 @@ def render(
     return "\n".join(lines)
 
 
+def plot(runs: list[tuple[int, list[Row]]], path: Path) -> Path:
+    """Threads, idle CPU and RSS against online users, one line per source."""
+    from bench.plot import Panel, save_panels
+
+    def series(metric: Callable[[Result], float]) -> dict[str, list[tuple[float, float]]]:
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for users, rows in runs:
+            for row in rows:
+                if not row.result.error:
+                    lines.setdefault(row.source, []).append((users, metric(row.result)))
+        return lines
+
+    panels = [
+        Panel("threads", series(lambda r: r.threads), log_y=True, log_x=True),
+        Panel("idle CPU (% of a core)", series(lambda r: r.idle_cpu), log_x=True),
+        Panel("RSS (MB)", series(lambda r: r.rss_mb), log_x=True),
+    ]
+    return save_panels(path, "One instance: SDK source against the Listen source", "online users", panels)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=lambda s: [int(n) for n in s.split(",")], default=[1000])
@@ -251,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     print(block)
     if not args.no_doc:
         update_doc(args.doc, block, START, END, SECTION)
+        plot(runs, args.doc.parent / FIGURE.name)
 
 
 if __name__ == "__main__":
