@@ -123,24 +123,38 @@ async def floor(host: str, users: int, args: argparse.Namespace) -> Floor:
         await source.aclose()
 
 
+def variants(args: argparse.Namespace, users: int) -> list[tuple[str, int | None]]:
+    """(source, targets per Listen stream or None for the service's default) to run at a size."""
+    runs: list[tuple[str, int | None]] = []
+    for source in args.sources:
+        if source == "sdk" and users > args.sdk_max_users:
+            continue
+        per_stream = args.targets_per_stream if source == "listen" and args.targets_per_stream else [None]
+        runs += [(source, n) for n in per_stream]
+    return runs
+
+
 async def run(args: argparse.Namespace) -> list[tuple[int, list[Row]]]:
     runs: list[tuple[int, list[Row]]] = []
     with RedisServer() as redis_server:
         for users in args.users:
             rows: list[Row] = []
-            for source in [s for s in args.sources if s != "sdk" or users <= args.sdk_max_users]:
+            for source, per_stream in variants(args, users):
+                label = source if per_stream is None else f"{source} ({per_stream}/stream)"
                 name = f"listeners-scale-{source}-{users}-{uuid.uuid4().hex[:6]}"
                 tmp = Path(tempfile.gettempdir())
-                row = Row(source, Result(users, tmp / f"{name}.log", tmp / f"{name}-emulator.log"))
+                row = Row(label, Result(users, tmp / f"{name}.log", tmp / f"{name}-emulator.log"))
                 rows.append(row)
                 args.service_env = {"LISTENERS_FIRESTORE_SOURCE": source}
+                if per_stream is not None:
+                    args.service_env["LISTENERS_FIRESTORE_TARGETS_PER_STREAM"] = str(per_stream)
                 if args.gc:
                     probe = str(Path(__file__).resolve().parent / "gc_probe")
                     args.service_env["PYTHONPATH"] = os.pathsep.join(
                         filter(None, [probe, os.environ.get("PYTHONPATH")])
                     )
                     args.service_env["BENCH_GC_LOG"] = str(tmp / f"{name}.gc.jsonl")
-                print(f"[scale] {users} users, {source} source ...", file=sys.stderr, flush=True)
+                print(f"[scale] {users} users, {label} ...", file=sys.stderr, flush=True)
                 emulator = LoggedEmulator(row.result.emulator_log)
                 try:
                     with emulator:
@@ -151,7 +165,7 @@ async def run(args: argparse.Namespace) -> list[tuple[int, list[Row]]]:
                     row.result.error = f"{type(exc).__name__}: {exc}"
                 r = row.result
                 print(
-                    f"[scale] {users} {source}: floor {row.floor.synced_s:.1f} s, synced {r.ready_s:.1f} s, "
+                    f"[scale] {users} {label}: floor {row.floor.synced_s:.1f} s, synced {r.ready_s:.1f} s, "
                     f"threads {r.threads}, idle {r.idle_cpu:.1f} %, rss {r.rss_mb:.0f} MB, "
                     f"p50 {percentile(r.latencies_ms, 50):.0f} p99 {percentile(r.latencies_ms, 99):.0f} ms, "
                     f"stop {r.stop_s:.1f} s" + (f", FAILED: {r.error}" if r.error else ""),
@@ -241,6 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=lambda s: [int(n) for n in s.split(",")], default=[1000])
     parser.add_argument("--sources", type=lambda s: s.split(","), default=["sdk", "listen"])
+    parser.add_argument(
+        "--targets-per-stream",
+        type=lambda s: [int(n) for n in s.split(",")],
+        help="Listen source: one run per LISTENERS_FIRESTORE_TARGETS_PER_STREAM (default: the service's)",
+    )
     parser.add_argument(
         "--sdk-max-users", type=int, default=1000, help="larger sizes run the Listen source only"
     )
