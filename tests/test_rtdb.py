@@ -31,6 +31,8 @@ from listeners.source.rtdb import (
     SseEvent,
     SseParser,
 )
+from listeners.source.rtdb import client as client_module
+from tests.conftest import wait_until
 
 FAST = Backoff(base=0.05, cap=0.5)
 
@@ -481,6 +483,31 @@ async def test_close_is_prompt_and_leaves_no_stream_open(standin: RtdbStandin, n
     assert rtdb.open_streams == 0
     assert not any(stream.active for stream in streams)
     await no_streams(standin, ns)
+
+
+async def test_streams_are_spread_over_bounded_connection_pools(
+    standin: RtdbStandin, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx scans its whole pool on every request: streams go to pools of at most
+    STREAMS_PER_POOL connections, and a closed stream's place is taken again."""
+    monkeypatch.setattr(client_module, "STREAMS_PER_POOL", 2)
+    rtdb = RtdbClient(standin.url, namespace=ns)
+    try:
+        mirrors = [Mirror() for _ in range(5)]
+        streams = [rtdb.stream(f"/s/{i}", mirror.on_change) for i, mirror in enumerate(mirrors)]
+        for stream in streams:
+            await synced(stream)
+        assert rtdb.stream_pools == 3
+        assert len({id(rtdb.stream_http(s)) for s in streams}) == 3
+        for i in range(5):
+            await rtdb.set(f"/s/{i}", {"n": i})
+        await wait_until(lambda: all(m.trees[-1] == {"n": i} for i, m in enumerate(mirrors)))
+        await streams[0].close()
+        again = rtdb.stream("/s/again", Mirror().on_change)
+        await synced(again)
+        assert rtdb.stream_pools == 3  # the freed place, not a fourth pool
+    finally:
+        await rtdb.aclose()
 
 
 # --- tokens from service-account credentials -------------------------------------------

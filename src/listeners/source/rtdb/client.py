@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urljoin, urlsplit, urlunsplit
 
@@ -61,6 +62,21 @@ async def _error(response: httpx.Response) -> RtdbError:
     return RtdbError(response.status_code, message or response.reason_phrase)
 
 
+STREAMS_PER_POOL = 100
+
+
+@dataclass(eq=False)
+class _StreamPool:
+    http: httpx.AsyncClient
+    streams: int = 0
+
+
+def _http_client(timeout: float) -> httpx.AsyncClient:
+    # no cap on connections: each stream holds one, and they are counted per pool above
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+    return httpx.AsyncClient(timeout=timeout, limits=limits)
+
+
 def _encode(value: Json) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
@@ -89,11 +105,14 @@ class RtdbClient:
         self._tokens = tokens
         self._timeout = timeout
         self._own_http = http is None
-        # streams each hold a connection for their lifetime: no cap on the pool
-        self._http = http or httpx.AsyncClient(
-            timeout=timeout, limits=httpx.Limits(max_connections=None, max_keepalive_connections=20)
-        )
+        self._http = http or _http_client(timeout)
         self._streams: set[NodeStream] = set()
+        # Each stream holds a connection for its lifetime (HTTP/1.1: the REST API streams one
+        # location per request). httpcore scans its whole pool on every request and response,
+        # so 10,000 streams in one pool cost O(streams) per event, O(streams²) to start them:
+        # streams are spread over pools of at most STREAMS_PER_POOL connections each.
+        self._stream_pools: list[_StreamPool] = []
+        self._pool_of: dict[NodeStream, _StreamPool] = {}
 
     def url(self, keys: Sequence[str]) -> str:
         return self.base_url + "/" + "/".join(quote(key, safe="") for key in keys) + ".json"
@@ -157,13 +176,36 @@ class RtdbClient:
             query=query,
         )
         self._streams.add(stream)
+        if self._own_http:
+            pool = min(self._stream_pools, key=lambda p: p.streams, default=None)
+            if pool is None or pool.streams >= STREAMS_PER_POOL:
+                pool = _StreamPool(_http_client(self._timeout))
+                self._stream_pools.append(pool)
+            pool.streams += 1
+            self._pool_of[stream] = pool
         stream.start()
         return stream
+
+    def stream_http(self, stream: NodeStream) -> httpx.AsyncClient:
+        """The HTTP client (connection pool) this stream connects through."""
+        pool = self._pool_of.get(stream)
+        return self._http if pool is None else pool.http
+
+    def forget(self, stream: NodeStream) -> None:
+        """The stream is closed or failed for good: its place in a pool is free."""
+        self._streams.discard(stream)
+        pool = self._pool_of.pop(stream, None)
+        if pool is not None:
+            pool.streams -= 1
+
+    @property
+    def stream_pools(self) -> int:
+        return len(self._stream_pools)
 
     async def aclose(self) -> None:
         await asyncio.gather(*(stream.close() for stream in list(self._streams)))
         if self._own_http:
-            await self._http.aclose()
+            await asyncio.gather(self._http.aclose(), *(pool.http.aclose() for pool in self._stream_pools))
 
     async def _token(self, *, refresh: bool = False) -> str | None:
         if self._tokens is None:
@@ -204,6 +246,7 @@ class RtdbClient:
         headers: Mapping[str, str] | None = None,
         content: bytes | None = None,
         stream: bool = False,
+        http: httpx.AsyncClient | None = None,
     ) -> httpx.Response:
         url = httpx.URL(self.url(keys))
         query = {"ns": self.namespace} if self.namespace else {}
@@ -214,10 +257,11 @@ class RtdbClient:
             request_headers = dict(headers or {})
             if token is not None and self._may_carry_token(url):
                 request_headers["Authorization"] = f"Bearer {token}"
-            request = self._http.build_request(
+            http = http or self._http
+            request = http.build_request(
                 method, url, headers=request_headers, content=content, timeout=timeout
             )
-            response = await self._http.send(request, stream=stream, follow_redirects=False)
+            response = await http.send(request, stream=stream, follow_redirects=False)
             location = response.headers.get("location")
             if response.status_code not in (301, 302, 303, 307, 308) or not location:
                 return response

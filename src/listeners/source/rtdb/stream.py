@@ -123,7 +123,7 @@ class NodeStream:
     async def close(self) -> None:
         """Stop the stream and drop its connection; returns promptly, never hangs the loop."""
         self._closed = True
-        self._client._streams.discard(self)
+        self._client.forget(self)
         task = self._task
         if task is None or task.done():
             return
@@ -189,6 +189,7 @@ class NodeStream:
                 headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
                 params=self._query,
                 stream=True,
+                http=self._client.stream_http(self),
             )
             try:
                 if response.status_code != 200:
@@ -245,7 +246,7 @@ class NodeStream:
     def _fail(self, reason: str) -> None:
         self._failed = True
         self._reason = reason
-        self._client._streams.discard(self)
+        self._client.forget(self)
         log.warning("rtdb stream %s failed: %s", self.path, reason)
         if self._on_failed is not None:
             try:
