@@ -350,16 +350,16 @@ def test_image_installs_from_the_lock_and_serves_healthz(
     assert result.returncode == 1 and "FAIL  websocket" in result.stdout and "token refused" in result.stdout
 
     # Graceful stop: SIGTERM to PID 1 (exec-form CMD), done within ECS's stopTimeout (a product
-    # bound: ECS kills the task after it; the drain is budgeted well inside it). uvicorn
-    # re-raises the signal once its shutdown is complete, hence the exit by SIGTERM.
+    # bound: ECS kills the task after it; the drain is budgeted well inside it). The lifespan
+    # leaves with status 0 once it has flushed and closed (deliver/http.py), before uvicorn's
+    # own teardown; were it to return, uvicorn would re-raise the signal instead.
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
     output = log.read_text()
     assert process.returncode in (0, -signal.SIGTERM), output
-    assert '"Application shutdown complete."' in output
     assert time.monotonic() - started < task_definition()["containerDefinitions"][0]["stopTimeout"]
-    assert '"service stopped"' in output
+    assert '"service stopped"' in output and '"exiting"' in output, output
 
 
 # ------------------------------------------------------------------ task definition
