@@ -71,7 +71,8 @@ async def browser() -> AsyncIterator[Browser]:
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, port: int) -> AsyncIterator[Starlette]:
     # A failure must never SIGTERM or exit the test process.
-    app = create_app(settings, process=ProcessHooks(stop=lambda reason: None, exit=lambda status: None))
+    hooks = ProcessHooks(stop=lambda reason: None, exit=lambda status: None, exits=False)
+    app = create_app(settings, process=hooks)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())

@@ -42,7 +42,7 @@ async def serving(settings: Settings, **uvicorn_options: Any) -> AsyncIterator[t
     the SIGTERM to this process that the real app sends)."""
     fatal: list[str] = []
     # A shutdown that overruns its budget here (a loaded machine) would only be cut: not a failure.
-    app = create_app(settings, process=ProcessHooks(stop=fatal.append, exit=lambda status: None))
+    app = create_app(settings, process=ProcessHooks(stop=fatal.append, exit=lambda status: None, exits=False))
     port = free_port()
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, lifespan="on", **uvicorn_options

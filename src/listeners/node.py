@@ -140,6 +140,17 @@ class Node:
             if pending:
                 log.warning("shutdown: watches left closing", extra={"pending": len(pending)})
 
+    def abandon(self) -> None:
+        """The process is about to exit: forget every user without closing their watches (the
+        kernel closes the sockets; closing them one by one costs seconds at 10,000 users)."""
+        self._registry_generation += 1
+        self._dirty.clear()
+        self._registry = None
+        self._metrics.detaches.labels("shutdown").inc(len(self.sessions))
+        log.info("shutdown: users left to the exit", extra={"count": len(self.sessions)})
+        self.sessions.clear()
+        self._moving.clear()
+
     @property
     def registry_healthy(self) -> bool:
         return self._registry is not None and self._registry.active

@@ -177,11 +177,15 @@ async def running(
     source: SnapshotSource | None = None,
     rtdb: RtdbClient | None = None,
     on_fatal: Callable[[str], None] = lambda reason: None,
+    process_exits: bool = False,
 ) -> AsyncIterator[Service]:
     """The whole service, started; on exit it stops the listeners, then flushes what is queued.
 
     `on_fatal(reason)` is called when a task cannot be kept alive (after `service.failed` is
     set): the application then stops the process with a non-zero status (deliver/http.py).
+    `process_exits`: the process ends right after, so the users' streams are left to the
+    kernel instead of being closed one by one (10,000 Realtime Database streams take about 5 s
+    to unwind); the Firestore channels and Redis are still closed.
     """
     metrics = Metrics()
     broker = broker or RedisBroker(settings.redis, metrics)
@@ -262,7 +266,10 @@ async def running(
             if others:  # the others attach while we still serve
                 await asyncio.sleep(service.time_left(HANDOVER_SECONDS))
             await supervisor.stop(["node"], service.time_left(1.0))
-            await node.aclose(service.time_left(2.0))
+            if process_exits:
+                node.abandon()
+            else:
+                await node.aclose(service.time_left(2.0))
     finally:
         if service.stop_deadline is None:  # stopping on an error before serving: no hand-over
             service.stopping = True
@@ -270,7 +277,8 @@ async def running(
         if publisher.up and not await publisher.flush(service.time_left(1.5)):
             log.warning("shutdown: events still queued were dropped", extra={"dropped": publisher.queued})
         await supervisor.stop(timeout=service.time_left(1.0))
-        for closing in (broker.disconnect(), source.aclose(), *([rtdb.aclose()] if rtdb else [])):
+        rtdb_closing = [rtdb.aclose()] if rtdb is not None and not process_exits else []
+        for closing in (broker.disconnect(), source.aclose(), *rtdb_closing):
             try:
                 await asyncio.wait_for(closing, service.time_left(1.0))
             except Exception as exc:  # Redis or Firestore gone, or too slow: exit anyway

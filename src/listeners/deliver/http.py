@@ -59,12 +59,17 @@ class ProcessHooks:
     stop: Callable[[str], None] = _sigterm_self
     # Leave now with this status (everything that could be closed is closed).
     exit: Callable[[int], None] = _exit_now
+    # `exit` ends the process: the shutdown leaves the users' streams to it (service.running).
+    exits: bool = True
 
 
 def create_app(settings: Settings, *, process: ProcessHooks = ProcessHooks()) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with running(settings, on_fatal=process.stop) as service, direct_mode(service) as gateway:
+        async with (
+            running(settings, on_fatal=process.stop, process_exits=process.exits) as service,
+            direct_mode(service) as gateway,
+        ):
             app.state.service = service
             app.state.gateway = gateway
             watchdog = Watchdog(settings.shutdown_timeout_seconds, process)
