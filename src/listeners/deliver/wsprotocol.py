@@ -15,8 +15,8 @@ reads `--ws` as an import path when it is not one of its own names.
    the client reads before it writes anything, the close frame included, so a slow consumer
    could never be closed; and after a close, `transport.close()` waits for a buffer that never
    drains, keeping the file descriptor for ever. Here a close is written at once, behind the
-   data already queued, and the transport is aborted `CLOSE_SECONDS` later if the client has
-   not completed the closing handshake by then.
+   data already queued, and the transport is aborted `LISTENERS_WS_CLOSE_TIMEOUT_SECONDS` (5)
+   later if the client has not completed the closing handshake by then.
 3. Per-socket objects are kept small (10,000 of them per process): the receive queue and the
    "writable" flag are a deque and futures made only while someone waits (an asyncio.Queue
    and an asyncio.Event cost ~3 KiB a socket), and the handshake's response goes once sent.
@@ -68,7 +68,19 @@ def deflate_factory(mode: str) -> ServerPerMessageDeflateFactory | None:
     )
 
 
-MODE = deflate_mode()  # read once, at import: a bad value stops the worker before it listens
+def close_seconds(env: dict[str, str] | None = None) -> float:
+    raw = (env if env is not None else os.environ).get("LISTENERS_WS_CLOSE_TIMEOUT_SECONDS", "")
+    if not raw.strip():
+        return CLOSE_SECONDS
+    value = float(raw)  # ValueError: the worker stops before it listens
+    if not 0.1 <= value <= 3600:
+        raise ValueError(f"LISTENERS_WS_CLOSE_TIMEOUT_SECONDS: between 0.1 and 3600, not {value}")
+    return value
+
+
+# Read once, at import: a bad value stops the worker before it listens.
+MODE = deflate_mode()
+CLOSE_TIMEOUT = close_seconds()
 
 
 class Inbox:
@@ -149,7 +161,7 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
             max_size=config.ws_max_size,
             logger=logging.getLogger("uvicorn.error"),
         )
-        self.close_timeout = CLOSE_SECONDS
+        self.close_timeout = CLOSE_TIMEOUT
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
 
