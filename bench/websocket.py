@@ -133,7 +133,9 @@ async def hold(
     first = True
     while True:
         try:
-            async with handshakes:
+            # The first opening goes `handshakes` at a time per process; a reconnection after the
+            # restart does not wait for the others, as browsers do not: that is the storm.
+            async with handshakes if first else contextlib.nullcontext():
                 # A slow consumer offers no compression: the ballast that fills its buffers would
                 # otherwise cost the machine more deflate work than the whole measured load.
                 ws = await open_socket(

@@ -220,3 +220,27 @@ async def test_a_socket_that_stops_reading_is_closed_4014_and_the_others_get_eve
             await publisher.aclose()
             await reader.close()
             await slow.close()
+
+
+async def test_a_broken_configuration_stops_the_workers_instead_of_restarting_them(
+    redis_server: RedisServer,
+    emulator: FirestoreEmulator,
+    issuer: LocalIssuer,
+    issuer_and_url: tuple[LocalIssuer, str],
+    tmp_path: Path,
+) -> None:
+    env = service_env(
+        redis_server.port,
+        issuer.project_id,
+        LISTENERS_WS_MAX_SOCKETS="0",  # out of range
+        WEB_CONCURRENCY="2",
+        UVICORN_WS=DIRECT,
+    )
+    process = ServiceProcess(env, log_path=tmp_path / "service.log")
+    try:
+        status = await asyncio.to_thread(process.process.wait, 120)
+    finally:
+        process.stop(signal.SIGKILL, 10)
+    assert status == 0  # uvicorn's supervisor's own status once a worker could not start
+    problems = [r for r in log_records(tmp_path) if "LISTENERS_WS_MAX_SOCKETS" in r.get("message", "")]
+    assert 1 <= len(problems) <= 2  # each worker once at most: no restart loop
