@@ -694,7 +694,8 @@ async def measure(args: argparse.Namespace, workers: int, sockets: int, workdir:
                 with contextlib.suppress(ValueError, AttributeError):
                     record = json.loads(line)
                     if record.get("level") in ("WARNING", "ERROR", "CRITICAL"):
-                        r.problems[record.get("message", "?")[:80]] += 1
+                        reason = f" ({str(record['reason'])[:60]})" if record.get("reason") else ""
+                        r.problems[record.get("message", "?")[:80] + reason] += 1
             r.slow_closed_logged = r.problems.get("websocket closed: slow consumer", 0)
     return r
 
