@@ -10,8 +10,9 @@ cable cut. Reads then return nothing for ever, exactly as on a quiet channel. So
 connection is probed: a PING every `heartbeat_seconds` (Redis answers `pong` even in
 subscribed mode), and if neither the pong nor any other message arrives within
 `heartbeat_timeout` the connection is torn down and made again (a busy process may read the
-pong seconds late, behind a burst of messages: the messages show the connection alive). A dead connection is noticed within the sum of the two (6 s by
-default). The ACL users of deploy/redis-acl.json may all run PING.
+pong seconds late, behind a burst of messages: the messages show the connection alive). A
+dead connection is noticed within the sum of the two (6 s by default). The ACL users of
+deploy/redis-acl.json may all run PING.
 """
 
 from __future__ import annotations
