@@ -878,6 +878,7 @@ def main() -> None:
         "--profile", type=Path, help="py-spy each worker into this directory (collapsed stacks)"
     )
     parser.add_argument("--py-spy", default="/tmp/pyspy/bin/py-spy")
+    parser.add_argument("--log-dir", type=Path, help="keep the service logs here")
     parser.add_argument(
         "--name", default="main", help="the doc block to write (main: the table and the figure)"
     )
@@ -891,10 +892,12 @@ def main() -> None:
     started, began = datetime.now(UTC), time.monotonic()
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-ws-") as workdir:
+        logs = args.log_dir or Path(workdir)
+        logs.mkdir(parents=True, exist_ok=True)
         for workers in args.workers:
             for sockets in args.sockets:
                 print(f"[bench] {workers} worker(s), {sockets} sockets ...", file=sys.stderr, flush=True)
-                results.append(asyncio.run(measure(args, workers, sockets, Path(workdir))))
+                results.append(asyncio.run(measure(args, workers, sockets, logs)))
                 print(
                     report(results[-1:], args, started, time.monotonic() - began), file=sys.stderr, flush=True
                 )

@@ -36,8 +36,10 @@ from collections import deque
 from typing import Any
 
 from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
+from websockets.exceptions import InvalidState
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.server import ServerProtocol
 
@@ -188,8 +190,11 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         else:  # the client is not reading: do not wait for it
             code = message.get("code", 1000)
             reason = message.get("reason", "") or ""
+            try:
+                self.conn.send_close(code, reason)
+            except InvalidState:  # the connection failed meanwhile (a ping timeout): as uvicorn does
+                raise ClientDisconnected() from None
             self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
-            self.conn.send_close(code, reason)
             self.transport.write(b"".join(self.conn.data_to_send()))
             self.close_sent = True
         if self.close_timer is not None:
