@@ -16,7 +16,7 @@ has parsed the frame: publish -> Redis -> a worker's hub -> the socket's queue -
 Measured per pair: time to open every socket (token checks included), latency percentiles,
 RSS of the service's processes with no socket and with all open (the difference per socket
 is the memory per connection), CPU of every process over the measured window (100 = one
-core), the bytes the service wrote per event (`/proc/PID/io` wchar), and the load average
+core), the bytes on the wire per event (counted by the clients), and the load average
 at the start. With `--slow-fraction`, that share of the sockets stops reading once open and
 gets `--ballast` bytes of extra events per second each: the service must close them with
 4014 while memory stays bounded and the other sockets' latency holds. With `--restart`, the
