@@ -416,6 +416,47 @@ def profile(
     ]
 
 
+# Where a sample's time goes, by the first frame of the stack that names one (most specific first).
+AREAS = (
+    ("permessage-deflate (compressing each event)", ("permessage_deflate.py",)),
+    ("the hub: checking each event, handing it to the sockets", ("Hub._on_message",)),
+    ("reading Redis Pub/Sub (redis-py, hiredis)", ("RedisSubscriber",)),
+    (
+        "writing to the sockets (Starlette, uvicorn, framing, send)",
+        ("Connection._write", "DirectWebSocketProtocol.send"),
+    ),
+    ("handshakes, token checks, socket set-up and close", ("Connection.serve", "handle_connect", "run_asgi")),
+    ("uvicorn's keepalive pings", ("keepalive",)),
+)
+
+
+def summarise_profile(directory: Path) -> list[str]:
+    """A table of where each worker's sampled time went, from py-spy's collapsed stacks."""
+    lines = [
+        "| worker profile | samples | "
+        + " | ".join(a for a, _ in AREAS)
+        + " | other (event loop, timers, tasks) |"
+    ]
+    lines.append("|---|" + "---:|" * (len(AREAS) + 2))
+    for path in sorted(directory.glob("*.txt")):
+        counts: Counter[str] = Counter()
+        total = 0
+        for line in path.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not n.isdigit():
+                continue
+            total += int(n)
+            area = next((a for a, marks in AREAS if any(m in stack for m in marks)), "other")
+            counts[area] += int(n)
+        shares = [f"{counts[a] / max(1, total) * 100:.0f} %" for a, _ in AREAS]
+        lines.append(
+            f"| `{path.stem}` | {total} | "
+            + " | ".join(shares)
+            + f" | {counts['other'] / max(1, total) * 100:.0f} % |"
+        )
+    return lines
+
+
 class Tree:
     """The service's processes: uvicorn, and its workers when there are several."""
 
@@ -471,6 +512,10 @@ def service_env(
         env["UVICORN_WS"] = DIRECT_PROTOCOL
     if args.loop == "asyncio":
         env["UVICORN_LOOP"], env["UVICORN_HTTP"] = "asyncio", "h11"
+    if args.no_hiredis:  # a module of that name that will not import: redis-py parses in Python
+        shim = Path(tempfile.mkdtemp(prefix="no-hiredis-"))
+        (shim / "hiredis.py").write_text('raise ImportError("hidden by bench.websocket --no-hiredis")\n')
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH", "")]))
     return env
 
 
@@ -708,7 +753,8 @@ def describe(args: argparse.Namespace) -> str:
     deflate = (
         "permessage-deflate offered by the clients" if args.client_deflate else "no compression offered"
     ) + (f"; server `LISTENERS_WS_DEFLATE={args.deflate}`" if args.protocol == "direct" else "")
-    loop = "uvloop + httptools when installed" if args.loop == "auto" else "asyncio + h11"
+    loop = "uvloop + httptools" if args.loop == "auto" else "asyncio + h11"
+    loop += ", redis-py without hiredis" if args.no_hiredis else ", hiredis"
     return f"WebSocket protocol {protocol}, {deflate}, {loop}"
 
 
@@ -727,6 +773,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--no-client-deflate")
     if args.loop != "auto":
         parts.append(f"--loop {args.loop}")
+    if args.no_hiredis:
+        parts.append("--no-hiredis")
     if args.slow_fraction:
         parts.append(f"--slow-fraction {args.slow_fraction:g} --ballast {args.ballast}")
     if args.restart:
@@ -869,6 +917,7 @@ def main() -> None:
     parser.add_argument(
         "--loop", choices=("auto", "asyncio"), default="auto", help="asyncio: no uvloop, no httptools"
     )
+    parser.add_argument("--no-hiredis", action="store_true", help="the service's redis-py without hiredis")
     parser.add_argument("--slow-fraction", type=float, default=0.0, help="share of sockets that stop reading")
     parser.add_argument("--ballast", type=int, default=65536, help="bytes per second to each slow socket")
     parser.add_argument("--restart", action="store_true", help="restart the service, time the reconnection")
@@ -884,7 +933,11 @@ def main() -> None:
     )
     parser.add_argument("--no-doc", action="store_true", help=f"print only; leave {DOC.name} alone")
     parser.add_argument("--as-client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--summarise", type=Path, help="print the table of a --profile directory, and stop")
     args = parser.parse_args()
+    if args.summarise:
+        print("\n".join(summarise_profile(args.summarise)))
+        return
     if args.as_client:
         asyncio.run(client_main())
         return
@@ -903,6 +956,9 @@ def main() -> None:
                 )
     block = report(results, args, started, time.monotonic() - began)
     print(block)
+    if args.profile:
+        block += "\n\nSampled by py-spy at 50 Hz over the measured window (share of the samples):\n\n"
+        block += "\n".join(summarise_profile(args.profile))
     if not args.no_doc:
         write_doc(block, args.name)
         if args.name == "main":
