@@ -244,3 +244,39 @@ async def test_a_broken_configuration_stops_the_workers_instead_of_restarting_th
     assert status == 0  # uvicorn's supervisor's own status once a worker could not start
     problems = [r for r in log_records(tmp_path) if "LISTENERS_WS_MAX_SOCKETS" in r.get("message", "")]
     assert 1 <= len(problems) <= 2  # each worker once at most: no restart loop
+
+
+async def instance_ids(port: int, want: int) -> set[str]:
+    """Instance ids seen on /version until `want` distinct ones (a new connection each time:
+    the kernel hands each to either worker)."""
+    ids: set[str] = set()
+    async with asyncio.timeout(120):
+        while len(ids) < want:
+            with contextlib.suppress(httpx.HTTPError):
+                async with httpx.AsyncClient() as http:
+                    ids.add(
+                        (await http.get(f"http://127.0.0.1:{port}/version", timeout=5)).json()["instance_id"]
+                    )
+    return ids
+
+
+async def test_a_worker_that_dies_is_replaced_by_a_new_process_with_a_new_identity(
+    redis_server: RedisServer,
+    emulator: FirestoreEmulator,
+    issuer: LocalIssuer,
+    issuer_and_url: tuple[LocalIssuer, str],
+    tmp_path: Path,
+) -> None:
+    with service(redis_server, issuer, issuer_and_url[1], tmp_path) as process:
+        await healthy(process.port)
+        before = await instance_ids(process.port, 2)
+        victim = int(sorted(before)[0].rsplit("-", 2)[-2])
+        psutil.Process(victim).kill()  # as the watchdog's os._exit would leave it: gone at once
+        replaced: set[str] = set()
+        async with asyncio.timeout(120):
+            while not replaced:
+                replaced = await instance_ids(process.port, 1) - before
+        (new,) = replaced
+        assert int(new.rsplit("-", 2)[-2]) != victim
+        assert process.process.poll() is None  # the task goes on: uvicorn's supervisor replaced it
+        assert sorted(before)[1] in await instance_ids(process.port, 2)  # the other worker stayed
