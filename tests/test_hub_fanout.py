@@ -12,11 +12,12 @@ import pytest
 
 from listeners.config import WebSocketSettings
 from listeners.deliver import wsprotocol
+from listeners.deliver.batch import MAX_BATCH, Batcher
 from listeners.deliver.hub import Hub
 from listeners.deliver.websocket import SLOW_CONSUMER, Connection
 from listeners.envelope import Envelope
 from listeners.metrics import Metrics
-from listeners.publish.broker import MemoryBroker
+from listeners.publish.broker import BrokerUnavailable, MemoryBroker
 
 
 async def test_each_message_is_read_once_and_the_same_text_goes_to_every_socket() -> None:
@@ -109,3 +110,44 @@ def test_the_deflate_modes() -> None:
     for bad in ("0", "-1", "nope", "99999"):
         with pytest.raises(ValueError):
             wsprotocol.close_seconds({"LISTENERS_WS_CLOSE_TIMEOUT_SECONDS": bad})
+
+
+class CountingBroker(MemoryBroker):
+    """Counts pipelines, and how many run at once (what a reconnect storm costs in connections)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def publish_many(self, messages: Any) -> None:
+        self.calls += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0)  # a round trip: others may start meanwhile
+            await super().publish_many(messages)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_storm_of_resync_requests_goes_out_in_a_few_pipelines_one_at_a_time() -> None:
+    broker = CountingBroker()
+    batcher = Batcher(broker, "control")
+    messages = [b"resync %d" % n for n in range(2000)]
+    await asyncio.gather(*(batcher.send(m) for m in messages))
+    assert sorted(broker.published["control"]) == sorted(messages)  # every one, once
+    assert broker.calls == batcher.pipelines <= 2000 // MAX_BATCH + 1
+    assert broker.most_in_flight == 1
+
+
+async def test_a_failed_pipeline_fails_its_senders_and_the_next_ones_go_through() -> None:
+    broker = CountingBroker()
+    batcher = Batcher(broker, "control")
+    broker.available = False
+    results = await asyncio.gather(*(batcher.send(b"%d" % n) for n in range(10)), return_exceptions=True)
+    assert all(isinstance(r, BrokerUnavailable) for r in results)
+    broker.available = True
+    await batcher.send(b"after")
+    assert broker.published["control"] == [b"after"]
