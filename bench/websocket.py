@@ -76,7 +76,7 @@ class ClientState:
     closed: Counter[int] = field(default_factory=Counter)  # close code -> sockets closed under load
     received: Counter[int] = field(default_factory=Counter)  # phase -> events received
     latencies_ms: list[float] = field(default_factory=list)  # measured phase, reading sockets only
-    reconnected_at: list[float] = field(default_factory=list)  # monotonic times of auth.ok again
+    reconnected_at: dict[str, float] = field(default_factory=dict)  # token -> when auth.ok came again
     wire_bytes: int = 0  # what the reading sockets received once open, frames and all
     errors: list[str] = field(default_factory=list)
     restarting: bool = False
@@ -156,8 +156,8 @@ async def hold(
             continue
         if first:
             state.ready += 1
-        else:
-            state.reconnected_at.append(time.monotonic())
+        else:  # the last time only: a stopping server can bounce a socket that came back too early
+            state.reconnected_at[token] = time.monotonic()
         try:
             async with ws:
                 if slow and first:
@@ -234,7 +234,7 @@ async def client_main() -> None:
             "refused": dict(state.refused),
             "received": dict(state.received),
             "latencies_ms": state.latencies_ms,
-            "reconnected_at": state.reconnected_at,
+            "reconnected_at": list(state.reconnected_at.values()),
             "errors": state.errors[:10],
             "wire_bytes": state.wire_bytes,
             "cpu_s": cpu.user + cpu.system,
@@ -824,8 +824,10 @@ def report(results: list[Result], args: argparse.Namespace, started: datetime, s
         if args.restart:
             notes.append(
                 f"restart: SIGTERM to listening again {r.restart_s:.1f} s; {r.reconnected} of "
-                f"{r.reconnect_expected} sockets back with `auth.ok` {r.reconnect_s:.1f} s after the SIGTERM "
-                f"({r.reconnected / max(r.reconnect_s, 1e-9):.0f} handshakes/s); handshakes refused and "
+                f"{r.reconnect_expected} sockets back with `auth.ok` {r.reconnect_s:.1f} s after the "
+                f"SIGTERM, {r.reconnect_s - r.restart_s:.1f} s after the new service listened "
+                f"({r.reconnected / max(r.reconnect_s - r.restart_s, 1e-9):.0f} handshakes/s); "
+                "handshakes refused and "
                 f"retried: {dict(r.refused) or 'none'}"
             )
         if r.failed:
