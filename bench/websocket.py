@@ -506,6 +506,9 @@ def service_env(
         "LISTENERS_CONTROL_TOKEN": uuid.uuid4().hex,
         "LOG_LEVEL": "WARNING",
         "WEB_CONCURRENCY": str(workers),
+        # As the image and the task definition set them: the stop of a restart is bounded alike.
+        "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN": "3",
+        "LISTENERS_SHUTDOWN_TIMEOUT_SECONDS": "8",
         "LISTENERS_WS_DEFLATE": args.deflate,
     }
     if args.protocol == "direct":
