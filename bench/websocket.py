@@ -743,7 +743,7 @@ async def measure(args: argparse.Namespace, workers: int, sockets: int, workdir:
                     record = json.loads(line)
                     if record.get("level") in ("WARNING", "ERROR", "CRITICAL"):
                         reason = f" ({str(record['reason'])[:60]})" if record.get("reason") else ""
-                        first_line = str(record.get("message", "?")).splitlines()[0][:80]
+                        first_line = (str(record.get("message", "")).splitlines() or ["?"])[0][:80]
                         r.problems[first_line + reason] += 1
             r.slow_closed_logged = r.problems.get("websocket closed: slow consumer", 0)
     return r
