@@ -34,10 +34,14 @@ RUN python -m pip uninstall --quiet --yes pip setuptools wheel \
 # connections, at most UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN = 3 s of it, then closing the listeners
 # and flushing Redis) is bounded by LISTENERS_SHUTDOWN_TIMEOUT_SECONDS (8 s) from the signal, a
 # watchdog ending whatever overruns: well inside ECS's stopTimeout.
+# UVICORN_WS: the WebSocket protocol made for 10,000 sockets per process (deliver.wsprotocol,
+# docs/websocket.md "At scale"); uvicorn reads it as it reads --ws, the command is unchanged.
+# WEB_CONCURRENCY (workers) is set by the task definition, one per vCPU.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=3
+    UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=3 \
+    UVICORN_WS=listeners.deliver.wsprotocol:DirectWebSocketProtocol
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY app ./app

@@ -1,13 +1,19 @@
 """The container's entry point: `uvicorn app.main:app --host 0.0.0.0 --port 8080`.
 
 Configuration is read and validated at import, so a broken configuration stops the
-process before it listens, with one message naming every problem and exit status 2.
+process before it listens, with one message naming every problem and exit status 2. Under
+uvicorn's workers (`WEB_CONCURRENCY`), a worker exits with uvicorn's own STARTUP_FAILURE (3)
+instead: the supervisor restarts any other dead worker, for ever, but stops on that one, so
+the task stops (with status 0, uvicorn's supervisor's) instead of looping.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+
+from uvicorn.config import STARTUP_FAILURE
 
 from listeners import logs
 from listeners.config import ConfigError, Settings, load_settings
@@ -20,7 +26,8 @@ def _settings() -> Settings:
     except ConfigError as exc:
         logs.configure()
         logging.getLogger("listeners").error(str(exc), extra={"problems": exc.problems})
-        raise SystemExit(2) from None
+        in_worker = multiprocessing.parent_process() is not None  # uvicorn's workers are spawned
+        raise SystemExit(STARTUP_FAILURE if in_worker else 2) from None
     logs.configure(settings.log_level)
     secrets = (
         settings.redis.password,

@@ -438,7 +438,7 @@ def test_task_definition_is_fargate_sized_and_wired() -> None:
     td = task_definition()
     (container,) = td["containerDefinitions"]
     assert td["requiresCompatibilities"] == ["FARGATE"] and td["networkMode"] == "awsvpc"
-    assert (td["cpu"], td["memory"]) == ("1024", "2048")  # 1 vCPU pairs with 2-8 GB on Fargate
+    assert (td["cpu"], td["memory"]) == ("2048", "4096")  # 2 vCPU pair with 4-16 GB on Fargate
     assert td["executionRoleArn"] == OUTPUTS["TaskExecutionRoleArn"]
     assert td["taskRoleArn"] == OUTPUTS["TaskRoleArn"] != td["executionRoleArn"]
     assert container["portMappings"][0]["containerPort"] == 8080
@@ -457,6 +457,13 @@ def test_task_definition_is_fargate_sized_and_wired() -> None:
     assert int(dockerfile_env["UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN"]) <= budget / 2
     assert budget + 5 <= container["stopTimeout"] <= 120
     assert container["readonlyRootFilesystem"] is True
+    # One uvicorn worker per vCPU (the GIL), with the WebSocket protocol made for them.
+    assert int(env["WEB_CONCURRENCY"]) == int(td["cpu"]) // 1024
+    assert (
+        env["UVICORN_WS"]
+        == dockerfile_env["UVICORN_WS"]
+        == "listeners.deliver.wsprotocol:DirectWebSocketProtocol"
+    )
 
 
 def test_task_definition_environment_has_no_secret() -> None:
@@ -470,9 +477,13 @@ def test_task_definition_environment_has_no_secret() -> None:
         "LISTENERS_REDIS_PASSWORD": OUTPUTS["RedisServiceUserSecretArn"] + ":password::",
         "GOOGLE_APPLICATION_CREDENTIALS_JSON": OUTPUTS["GoogleCredentialsSecretArn"],
     }
-    config = (ROOT / "src" / "listeners" / "config.py").read_text()
+    # The settings, and the WebSocket protocol's own (read by the worker before any app).
+    config = "".join(
+        (ROOT / "src" / "listeners" / path).read_text() for path in ("config.py", "deliver/wsprotocol.py")
+    )
+    uvicorn = ("WEB_CONCURRENCY",)  # uvicorn's worker count, besides its UVICORN_ options
     for name in [*env, *secrets]:  # every variable is one the service (or uvicorn) reads: no typo
-        assert name.startswith("UVICORN_") or f'"{name}"' in config, name
+        assert name.startswith("UVICORN_") or name in uvicorn or f'"{name}"' in config, name
 
 
 def test_optional_outputs_are_left_out_and_missing_ones_named() -> None:

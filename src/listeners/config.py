@@ -107,6 +107,9 @@ class WebSocketSettings:
     max_sockets_per_user: int = 10
     max_sockets: int = 10_000  # authenticated sockets; those still authenticating have their own cap
     queue_length: int = 1_000
+    # The outbound queue's bytes too: a socket that stops reading holds at most this much (one
+    # event larger than it still goes through, alone) before it is closed as a slow consumer.
+    queue_bytes: int = 262_144
     presence: bool = False
     # A socket that never authenticates costs its client nothing: a smaller cap and a shorter deadline
     # keep a flood of them from crowding out users (docs/websocket.md).
@@ -498,6 +501,9 @@ def _websocket(r: _Reader, env: Mapping[str, str], secret: Mapping[str, Any]) ->
         ),
         queue_length=r.integer(
             env.get("LISTENERS_WS_QUEUE_LENGTH"), "LISTENERS_WS_QUEUE_LENGTH", 1_000, 1, 1_000_000
+        ),
+        queue_bytes=r.integer(
+            env.get("LISTENERS_WS_QUEUE_BYTES"), "LISTENERS_WS_QUEUE_BYTES", 262_144, 1_024, 1 << 30
         ),
         presence=r.boolean(env.get("LISTENERS_WS_PRESENCE"), "LISTENERS_WS_PRESENCE", False),
         max_unauthenticated_sockets=r.integer(

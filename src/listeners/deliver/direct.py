@@ -11,6 +11,7 @@ from typing import Any
 
 from listeners.bridge.presence import Presence
 from listeners.control import resync_request
+from listeners.deliver.batch import Batcher
 from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenVerifier
 from listeners.deliver.websocket import Gateway, Services
@@ -50,7 +51,8 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
         certs_url=settings.websocket.certs_url,
         clock_skew_seconds=settings.websocket.clock_skew_seconds,
     )
-    control = service.broker
+    # One pipeline for the resync requests of every socket opening in the same moment.
+    control = Batcher(service.broker, redis.control_channel)
     db = firestore_async_client(service)
     presence = (
         Presence(db, ttl_seconds=settings.service.heartbeat_ttl_seconds)
@@ -64,9 +66,7 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
             service.node.resync_user(uid, threads)
             return
         with contextlib.suppress(BrokerUnavailable):  # the hub resyncs again once Redis is back
-            await control.publish_many(
-                [(redis.control_channel, resync_request(redis.control_token.reveal(), uid, threads))]
-            )
+            await control.send(resync_request(redis.control_token.reveal(), uid, threads))
 
     async def write_threads(uid: str, thread: ChatThread, add: bool) -> bool:
         """The user's `chat_threads` in the registry, with `thread` added or removed: True once

@@ -51,6 +51,7 @@ class Hub:
         self._subscriber = broker.subscriber("hub", self._on_message)
         self._subscriber.on_connect(self._connected)
         self._home = f"listeners:hub:{instance_id}"  # keeps the connection open with no socket
+        self.parsed = 0  # messages read (decoded and parsed): one per message, whatever the sockets
 
     @property
     def connected(self) -> bool:
@@ -123,6 +124,7 @@ class Hub:
         """The message's text if it is an envelope for the channel's user, else None (logged
         and counted). Parsed once here, for every socket of the channel."""
         owner = self._owners.get(channel, "")
+        self.parsed += 1
         try:
             if not isinstance(data, bytes):
                 raise InvalidInput("not bytes")

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +51,7 @@ UID_CHANGED = 4017
 MAX_UID_LENGTH = 128  # Firebase's own limit; tokens.py refuses longer ones as 4010
 HUB_CONFIRM_SECONDS = 5.0  # Redis answers a SUBSCRIBE in well under a second when it is up
 OPEN_THREAD_SECONDS = 15.0  # the registry write (a read and a conditional write, retried)
+CLOSE_SECONDS = 10.0  # for our close frame to be written (deliver.wsprotocol: at once)
 RESYNCS_PER_SECOND = 0.5  # `resync` messages: a burst of 5, then one every 2 s
 
 
@@ -125,7 +126,12 @@ class Connection:
         # Events of a thread being opened, held until `chat.subscribed` is out: a client sees
         # the answer first, then the thread's `chat.sync`, whatever the timing.
         self._held: dict[ChatThread, list[str]] = {}
-        self._outbound: asyncio.Queue[str] = asyncio.Queue(self.settings.queue_length)
+        # A deque and one future while the writer waits: an asyncio.Queue costs ~2.4 KiB a socket.
+        self._outbound: deque[str] = deque()
+        self._wake: asyncio.Future[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._queued_bytes = 0  # characters, as queued: what a slow consumer makes us hold
+        self._slow = False  # closed as a slow consumer: nothing more is queued
         self._messages = TokenBucket(self.settings.messages_per_second, burst_seconds=2)
         # Each chat.subscribe is a registry write that every instance reads: its own budget.
         self._subscribes = TokenBucket(self.settings.chat_subscribes_per_second, burst_seconds=5)
@@ -175,6 +181,8 @@ class Connection:
             await self.close(INSTANCE_FULL, "instance full")
             return
         self.uid, self.expires_at = verified.uid, verified.expires_at
+        # The claims and the token stay out of this frame, which lives as long as the socket.
+        del verified, token, subprotocols
         mine = gateway.sockets[self.uid]
         if len(mine) >= self.settings.max_sockets_per_user:
             await self.close(TOO_MANY_SOCKETS, "too many sockets for this user")
@@ -235,7 +243,7 @@ class Connection:
             return
         forget = self.services.hub.on_reconnect(self._after_reconnect)
         writer = asyncio.create_task(self._write(), name=f"ws-write {self.uid}")
-        watchdog = asyncio.create_task(self._expire(), name=f"ws-expiry {self.uid}")
+        self._check_expiry()
         log.info("websocket open", extra={"uid": self.uid})
         try:
             await self._send({"type": "auth.ok", "uid": self.uid, "expires_at": self.expires_at})
@@ -247,9 +255,10 @@ class Connection:
                 await self._handle(message)
         finally:
             forget()
-            for task in (writer, watchdog):
-                task.cancel()
-            await asyncio.gather(writer, watchdog, return_exceptions=True)
+            if self._expiry is not None:
+                self._expiry.cancel()
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
             await self.services.hub.unsubscribe(user_channel, self._deliver)
             log.info("websocket closed", extra={"uid": self.uid})
 
@@ -262,8 +271,11 @@ class Connection:
             return
         self._closed = True
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
-            with contextlib.suppress(RuntimeError, OSError):
-                await self.websocket.close(code=code, reason=reason)
+            # A server whose `send` waits for the client to read (uvicorn's own protocol, not
+            # deliver.wsprotocol) would keep a slow consumer's close waiting for ever.
+            with contextlib.suppress(RuntimeError, OSError, TimeoutError):
+                async with asyncio.timeout(CLOSE_SECONDS):
+                    await self.websocket.close(code=code, reason=reason)
 
     # -- inbound -----------------------------------------------------------------
 
@@ -445,13 +457,25 @@ class Connection:
     # -- outbound ----------------------------------------------------------------
 
     def _deliver(self, text: str) -> None:
-        """From the hub, on the loop: queue, or close a consumer that cannot keep up."""
-        try:
-            self._outbound.put_nowait(text)
-        except asyncio.QueueFull:
-            if not self._closed:
-                log.warning("websocket closed: slow consumer", extra={"uid": self.uid})
-                self._spawn(self.close(SLOW_CONSUMER, "slow consumer"))
+        """From the hub, on the loop: queue, or close a consumer that cannot keep up (its
+        queue full by count or by bytes). What was queued is then dropped, not sent."""
+        if self._closed or self._slow:
+            return
+        over = self._queued_bytes and self._queued_bytes + len(text) > self.settings.queue_bytes
+        if not over and len(self._outbound) < self.settings.queue_length:
+            self._outbound.append(text)
+            self._queued_bytes += len(text)
+            if self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)
+            return
+        log.warning("websocket closed: slow consumer", extra={"uid": self.uid})
+        self._slow = True
+        self._drop_queue()
+        self._spawn(self.close(SLOW_CONSUMER, "slow consumer"))
+
+    def _drop_queue(self) -> None:
+        self._outbound.clear()
+        self._queued_bytes = 0
 
     def _after_reconnect(self) -> None:
         self._spawn(self.services.resync(self.uid, tuple(self.threads)))
@@ -461,25 +485,34 @@ class Connection:
 
     async def _write(self) -> None:
         while True:
-            text = await self._outbound.get()
+            while not self._outbound:
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+            self._wake = None
+            text = self._outbound.popleft()
+            self._queued_bytes -= len(text)
             try:
                 await self.websocket.send_text(text)
             except (WebSocketDisconnect, RuntimeError, OSError):
                 self._closed = True
                 return
 
-    async def _expire(self) -> None:
-        while True:
-            remaining = self.expires_at + self.settings.clock_skew_seconds - time.time()
-            if remaining <= 0:
-                log.info("websocket closed: token expired", extra={"uid": self.uid})
-                await self.close(TOKEN_EXPIRED, "token expired")
-                return
-            await asyncio.sleep(min(remaining, 60.0))
+    def _check_expiry(self) -> None:
+        """Closes the socket once its token has expired; until then looks again when it would
+        (a timer, not a task per socket: `auth.refresh` only moves `expires_at` later)."""
+        self._expiry = None
+        remaining = self.expires_at + self.settings.clock_skew_seconds - time.time()
+        if remaining <= 0:
+            log.info("websocket closed: token expired", extra={"uid": self.uid})
+            self._spawn(self.close(TOKEN_EXPIRED, "token expired"))
+            return
+        self._expiry = asyncio.get_running_loop().call_later(min(remaining, 60.0), self._check_expiry)
 
 
 class TokenBucket:
     """`rate` per second on average, with bursts of `burst_seconds` worth (at least one)."""
+
+    __slots__ = ("_burst", "_rate", "_refilled", "_tokens")
 
     def __init__(self, rate: float, burst_seconds: float) -> None:
         self._rate = rate

@@ -8,9 +8,11 @@ nothing: whoever was away must ask for a resync).
 A connection can die without closing: a NAT or load-balancer entry dropped, a failover, a
 cable cut. Reads then return nothing for ever, exactly as on a quiet channel. So the
 connection is probed: a PING every `heartbeat_seconds` (Redis answers `pong` even in
-subscribed mode), and if no pong arrives within `heartbeat_timeout` the connection is torn
-down and made again. A dead connection is noticed within the sum of the two (6 s by
-default). The ACL users of deploy/redis-acl.json may all run PING.
+subscribed mode), and if neither the pong nor any other message arrives within
+`heartbeat_timeout` the connection is torn down and made again (a busy process may read the
+pong seconds late, behind a burst of messages: the messages show the connection alive). A
+dead connection is noticed within the sum of the two (6 s by default). The ACL users of
+deploy/redis-acl.json may all run PING.
 """
 
 from __future__ import annotations
@@ -180,6 +182,10 @@ class RedisSubscriber:
             if message.get("type") == "pong":
                 waiting_since = None
                 continue
+            if waiting_since is not None:
+                # The pong is queued behind what Redis sent before it: a connection that keeps
+                # delivering is alive, however long a burst takes this process to read.
+                waiting_since = loop.time()
             self._on_message(message)
 
     def _on_message(self, message: Mapping[str, Any]) -> None:

@@ -1,0 +1,153 @@
+"""Pure units of Direct mode's hot path: the hub reads each message once, whatever the
+number of sockets; a socket's outbound queue is bounded by count and by bytes; the
+WebSocket protocol's settings are read strictly."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+
+from listeners.config import WebSocketSettings
+from listeners.deliver import wsprotocol
+from listeners.deliver.batch import MAX_BATCH, Batcher
+from listeners.deliver.hub import Hub
+from listeners.deliver.websocket import SLOW_CONSUMER, Connection
+from listeners.envelope import Envelope
+from listeners.metrics import Metrics
+from listeners.publish.broker import BrokerUnavailable, MemoryBroker
+
+
+async def test_each_message_is_read_once_and_the_same_text_goes_to_every_socket() -> None:
+    broker = MemoryBroker()
+    hub = Hub(broker, "units", Metrics())
+    runner = asyncio.create_task(hub.run())
+    received: list[list[str]] = [[], [], []]
+    try:
+        for sink in received:
+            assert await hub.subscribe("user:u1", "u1", sink.append)
+        await asyncio.sleep(0)  # the memory subscriber connects
+        events = 50
+        for n in range(events):
+            await broker.publish_many([("user:u1", Envelope.create("notif.add", "u1", {"n": n}).to_json())])
+        for _ in range(100):
+            if all(len(r) == events for r in received):
+                break
+            await asyncio.sleep(0)
+        assert [len(r) for r in received] == [events] * 3
+        assert hub.parsed == events  # one read per message, not one per socket
+        for n in range(events):  # the very same text object: never re-serialised per socket
+            assert received[0][n] is received[1][n] is received[2][n]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+class ClosedSocket:
+    """The little of a Starlette WebSocket that `Connection.close` looks at."""
+
+    def __init__(self) -> None:
+        from starlette.websockets import WebSocketState
+
+        self.application_state = WebSocketState.DISCONNECTED
+        self.headers: dict[str, str] = {}
+
+
+@dataclasses.dataclass
+class Gateway:
+    settings: WebSocketSettings
+    services: Any = None
+
+
+async def deliver_until_closed(
+    settings: WebSocketSettings, text: str, attempts: int
+) -> tuple[Connection, int]:
+    connection = Connection(Gateway(settings), ClosedSocket())  # type: ignore[arg-type]
+    closes: list[int] = []
+
+    async def close(code: int, reason: str) -> None:
+        closes.append(code)
+
+    connection.close = close  # type: ignore[method-assign]
+    most = 0
+    for _ in range(attempts):  # nothing reads: a client that stopped
+        connection._deliver(text)
+        most = max(most, len(connection._outbound))
+    await asyncio.sleep(0)
+    assert closes == [SLOW_CONSUMER]
+    return connection, most
+
+
+async def test_a_full_queue_by_count_closes_the_socket_and_drops_what_it_held() -> None:
+    settings = WebSocketSettings(queue_length=10, queue_bytes=1 << 20)
+    connection, most = await deliver_until_closed(settings, "x" * 10, 1000)
+    assert most == 10
+    assert len(connection._outbound) == 0 and connection._queued_bytes == 0
+
+
+async def test_a_full_queue_by_bytes_closes_the_socket_and_drops_what_it_held() -> None:
+    settings = WebSocketSettings(queue_length=1000, queue_bytes=4096)
+    connection, most = await deliver_until_closed(settings, "x" * 1000, 1000)
+    assert most == 4  # 4,000 characters fit in 4,096; the fifth would not
+    assert len(connection._outbound) == 0 and connection._queued_bytes == 0
+
+
+def test_the_deflate_modes() -> None:
+    assert wsprotocol.deflate_mode({}) == "no-context"
+    assert wsprotocol.deflate_factory("off") is None
+    fresh = wsprotocol.deflate_factory("no-context")
+    kept = wsprotocol.deflate_factory("context")
+    assert fresh is not None and kept is not None
+    assert fresh.server_no_context_takeover and fresh.client_no_context_takeover
+    assert not kept.server_no_context_takeover and not kept.client_no_context_takeover
+    assert fresh.server_max_window_bits == kept.server_max_window_bits == 12
+    with pytest.raises(ValueError, match="LISTENERS_WS_DEFLATE"):
+        wsprotocol.deflate_mode({"LISTENERS_WS_DEFLATE": "zstd"})
+    assert wsprotocol.close_seconds({}) == wsprotocol.CLOSE_SECONDS
+    assert wsprotocol.close_seconds({"LISTENERS_WS_CLOSE_TIMEOUT_SECONDS": "30"}) == 30.0
+    for bad in ("0", "-1", "nope", "99999"):
+        with pytest.raises(ValueError):
+            wsprotocol.close_seconds({"LISTENERS_WS_CLOSE_TIMEOUT_SECONDS": bad})
+
+
+class CountingBroker(MemoryBroker):
+    """Counts pipelines, and how many run at once (what a reconnect storm costs in connections)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def publish_many(self, messages: Any) -> None:
+        self.calls += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0)  # a round trip: others may start meanwhile
+            await super().publish_many(messages)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_storm_of_resync_requests_goes_out_in_a_few_pipelines_one_at_a_time() -> None:
+    broker = CountingBroker()
+    batcher = Batcher(broker, "control")
+    messages = [b"resync %d" % n for n in range(2000)]
+    await asyncio.gather(*(batcher.send(m) for m in messages))
+    assert sorted(broker.published["control"]) == sorted(messages)  # every one, once
+    assert broker.calls == batcher.pipelines <= 2000 // MAX_BATCH + 1
+    assert broker.most_in_flight == 1
+
+
+async def test_a_failed_pipeline_fails_its_senders_and_the_next_ones_go_through() -> None:
+    broker = CountingBroker()
+    batcher = Batcher(broker, "control")
+    broker.available = False
+    results = await asyncio.gather(*(batcher.send(b"%d" % n) for n in range(10)), return_exceptions=True)
+    assert all(isinstance(r, BrokerUnavailable) for r in results)
+    broker.available = True
+    await batcher.send(b"after")
+    assert broker.published["control"] == [b"after"]
