@@ -201,9 +201,10 @@ async def test_a_socket_that_stops_reading_is_closed_4014_and_the_others_get_eve
                     sent += 1
                     if sent % 20 == 0:
                         await asyncio.sleep(0.05)
-            # Bounded: the service held at most the queue's bytes (plus the kernel's and the
-            # transport's buffers) before it gave up on the socket; far fewer than were sent.
-            assert sent * len(big) > 20 * queue_bytes
+            # The close came from the queue's byte budget: more than it holds had been sent.
+            # (How much more depends on how fast the kernel's buffers fill: 6 frames of 8 KiB
+            # on one loaded run, so no larger multiple is asserted.)
+            assert sent * len(big) > queue_bytes
             got: list[int] = []
             async with asyncio.timeout(60):
                 while len(got) < sent:
