@@ -62,3 +62,24 @@ async def test_a_burst_longer_than_the_timeout_is_not_half_open_but_silence_is(
     with pytest.raises(HalfOpen):  # the silence after the burst, and only that
         await subscriber._read(pubsub)
     assert received == [b"%d" % n for n in range(1, 101)]
+
+
+class TornDownPubSub:
+    """redis-py's pub/sub as a command meets a connection being torn down."""
+
+    async def subscribe(self, channel: str) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'send_packed_command'")
+
+    async def unsubscribe(self, channel: str) -> None:
+        raise RuntimeError("a connection being closed")
+
+
+async def test_a_subscribe_that_meets_a_reconnecting_connection_keeps_the_channel() -> None:
+    """The error stays in the subscriber: the channel is held, and sent again on reconnect."""
+    subscriber = RedisSubscriber(RedisSettings(host="127.0.0.1"), "unit", lambda channel, data: None)
+    subscriber._pubsub = TornDownPubSub()
+    subscriber._ready.set()
+    await subscriber.subscribe("user:a")
+    assert subscriber.channels == {"user:a"} and not subscriber.is_confirmed("user:a")
+    await subscriber.unsubscribe("user:a")
+    assert subscriber.channels == frozenset()
