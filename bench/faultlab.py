@@ -49,12 +49,13 @@ from google.cloud import firestore
 
 from bench.cluster import ADMIN_TOKEN, CONTROL_TOKEN, Instance
 from listeners.bridge import Bridge
-from listeners.bridge.reducers import DirectMessages, Notifications
+from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
 from listeners.local import netns
 from listeners.local.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
 from listeners.local.proxy import TcpProxy
 from listeners.local.rtdb_server import RtdbStandin
+from listeners.source.registry import ChatThread
 
 __all__ = ["ADMIN_TOKEN", "Consumer", "Lab", "Monitor", "Writer", "log"]
 
@@ -259,6 +260,7 @@ class Lab:
 class UserView:
     notifications: Notifications = field(default_factory=Notifications)
     messages: DirectMessages = field(default_factory=DirectMessages)
+    chat: ChatThreads = field(default_factory=ChatThreads)
     synced: set[str] = field(default_factory=set)  # "notif", "msg"
     event_ids: set[str] = field(default_factory=set)
 
@@ -279,9 +281,10 @@ class Consumer:
     """One Bridge (one Redis connection) and an `events()` iterator per user, feeding the
     reducers; what each write's first sighting was (for latency), and duplicates seen."""
 
-    def __init__(self, settings: RedisSettings, uids: list[str]) -> None:
+    def __init__(self, settings: RedisSettings, uids: list[str], chat_uids: Iterable[str] = ()) -> None:
         self.bridge = _RecordingBridge(settings)
         self.views = {uid: UserView() for uid in uids}
+        self.chat_uids = set(chat_uids)
         self.seen: dict[str, float] = {}  # item key (notif/msg doc id) -> first sighting
         self.duplicates = 0
         self.events: Counter[str] = Counter()
@@ -293,18 +296,25 @@ class Consumer:
 
     async def _follow(self, uid: str) -> None:
         view = self.views[uid]
-        async for event in self.bridge.events(uid):
+        threads = [chat_thread(uid)] if uid in self.chat_uids else []
+        async for event in self.bridge.events(uid, threads):
             now = time.monotonic()
             kind, payload = event["type"], event["payload"]
             self.events[kind] += 1
+            family = kind.split(".")[0]
             if event["event_id"] in view.event_ids and not kind.endswith(".sync"):
                 self.duplicates += 1
             view.event_ids.add(event["event_id"])
-            family = kind.split(".")[0]
             if kind == "notif.sync":
                 items = payload.get("notifications", [])
             elif kind == "msg.sync":
                 items = payload.get("messages", [])
+            elif family == "chat":
+                items = [
+                    {"doc_id": m["id"]}
+                    for m in payload.get("raw_messages", [])
+                    if isinstance(m, dict) and "id" in m
+                ]
             else:
                 items = [payload]
             if kind.endswith(".sync"):
@@ -314,10 +324,19 @@ class Consumer:
                     self.seen.setdefault(f"{uid}/{item['doc_id']}", now)
             view.notifications.apply(event)
             view.messages.apply(event)
+            view.chat.apply(event)
             self.changed.set()
 
     def ready(self) -> int:
-        return sum(1 for v in self.views.values() if {"notif", "msg"} <= v.synced)
+        return sum(
+            1
+            for uid, v in self.views.items()
+            if {"notif", "msg"} <= v.synced and ("chat" in v.synced or uid not in self.chat_uids)
+        )
+
+    def chat_ids(self, uid: str) -> set[str]:
+        t = chat_thread(uid)
+        return {str(m["id"]) for m in self.views[uid].chat.messages(t.space_code, t.thread_key)}
 
     async def wait(self, done: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -397,21 +416,33 @@ def compare(
 WRITE_GIVE_UP = 240.0  # seconds a write is retried (a fault may last 60 s, a restart more)
 
 
-def registry_batch(db: firestore.Client, uids: list[str]) -> None:
+SPACE = "c1"  # the company of every item written; the chat users have a thread open in it
+
+
+def chat_thread(uid: str) -> ChatThread:
+    return ChatThread(SPACE, f"thread-{uid}", "chats")
+
+
+def registry_batch(db: firestore.Client, uids: list[str], chat_uids: Iterable[str] = ()) -> None:
+    """Every user online for a day; those in `chat_uids` with one chat thread open."""
     heartbeat = datetime.now(UTC) + timedelta(days=1)
+    chatting = set(chat_uids)
     for i in range(0, len(uids), 500):
         batch = db.batch()
         for uid in uids[i : i + 500]:
-            batch.set(
-                db.document(f"listeners_registry/{uid}"),
-                {
-                    "status": "online",
-                    "heartbeat_at": heartbeat,
-                    "ttl_seconds": 7 * 86400,
-                    "authorized_companies_ids": [],
-                    "instance_id": "bench",
-                },
-            )
+            entry: dict[str, Any] = {
+                "status": "online",
+                "heartbeat_at": heartbeat,
+                "ttl_seconds": 7 * 86400,
+                "authorized_companies_ids": [SPACE],
+                "instance_id": "bench",
+            }
+            if uid in chatting:
+                t = chat_thread(uid)
+                entry["chat_threads"] = [
+                    {"space_code": t.space_code, "thread_key": t.thread_key, "mode": t.mode}
+                ]
+            batch.set(db.document(f"listeners_registry/{uid}"), entry)
         batch.commit(timeout=60)
 
 
@@ -438,7 +469,11 @@ class Writer:
         notif_rate: float,
         dm_rate: float,
         seed: int = 1,
+        chat_uids: Iterable[str] = (),
+        chat_rate: float = 0.0,
     ) -> None:
+        self.chat_uids, self.chat_rate = sorted(chat_uids), chat_rate
+        self.chats: dict[str, set[str]] = {uid: set() for uid in self.chat_uids}  # push ids written
         self.db, self.http, self.ns, self.uids = db, http, rtdb_ns, uids
         self.notif_rate, self.dm_rate = notif_rate, dm_rate
         self.rng = random.Random(seed)
@@ -458,7 +493,9 @@ class Writer:
 
     async def run(self) -> None:
         await asyncio.gather(
-            self._loop(self.notif_rate, self._notification), self._loop(self.dm_rate, self._dm)
+            self._loop(self.notif_rate, self._notification),
+            self._loop(self.dm_rate, self._dm),
+            self._loop(self.chat_rate if self.chat_uids else 0.0, self._chat),
         )
 
     async def _loop(self, rate: float, op: Callable[[], asyncio.Task[None] | None]) -> None:
@@ -504,6 +541,37 @@ class Writer:
             return self._start("dm add", key, self._add_dm(uid, key))
         key = self.rng.choice(ready)
         return self._start("dm read", key, self._delete_dm(uid, key))
+
+    def _chat(self) -> asyncio.Task[None] | None:
+        uid = self.rng.choice(self.chat_uids)
+        n = next(self.numbers)
+        return self._start("chat", f"c{n}", self._add_chat(uid, n))
+
+    async def _add_chat(self, uid: str, n: int) -> None:
+        t = chat_thread(uid)
+        body = {
+            "message_type": "MESSAGE",
+            "content": f"message {n}",
+            "sender_id": "bench-sender",
+            "read": False,
+            "timestamp": datetime.now(UTC).isoformat(),
+        }
+        # A name chosen here (as a push id would be: sorted by creation), so a retried write
+        # is the same write.
+        key = f"-c{n:010d}"
+        self.writes.sent[f"{uid}/{key}"] = time.monotonic()
+
+        async def put() -> None:
+            response = await self.http.put(
+                f"/{t.space_code}/{t.mode}/{t.thread_key}/messages/{key}.json",
+                params={"ns": self.ns, "print": "silent"},
+                content=json.dumps(body),
+                timeout=10,
+            )
+            response.raise_for_status()
+
+        if await self._retry(put, is_async=True):
+            self.chats[uid].add(key)
 
     def _start(self, kind: str, key: str, work: Any) -> asyncio.Task[None]:
         self.busy.add(key)

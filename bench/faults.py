@@ -119,7 +119,7 @@ async def firestore_blackhole_restart(r: Run) -> None:
     await asyncio.to_thread(r.lab.firestore.start)
     r.writer.forget_firestore()
     # The application's heartbeats write the registry again; here, at once.
-    await asyncio.to_thread(registry_batch, r.db, r.uids)
+    await asyncio.to_thread(registry_batch, r.db, r.uids, r.writer.chat_uids)
     r.heal()
 
 
