@@ -424,13 +424,20 @@ def render(
 
 
 async def run_all(
-    scenarios: list[Scenario], s: Settings, logs: Path, use_netns: bool | None = None
+    scenarios: list[Scenario],
+    s: Settings,
+    logs: Path,
+    use_netns: bool | None = None,
+    done: Callable[[list[Outcome], str], None] | None = None,
 ) -> tuple[list[Outcome], str]:
-    outcomes = []
+    """Every scenario in one lab; `done` is told after each (so a long run reports as it goes)."""
+    outcomes: list[Outcome] = []
     with Lab(use_netns) as lab:
         log(lab.describe())
         for scenario in scenarios:
             outcomes.append(await run_scenario(lab, scenario, s, logs))
+            if done is not None:
+                done(outcomes, lab.describe())
         return outcomes, lab.describe()
 
 
@@ -464,24 +471,20 @@ def main(argv: list[str] | None = None) -> None:
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     logs = Path(tempfile.mkdtemp(prefix="listeners-faults-"))
     log(f"logs in {logs}")
-    outcomes, lab = asyncio.run(run_all(chosen, settings, logs, False if args.no_netns else None))
     given = argv if argv is not None else sys.argv[1:]
     command = " ".join(
         ["flock /tmp/listeners-bench.lock .venv/bin/python -m bench.faults", shlex.join(_measuring(given))]
     ).strip()
-    block = render(
-        load,
-        outcomes,
-        lab,
-        command,
-        args.code or describe_code(),
-        started,
-        time.monotonic() - began,
-        settings,
-    )
-    print(block)
-    if not args.no_doc:
-        update_doc(args.doc, block, START, END, SECTION)
+    code = args.code or describe_code()
+
+    def report(outcomes: list[Outcome], lab: str) -> None:
+        block = render(load, outcomes, lab, command, code, started, time.monotonic() - began, settings)
+        if not args.no_doc:
+            update_doc(args.doc, block, START, END, SECTION)
+        if len(outcomes) == len(chosen):
+            print(block)
+
+    outcomes, _ = asyncio.run(run_all(chosen, settings, logs, False if args.no_netns else None, report))
     if not all(o.ok for o in outcomes):
         raise SystemExit(1)
 
