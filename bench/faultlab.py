@@ -202,7 +202,10 @@ class Lab:
         except BaseException:
             self.close()
             raise
-        os.environ["FIRESTORE_EMULATOR_HOST"] = self.firestore.address  # the SDK clients here
+        # The SDK clients made here (writers, truth) find the emulator through the environment;
+        # what was there before comes back in close().
+        self._saved_emulator_host = os.environ.get("FIRESTORE_EMULATOR_HOST")
+        os.environ["FIRESTORE_EMULATOR_HOST"] = self.firestore.address
         return self
 
     def __exit__(
@@ -211,6 +214,11 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        saved = getattr(self, "_saved_emulator_host", None)
+        if saved is not None:
+            os.environ["FIRESTORE_EMULATOR_HOST"] = saved
+        elif hasattr(self, "_saved_emulator_host"):
+            os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
         for dependency in reversed(self.dependencies):
             with contextlib.suppress(Exception):
                 dependency.proxy.close()
