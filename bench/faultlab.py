@@ -366,10 +366,16 @@ class Consumer:
         return out
 
     async def stop(self) -> None:
+        """Bounded: a run must report even if the bridge hangs while letting its channels go."""
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.bridge.aclose()
+        if self.tasks:
+            _, stuck = await asyncio.wait(self.tasks, timeout=30.0)
+            if stuck:
+                log(f"consumer: {len(stuck)} iterators did not end within 30 s of being cancelled")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10.0):
+                await self.bridge.aclose()
 
 
 # -- the database truth -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 import httpx
 from google.cloud import firestore
@@ -303,9 +304,11 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         if noticed:
             first = min(noticed)
             out.detected_s, out.detected_by = first[0] - run.began, first[1]
+        log(f"{scenario.name}: recovered: {out.recovered_s}; writing {s.durations.after:g} s more")
         await asyncio.sleep(s.durations.after)
         writer.paused = True
         await writer.drain(300.0)
+        log(f"{scenario.name}: writes stopped ({len(writer.inflight)} still in flight); comparing")
         writing.cancel()
         stopped = time.monotonic()
         while True:
@@ -326,6 +329,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
     except Exception as exc:  # reported in the table; the next scenario still runs
         out.error = f"{type(exc).__name__}: {exc}"
     finally:
+        log(f"{scenario.name}: stopping")
         if writing is not None:
             writing.cancel()
             await asyncio.gather(writing, return_exceptions=True)
@@ -441,6 +445,10 @@ async def run_all(
         return outcomes, lab.describe()
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally: the lab's namespaces and children go
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.faults", description=(__doc__ or "").split("\n\n")[0]
@@ -467,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         durations=Durations(fault=args.fault, lossy=args.lossy, before=args.before, after=args.after),
     )
     chosen = [BY_NAME[name] for name in args.scenarios.split(",") if name]
+    signal.signal(signal.SIGTERM, _terminate)
     started, began = datetime.now(UTC), time.monotonic()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     logs = Path(tempfile.mkdtemp(prefix="listeners-faults-"))

@@ -36,6 +36,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 import httpx
 import psutil
@@ -473,6 +474,10 @@ async def run(s: Settings, logs: Path, use_netns: bool | None) -> tuple[Soak, st
         return await run_soak(lab, s, logs), lab.describe()
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally: the lab's namespaces and children go
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.soak", description=(__doc__ or "").split("\n\n")[0]
@@ -504,6 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         chat_users=min(args.chat_users, args.users),
         durations=Durations(fault=args.fault, lossy=args.lossy),
     )
+    signal.signal(signal.SIGTERM, _terminate)
     started, began = datetime.now(UTC), time.monotonic()
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     logs = Path(tempfile.mkdtemp(prefix="listeners-soak-"))
