@@ -12,11 +12,16 @@ if TYPE_CHECKING:
     from listeners.metrics import Metrics
 
 INTERVAL = 0.05
+TASKS_EVERY = 20  # timer turns between two counts of the loop's tasks (about once a second)
 
 
 async def watch_loop(metrics: Metrics, interval: float = INTERVAL) -> None:
     loop = asyncio.get_running_loop()
+    turns = 0
     while True:
+        if turns % TASKS_EVERY == 0:
+            metrics.asyncio_tasks.set(len(asyncio.all_tasks(loop)))
+        turns += 1
         expected = loop.time() + interval
         await asyncio.sleep(interval)
         late = max(0.0, loop.time() - expected)

@@ -78,6 +78,11 @@ class Metrics:
             registry=r,
         )
         self.loop_stall_max_value = 0.0
+        self.asyncio_tasks = Gauge(
+            "listeners_asyncio_tasks",
+            "Tasks alive on the event loop (a leak shows as a count that only grows)",
+            registry=r,
+        )
         self.lag = Histogram(
             "listeners_publish_lag_seconds",
             "From the Firestore update time of a document to its event's publish",

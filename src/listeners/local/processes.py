@@ -29,17 +29,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
         with socket.socket() as sock:
             sock.settimeout(0.2)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            if sock.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
 def wait_for_output(
@@ -65,6 +67,8 @@ def wait_for_output(
 class _Child:
     """A child process on a fixed port that can be stopped and started again on that port."""
 
+    listen_host = "127.0.0.1"  # where start() waits for it (the fault lab moves it elsewhere)
+
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -87,7 +91,7 @@ class _Child:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self._ready_or_stopped(lambda: wait_for_port(self.port, timeout, self.process))
+        self._ready_or_stopped(lambda: wait_for_port(self.port, timeout, self.process, self.listen_host))
 
     def _ready_or_stopped(self, wait: Callable[[], None]) -> None:
         """Waits for the child to be ready; if it is not, stops it before raising: a child that

@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import random
 import socket
 import struct
 import sys
@@ -41,6 +42,8 @@ from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
+RTO = 0.2  # Linux's minimum retransmission timeout: what a lost segment costs at least
+SHAPED_BUFFER = 4 * 2**20  # bytes held in flight per direction while shaped, before reading waits
 HEAD_BYTES = 64 * 1024  # of each connection's traffic towards the target, kept for inspection
 CHUNK = 64 * 1024
 CONTROL_TIMEOUT = 10.0
@@ -119,6 +122,62 @@ class _Connection:
         self.forwarding.set()  # wake the pumps, which then find the streams closed
 
 
+class _Delayed:
+    """One direction's chunks, written in order, each not before its due time (see `shape`)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        self.held = 0
+        self.room = asyncio.Event()
+        self.room.set()
+        self.task: asyncio.Task[None] | None = None
+        self.last_due = 0.0
+        self.failed = False
+
+    @property
+    def busy(self) -> bool:
+        """Chunks still held: a chunk that is not delayed must wait behind them."""
+        return self.held > 0
+
+    async def put(self, due: float, data: bytes) -> None:
+        await self.room.wait()
+        if self.failed:
+            raise OSError("the shaped direction's writer failed")
+        self.last_due = max(self.last_due, due)  # never before what came first
+        self.held += len(data)
+        if self.held >= SHAPED_BUFFER:
+            self.room.clear()
+        self.queue.put_nowait((self.last_due, data))
+        if self.task is None:
+            self.task = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                due, data = await self.queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                self.writer.write(data)
+                await self.writer.drain()
+                self.held -= len(data)
+                if self.held < SHAPED_BUFFER:
+                    self.room.set()
+                self.queue.task_done()
+        except (OSError, RuntimeError):
+            self.failed = True  # reset or closed under us: the reading side stops too
+            self.room.set()
+
+    async def flush(self) -> None:
+        if self.task is not None and self.busy:
+            done = asyncio.ensure_future(self.queue.join())
+            await asyncio.wait([done, self.task], return_when=asyncio.FIRST_COMPLETED)
+            done.cancel()
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+
 class TcpProxy:
     """Forwards `host:port` (port 0: a free one, see `.port`) to `target_host:target_port`."""
 
@@ -136,6 +195,9 @@ class TcpProxy:
         self._opened = 0
         self._handlers: set[asyncio.Task[Any]] = set()
         self._accepting_forwards = True  # False while blackholed
+        self._delay = 0.0  # seconds added to each chunk, each way (`shape`)
+        self._loss = 0.0
+        self._random = random.Random(0)
 
     # -- lifecycle (any thread) ----------------------------------------------------
 
@@ -210,6 +272,18 @@ class TcpProxy:
         self._call(apply())
 
     restore = thaw
+
+    def shape(self, delay: float, loss: float = 0.0) -> None:
+        """A slow, lossy path: each chunk is delivered `delay` seconds after it arrived, in
+        order, each way; with probability `loss` it is held one retransmission timeout more
+        (`RTO`, plus the delay), and what follows it waits behind it, as TCP does when a
+        segment is lost (a stream never loses bytes; loss shows as stalls). `shape(0)` ends it.
+        """
+
+        async def apply() -> None:
+            self._delay, self._loss = max(0.0, delay), min(max(0.0, loss), 1.0)
+
+        self._call(apply())
 
     def reset(self, where: Selector | None = None) -> int:
         """Close the open connections (those `where` selects) with a RST on both sides."""
@@ -290,6 +364,7 @@ class TcpProxy:
         """One direction. Frozen, it neither reads nor writes: what was sent waits in the
         buffers, and an end of stream is not passed on either. Either side ending, or failing,
         ends the connection (Redis clients never half-close)."""
+        late = _Delayed(writer)
         try:
             while not connection.closed:
                 await connection.forwarding.wait()
@@ -301,11 +376,19 @@ class TcpProxy:
                     break
                 if keep:
                     connection.keep(data)
+                if self._delay or self._loss or late.busy:
+                    lost = self._random.random() < self._loss
+                    await late.put(
+                        time.monotonic() + self._delay + (RTO + self._delay if lost else 0.0), data
+                    )
+                    continue
                 writer.write(data)
                 await writer.drain()
+            await late.flush()
         except (OSError, RuntimeError):
             pass  # reset or closed under us
         finally:
+            late.cancel()
             if not connection.closed:
                 connection.close(rst=False)
 

@@ -60,6 +60,10 @@ class ChatStream:
         self._stream: NodeStream | None = None
         self._nodes: dict[str, Any] = {}  # the window, as the stream last handed it over
         self._seen: set[str] = set()  # delivered ids still in the window
+        # Ids this stream marked read, still in the window: a sync carries them as if unread,
+        # since handing a message to the publisher does not mean it reached the consumer (a
+        # half-open Redis connection drops what was queued; Pub/Sub keeps nothing).
+        self._marked: set[str] = set()
         self._synced = False
         self._reconnects = 0
         self._marks: asyncio.Queue[str] = asyncio.Queue(MARK_READ_QUEUE)
@@ -131,17 +135,20 @@ class ChatStream:
         if not self._synced:
             self._synced = True
             self._order.new_epoch()
+            self._marked &= self._nodes.keys()
             self._seen = {p for p in self._nodes if displayable(self._nodes[p])}
             shown = self._recent()
             delivered = [m["id"] for m in shown] if self._emit_sync(shown) else []
         else:
             if changed is None:  # the node replaced whole mid-stream: look at the window
                 self._seen &= self._nodes.keys()
+                self._marked &= self._nodes.keys()
             fresh: list[str] = []
             for push_id in self._nodes if changed is None else changed:
                 node = self._nodes.get(push_id)
                 if node is None:
                     self._seen.discard(push_id)  # left the window: forgotten
+                    self._marked.discard(push_id)
                 elif push_id not in self._seen and displayable(node):
                     fresh.append(push_id)
             if fresh:
@@ -151,11 +158,19 @@ class ChatStream:
             for push_id in delivered or ():
                 with contextlib.suppress(asyncio.QueueFull):
                     self._marks.put_nowait(push_id)
+                    self._marked.add(push_id)
 
     def _recent(self) -> list[dict[str, Any]]:
-        """The window's most recent unread displayable messages, oldest first."""
-        shown = [p for p in in_order(self._nodes) if displayable(self._nodes[p])]
+        """The window's most recent unread displayable messages, oldest first; those this
+        stream marked read itself count as unread."""
+        shown = [p for p in in_order(self._nodes) if self._shown(p)]
         return [raw_message(p, self._nodes[p]) for p in shown[-RECENT:]]
+
+    def _shown(self, push_id: str) -> bool:
+        node = self._nodes[push_id]
+        if push_id in self._marked and isinstance(node, dict):
+            return displayable({**node, "read": False})
+        return displayable(node)
 
     def _payload(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
         return {

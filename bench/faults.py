@@ -1,0 +1,502 @@
+"""Fault scenarios under load: each with users online and writes flowing, then the consumers
+compared with the database truth. The lab is `bench/faultlab.py` (namespaces, links, writers).
+
+For each scenario: fresh service instance(s) on a fresh Firestore project and Realtime
+Database namespace, `--users` online, one Bridge consumer with an `events()` iterator and
+the reducers per user, notification writes (add, update, read, delete) and direct messages
+(add, read) at `--notif-rate` / `--dm-rate` per second; the fault; then one probe
+notification and one probe message to `--probes` users; then writes stop and the consumer's
+lists must equal the database's.
+
+    flock /tmp/listeners-bench.lock .venv/bin/python -m bench.faults --users 1000
+
+Outcome per scenario: *detect*: seconds from the fault until a service's /healthz or a
+watched metric changed, or the bridge reconnected; *recover*: seconds from the end of the
+fault until every probe was delivered, every instance said ok and the users were all served;
+*lost*: items the consumer holds wrongly or lacks once converged (must be 0); *duplicates*:
+the same event delivered twice by the bridge; *worst latency*: the longest time from a write's
+first attempt to its first sighting by the consumer (a write made during a fault waits for it).
+The table replaces the generated block of this benchmark in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import httpx
+from google.cloud import firestore
+
+from bench.cluster import Instance, describe_code
+from bench.faultlab import (
+    Consumer,
+    Lab,
+    Monitor,
+    Writer,
+    compare,
+    firestore_truth,
+    log,
+    new_project,
+    registry_batch,
+)
+from bench.faultlab import rtdb_truth as read_rtdb
+from bench.latency import _measuring, report_head, update_doc
+from listeners.local.processes import PROJECT_ROOT
+
+DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- bench.faults:start -->", "<!-- bench.faults:end -->"
+SECTION = "## Faults under load (`bench/faults.py`)"
+
+
+@dataclass(frozen=True)
+class Durations:
+    fault: float = 30.0  # a blackhole, a cut, a slow link
+    lossy: float = 60.0  # latency and loss on Firestore
+    before: float = 10.0  # writes before the fault
+    after: float = 10.0  # writes after recovery
+    recover_timeout: float = 180.0
+    converge_timeout: float = 180.0
+
+
+@dataclass
+class Run:
+    """What a scenario's fault needs, and when it began and ended."""
+
+    lab: Lab
+    instances: list[Instance]
+    writer: Writer
+    db: firestore.Client
+    uids: list[str]
+    monitor: Monitor
+    d: Durations
+    began: float = float("nan")
+    began_wall: float = float("nan")
+    healed: float = float("nan")
+    how: str = ""
+
+    def begin(self) -> None:
+        self.monitor.arm()
+        self.began, self.began_wall = time.monotonic(), time.time()
+
+    def heal(self) -> None:
+        self.healed = time.monotonic()
+
+
+async def redis_blackhole(r: Run) -> None:
+    r.begin()
+    r.how = r.lab.redis.blackhole()
+    await asyncio.sleep(r.d.fault)
+    r.lab.redis.heal()
+    r.heal()
+
+
+async def redis_restart(r: Run) -> None:
+    r.begin()
+    await asyncio.to_thread(r.lab.redis.restart)
+    r.how = "redis-server stopped (SIGTERM) and started again, empty"
+    r.heal()
+
+
+async def firestore_blackhole_restart(r: Run) -> None:
+    r.begin()
+    r.how = r.lab.firestore.blackhole() + f" {r.d.fault:g} s, then the emulator restarted, empty"
+    await asyncio.sleep(r.d.fault)
+    await asyncio.to_thread(r.lab.firestore.stop)  # its FINs are lost in the blackhole
+    r.lab.firestore.heal()
+    await asyncio.to_thread(r.lab.firestore.start)
+    r.writer.forget_firestore()
+    # The application's heartbeats write the registry again; here, at once.
+    await asyncio.to_thread(registry_batch, r.db, r.uids, r.writer.chat_uids)
+    r.heal()
+
+
+async def rtdb_cut(r: Run) -> None:
+    r.begin()
+    r.how = r.lab.rtdb.cut() + f" {r.d.fault:g} s"
+    await asyncio.sleep(r.d.fault)
+    r.lab.rtdb.heal()
+    r.heal()
+
+
+async def rtdb_slow(r: Run) -> None:
+    r.begin()
+    r.how = "1 s each way, " + r.lab.rtdb.shape(1.0, 0.0) + f", {r.d.fault:g} s"
+    await asyncio.sleep(r.d.fault)
+    r.lab.rtdb.heal()
+    r.heal()
+
+
+async def firestore_lossy(r: Run) -> None:
+    r.begin()
+    r.how = "200 ms and 2 % loss, " + r.lab.firestore.shape(0.2, 0.02) + f", {r.d.lossy:g} s"
+    await asyncio.sleep(r.d.lossy)
+    r.lab.firestore.heal()
+    r.heal()
+
+
+async def _served_by_survivors(r: Run, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while r.monitor.total_listeners() != len(r.uids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+
+
+async def kill_then_sigterm(r: Run) -> None:
+    r.begin()
+    r.instances[0].service.process.kill()
+    await _served_by_survivors(r, r.d.recover_timeout)
+    status = await asyncio.to_thread(r.instances[1].service.stop, signal.SIGTERM, 30.0)
+    killed, stopped = r.instances[0].id, r.instances[1].id
+    r.how = f"kill -9 of {killed}; once the others served everyone, SIGTERM to {stopped} (exit {status})"
+    r.heal()
+
+
+async def redis_blackhole_takeover(r: Run) -> None:
+    r.begin()
+    r.instances[0].service.process.kill()
+    r.how = (
+        f"kill -9 of {r.instances[0].id}, and at once Redis: " + r.lab.redis.blackhole() + f" {r.d.fault:g} s"
+    )
+    await asyncio.sleep(r.d.fault)
+    r.lab.redis.heal()
+    r.heal()
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    inject: Callable[[Run], Awaitable[None]]
+    instances: int = 1
+
+
+SCENARIOS = [
+    Scenario("redis-blackhole", "Redis blackholed (half-open)", redis_blackhole),
+    Scenario("redis-restart", "Redis restarted", redis_restart),
+    Scenario(
+        "firestore-blackhole-restart", "Firestore blackholed, then restarted", firestore_blackhole_restart
+    ),
+    Scenario("rtdb-cut", "Realtime Database cut", rtdb_cut),
+    Scenario("rtdb-slow", "Realtime Database slowed", rtdb_slow),
+    Scenario("firestore-lossy", "Firestore: 200 ms latency, 2 % loss", firestore_lossy),
+    Scenario("kill-and-sigterm", "3 instances: kill -9 one, SIGTERM another", kill_then_sigterm, 3),
+    Scenario(
+        "redis-blackhole-takeover",
+        "3 instances: Redis blackholed during a takeover",
+        redis_blackhole_takeover,
+        3,
+    ),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    users: int
+    how: str = ""
+    detected_s: float | None = None
+    detected_by: str = ""
+    recovered_s: float | None = None
+    converged_s: float | None = None
+    missing: int = -1
+    extra: int = -1
+    duplicates: int = 0
+    worst_ms: float = float("nan")
+    ops: Counter[str] = field(default_factory=Counter)
+    failed_writes: int = 0
+    examples: list[str] = field(default_factory=list)
+    error: str = ""
+    logs: str = ""
+
+    @property
+    def lost(self) -> int:
+        return self.missing + self.extra if self.missing >= 0 else -1
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.lost == 0 and self.duplicates == 0
+
+
+@dataclass
+class Settings:
+    users: int = 1000
+    notif_rate: float = 10.0
+    dm_rate: float = 5.0
+    probes: int = 20
+    ready_timeout: float = 300.0
+    durations: Durations = field(default_factory=Durations)
+
+
+async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) -> Outcome:
+    out = Outcome(scenario, s.users)
+    project, rtdb_ns = new_project(f"faults-{scenario.name}")
+    uids = [f"u{i:04d}" for i in range(s.users)]
+    here = logs / scenario.name
+    here.mkdir(parents=True, exist_ok=True)
+    out.logs = str(here)
+    db = firestore.Client(project=project)
+    http = httpx.AsyncClient(base_url=f"http://{lab.rtdb.address}")
+    instances: list[Instance] = []
+    monitor = Monitor(instances)
+    consumer = Consumer(lab.redis_settings(), uids)
+    writer = Writer(db, http, rtdb_ns, uids, s.notif_rate, s.dm_rate)
+    writing: asyncio.Task[None] | None = None
+    try:
+        await asyncio.to_thread(registry_batch, db, uids)
+        for i in range(scenario.instances):
+            instances.append(lab.instance(f"f{chr(97 + i)}", project, rtdb_ns, here, LOG_LEVEL="INFO"))
+        monitor.start()
+        await consumer.start()
+        began = time.monotonic()
+        if not await consumer.wait(lambda: consumer.ready() == s.users, s.ready_timeout):
+            raise TimeoutError(f"only {consumer.ready()} of {s.users} users synced")
+        while monitor.total_listeners() != s.users or not monitor.all_ok():
+            if time.monotonic() - began > s.ready_timeout:
+                raise TimeoutError(f"the instances serve {monitor.total_listeners()} of {s.users} users")
+            await asyncio.sleep(0.25)
+        log(f"{scenario.name}: {s.users} users served and synced in {time.monotonic() - began:.0f} s")
+        writing = asyncio.create_task(writer.run())
+        await asyncio.sleep(s.durations.before)
+        run = Run(lab, instances, writer, db, uids, monitor, s.durations)
+        await scenario.inject(run)
+        out.how = run.how
+        log(f"{scenario.name}: fault over after {run.healed - run.began:.0f} s ({run.how})")
+        step = max(1, s.users // max(1, s.probes))
+        probes = await writer.probe(uids[::step][: s.probes])
+
+        def recovered() -> bool:
+            return (
+                all(key in consumer.seen for key in probes)
+                and monitor.all_ok()
+                and monitor.total_listeners() == s.users
+            )
+
+        if await consumer.wait(recovered, s.durations.recover_timeout):
+            out.recovered_s = time.monotonic() - run.healed
+        else:
+            seen = sum(key in consumer.seen for key in probes)
+            log(
+                f"not recovered: {seen}/{len(probes)} probes seen, instances ok: {monitor.all_ok()}, "
+                f"served: {monitor.total_listeners()}"
+            )
+        bridge_noticed = [t for t in consumer.bridge.connects if t >= run.began]
+        noticed = [(t, by) for t, by in ((monitor.noticed, monitor.noticed_by),) if t is not None]
+        if bridge_noticed:
+            noticed.append((bridge_noticed[0], "bridge reconnected"))
+        for instance in instances:
+            sign = first_sign(instance.log_path, run.began_wall)
+            if sign is not None:
+                noticed.append((run.began + sign[0] - run.began_wall, f"{instance.id} log: {sign[1]}"))
+        if noticed:
+            first = min(noticed)
+            out.detected_s, out.detected_by = first[0] - run.began, first[1]
+        log(f"{scenario.name}: recovered: {out.recovered_s}; writing {s.durations.after:g} s more")
+        await asyncio.sleep(s.durations.after)
+        writer.paused = True
+        await writer.drain(300.0)
+        log(f"{scenario.name}: writes stopped ({len(writer.inflight)} still in flight); comparing")
+        writing.cancel()
+        stopped = time.monotonic()
+        while True:
+            notif = await asyncio.to_thread(firestore_truth, db, uids)
+            dms = await read_rtdb(http, rtdb_ns)
+            truth = {uid: {**notif[uid], **{f"m:{k}": "dm" for k in dms.get(uid, set())}} for uid in uids}
+            out.missing, out.extra, out.examples = compare(consumer.state(), truth)
+            if out.missing + out.extra == 0:
+                out.converged_s = time.monotonic() - stopped
+                break
+            if time.monotonic() - stopped > s.durations.converge_timeout:
+                break
+            await asyncio.sleep(1.0)
+        out.duplicates = consumer.duplicates
+        latencies = [consumer.seen[k] - t for k, t in writer.writes.sent.items() if k in consumer.seen]
+        out.worst_ms = max(latencies, default=float("nan")) * 1000
+        out.ops, out.failed_writes = writer.writes.ops, writer.writes.failed
+    except Exception as exc:  # reported in the table; the next scenario still runs
+        out.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        log(f"{scenario.name}: stopping")
+        if writing is not None:
+            writing.cancel()
+            await asyncio.gather(writing, return_exceptions=True)
+        for task in list(writer.inflight):
+            task.cancel()
+        await consumer.stop()
+        await monitor.stop()
+        for instance in instances:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(instance.service.stop, signal.SIGTERM, 20.0)
+        writer.close()
+        await http.aclose()
+        db.close()
+        for dependency in lab.dependencies:  # a failed scenario must not leave a fault behind
+            dependency.heal()
+            if dependency.child.process is None:
+                await asyncio.to_thread(dependency.start)
+    log(
+        f"{scenario.name}: detect {out.detected_s} ({out.detected_by}), recover {out.recovered_s}, "
+        f"lost {out.lost}, duplicates {out.duplicates}, worst {out.worst_ms:.0f} ms"
+        + (f", ERROR {out.error}" if out.error else "")
+        + (f", e.g. {out.examples}" if out.examples else "")
+    )
+    return out
+
+
+SIGNS = ("reconnect", "lost", "ended", "unreachable", "unavailable", "expired", "left")
+
+
+def first_sign(path: Path, since: float) -> tuple[float, str] | None:
+    """The first line of a service's log at or after `since` (wall clock) that says something
+    went wrong: a warning or worse, or an info line about a reconnect or a lost peer."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            at = datetime.fromisoformat(entry["time"]).timestamp()
+        except (ValueError, KeyError, TypeError):
+            continue
+        message = str(entry.get("message", ""))
+        if at >= since and (
+            entry.get("level") in ("WARNING", "ERROR", "CRITICAL") or any(s in message.lower() for s in SIGNS)
+        ):
+            return at, message[:80]
+    return None
+
+
+def _s(value: float | None) -> str:
+    return "not noticed" if value is None else f"{value:.1f}"
+
+
+def render(
+    load: str,
+    outcomes: list[Outcome],
+    lab: str,
+    command: str,
+    code: str,
+    started: datetime,
+    elapsed: float,
+    s: Settings,
+) -> str:
+    d = s.durations
+    lines = [
+        START,
+        "",
+        *report_head(command, code, started, elapsed),
+        f"Lab: {lab}. {s.users} users online per scenario; writes at {s.notif_rate:g} notification "
+        f"operations/s (add 40 %, update, read, delete 20 % each) and {s.dm_rate:g} direct-message "
+        f"operations/s (add 60 %, read 40 %) over random users; {d.before:g} s of writes before the "
+        f"fault and {d.after:g} s after recovery; {s.probes} users probed after the fault. "
+        f"Load average at the start: {load}.",
+        "",
+        "| scenario | fault | detect s | noticed by | recover s | lost | duplicates "
+        "| worst latency ms | converged s | writes |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for o in outcomes:
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(o.ops.items()))
+        if o.failed_writes:
+            ops += f"; {o.failed_writes} gave up"
+        lost = "?" if o.lost < 0 else str(o.lost)
+        lines.append(
+            f"| {o.scenario.title} | {o.how or '-'} | {_s(o.detected_s)} | {o.detected_by or '-'} "
+            f"| {'never' if o.recovered_s is None else f'{o.recovered_s:.1f}'} | {lost} | {o.duplicates} "
+            f"| {o.worst_ms:.0f} | {'never' if o.converged_s is None else f'{o.converged_s:.1f}'} | {ops} |"
+        )
+    failed = [o for o in outcomes if not o.ok]
+    lines += [""]
+    for o in failed:
+        lines.append(f"- **{o.scenario.title}**: {o.error or 'did not converge'}; {'; '.join(o.examples)}")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+async def run_all(
+    scenarios: list[Scenario],
+    s: Settings,
+    logs: Path,
+    use_netns: bool | None = None,
+    done: Callable[[list[Outcome], str], None] | None = None,
+) -> tuple[list[Outcome], str]:
+    """Every scenario in one lab; `done` is told after each (so a long run reports as it goes)."""
+    outcomes: list[Outcome] = []
+    with Lab(use_netns) as lab:
+        log(lab.describe())
+        for scenario in scenarios:
+            outcomes.append(await run_scenario(lab, scenario, s, logs))
+            if done is not None:
+                done(outcomes, lab.describe())
+        return outcomes, lab.describe()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally: the lab's namespaces and children go
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.faults", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument(
+        "--scenarios", default=",".join(BY_NAME), help="comma-separated, of: " + ", ".join(BY_NAME)
+    )
+    parser.add_argument("--notif-rate", type=float, default=10.0)
+    parser.add_argument("--dm-rate", type=float, default=5.0)
+    parser.add_argument("--fault", type=float, default=30.0, help="seconds of a blackhole, cut or slow link")
+    parser.add_argument("--lossy", type=float, default=60.0, help="seconds of latency and loss")
+    parser.add_argument("--before", type=float, default=10.0, help="seconds of writes before the fault")
+    parser.add_argument("--after", type=float, default=10.0, help="seconds of writes after recovery")
+    parser.add_argument("--no-netns", action="store_true", help="proxies only")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--code")
+    args = parser.parse_args(argv)
+    settings = Settings(
+        users=args.users,
+        notif_rate=args.notif_rate,
+        dm_rate=args.dm_rate,
+        durations=Durations(fault=args.fault, lossy=args.lossy, before=args.before, after=args.after),
+    )
+    chosen = [BY_NAME[name] for name in args.scenarios.split(",") if name]
+    signal.signal(signal.SIGTERM, _terminate)
+    started, began = datetime.now(UTC), time.monotonic()
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    logs = Path(tempfile.mkdtemp(prefix="listeners-faults-"))
+    log(f"logs in {logs}")
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(
+        ["flock /tmp/listeners-bench.lock .venv/bin/python -m bench.faults", shlex.join(_measuring(given))]
+    ).strip()
+    code = args.code or describe_code()
+
+    def report(outcomes: list[Outcome], lab: str) -> None:
+        block = render(load, outcomes, lab, command, code, started, time.monotonic() - began, settings)
+        if not args.no_doc:
+            update_doc(args.doc, block, START, END, SECTION)
+        if len(outcomes) == len(chosen):
+            print(block)
+
+    outcomes, _ = asyncio.run(run_all(chosen, settings, logs, False if args.no_netns else None, report))
+    if not all(o.ok for o in outcomes):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

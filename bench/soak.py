@@ -1,0 +1,535 @@
+"""Soak: one service under mixed writes for a long time, a fault every few minutes; does it stay
+flat?
+
+One service instance in the fault lab (`bench/faultlab.py`), `--users` online (the first
+`--chat-users` with a chat thread open), one Bridge consumer with the reducers per user, and
+writes the whole time: notifications (add, update, read, delete), direct messages (add,
+read) and chat messages. Every `--fault-every` seconds a fault from bench/faults.py, in turn.
+Every `--sample-every` seconds: the service's RSS, threads and open file descriptors
+(psutil), its asyncio tasks and open Firestore watch streams (/metrics), the stand-in's open
+Realtime Database streams, and the p99 of write-to-consumer latency over the interval.
+
+Pass: once writes stop the consumer equals the database (nothing lost, no duplicate);
+RSS grows less than 5 % from the end of the warm-up to the end; tasks, file descriptors and
+streams at rest after the run are no more than at rest before it (no leak); the p99 of the
+intervals clear of faults stays within 3x their median (steady).
+
+    flock /tmp/listeners-bench.lock .venv/bin/python -m bench.soak --minutes 30 --users 1000
+
+It draws docs/soak.png and replaces the generated block of this benchmark in
+docs/benchmarks.md. tests/test_soak.py runs the same for 2 minutes at 100 users in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import httpx
+import psutil
+from google.cloud import firestore
+
+from bench.cluster import Instance, describe_code
+from bench.faultlab import (
+    Consumer,
+    Lab,
+    Monitor,
+    Writer,
+    compare,
+    firestore_truth,
+    log,
+    new_project,
+    parse_metrics,
+    process_figures,
+    registry_batch,
+    rtdb_truth,
+)
+from bench.faults import BY_NAME, Durations, Run, Scenario
+from bench.latency import _measuring, percentile, report_head, update_doc
+from bench.plot import Panel, save_panels
+from listeners.local.processes import PROJECT_ROOT
+
+DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
+FIGURE = PROJECT_ROOT / "docs" / "soak.png"
+START, END = "<!-- bench.soak:start -->", "<!-- bench.soak:end -->"
+SECTION = "## Soak (`bench/soak.py`)"
+FAULTS = [
+    "redis-blackhole",
+    "rtdb-cut",
+    "firestore-lossy",
+    "redis-restart",
+    "rtdb-slow",
+    "firestore-blackhole-restart",
+]
+RSS_GROWTH = 0.05
+P99_SPREAD = 3.0
+
+
+@dataclass
+class Sample:
+    at: float  # seconds since the writes began
+    rss_mb: float
+    threads: int
+    fds: int
+    tasks: int
+    watch_streams: int
+    rtdb_streams: int
+    p99_ms: float
+    writes: int  # write operations started in the interval
+    fault: bool  # a fault was on, or had ended less than 30 s ago, during the interval
+
+
+@dataclass
+class Rest:
+    """The counts with every user attached and nothing being written."""
+
+    rss_mb: float
+    threads: int
+    fds: int
+    tasks: int
+    watch_streams: int
+    rtdb_streams: int
+
+
+@dataclass
+class Soak:
+    users: int
+    seconds: float
+    warmup: float
+    samples: list[Sample] = field(default_factory=list)
+    faults: list[tuple[float, float, str, str]] = field(default_factory=list)  # began, ended, name, how
+    before: Rest | None = None
+    after: Rest | None = None
+    missing: int = -1
+    extra: int = -1
+    chat_lost: int = -1
+    duplicates: int = 0
+    examples: list[str] = field(default_factory=list)
+    ops: Counter[str] = field(default_factory=Counter)
+    failed_writes: int = 0
+    error: str = ""
+    fault_on: bool = False  # a fault is being injected (it joins `faults` once it ends)
+
+    def rss_growth(self) -> float:
+        """From the first sample after the warm-up to the last (medians of three, against noise)."""
+        after = [s.rss_mb for s in self.samples if s.at >= self.warmup]
+        if len(after) < 2:
+            return float("nan")
+        first = statistics.median(after[:3])
+        last = statistics.median(after[-3:])
+        return (last - first) / first
+
+    def p99s(self) -> list[float]:
+        return [
+            s.p99_ms for s in self.samples if not s.fault and s.at >= self.warmup and s.p99_ms == s.p99_ms
+        ]
+
+    def leaks(self) -> list[str]:
+        if self.before is None or self.after is None:
+            return ["not measured"]
+        found = []
+        for name in ("tasks", "fds", "watch_streams", "rtdb_streams"):
+            b, a = getattr(self.before, name), getattr(self.after, name)
+            if a > b:
+                found.append(f"{name} {b} -> {a}")
+        return found
+
+    def verdicts(self) -> list[tuple[str, bool, str]]:
+        growth, p99 = self.rss_growth(), self.p99s()
+        spread = max(p99) / statistics.median(p99) if p99 else float("nan")
+        lost = self.missing + self.extra + self.chat_lost
+        return [
+            (
+                "nothing lost",
+                lost == 0 and not self.error,
+                f"{lost} item(s) wrong or missing" + (f"; {self.error}" if self.error else ""),
+            ),
+            ("no duplicate", self.duplicates == 0, f"{self.duplicates} duplicate event(s)"),
+            (f"RSS growth after warm-up < {RSS_GROWTH:.0%}", growth < RSS_GROWTH, f"{growth:+.1%}"),
+            ("no leaked task, fd or stream", not self.leaks(), ", ".join(self.leaks()) or "none"),
+            (
+                f"p99 steady (clear of faults, max within {P99_SPREAD:g}x median)",
+                spread <= P99_SPREAD,
+                f"median {statistics.median(p99) if p99 else float('nan'):.0f} ms, "
+                f"max {max(p99, default=float('nan')):.0f} ms",
+            ),
+        ]
+
+
+async def at_rest(instance: Instance, monitor: Monitor, lab: Lab, ns: str) -> Rest:
+    """The counts once the loop has had a moment: a few readings, the smallest of each (a task
+    or a connection in the middle of its work is not a leak)."""
+    readings = []
+    for _ in range(5):
+        await asyncio.sleep(1.0)
+        rss, threads, fds = process_figures(instance.ps)
+        metrics = await read_metrics(monitor, instance)
+        rtdb = await lab.standin.open_streams(ns)
+        readings.append(
+            Rest(
+                rss,
+                threads,
+                fds,
+                int(metrics.get("listeners_asyncio_tasks", -1)),
+                int(metrics.get("listeners_open_streams", -1)),
+                rtdb,
+            )
+        )
+    return Rest(
+        min(r.rss_mb for r in readings),
+        min(r.threads for r in readings),
+        min(r.fds for r in readings),
+        min(r.tasks for r in readings),
+        min(r.watch_streams for r in readings),
+        min(r.rtdb_streams for r in readings),
+    )
+
+
+async def read_metrics(monitor: Monitor, instance: Instance) -> dict[str, float]:
+    try:
+        text = (await monitor.http.get(f"http://127.0.0.1:{instance.service.port}/metrics", timeout=10)).text
+    except httpx.HTTPError:
+        return {}
+    return parse_metrics(text)
+
+
+@dataclass
+class Settings:
+    users: int = 1000
+    seconds: float = 1800.0
+    warmup: float = 300.0
+    fault_every: float = 300.0
+    sample_every: float = 10.0
+    notif_rate: float = 10.0
+    dm_rate: float = 5.0
+    chat_rate: float = 2.0
+    chat_users: int = 50
+    faults: list[str] = field(default_factory=lambda: list(FAULTS))
+    durations: Durations = field(default_factory=Durations)
+    ready_timeout: float = 300.0
+    converge_timeout: float = 180.0
+
+
+async def run_soak(lab: Lab, s: Settings, logs: Path) -> Soak:
+    soak = Soak(s.users, s.seconds, s.warmup)
+    project, ns = new_project("soak")
+    uids = [f"u{i:04d}" for i in range(s.users)]
+    chat_uids = uids[: s.chat_users]
+    db = firestore.Client(project=project)
+    http = httpx.AsyncClient(base_url=f"http://{lab.rtdb.address}")
+    instances: list[Instance] = []
+    monitor = Monitor(instances)
+    consumer = Consumer(lab.redis_settings(), uids, chat_uids)
+    writer = Writer(db, http, ns, uids, s.notif_rate, s.dm_rate, chat_uids=chat_uids, chat_rate=s.chat_rate)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.to_thread(registry_batch, db, uids, chat_uids)
+        instance = lab.instance("soak", project, ns, logs, LOG_LEVEL="INFO")
+        instances.append(instance)
+        monitor.start()
+        await consumer.start()
+        began = time.monotonic()
+        if not await consumer.wait(lambda: consumer.ready() == s.users, s.ready_timeout):
+            raise TimeoutError(f"only {consumer.ready()} of {s.users} users synced")
+        log(f"soak: {s.users} users synced in {time.monotonic() - began:.0f} s")
+        soak.before = await at_rest(instance, monitor, lab, ns)
+        log(f"soak: at rest before: {soak.before}")
+        began = time.monotonic()
+        tasks.append(asyncio.create_task(writer.run()))
+        tasks.append(
+            asyncio.create_task(sample(soak, instance, monitor, lab, ns, consumer, writer, began, s))
+        )
+        run = Run(lab, instances, writer, db, uids, monitor, s.durations)
+        n = 0
+        while True:
+            next_fault = began + (n + 1) * s.fault_every
+            if next_fault + s.durations.lossy > began + s.seconds:
+                break
+            await asyncio.sleep(max(0.0, next_fault - time.monotonic()))
+            if instance.service.process.poll() is not None:
+                raise RuntimeError(f"the service exited ({instance.service.process.returncode})")
+            scenario: Scenario = BY_NAME[s.faults[n % len(s.faults)]]
+            log(f"soak: fault {n + 1}: {scenario.name}")
+            soak.fault_on = True
+            await scenario.inject(run)
+            soak.fault_on = False
+            soak.faults.append((run.began - began, run.healed - began, scenario.name, run.how))
+            n += 1
+        await asyncio.sleep(max(0.0, began + s.seconds - time.monotonic()))
+        writer.paused = True
+        tasks[1].cancel()  # the samples cover the writes only
+        await writer.drain(300.0)
+        stopped = time.monotonic()
+        while True:
+            notif = await asyncio.to_thread(firestore_truth, db, uids)
+            dms = await rtdb_truth(http, ns)
+            truth = {uid: {**notif[uid], **{f"m:{k}": "dm" for k in dms.get(uid, set())}} for uid in uids}
+            soak.missing, soak.extra, soak.examples = compare(consumer.state(), truth)
+            chat_missing = {uid: writer.chats[uid] - consumer.chat_ids(uid) for uid in chat_uids}
+            soak.chat_lost = sum(len(v) for v in chat_missing.values())
+            if (
+                soak.missing + soak.extra + soak.chat_lost == 0
+                or time.monotonic() - stopped > s.converge_timeout
+            ):
+                soak.examples += [f"{uid} chat {sorted(v)[:3]}" for uid, v in chat_missing.items() if v][:3]
+                break
+            await asyncio.sleep(1.0)
+        log(
+            f"soak: compared after {time.monotonic() - stopped:.0f} s: missing {soak.missing}, "
+            f"extra {soak.extra}, chat {soak.chat_lost}"
+        )
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()
+        soak.after = await at_rest(instance, monitor, lab, ns)
+        log(f"soak: at rest after: {soak.after}")
+        soak.duplicates = consumer.duplicates
+        soak.ops, soak.failed_writes = writer.writes.ops, writer.writes.failed
+    except Exception as exc:
+        soak.error = f"{type(exc).__name__}: {exc}"
+        log(f"soak: FAILED: {soak.error}")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in list(writer.inflight):
+            task.cancel()
+        await consumer.stop()
+        await monitor.stop()
+        for instance in instances:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(instance.service.stop, signal.SIGTERM, 20.0)
+        writer.close()
+        await http.aclose()
+        db.close()
+    return soak
+
+
+async def sample(
+    soak: Soak,
+    instance: Instance,
+    monitor: Monitor,
+    lab: Lab,
+    ns: str,
+    consumer: Consumer,
+    writer: Writer,
+    began: float,
+    s: Settings,
+) -> None:
+    last = began
+    counted = 0
+    while True:
+        await asyncio.sleep(max(0.0, last + s.sample_every - time.monotonic()))
+        now = time.monotonic()
+        with contextlib.suppress(psutil.Error, httpx.HTTPError):
+            rss, threads, fds = process_figures(instance.ps)
+            metrics = await read_metrics(monitor, instance)
+            rtdb = await lab.standin.open_streams(ns)
+            latencies = sorted(
+                (consumer.seen[k] - t) * 1000
+                for k, t in writer.writes.sent.items()
+                if k in consumer.seen and last <= consumer.seen[k] < now
+            )
+            ops = sum(writer.writes.ops.values())
+            faulty = soak.fault_on or any(
+                b <= now - began and last - began <= e + 30 for b, e, _, _ in soak.faults
+            )
+            soak.samples.append(
+                Sample(
+                    now - began,
+                    rss,
+                    threads,
+                    fds,
+                    int(metrics.get("listeners_asyncio_tasks", -1)),
+                    int(metrics.get("listeners_open_streams", -1)),
+                    rtdb,
+                    percentile(latencies, 99),
+                    ops - counted,
+                    faulty,
+                )
+            )
+            counted = ops
+        last = now
+
+
+def render(
+    soak: Soak,
+    s: Settings,
+    lab: str,
+    load: str,
+    command: str,
+    code: str,
+    started: datetime,
+    elapsed: float,
+    figure: str,
+) -> str:
+    lines = [
+        START,
+        "",
+        *report_head(command, code, started, elapsed),
+        f"Lab: {lab}. Load average at the start: {load}.",
+        "",
+        f"{s.users} users online ({s.chat_users} with a chat thread), {s.seconds / 60:g} minutes of writes: "
+        f"{s.notif_rate:g} notification operations/s (add, update, read, delete), "
+        f"{s.dm_rate:g} direct-message operations/s (add, read), {s.chat_rate:g} chat messages/s; "
+        f"a fault every {s.fault_every / 60:g} min; "
+        f"a sample every {s.sample_every:g} s; warm-up {s.warmup / 60:g} min. Writes: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(soak.ops.items()))
+        + (f" ({soak.failed_writes} given up)" if soak.failed_writes else "")
+        + ".",
+        "",
+        f"![soak]({figure})",
+        "",
+        "| check | pass | measured |",
+        "|---|---|---|",
+    ]
+    for name, ok, measured in soak.verdicts():
+        lines.append(f"| {name} | {'yes' if ok else '**no**'} | {measured} |")
+    lines += ["", "Faults (seconds from the first write):", ""]
+    for b, e, name, how in soak.faults:
+        lines.append(f"- {b:.0f} to {e:.0f} s: {name} ({how})")
+    b4, a = soak.before, soak.after
+    if b4 and a:
+        lines += [
+            "",
+            "| at rest | RSS MB | threads | fds | asyncio tasks | Firestore watch streams | RTDB streams |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| {when} | {r.rss_mb:.0f} | {r.threads} | {r.fds} | {r.tasks} | {r.watch_streams} "
+                f"| {r.rtdb_streams} |"
+                for when, r in (("before", b4), ("after", a))
+            ),
+        ]
+    lines += [
+        "",
+        "Samples, one row a minute (the figure has them all):",
+        "",
+        "| minute | RSS MB | threads | fds | tasks | watch streams | RTDB streams | p99 ms | writes "
+        "| fault |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    step = max(1, round(60 / s.sample_every))
+    for x in soak.samples[step - 1 :: step]:
+        lines.append(
+            f"| {x.at / 60:.0f} | {x.rss_mb:.0f} | {x.threads} | {x.fds} | {x.tasks} | {x.watch_streams} "
+            f"| {x.rtdb_streams} | {x.p99_ms:.0f} | {x.writes} | {'yes' if x.fault else ''} |"
+        )
+    if soak.examples:
+        lines += ["", "Differences: " + "; ".join(soak.examples)]
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def draw(soak: Soak, path: Path) -> Path:
+    minutes = [x.at / 60 for x in soak.samples]
+
+    def series(values: list[float]) -> list[tuple[float, float]]:
+        return list(zip(minutes, values, strict=True))
+
+    return save_panels(
+        path,
+        f"Soak: {soak.users} users, {soak.seconds / 60:g} min, a fault every few minutes",
+        "minutes",
+        [
+            Panel("RSS MB", {"service": series([x.rss_mb for x in soak.samples])}),
+            Panel(
+                "count",
+                {
+                    "threads": series([x.threads for x in soak.samples]),
+                    "fds": series([x.fds for x in soak.samples]),
+                    "asyncio tasks / 10": series([x.tasks / 10 for x in soak.samples]),
+                },
+            ),
+            Panel(
+                "open streams",
+                {
+                    "Firestore watches": series([x.watch_streams for x in soak.samples]),
+                    "RTDB streams": series([x.rtdb_streams for x in soak.samples]),
+                },
+            ),
+            Panel(
+                "p99 latency ms", {"write -> consumer": series([x.p99_ms for x in soak.samples])}, log_y=True
+            ),
+        ],
+    )
+
+
+async def run(s: Settings, logs: Path, use_netns: bool | None) -> tuple[Soak, str]:
+    with Lab(use_netns) as lab:
+        log(lab.describe())
+        return await run_soak(lab, s, logs), lab.describe()
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds through every finally: the lab's namespaces and children go
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.soak", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--warmup", type=float, default=5.0, help="minutes")
+    parser.add_argument("--fault-every", type=float, default=5.0, help="minutes")
+    parser.add_argument("--fault", type=float, default=30.0, help="seconds of a blackhole, cut or slow link")
+    parser.add_argument("--lossy", type=float, default=60.0, help="seconds of latency and loss")
+    parser.add_argument("--notif-rate", type=float, default=10.0)
+    parser.add_argument("--dm-rate", type=float, default=5.0)
+    parser.add_argument("--chat-rate", type=float, default=2.0)
+    parser.add_argument("--chat-users", type=int, default=50)
+    parser.add_argument("--no-netns", action="store_true")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--figure", type=Path, default=FIGURE)
+    parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--code")
+    args = parser.parse_args(argv)
+    s = Settings(
+        users=args.users,
+        seconds=args.minutes * 60,
+        warmup=args.warmup * 60,
+        fault_every=args.fault_every * 60,
+        notif_rate=args.notif_rate,
+        dm_rate=args.dm_rate,
+        chat_rate=args.chat_rate,
+        chat_users=min(args.chat_users, args.users),
+        durations=Durations(fault=args.fault, lossy=args.lossy),
+    )
+    signal.signal(signal.SIGTERM, _terminate)
+    started, began = datetime.now(UTC), time.monotonic()
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    logs = Path(tempfile.mkdtemp(prefix="listeners-soak-"))
+    log(f"logs in {logs}")
+    soak, lab = asyncio.run(run(s, logs, False if args.no_netns else None))
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(
+        ["flock /tmp/listeners-bench.lock .venv/bin/python -m bench.soak", shlex.join(_measuring(given))]
+    ).strip()
+    figure = draw(soak, args.figure)
+    relative = os.path.relpath(figure, args.doc.parent)
+    block = render(
+        soak, s, lab, load, command, args.code or describe_code(), started, time.monotonic() - began, relative
+    )
+    print(block)
+    if not args.no_doc:
+        update_doc(args.doc, block, START, END, SECTION)
+    if not all(ok for _, ok, _ in soak.verdicts()):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
