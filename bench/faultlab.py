@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import time
 import uuid
@@ -718,6 +719,28 @@ WATCHED = (
     "listeners_task_restarts_total",
 )
 _LINE = re.compile(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+|NaN|\+Inf)$")
+
+
+async def stop_run(
+    writer: Writer,
+    consumer: Consumer,
+    monitor: Monitor,
+    instances: list[Instance],
+    http: httpx.AsyncClient,
+    db: firestore.Client,
+) -> None:
+    """The end of a scenario or a soak: writes, readers, then the service instances, each
+    stopped even when an earlier one failed to."""
+    for task in list(writer.inflight):
+        task.cancel()
+    await consumer.stop()
+    await monitor.stop()
+    for instance in instances:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(instance.service.stop, signal.SIGTERM, 20.0)
+    writer.close()
+    await http.aclose()
+    db.close()
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shlex
@@ -52,6 +51,7 @@ from bench.faultlab import (
     log,
     new_project,
     registry_batch,
+    stop_run,
 )
 from bench.faultlab import rtdb_truth as read_rtdb
 from bench.latency import _measuring, report_head, update_doc
@@ -333,16 +333,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         if writing is not None:
             writing.cancel()
             await asyncio.gather(writing, return_exceptions=True)
-        for task in list(writer.inflight):
-            task.cancel()
-        await consumer.stop()
-        await monitor.stop()
-        for instance in instances:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(instance.service.stop, signal.SIGTERM, 20.0)
-        writer.close()
-        await http.aclose()
-        db.close()
+        await stop_run(writer, consumer, monitor, instances, http, db)
         for dependency in lab.dependencies:  # a failed scenario must not leave a fault behind
             dependency.heal()
             if dependency.child.process is None:

@@ -56,6 +56,7 @@ from bench.faultlab import (
     process_figures,
     registry_batch,
     rtdb_truth,
+    stop_run,
 )
 from bench.faults import BY_NAME, Durations, Run, Scenario
 from bench.latency import _measuring, percentile, report_head, update_doc
@@ -306,16 +307,7 @@ async def run_soak(lab: Lab, s: Settings, logs: Path) -> Soak:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for task in list(writer.inflight):
-            task.cancel()
-        await consumer.stop()
-        await monitor.stop()
-        for instance in instances:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(instance.service.stop, signal.SIGTERM, 20.0)
-        writer.close()
-        await http.aclose()
-        db.close()
+        await stop_run(writer, consumer, monitor, instances, http, db)
     return soak
 
 
