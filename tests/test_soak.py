@@ -4,8 +4,8 @@ The benchmark runs 30 minutes at 1,000 users (`python -m bench.soak`); this runs
 SOAK_USERS, in the proxy-only lab (so the fallback for machines without network namespaces is
 exercised here; tests/test_faults.py covers the namespaces). Asserted, as in the benchmark:
 nothing lost and no duplicate once writes stop (chat included), RSS growth under 5 % after
-the warm-up, and no task or stream more at rest after the run than before (file descriptors:
-at most FD_SLACK more, the pooled keep-alive connections).
+the warm-up, and no stream more at rest after the run than before (file descriptors and
+tasks: at most FD_SLACK and TASK_SLACK more, pooled connections and work in flight).
 The benchmark's fifth check, p99 latency steady, is a wall-clock figure: recorded here, not
 asserted (a loaded CI machine must not fail the suite).
 """
