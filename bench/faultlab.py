@@ -271,7 +271,8 @@ class UserView:
     messages: DirectMessages = field(default_factory=DirectMessages)
     chat: ChatThreads = field(default_factory=ChatThreads)
     synced: set[str] = field(default_factory=set)  # "notif", "msg"
-    event_ids: set[str] = field(default_factory=set)
+    event_ids: dict[str, str] = field(default_factory=dict)  # event id -> how it was first seen
+    trail: list[str] = field(default_factory=list)  # the last events, to explain a duplicate
 
 
 class _RecordingBridge(Bridge):
@@ -296,6 +297,7 @@ class Consumer:
         self.chat_uids = set(chat_uids)
         self.seen: dict[str, float] = {}  # item key (notif/msg doc id) -> first sighting
         self.duplicates = 0
+        self.duplicate_examples: list[str] = []  # the first few, each with what came before it
         self.events: Counter[str] = Counter()
         self.tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()
@@ -311,9 +313,16 @@ class Consumer:
             kind, payload = event["type"], event["payload"]
             self.events[kind] += 1
             family = kind.split(".")[0]
+            sighting = f"{kind} {event.get('epoch', '')}:{event.get('seq', '')} {event['event_id'][:24]}"
             if event["event_id"] in view.event_ids and not kind.endswith(".sync"):
                 self.duplicates += 1
-            view.event_ids.add(event["event_id"])
+                if len(self.duplicate_examples) < 5:
+                    first = view.event_ids[event["event_id"]]
+                    self.duplicate_examples.append(
+                        f"{uid}: {sighting} (first: {first}; between: {' | '.join(view.trail[-6:])})"
+                    )
+            view.event_ids.setdefault(event["event_id"], sighting)
+            view.trail = [*view.trail[-7:], sighting]
             if kind == "notif.sync":
                 items = payload.get("notifications", [])
             elif kind == "msg.sync":

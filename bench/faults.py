@@ -323,6 +323,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
                 break
             await asyncio.sleep(1.0)
         out.duplicates = consumer.duplicates
+        out.examples += consumer.duplicate_examples
         latencies = [consumer.seen[k] - t for k, t in writer.writes.sent.items() if k in consumer.seen]
         out.worst_ms = max(latencies, default=float("nan")) * 1000
         out.ops, out.failed_writes = writer.writes.ops, writer.writes.failed
@@ -413,7 +414,8 @@ def render(
     failed = [o for o in outcomes if not o.ok]
     lines += [""]
     for o in failed:
-        lines.append(f"- **{o.scenario.title}**: {o.error or 'did not converge'}; {'; '.join(o.examples)}")
+        what = o.error or ("did not converge" if o.lost != 0 else f"{o.duplicates} duplicate(s)")
+        lines.append(f"- **{o.scenario.title}**: {what}; {'; '.join(o.examples)}")
     lines += ["", END]
     return "\n".join(lines)
 
