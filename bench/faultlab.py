@@ -48,6 +48,7 @@ import psutil
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
+from bench.browsers import Browsers
 from bench.cluster import ADMIN_TOKEN, CONTROL_TOKEN, Instance
 from listeners.bridge import Bridge
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
@@ -473,6 +474,9 @@ def registry_batch(db: firestore.Client, uids: list[str], chat_uids: Iterable[st
 @dataclass
 class Writes:
     sent: dict[str, float] = field(default_factory=dict)  # item key of an add -> first attempt
+    # item key of an add -> when the attempt that succeeded began: a write first tried during a
+    # fault and retried is timed from `sent`; from here it is timed as the service sees it
+    landed: dict[str, float] = field(default_factory=dict)
     ops: Counter[str] = field(default_factory=Counter)
     failed: int = 0  # gave up after WRITE_GIVE_UP
     retried: int = 0
@@ -495,9 +499,17 @@ class Writer:
         seed: int = 1,
         chat_uids: Iterable[str] = (),
         chat_rate: float = 0.0,
+        steady: bool = False,
     ) -> None:
         self.chat_uids, self.chat_rate = sorted(chat_uids), chat_rate
+        # steady: a removal (read, delete, direct message read) goes to a user who holds an item,
+        # and direct messages are added and read alike (50 % each), so as many items go as come
+        # and the data the service mirrors keeps its size: a soak then measures the service's
+        # memory, not the growth of the data. Otherwise (the scenarios) a random user, and an
+        # add when that user holds nothing, so the data grows.
+        self.steady = steady
         self.chats: dict[str, set[str]] = {uid: set() for uid in self.chat_uids}  # push ids written
+        self.chat_prefilled: dict[str, int] = {}  # messages a thread had before (`prefill`)
         self.db, self.http, self.ns, self.uids = db, http, rtdb_ns, uids
         self.notif_rate, self.dm_rate = notif_rate, dm_rate
         self.rng = random.Random(seed)
@@ -539,10 +551,18 @@ class Writer:
         if self.inflight:
             await asyncio.wait(set(self.inflight), timeout=timeout)
 
+    def _holder(self, items: dict[str, set[str]]) -> str:
+        holders = [uid for uid in self.uids if items[uid] - self.busy]
+        return self.rng.choice(holders or self.uids)
+
     def _notification(self) -> asyncio.Task[None] | None:
-        uid = self.rng.choice(self.uids)
+        if self.steady:
+            roll = self.rng.random()
+            uid = self.rng.choice(self.uids) if roll < 0.4 else self._holder(self.unread)
+        else:
+            uid = self.rng.choice(self.uids)
+            roll = self.rng.random()
         ready = sorted(self.unread[uid] - self.busy)
-        roll = self.rng.random()
         if not ready or roll < 0.4:
             doc_id = f"n{next(self.numbers):07d}"
             return self._start("add", doc_id, self._add_notification(uid, doc_id))
@@ -558,13 +578,93 @@ class Writer:
         return self._start("delete", doc_id, self._delete_notification(uid, doc_id))
 
     def _dm(self) -> asyncio.Task[None] | None:
-        uid = self.rng.choice(self.uids)
+        if self.steady:
+            adding = self.rng.random() < 0.5
+            uid = self.rng.choice(self.uids) if adding else self._holder(self.dms)
+        else:
+            uid = self.rng.choice(self.uids)
         ready = sorted(self.dms[uid] - self.busy)
-        if not ready or self.rng.random() < 0.6:
+        if not ready or (adding if self.steady else self.rng.random() < 0.6):
             key = f"m{next(self.numbers):07d}"
             return self._start("dm add", key, self._add_dm(uid, key))
         key = self.rng.choice(ready)
         return self._start("dm read", key, self._delete_dm(uid, key))
+
+    async def prefill(self, notifications: int, messages: int, chat: int) -> int:
+        """Before the services start: `notifications` unread notifications and `messages` direct
+        messages for every user, and `chat` messages on each chat thread (the service's window
+        full), written in bulk and not timed. Returns the number of items written."""
+        data = {
+            "status": "completed",
+            "collection_id": "c1",
+            "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+            "read": False,
+            "additional_info": "{}",
+        }
+        notes = [(uid, f"n{next(self.numbers):07d}") for uid in self.uids for _ in range(notifications)]
+
+        def write_notifications() -> None:
+            for i in range(0, len(notes), 500):
+                batch = self.db.batch()
+                for uid, doc_id in notes[i : i + 500]:
+                    ref = self.db.document(f"clients/{uid}/notifications/{doc_id}")
+                    batch.set(ref, {**data, "job_id": doc_id, "file_name": f"{doc_id}.pdf"})
+                batch.commit(timeout=60)
+
+        await asyncio.to_thread(write_notifications)
+        for uid, doc_id in notes:
+            self.unread[uid].add(doc_id)
+        limit = asyncio.Semaphore(16)
+
+        async def patch(path: str, body: dict[str, Any]) -> None:
+            async with limit:
+                response = await self.http.patch(
+                    f"{path}.json",
+                    params={"ns": self.ns, "print": "silent"},
+                    content=json.dumps(body),
+                    timeout=60,
+                )
+                response.raise_for_status()
+
+        now = datetime.now(UTC).isoformat()
+        dm = {"status": "pending", "collection_id": "c1", "message": "A document needs your review"}
+        patches = []
+        for uid in self.uids:
+            keys = [f"m{next(self.numbers):07d}" for _ in range(messages)]
+            self.dms[uid].update(keys)
+            body: dict[str, Any] = {
+                key: {
+                    **dm,
+                    "job_id": key,
+                    "file_name": f"{key}.pdf",
+                    "sender_id": "bench-sender",
+                    "chat_mode": "chats",
+                    "timestamp": now,
+                }
+                for key in keys
+            }
+            if body:
+                patches.append(patch(f"/clients/{uid}/direct_message_notif", body))
+        for uid in self.chat_uids:
+            t = chat_thread(uid)
+            keys = [f"-c{next(self.numbers):010d}" for _ in range(chat)]
+            # not in `chats`: a chat.sync carries only the 50 most recent unread of a window, so
+            # these are not all delivered; what the soak checks is every message written live
+            self.chat_prefilled[uid] = len(keys)
+            body = {
+                key: {
+                    "message_type": "MESSAGE",
+                    "content": f"message {key}",
+                    "sender_id": "bench-sender",
+                    "read": False,
+                    "timestamp": now,
+                }
+                for key in keys
+            }
+            if body:
+                patches.append(patch(f"/{t.space_code}/{t.mode}/{t.thread_key}/messages", body))
+        await asyncio.gather(*patches)
+        return len(notes) + messages * len(self.uids) + chat * len(self.chat_uids)
 
     def _chat(self) -> asyncio.Task[None] | None:
         uid = self.rng.choice(self.chat_uids)
@@ -594,7 +694,7 @@ class Writer:
             )
             response.raise_for_status()
 
-        if await self._retry(put, is_async=True):
+        if await self._retry(put, is_async=True, key=f"{uid}/{key}"):
             self.chats[uid].add(key)
 
     def _start(self, kind: str, key: str, work: Any) -> asyncio.Task[None]:
@@ -609,17 +709,20 @@ class Writer:
 
         return asyncio.create_task(run())
 
-    async def _retry(self, call: Callable[[], Any], is_async: bool = False) -> bool:
+    async def _retry(self, call: Callable[[], Any], is_async: bool = False, key: str = "") -> bool:
         """True once done; False after WRITE_GIVE_UP. NotFound counts as done (the item is gone:
-        an emulator restarted empty)."""
+        an emulator restarted empty). `key`: an add's item, whose successful attempt is timed."""
         deadline, delay = time.monotonic() + WRITE_GIVE_UP, 0.2
         loop = asyncio.get_running_loop()
         while True:
+            attempt = time.monotonic()
             try:
                 if is_async:
                     await call()
                 else:
                     await loop.run_in_executor(self.pool, call)
+                if key:
+                    self.writes.landed[key] = attempt
                 return True
             except gexc.NotFound:
                 return True
@@ -647,7 +750,7 @@ class Writer:
         }
         ref = self.db.document(f"clients/{uid}/notifications/{doc_id}")
         self.writes.sent[f"{uid}/{doc_id}"] = time.monotonic()
-        if await self._retry(lambda: ref.set(data, retry=None, timeout=10)) and track:
+        if await self._retry(lambda: ref.set(data, retry=None, timeout=10), key=f"{uid}/{doc_id}") and track:
             self.unread[uid].add(doc_id)
 
     async def _update_notification(
@@ -685,7 +788,7 @@ class Writer:
             )
             response.raise_for_status()
 
-        if await self._retry(put, is_async=True) and track:
+        if await self._retry(put, is_async=True, key=f"{uid}/{key}") and track:
             self.dms[uid].add(key)
 
     async def _delete_dm(self, uid: str, key: str) -> None:
@@ -737,11 +840,14 @@ async def stop_run(
     instances: list[Instance],
     http: httpx.AsyncClient,
     db: firestore.Client,
+    browsers: Browsers | None = None,
 ) -> None:
     """The end of a scenario or a soak: writes, readers, then the service instances, each
     stopped even when an earlier one failed to."""
     for task in list(writer.inflight):
         task.cancel()
+    if browsers is not None:
+        await browsers.stop()
     await consumer.stop()
     await monitor.stop()
     for instance in instances:

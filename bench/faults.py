@@ -40,6 +40,7 @@ from types import FrameType
 import httpx
 from google.cloud import firestore
 
+from bench.browsers import Browsers, node_missing
 from bench.cluster import Instance, describe_code
 from bench.faultlab import (
     Consumer,
@@ -215,6 +216,12 @@ class Outcome:
     missing: int = -1
     extra: int = -1
     duplicates: int = 0
+    # the browser clients (listeners-client.js), for a subset of the users
+    browsers: int = 0
+    browser_missing: int = -1
+    browser_extra: int = -1
+    browser_duplicates: int = 0
+    browser_wire_duplicates: int = 0  # re-deliveries the client's order rules dropped
     worst_ms: float = float("nan")
     ops: Counter[str] = field(default_factory=Counter)
     failed_writes: int = 0
@@ -227,8 +234,20 @@ class Outcome:
         return self.missing + self.extra if self.missing >= 0 else -1
 
     @property
+    def browser_lost(self) -> int:
+        if not self.browsers:
+            return 0
+        return self.browser_missing + self.browser_extra if self.browser_missing >= 0 else -1
+
+    @property
     def ok(self) -> bool:
-        return not self.error and self.lost == 0 and self.duplicates == 0
+        return (
+            not self.error
+            and self.lost == 0
+            and self.duplicates == 0
+            and self.browser_lost == 0
+            and self.browser_duplicates == 0
+        )
 
 
 @dataclass
@@ -237,6 +256,7 @@ class Settings:
     notif_rate: float = 10.0
     dm_rate: float = 5.0
     probes: int = 20
+    browsers: int = 100  # users also followed by a browser client (the first ones)
     ready_timeout: float = 300.0
     durations: Durations = field(default_factory=Durations)
 
@@ -255,15 +275,28 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
     consumer = Consumer(lab.redis_settings(), uids)
     writer = Writer(db, http, rtdb_ns, uids, s.notif_rate, s.dm_rate)
     writing: asyncio.Task[None] | None = None
+    browsers = Browsers(project, uids[: s.browsers], here / "browsers.log") if s.browsers else None
+    out.browsers = len(browsers.uids) if browsers else 0
     try:
+        if browsers is not None and node_missing():
+            raise RuntimeError(f"no browser consumer: {node_missing()}")
+        extra = browsers.env() if browsers else {}
         await asyncio.to_thread(registry_batch, db, uids)
         for i in range(scenario.instances):
-            instances.append(lab.instance(f"f{chr(97 + i)}", project, rtdb_ns, here, LOG_LEVEL="INFO"))
+            instances.append(
+                lab.instance(f"f{chr(97 + i)}", project, rtdb_ns, here, LOG_LEVEL="INFO", **extra)
+            )
         monitor.start()
         await consumer.start()
         began = time.monotonic()
         if not await consumer.wait(lambda: consumer.ready() == s.users, s.ready_timeout):
             raise TimeoutError(f"only {consumer.ready()} of {s.users} users synced")
+        if browsers is not None:
+            await asyncio.to_thread(wait_listening, instances)
+            await browsers.start(instances)
+            if not await until(lambda: browsers.ready() == len(browsers.uids), s.ready_timeout):
+                synced = f"{browsers.ready()} of {len(browsers.uids)}"
+                raise TimeoutError(f"only {synced} browser clients synced ({browsers.error})")
         while monitor.total_listeners() != s.users or not monitor.all_ok():
             if time.monotonic() - began > s.ready_timeout:
                 raise TimeoutError(f"the instances serve {monitor.total_listeners()} of {s.users} users")
@@ -278,9 +311,13 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         step = max(1, s.users // max(1, s.probes))
         probes = await writer.probe(uids[::step][: s.probes])
 
+        watched = set(browsers.uids) if browsers else set()
+        browser_probes = [key for key in probes if key.split("/")[0] in watched]
+
         def recovered() -> bool:
             return (
                 all(key in consumer.seen for key in probes)
+                and (browsers is None or all(key in browsers.seen for key in browser_probes))
                 and monitor.all_ok()
                 and monitor.total_listeners() == s.users
             )
@@ -289,8 +326,14 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
             out.recovered_s = time.monotonic() - run.healed
         else:
             seen = sum(key in consumer.seen for key in probes)
+            in_browsers = sum(key in browsers.seen for key in browser_probes) if browsers else 0
+            if browsers is not None:
+                lacking = sorted({key.split("/")[0] for key in browser_probes if key not in browsers.seen})
+                statuses = Counter(str(v.get("status")) for v in browsers.views.values())
+                log(f"browser clients: {dict(statuses)}; lacking probes: {lacking}")
             log(
-                f"not recovered: {seen}/{len(probes)} probes seen, instances ok: {monitor.all_ok()}, "
+                f"not recovered: {seen}/{len(probes)} probes seen, by the browsers "
+                f"{in_browsers}/{len(browser_probes)}, instances ok: {monitor.all_ok()}, "
                 f"served: {monitor.total_listeners()}"
             )
         bridge_noticed = [t for t in consumer.bridge.connects if t >= run.began]
@@ -316,7 +359,12 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
             dms = await read_rtdb(http, rtdb_ns)
             truth = {uid: {**notif[uid], **{f"m:{k}": "dm" for k in dms.get(uid, set())}} for uid in uids}
             out.missing, out.extra, out.examples = compare(consumer.state(), truth)
-            if out.missing + out.extra == 0:
+            if browsers is not None:
+                out.browser_missing, out.browser_extra, browser_examples = compare(
+                    browsers.state(), {uid: truth[uid] for uid in browsers.uids}
+                )
+                out.examples += [f"browser: {e}" for e in browser_examples]
+            if out.missing + out.extra == 0 and out.browser_lost == 0:
                 out.converged_s = time.monotonic() - stopped
                 break
             if time.monotonic() - stopped > s.durations.converge_timeout:
@@ -324,6 +372,12 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
             await asyncio.sleep(1.0)
         out.duplicates = consumer.duplicates
         out.examples += consumer.duplicate_examples
+        if browsers is not None:
+            out.browser_duplicates = browsers.duplicates
+            out.browser_wire_duplicates = browsers.wire_duplicates
+            out.examples += [f"browser: {e}" for e in browsers.duplicate_examples]
+            if browsers.error:
+                raise RuntimeError(f"browser clients: {browsers.error}")
         latencies = [consumer.seen[k] - t for k, t in writer.writes.sent.items() if k in consumer.seen]
         out.worst_ms = max(latencies, default=float("nan")) * 1000
         out.ops, out.failed_writes = writer.writes.ops, writer.writes.failed
@@ -334,18 +388,35 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         if writing is not None:
             writing.cancel()
             await asyncio.gather(writing, return_exceptions=True)
-        await stop_run(writer, consumer, monitor, instances, http, db)
+        await stop_run(writer, consumer, monitor, instances, http, db, browsers)
         for dependency in lab.dependencies:  # a failed scenario must not leave a fault behind
             dependency.heal()
             if dependency.child.process is None:
                 await asyncio.to_thread(dependency.start)
     log(
         f"{scenario.name}: detect {out.detected_s} ({out.detected_by}), recover {out.recovered_s}, "
-        f"lost {out.lost}, duplicates {out.duplicates}, worst {out.worst_ms:.0f} ms"
+        f"lost {out.lost}, duplicates {out.duplicates}, worst {out.worst_ms:.0f} ms; "
+        f"{out.browsers} browsers: lost {out.browser_lost}, duplicates {out.browser_duplicates} "
+        f"(dropped by the client: {out.browser_wire_duplicates}; "
+        + (f"{browsers.events} events applied, {browsers.connects} sockets)" if browsers else ")")
         + (f", ERROR {out.error}" if out.error else "")
         + (f", e.g. {out.examples}" if out.examples else "")
     )
     return out
+
+
+async def until(done: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.25)
+    return True
+
+
+def wait_listening(instances: list[Instance]) -> None:
+    for instance in instances:
+        instance.service.wait_listening()
 
 
 SIGNS = ("reconnect", "lost", "ended", "unreachable", "unavailable", "expired", "left")
@@ -395,26 +466,37 @@ def render(
         f"operations/s (add 40 %, update, read, delete 20 % each) and {s.dm_rate:g} direct-message "
         f"operations/s (add 60 %, read 40 %) over random users; {d.before:g} s of writes before the "
         f"fault and {d.after:g} s after recovery; {s.probes} users probed after the fault. "
+        f"Consumers: the bridge's reducers for every user, and the browser client module "
+        f"(listeners-client.js in Node, through /ws) for the first {min(s.browsers, s.users)}. "
         f"Load average at the start: {load}.",
         "",
         "| scenario | fault | detect s | noticed by | recover s | lost | duplicates "
-        "| worst latency ms | converged s | writes |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| browsers: lost | browsers: duplicates | worst latency ms | converged s | writes |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for o in outcomes:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(o.ops.items()))
         if o.failed_writes:
             ops += f"; {o.failed_writes} gave up"
         lost = "?" if o.lost < 0 else str(o.lost)
+        browser_lost = "-" if not o.browsers else "?" if o.browser_lost < 0 else str(o.browser_lost)
+        browser_dups = "-" if not o.browsers else str(o.browser_duplicates)
+        if o.browser_wire_duplicates:
+            browser_dups += f" ({o.browser_wire_duplicates} dropped by the client)"
         lines.append(
             f"| {o.scenario.title} | {o.how or '-'} | {_s(o.detected_s)} | {o.detected_by or '-'} "
             f"| {'never' if o.recovered_s is None else f'{o.recovered_s:.1f}'} | {lost} | {o.duplicates} "
-            f"| {o.worst_ms:.0f} | {'never' if o.converged_s is None else f'{o.converged_s:.1f}'} | {ops} |"
+            f"| {browser_lost} | {browser_dups} | {o.worst_ms:.0f} "
+            f"| {'never' if o.converged_s is None else f'{o.converged_s:.1f}'} | {ops} |"
         )
     failed = [o for o in outcomes if not o.ok]
     lines += [""]
     for o in failed:
-        what = o.error or ("did not converge" if o.lost != 0 else f"{o.duplicates} duplicate(s)")
+        what = o.error or (
+            "did not converge"
+            if o.lost != 0 or o.browser_lost != 0
+            else f"{o.duplicates} duplicate(s) in the bridge, {o.browser_duplicates} in the browsers"
+        )
         lines.append(f"- **{o.scenario.title}**: {what}; {'; '.join(o.examples)}")
     lines += ["", END]
     return "\n".join(lines)
@@ -456,6 +538,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lossy", type=float, default=60.0, help="seconds of latency and loss")
     parser.add_argument("--before", type=float, default=10.0, help="seconds of writes before the fault")
     parser.add_argument("--after", type=float, default=10.0, help="seconds of writes after recovery")
+    parser.add_argument(
+        "--browsers", type=int, default=100, help="users also followed by a browser client (0: none)"
+    )
     parser.add_argument("--no-netns", action="store_true", help="proxies only")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--no-doc", action="store_true")
@@ -465,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         users=args.users,
         notif_rate=args.notif_rate,
         dm_rate=args.dm_rate,
+        browsers=args.browsers,
         durations=Durations(fault=args.fault, lossy=args.lossy, before=args.before, after=args.after),
     )
     chosen = [BY_NAME[name] for name in args.scenarios.split(",") if name]

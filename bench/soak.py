@@ -85,6 +85,7 @@ FD_SLACK = 4
 TASK_SLACK = 2
 SLACK = {"fds": FD_SLACK, "tasks": TASK_SLACK}
 P99_SPREAD = 3.0
+CHAT_WINDOW = 100  # the service's chat history (streams/chat.py): messages of a thread held
 
 
 @dataclass
@@ -99,6 +100,16 @@ class Sample:
     p99_ms: float
     writes: int  # write operations started in the interval
     fault: bool  # a fault was on, or had ended less than 30 s ago, during the interval
+    # To tell the service from the lab: the p99 timed from the attempt that succeeded (a write
+    # retried through a fault is otherwise timed from its first attempt), per kind of item,
+    # each process's CPU (% of one core) over the interval, and what the database holds.
+    p99_landed_ms: float = float("nan")
+    p99_kind_ms: dict[str, float] = field(default_factory=dict)
+    service_cpu: float = float("nan")
+    bench_cpu: float = float("nan")
+    held: int = 0  # unread notifications, direct messages, chat messages in the windows
+    inflight: int = 0  # writes started and not done (retrying through a fault)
+    bench_lag_ms: float = float("nan")  # the benchmark's own event loop: its worst lag
 
 
 @dataclass
@@ -186,7 +197,7 @@ async def at_rest(instance: Instance, monitor: Monitor, lab: Lab, ns: str) -> Re
         await asyncio.sleep(1.0)
         rss, threads, fds = process_figures(instance.ps)
         metrics = await read_metrics(monitor, instance)
-        rtdb = await lab.standin.open_streams(ns)
+        rtdb = await standin_streams(lab, ns)
         readings.append(
             Rest(
                 rss,
@@ -205,6 +216,16 @@ async def at_rest(instance: Instance, monitor: Monitor, lab: Lab, ns: str) -> Re
         min(r.watch_streams for r in readings),
         min(r.rtdb_streams for r in readings),
     )
+
+
+async def standin_streams(lab: Lab, ns: str) -> int:
+    """The stand-in's open streams; -1 when it cannot be asked (its namespace is blackholed:
+    the sample is still taken, without this figure)."""
+    try:
+        async with asyncio.timeout(2.0):
+            return await lab.standin.open_streams(ns)
+    except (TimeoutError, httpx.HTTPError):
+        return -1
 
 
 async def read_metrics(monitor: Monitor, instance: Instance) -> dict[str, float]:
@@ -226,6 +247,11 @@ class Settings:
     dm_rate: float = 5.0
     chat_rate: float = 2.0
     chat_users: int = 50
+    # The data held steady (`Writer(steady=True)`), at this size from the start: per user,
+    # unread notifications and direct messages; per chat thread, the service's whole window.
+    steady: bool = True
+    prefill_notifications: int = 3
+    prefill_messages: int = 3
     faults: list[str] = field(default_factory=lambda: list(FAULTS))
     durations: Durations = field(default_factory=Durations)
     ready_timeout: float = 300.0
@@ -242,10 +268,23 @@ async def run_soak(lab: Lab, s: Settings, logs: Path) -> Soak:
     instances: list[Instance] = []
     monitor = Monitor(instances)
     consumer = Consumer(lab.redis_settings(), uids, chat_uids)
-    writer = Writer(db, http, ns, uids, s.notif_rate, s.dm_rate, chat_uids=chat_uids, chat_rate=s.chat_rate)
+    writer = Writer(
+        db,
+        http,
+        ns,
+        uids,
+        s.notif_rate,
+        s.dm_rate,
+        chat_uids=chat_uids,
+        chat_rate=s.chat_rate,
+        steady=s.steady,
+    )
     tasks: list[asyncio.Task[None]] = []
     try:
         await asyncio.to_thread(registry_batch, db, uids, chat_uids)
+        if s.steady:
+            count = await writer.prefill(s.prefill_notifications, s.prefill_messages, CHAT_WINDOW)
+            log(f"soak: {count} items written before the service starts")
         instance = lab.instance("soak", project, ns, logs, LOG_LEVEL="INFO")
         instances.append(instance)
         monitor.start()
@@ -330,40 +369,91 @@ async def sample(
     began: float,
     s: Settings,
 ) -> None:
+    me = psutil.Process()
+    me.cpu_percent(None)
+    instance.ps.cpu_percent(None)
+    lag = [0.0]
+
+    async def watch_loop() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.05)
+            lag[0] = max(lag[0], time.monotonic() - before - 0.05)
+
+    watching = asyncio.create_task(watch_loop())
     last = began
     counted = 0
-    while True:
-        await asyncio.sleep(max(0.0, last + s.sample_every - time.monotonic()))
-        now = time.monotonic()
-        with contextlib.suppress(psutil.Error, httpx.HTTPError):
-            rss, threads, fds = process_figures(instance.ps)
-            metrics = await read_metrics(monitor, instance)
-            rtdb = await lab.standin.open_streams(ns)
-            latencies = sorted(
-                (consumer.seen[k] - t) * 1000
-                for k, t in writer.writes.sent.items()
-                if k in consumer.seen and last <= consumer.seen[k] < now
-            )
-            ops = sum(writer.writes.ops.values())
-            faulty = soak.fault_on or any(
-                b <= now - began and last - began <= e + 30 for b, e, _, _ in soak.faults
-            )
-            soak.samples.append(
-                Sample(
-                    now - began,
-                    rss,
-                    threads,
-                    fds,
-                    int(metrics.get("listeners_asyncio_tasks", -1)),
-                    int(metrics.get("listeners_open_streams", -1)),
-                    rtdb,
-                    percentile(latencies, 99),
-                    ops - counted,
-                    faulty,
+    try:
+        while True:
+            await asyncio.sleep(max(0.0, last + s.sample_every - time.monotonic()))
+            now = time.monotonic()
+            with contextlib.suppress(psutil.Error, httpx.HTTPError):
+                rss, threads, fds = process_figures(instance.ps)
+                metrics = await read_metrics(monitor, instance)
+                rtdb = await standin_streams(lab, ns)
+                sent, landed = writer.writes.sent, writer.writes.landed
+                seen_now = {k: consumer.seen[k] for k in sent if last <= consumer.seen.get(k, -1.0) < now}
+                latencies = sorted((at - sent[k]) * 1000 for k, at in seen_now.items())
+                from_landed = sorted(
+                    max(0.0, at - landed.get(k, sent[k])) * 1000 for k, at in seen_now.items()
                 )
-            )
-            counted = ops
-        last = now
+                by_kind: dict[str, list[float]] = {}
+                for k, at in seen_now.items():
+                    by_kind.setdefault(_kind(k), []).append((at - sent[k]) * 1000)
+                held = (
+                    sum(len(v) for v in writer.unread.values())
+                    + sum(len(v) for v in writer.dms.values())
+                    + sum(
+                        min(len(v) + writer.chat_prefilled.get(uid, 0), CHAT_WINDOW)
+                        for uid, v in writer.chats.items()
+                    )
+                )
+                ops = sum(writer.writes.ops.values())
+                faulty = soak.fault_on or any(
+                    b <= now - began and last - began <= e + 30 for b, e, _, _ in soak.faults
+                )
+                soak.samples.append(
+                    Sample(
+                        now - began,
+                        rss,
+                        threads,
+                        fds,
+                        int(metrics.get("listeners_asyncio_tasks", -1)),
+                        int(metrics.get("listeners_open_streams", -1)),
+                        rtdb,
+                        percentile(latencies, 99),
+                        ops - counted,
+                        faulty,
+                        percentile(from_landed, 99),
+                        {kind: percentile(sorted(v), 99) for kind, v in by_kind.items()},
+                        instance.ps.cpu_percent(None),
+                        me.cpu_percent(None),
+                        held,
+                        len(writer.inflight),
+                        lag[0] * 1000,
+                    )
+                )
+                lag[0] = 0.0
+                x = soak.samples[-1]
+                log(
+                    f"sample {x.at:.0f} s: rss {x.rss_mb:.1f} MB, cpu service {x.service_cpu:.0f} % "
+                    f"bench {x.bench_cpu:.0f} %, p99 {x.p99_ms:.0f} (landed {x.p99_landed_ms:.0f}; "
+                    + ", ".join(f"{k} {v:.0f}" for k, v in sorted(x.p99_kind_ms.items()))
+                    + f") ms, writes {x.writes}, in flight {x.inflight}, held {x.held}, "
+                    f"streams {x.watch_streams}/{x.rtdb_streams}, tasks {x.tasks}, fds {x.fds}, "
+                    f"bench loop lag {x.bench_lag_ms:.0f} ms"
+                )
+                counted = ops
+            last = now
+
+    finally:
+        watching.cancel()
+
+
+def _kind(key: str) -> str:
+    """An item key ("uid/n0000012") -> notification, dm or chat."""
+    first = key.split("/", 1)[1][:1]
+    return {"n": "notif", "p": "notif", "m": "dm", "q": "dm", "-": "chat"}.get(first, "?")
 
 
 def render(
@@ -492,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dm-rate", type=float, default=5.0)
     parser.add_argument("--chat-rate", type=float, default=2.0)
     parser.add_argument("--chat-users", type=int, default=50)
+    parser.add_argument(
+        "--faults", default=",".join(FAULTS), help="comma-separated, taken in turn, of: " + ", ".join(BY_NAME)
+    )
     parser.add_argument("--no-netns", action="store_true")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--figure", type=Path, default=FIGURE)
@@ -507,6 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         dm_rate=args.dm_rate,
         chat_rate=args.chat_rate,
         chat_users=min(args.chat_users, args.users),
+        faults=[name for name in args.faults.split(",") if name],
         durations=Durations(fault=args.fault, lossy=args.lossy),
     )
     signal.signal(signal.SIGTERM, _terminate)

@@ -3,11 +3,12 @@
 Each runs in the fault lab (bench/faultlab.py): Redis, the Firestore emulator and the Realtime
 Database stand-in each in a network namespace of its own where `ip netns` works (as root),
 behind a TCP proxy otherwise (tests/test_soak.py runs the proxy-only lab), with CI_USERS users
-online, writes flowing, the fault, then the
-bridge consumer's reducers compared with the database. The figures at 1,000 users are the
-benchmark's (`python -m bench.faults`); here only behaviour is asserted: every probe written
-after the fault arrives, the consumer then equals the database (nothing lost, nothing extra),
-no event is delivered twice, and a dead connection is noticed.
+online, writes flowing, the fault, then the consumers compared with the database: the bridge's
+reducers, and the browser client module (listeners-client.js, run in Node through the
+services' /ws: bench/browsers.py). The figures at 1,000 users are the benchmark's
+(`python -m bench.faults`); here only behaviour is asserted: every probe written after the
+fault arrives (at both consumers), each consumer then equals the database (nothing lost,
+nothing extra), no event is delivered twice, and a dead connection is noticed.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CI = Settings(
     notif_rate=10.0,
     dm_rate=5.0,
     probes=10,
+    browsers=CI_USERS,  # every user also followed by the browser client module
     ready_timeout=180.0,
     # A blackhole must outlast the 6 s within which a dead Redis connection is noticed.
     durations=Durations(fault=7.0, lossy=5.0, before=1.0, after=1.0),
@@ -58,6 +60,9 @@ def check(outcome: Outcome) -> None:
     assert outcome.converged_s is not None, f"never converged: {outcome.examples} ({outcome.logs})"
     assert outcome.lost == 0, outcome.examples
     assert outcome.duplicates == 0
+    assert outcome.browsers == CI_USERS
+    assert outcome.browser_lost == 0, [e for e in outcome.examples if e.startswith("browser")]
+    assert outcome.browser_duplicates == 0, outcome.examples
     assert sum(outcome.ops.values()) > 0 and outcome.failed_writes == 0
     if outcome.scenario.name in MUST_NOTICE:
         assert outcome.detected_s is not None, "the fault was never noticed"

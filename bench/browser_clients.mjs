@@ -1,0 +1,146 @@
+// The fault lab's browser consumer: the real listeners-client.js (the module the service
+// serves at /assets/listeners-client.js, imported from its file, not re-implemented), one
+// ListenersClient per user, all in this one Node process, connected through the services' /ws.
+//
+//   node --no-warnings bench/browser_clients.mjs CONFIG_JSON
+//
+// CONFIG_JSON: {"module": path of listeners-client.js, "urls": ["ws://127.0.0.1:P/ws", ...],
+//               "token_url": "http://127.0.0.1:P/token", "uids": [...]}
+//
+// Tokens come from the local issuer's token endpoint (listeners/local/auth.py), fetched at
+// every connect and refresh as a page would get them from Firebase Auth. Each new socket goes
+// to the next URL in turn, as a load balancer sends it; like one with health checks, the
+// lab tells this process which instances are alive ("urls" with each "state"), so a client
+// whose instance died reconnects to another.
+//
+// Commands, one JSON line each on stdin, each answered with one JSON line on stdout:
+//   {"cmd": "state", "urls": [...]} -> {"users": {uid: {"notif": {doc_id: status}, "msg": [doc_id],
+//                        "synced": [family], "status": s}}, "seen": {"uid/doc_id": ms},
+//                        "duplicates": n, "duplicate_examples": [...], "wire_duplicates": n,
+//                        "connects": n, "events": n}
+//     ("seen": items first seen since the previous "state", with Date.now() of the sighting)
+//   {"cmd": "stop"}  -> {"stopped": n}, then the process exits.
+// The WebSocket is the `ws` package's (package.json), which has the browsers' API. Node 20's
+// own (undici's, behind --experimental-websocket) is not usable here: when a connection fails
+// before the upgrade (a refused port, a reset) it fires `error` and never `close`, where
+// browsers fire `close` (1006) after it; the client reconnects on `close`, so it would hang.
+
+import { createInterface } from "node:readline";
+import { pathToFileURL } from "node:url";
+import WebSocket from "ws";
+
+const config = JSON.parse(process.argv[2]);
+const { ListenersClient } = await import(pathToFileURL(config.module).href);
+
+let next = 0;
+let connects = 0;
+let urls = config.urls;
+class RoundRobinSocket extends WebSocket {
+  constructor(_url, protocols) {
+    super(urls[next++ % urls.length], protocols);
+    connects += 1;
+    // An 'error' nobody listens to is thrown by a Node EventEmitter; a browser just drops it
+    // (the client does not set onerror: it acts on the `close` that follows).
+    this.on("error", () => {});
+  }
+}
+
+async function token(uid) {
+  const response = await fetch(`${config.token_url}?uid=${encodeURIComponent(uid)}`);
+  if (!response.ok) throw new Error(`token: HTTP ${response.status}`);
+  return (await response.json()).token;
+}
+
+const users = new Map(); // uid -> {client, synced, applied, wire, status}
+let fresh = {}; // "uid/doc_id" -> first sighting (ms), since the last "state"
+const everSeen = new Set();
+let duplicates = 0;
+let wireDuplicates = 0;
+let events = 0;
+const duplicateExamples = [];
+
+function sighting(uid, item) {
+  if (!item || typeof item !== "object" || !("doc_id" in item)) return;
+  const key = `${uid}/${item.doc_id}`;
+  if (everSeen.has(key)) return;
+  everSeen.add(key);
+  fresh[key] = Date.now();
+}
+
+for (const uid of config.uids) {
+  const user = { synced: new Set(), applied: new Map(), wire: new Set(), status: "new", trail: [] };
+  user.client = new ListenersClient({
+    url: config.urls[0],
+    token: () => token(uid),
+    WebSocketImpl: RoundRobinSocket,
+    onStatus: (status, detail) => {
+      user.status = status;
+      if (status !== "live") process.stderr.write(`${new Date().toISOString()} ${uid} ${status} ${detail}\n`);
+    },
+    onMessage: (message) => {
+      // what the service sent, before the client's order rules: a re-delivery the client
+      // drops is counted apart from one it applies
+      const id = message && message.event_id;
+      if (typeof id !== "string") return;
+      if (user.wire.has(id) && !String(message.type).endsWith(".sync")) wireDuplicates += 1;
+      user.wire.add(id);
+    },
+    onChange: (_state, event) => {
+      events += 1;
+      const family = event.type.split(".")[0];
+      const seen = `${event.type} ${event.epoch ?? ""}:${event.seq ?? ""} ${String(event.event_id).slice(0, 24)}`;
+      if (event.type.endsWith(".sync")) {
+        user.synced.add(family);
+        for (const item of event.payload.notifications || event.payload.messages || []) sighting(uid, item);
+      } else {
+        if (user.applied.has(event.event_id)) {
+          duplicates += 1;
+          if (duplicateExamples.length < 5) {
+            duplicateExamples.push(
+              `${uid}: ${seen} (first: ${user.applied.get(event.event_id)}; between: ${user.trail.slice(-6).join(" | ")})`,
+            );
+          }
+        }
+        sighting(uid, event.payload);
+      }
+      if (!user.applied.has(event.event_id)) user.applied.set(event.event_id, seen);
+      user.trail = [...user.trail.slice(-7), seen];
+    },
+  });
+  users.set(uid, user);
+}
+for (const user of users.values()) user.client.start();
+
+function state() {
+  const out = {};
+  for (const [uid, user] of users) {
+    const s = user.client.state;
+    const notif = {};
+    for (const n of s.notifications) notif[n.doc_id] = String(n.status ?? "");
+    out[uid] = { notif, msg: s.messages.map((m) => m.doc_id), synced: [...user.synced], status: user.status };
+  }
+  const seen = fresh;
+  fresh = {};
+  return {
+    users: out,
+    seen,
+    duplicates,
+    duplicate_examples: duplicateExamples,
+    wire_duplicates: wireDuplicates,
+    connects,
+    events,
+  };
+}
+
+const lines = createInterface({ input: process.stdin });
+lines.on("line", (line) => {
+  const command = JSON.parse(line);
+  if (command.cmd === "state") {
+    if (Array.isArray(command.urls) && command.urls.length) urls = command.urls;
+    process.stdout.write(JSON.stringify(state()) + "\n");
+  } else if (command.cmd === "stop") {
+    for (const user of users.values()) user.client.stop();
+    process.stdout.write(JSON.stringify({ stopped: users.size }) + "\n", () => process.exit(0));
+  }
+});
+lines.on("close", () => process.exit(0)); // the lab went away: so do the clients
