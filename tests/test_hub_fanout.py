@@ -94,6 +94,12 @@ async def test_a_full_queue_by_bytes_closes_the_socket_and_drops_what_it_held() 
     assert len(connection._outbound) == 0 and connection._queued_bytes == 0
 
 
+def test_the_protocol_offers_its_direct_send_under_the_name_the_gateway_looks_for() -> None:
+    from listeners.deliver import websocket
+
+    assert websocket.SEND_EXTENSION == wsprotocol.SEND_EXTENSION
+
+
 def test_the_deflate_modes() -> None:
     assert wsprotocol.deflate_mode({}) == "no-context"
     assert wsprotocol.deflate_factory("off") is None
