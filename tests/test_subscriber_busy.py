@@ -74,6 +74,43 @@ async def test_a_burst_longer_than_the_timeout_is_not_half_open_but_silence_is(
     assert received == [b"%d" % n for n in range(1, 101)]
 
 
+class StalledWire:
+    """The loop stalls 10 s (a worker busy closing its sockets) while a read waits: the read's
+    timeout fires as the pong and a message arrive, and they are there for the next read.
+    Then silence."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.reads = clock, 0
+
+    def send(self, *parts: bytes) -> None:
+        return None
+
+    async def read(self, timeout: float) -> list[Any]:
+        self.reads += 1
+        if self.reads == 1:
+            self.clock.now += 10.0
+            return []
+        if self.reads == 2:
+            return [[b"pong", b""], [b"message", b"c", b"after the stall"]]
+        self.clock.now += timeout
+        return []
+
+
+async def test_a_stalled_loop_reads_the_waiting_pong_before_it_condemns_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    monkeypatch.setattr(asyncio.get_running_loop(), "time", clock)
+    received: list[bytes] = []
+    subscriber = RedisSubscriber(
+        RedisSettings(host="127.0.0.1"), "unit", lambda channel, data: received.append(data)
+    )
+    await subscriber.subscribe("c")
+    with pytest.raises(HalfOpen):  # the silence that follows
+        await subscriber._read(StalledWire(clock))
+    assert received == [b"after the stall"]
+
+
 class CountingReader(asyncio.StreamReader):
     def __init__(self) -> None:
         super().__init__()
