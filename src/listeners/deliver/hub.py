@@ -130,19 +130,15 @@ class Hub:
                 raise InvalidInput("not bytes")
             if len(data) > self._max_bytes:
                 raise InvalidInput(f"larger than {self._max_bytes} bytes")
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput("not UTF-8") from None
-            problem = _envelope_problem(
-                parse_json(text, max_bytes=self._max_bytes, max_depth=MAX_DEPTH), owner
-            )
+            # From bytes: UTF-8 checked by the decoder, which also rules out raw surrogates.
+            value = parse_json(data, max_bytes=self._max_bytes, max_depth=MAX_DEPTH)
+            problem = _envelope_problem(value, owner)
             if problem:
                 raise InvalidInput(problem)
         except InvalidInput as exc:
             self._reject("hub message dropped", str(exc), owner)
             return None
-        return text
+        return data.decode("utf-8")  # valid: parse_json decoded it
 
     def _reject(self, what: str, reason: str, uid: str) -> None:
         self._metrics.rejected_inputs.labels(source="hub").inc()
