@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,10 @@ from listeners.waits import wait_event
 pytestmark = pytest.mark.asyncio
 
 
-async def ends_when_cancelled(loop: Callable[[], Awaitable[None]], wake: Callable[[], None]) -> bool:
+Loop = Callable[[], Coroutine[Any, Any, None]]
+
+
+async def ends_when_cancelled(loop: Loop, wake: Callable[[], None]) -> bool:
     task = asyncio.create_task(loop())
     for _ in range(3):
         await asyncio.sleep(0)  # the task is now waiting

@@ -1,12 +1,13 @@
-"""RESP2 on a raw connection: what a Pub/Sub reader needs, many replies per read.
+"""RESP on a raw connection: what a Pub/Sub reader needs, many replies per read.
 
 redis-py's `PubSub.get_message` reads one message per call, each with its own timeout, retry
 wrapper and push parsing: at 5,000 events a second it was a third of a saturated worker, and
 a reader that falls 32 MB behind is cut by Redis (`client-output-buffer-limit pubsub`). Here
 one `read` takes whatever the socket holds (up to `READ_BYTES`) and every complete reply in
 it is parsed at once, by hiredis when it is installed (the lock pins it), else by the small
-parser below. redis-py still makes the connection (TLS, AUTH, SELECT): only the bytes that
-follow are ours.
+parser below. redis-py still makes the connection (TLS, AUTH, SELECT; HELLO 3 by default
+from redis-py 8, so pub/sub messages come as RESP3 pushes): only the bytes that follow are
+ours.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ class Parser(Protocol):
 
 
 class PyParser:
-    """RESP2 replies from fed bytes: simple strings (bytes), errors (`ReplyError` instances),
-    integers, bulk strings (bytes or None), arrays (lists). As hiredis.Reader: False while the
-    next reply is incomplete."""
+    """RESP replies from fed bytes: simple strings (bytes), errors (`ReplyError` instances),
+    integers, bulk strings (bytes or None), arrays and RESP3 pushes (lists), RESP3 nulls. As
+    hiredis.Reader: False while the next reply is incomplete."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
@@ -54,7 +55,7 @@ class PyParser:
         end = buffer.find(b"\r\n", at)
         if end < 0:
             return None
-        kind, line, after = buffer[at : at + 1], bytes(buffer[at + 1 : end]), end + 2
+        kind, line, after = bytes(buffer[at : at + 1]), bytes(buffer[at + 1 : end]), end + 2
         if kind == b"+":
             return line, after
         if kind == b"-":
@@ -68,7 +69,9 @@ class PyParser:
             if len(buffer) < after + size + 2:
                 return None
             return bytes(buffer[after : after + size]), after + size + 2
-        if kind == b"*":
+        if kind == b"_":  # RESP3 null
+            return None, after
+        if kind in (b"*", b">"):  # an array, or a RESP3 push (what pub/sub sends after HELLO 3)
             count = int(line)
             if count < 0:
                 return None, after
@@ -80,7 +83,7 @@ class PyParser:
                 item, after = parsed
                 items.append(item)
             return items, after
-        raise ValueError("not RESP2")  # the connection is unusable: the caller reconnects
+        raise ValueError(f"unexpected RESP type {kind!r}")  # unusable: the caller reconnects
 
 
 def parser() -> Parser:
