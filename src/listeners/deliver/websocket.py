@@ -255,7 +255,7 @@ class Connection:
         if not await self.services.hub.subscribe(user_channel, self.uid, self._deliver):
             await self.close(INTERNAL_ERROR, "no delivery for this uid")  # a valid uid never gets here
             return
-        forget = self.services.hub.on_reconnect(self._after_reconnect)
+        forget = self.services.hub.on_reconnect(user_channel, self._after_reconnect)
         self._direct = self.websocket.scope.get("extensions", {}).get(SEND_EXTENSION)
         self._writing = True
         if self._outbound:
