@@ -511,6 +511,11 @@ def service_env(
         "LISTENERS_SHUTDOWN_TIMEOUT_SECONDS": "8",
         "LISTENERS_WS_DEFLATE": args.deflate,
     }
+    if args.slow_fraction:
+        # A slow socket's close frame waits behind the bytes its client has not read, and the
+        # clients read again only after the measured window: the service waits that long
+        # before it cuts them (5 s by default), so that they can see their close code.
+        env["LISTENERS_WS_CLOSE_TIMEOUT_SECONDS"] = str(int(args.warmup + args.duration + 120))
     if args.protocol == "direct":
         env["UVICORN_WS"] = DIRECT_PROTOCOL
     if args.loop == "asyncio":

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from typing import Any
 
 import pytest
 
 from listeners.config import WebSocketSettings
-from listeners.deliver import wsprotocol
-from listeners.deliver.batch import MAX_BATCH, Batcher
+from listeners.deliver import batch, wsprotocol
+from listeners.deliver.batch import MAX_BATCH, Resyncs
 from listeners.deliver.hub import Hub
 from listeners.deliver.websocket import SLOW_CONSUMER, Connection
 from listeners.envelope import Envelope
 from listeners.metrics import Metrics
-from listeners.publish.broker import BrokerUnavailable, MemoryBroker
+from listeners.publish.broker import MemoryBroker
+from listeners.source.registry import ChatThread
 
 
 async def test_each_message_is_read_once_and_the_same_text_goes_to_every_socket() -> None:
@@ -94,6 +96,12 @@ async def test_a_full_queue_by_bytes_closes_the_socket_and_drops_what_it_held() 
     assert len(connection._outbound) == 0 and connection._queued_bytes == 0
 
 
+def test_the_protocol_offers_its_direct_send_under_the_name_the_gateway_looks_for() -> None:
+    from listeners.deliver import websocket
+
+    assert websocket.SEND_EXTENSION == wsprotocol.SEND_EXTENSION
+
+
 def test_the_deflate_modes() -> None:
     assert wsprotocol.deflate_mode({}) == "no-context"
     assert wsprotocol.deflate_factory("off") is None
@@ -132,22 +140,46 @@ class CountingBroker(MemoryBroker):
             self.in_flight -= 1
 
 
-async def test_a_storm_of_resync_requests_goes_out_in_a_few_pipelines_one_at_a_time() -> None:
+def sign(uid: str, threads: tuple[ChatThread, ...]) -> bytes:
+    return json.dumps({"uid": uid, "threads": sorted(t.thread_key for t in threads)}).encode()
+
+
+async def until_sent(resyncs: Resyncs) -> None:
+    while resyncs.waiting or resyncs._sender is not None:
+        await asyncio.sleep(0)
+
+
+async def test_a_storm_of_resync_requests_is_coalesced_per_user_in_a_few_pipelines_one_at_a_time() -> None:
+    """Every socket of 1,000 users asks twice (opening, then the hub reconnecting), some
+    with a thread: one request per user goes out, with every thread asked for."""
     broker = CountingBroker()
-    batcher = Batcher(broker, "control")
-    messages = [b"resync %d" % n for n in range(2000)]
-    await asyncio.gather(*(batcher.send(m) for m in messages))
-    assert sorted(broker.published["control"]) == sorted(messages)  # every one, once
-    assert broker.calls == batcher.pipelines <= 2000 // MAX_BATCH + 1
+    resyncs = Resyncs(broker, "control", sign, per_second=1e9)
+    thread = ChatThread("acme", "t1", "chats")
+    for n in range(1000):
+        resyncs.request(f"u{n}")
+    for n in range(1000):
+        resyncs.request(f"u{n}", (thread,) if n % 2 else ())
+    await until_sent(resyncs)
+    expected = sorted(sign(f"u{n}", (thread,) if n % 2 else ()) for n in range(1000))
+    assert sorted(broker.published["control"]) == expected  # one per user, threads merged
+    assert resyncs.sent == 1000 and resyncs.merged == 1000
+    assert broker.calls == resyncs.pipelines == 1000 // MAX_BATCH
     assert broker.most_in_flight == 1
 
 
-async def test_a_failed_pipeline_fails_its_senders_and_the_next_ones_go_through() -> None:
+async def test_resync_requests_wait_while_redis_is_gone_and_go_out_once_it_is_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batch, "RETRY_SECONDS", 0.0)
     broker = CountingBroker()
-    batcher = Batcher(broker, "control")
+    resyncs = Resyncs(broker, "control", sign, per_second=1e9)
     broker.available = False
-    results = await asyncio.gather(*(batcher.send(b"%d" % n) for n in range(10)), return_exceptions=True)
-    assert all(isinstance(r, BrokerUnavailable) for r in results)
+    for n in range(10):
+        resyncs.request(f"u{n}")
+    while broker.calls < 3:  # tried, failed, tried again: nothing lost, nothing sent twice
+        await asyncio.sleep(0)
+    assert resyncs.sent == 0 and not broker.published["control"]
     broker.available = True
-    await batcher.send(b"after")
-    assert broker.published["control"] == [b"after"]
+    await until_sent(resyncs)
+    assert sorted(broker.published["control"]) == sorted(sign(f"u{n}", ()) for n in range(10))
+    await resyncs.aclose()

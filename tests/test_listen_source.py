@@ -440,3 +440,52 @@ async def test_credentials_give_fresh_bearer_tokens_and_the_emulator_owner(
     assert dict(await given._metadata(True))["authorization"] == "Bearer sa-2"  # the server said no
     emulated = ListenSource("p", emulator_host="127.0.0.1:1")
     assert dict(await emulated._metadata(False))["authorization"] == "Bearer owner"
+
+
+async def test_a_silent_connection_is_found_by_a_probe_and_replaced(
+    emulator: FirestoreEmulator, project_id: str
+) -> None:
+    """The connection to Firestore goes silent without closing (a proxy stops forwarding on it;
+    new connections still work): the stream's probe gets no answer, the connection is replaced
+    and the watch resumes, with what was written meanwhile. gRPC's own keepalive (minutes)
+    would not have noticed within the test's wait."""
+    from listeners.local.proxy import TcpProxy
+
+    port = int(emulator.host.rpartition(":")[2])
+    with TcpProxy(port) as proxy:
+        source = ListenSource(project_id, emulator_host=f"127.0.0.1:{proxy.port}", silence=1.0, answer=2.0)
+        db = firestore.Client(project=project_id)
+        latest = Latest()
+        try:
+            watch = source.watch(Query("quiet"), latest.handler("quiet"))
+            await latest.until(lambda: "quiet" in latest.results)
+            assert proxy.freeze() >= 1  # the open connection: silent both ways from now on
+            await write(db.document("quiet/while-silent").set, {"n": 1})  # not through the proxy
+            await latest.until(lambda: latest.results["quiet"] == {"while-silent"})
+            (connection,) = source.pool.connections
+            assert connection.generation >= 1 and watch.stream.probes >= 1 and watch.stream.restarts >= 1
+        finally:
+            await source.aclose()
+            db.close()
+
+
+async def test_a_quiet_healthy_stream_is_probed_and_kept(
+    emulator: FirestoreEmulator, project_id: str
+) -> None:
+    """Probes on a live, quiet stream are answered: no restart, no new connection."""
+    source = ListenSource(project_id, emulator_host=emulator.host, silence=0.3, answer=30.0)
+    db = firestore.Client(project=project_id)
+    latest = Latest()
+    try:
+        watch = source.watch(Query("calm"), latest.handler("calm"))
+        await latest.until(lambda: "calm" in latest.results)
+        async with asyncio.timeout(WAIT):
+            while watch.stream.probes < 3:
+                await asyncio.sleep(0.1)
+        await write(db.document("calm/after-probes").set, {"n": 1})
+        await latest.until(lambda: latest.results["calm"] == {"after-probes"})
+        (connection,) = source.pool.connections
+        assert watch.stream.restarts == 0 and connection.generation == 0
+    finally:
+        await source.aclose()
+        db.close()

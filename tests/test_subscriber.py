@@ -51,10 +51,10 @@ async def running(coroutine: Any) -> AsyncGenerator[asyncio.Task[None], None]:
 
 async def test_the_memory_broker_drives_the_hub() -> None:
     broker = MemoryBroker()
-    hub = Hub(broker, "unit", Metrics())
+    hub = Hub(broker, "unit", Metrics(), resync_retry_seconds=0.2)
     received: list[str] = []
     reconnects: list[int] = []
-    hub.on_reconnect(lambda: reconnects.append(1))
+    hub.on_reconnect("user:u", lambda: reconnects.append(1))
     async with running(hub.run()):
         await until(lambda: hub.connected)
         assert await hub.subscribe("user:u", "u", received.append)
@@ -71,6 +71,15 @@ async def test_the_memory_broker_drives_the_hub() -> None:
         broker.available = True
         await until(lambda: hub.connected)
         assert reconnects == [1]  # the sockets are told, and ask for a resync
+        # No sync comes (the request, or the answer, was lost): they are told again...
+        await until(lambda: len(reconnects) >= 3)
+        assert hub.unsynced == 1
+        await broker.publish_many([("user:u", envelope("u", "s1", "notif.sync"))])
+        await until(lambda: hub.unsynced == 0)  # ...until a sync arrives on their channel
+        asked = len(reconnects)
+        await broker.publish_many([("user:u", envelope("u", "e5"))])
+        await until(lambda: json.loads(received[-1])["event_id"] == "e5")
+        assert len(reconnects) == asked
 
 
 async def test_the_memory_broker_drives_the_bridge() -> None:

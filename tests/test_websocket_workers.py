@@ -2,7 +2,8 @@
 (`WEB_CONCURRENCY`) and deliver.wsprotocol (`UVICORN_WS`). Each worker is its own process and
 cluster member; a socket lands on either and still gets every event of its user, once, in
 order. A socket that stops reading is closed with 4014 once its queue is full, and the
-others still get everything. A real redis-server, the emulator, a local token issuer."""
+others, its own user's other socket included, still get everything. A real redis-server,
+the emulator, a local token issuer."""
 
 from __future__ import annotations
 
@@ -187,6 +188,8 @@ async def test_a_socket_that_stops_reading_is_closed_4014_and_the_others_get_eve
         sock = slow.transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader = await open_socket(process.port, issuer.mint(reader_uid))
+        # Another tab of the slow user, that reads: the same events, the same worker's hub.
+        sibling = await open_socket(process.port, issuer.mint(slow_uid))
         publisher = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
         big = "x" * 8192
         sent = 0
@@ -212,6 +215,13 @@ async def test_a_socket_that_stops_reading_is_closed_4014_and_the_others_get_eve
                     if message["type"] == "notif.add":
                         got.append(message["payload"]["n"])
             assert got == list(range(sent))  # the reading socket was not the slow one's victim
+            mine: list[str] = []
+            async with asyncio.timeout(60):
+                while len(mine) < sent:
+                    message = json.loads(await sibling.recv())
+                    if message["type"] == "notif.add":
+                        mine.append(message["payload"]["doc_id"])
+            assert mine == [f"s{n}" for n in range(sent)]  # nor was its own user's other socket
             with contextlib.suppress(ConnectionClosed):
                 async with asyncio.timeout(60):
                     while True:
@@ -220,6 +230,7 @@ async def test_a_socket_that_stops_reading_is_closed_4014_and_the_others_get_eve
         finally:
             await publisher.aclose()
             await reader.close()
+            await sibling.close()
             await slow.close()
 
 

@@ -291,7 +291,8 @@ async def check_websocket(
             close_timeout=timeout,
         ) as ws:
             try:
-                message = await asyncio.wait_for(ws.recv(), wait)
+                async with asyncio.timeout(wait):
+                    message = await ws.recv()
             except TimeoutError:
                 return Check("websocket", False, f"{shown}: connected, but no auth.ok within {wait:g} s")
             except ConnectionClosed as exc:

@@ -5,6 +5,9 @@ expiry in Redis's own clock (`TIME`), so instance clocks never enter the decisio
 live members are those not yet expired; the owner of a user is the member with the
 highest hash of (member, uid). Each instance computes the same answer from the same
 view, and a change of membership moves only the users of the member that came or went.
+After Redis restarted or could not be reached, every member known before is kept for
+`GRACE_TTLS` TTLs: the others' entries may have expired only because they could not reach
+Redis either.
 
 Changes are announced on the channel `listeners:members:changes`, so a join or a clean
 leave is seen at once; a killed instance is noticed when its entry expires. If Redis
@@ -37,12 +40,16 @@ from listeners.config import RedisSettings
 from listeners.publish.broker import Broker
 from listeners.publish.connection import close_quietly, redis_client
 from listeners.supervisor import Fatal
+from listeners.waits import wait_event
 
 log = logging.getLogger(__name__)
 
 MEMBERS_KEY = "listeners:members"
 CHANGES_CHANNEL = "listeners:members:changes"
 NONCE_SEPARATOR = "#"
+# After a Redis restart or an outage, members are kept this many TTLs: a heartbeat stuck on a
+# dead connection fails after half a TTL, and a new connection and a beat take some more.
+GRACE_TTLS = 2.0
 
 
 class IdentityConflict(Fatal):
@@ -89,6 +96,7 @@ class Membership:
         self._changed = asyncio.Event()
         self._left = False
         self._grace_until = 0.0
+        self._cut_off = False  # a heartbeat failed: the next view that succeeds starts a grace
         self._stopped = asyncio.Event()
         self.ready = asyncio.Event()  # set after the first heartbeat: the view is Redis's
         self._backoff = Backoff()
@@ -127,14 +135,14 @@ class Membership:
                 except (RedisError, OSError) as exc:
                     reraise_if_cancelled()
                     failures += 1
+                    self._cut_off = True
                     if failures == 1:
                         log.warning(
                             "membership: redis unreachable, keeping the last view",
                             extra={"reason": type(exc).__name__},
                         )
                 self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self._beat)
+                await wait_event(self._changed, self._beat)
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -184,11 +192,15 @@ class Membership:
         found = {entry_id(n) for n in names} | {self.instance_id}
         if added:  # our entry was new: we joined, or came back; tell the others now
             await client.publish(CHANGES_CHANNEL, self.instance_id)
-            if self.ready.is_set():
-                # Our own entry was gone: Redis restarted empty (or we were cut off). The
-                # others re-add theirs within a beat; until a TTL has passed, nobody known
-                # is dropped, or every instance would briefly take every user.
-                self._grace_until = time.monotonic() + self._ttl
+        if self.ready.is_set() and (added or self._cut_off):
+            # Our own entry was gone (Redis restarted empty), or we could not reach Redis for
+            # a while: then neither, perhaps, could the others, and their entries expired for
+            # that alone. Each re-adds its own once its stuck command has timed out and a new
+            # connection is made; until then nobody known is dropped, or the first instance
+            # back would take every user for a moment and hand them back (a storm of syncs
+            # in two epochs). A member that really died goes when the grace ends.
+            self._grace_until = time.monotonic() + GRACE_TTLS * self._ttl
+        self._cut_off = False
         if time.monotonic() < self._grace_until:
             found |= set(self.members)
         first = not self.ready.is_set()
@@ -233,8 +245,7 @@ class Membership:
         """A clean stop: leave at once and tell the others, so they take over now."""
         self._left = True
         self._changed.set()
-        with contextlib.suppress(TimeoutError):  # no heartbeat in flight may add us back
-            await asyncio.wait_for(self._stopped.wait(), 2.0)
+        await wait_event(self._stopped, 2.0)  # no heartbeat in flight may add us back
         client = redis_client(self._settings, timeout=2.0)
         try:
             await client.zrem(MEMBERS_KEY, self.entry)

@@ -13,7 +13,6 @@ stall delivery to everyone else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
@@ -38,6 +37,7 @@ from listeners.source.registry import (
 )
 from listeners.source.snapshots import Query, Snapshot, SourceDoc, Watch
 from listeners.streams.view import Emit
+from listeners.waits import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +353,7 @@ class Node:
                 continue
             if self.registry_ready.is_set():
                 self.settled.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty_added.wait(), max(0.0, next_sweep - loop.time()))
+            await wait_event(self._dirty_added, max(0.0, next_sweep - loop.time()))
             if loop.time() < next_sweep:
                 continue
             next_sweep = loop.time() + self._settings.sweep_interval_seconds

@@ -262,7 +262,8 @@ async def running(
             log.info("service stopping: handing users over, then closing listeners")
             others = len(membership.members) > 1
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(leaving), service.time_left(2.0))
+                async with asyncio.timeout(service.time_left(2.0)):
+                    await asyncio.shield(leaving)
             if others:  # the others attach while we still serve
                 await asyncio.sleep(service.time_left(HANDOVER_SECONDS))
             await supervisor.stop(["node"], service.time_left(1.0))
@@ -280,7 +281,8 @@ async def running(
         rtdb_closing = [rtdb.aclose()] if rtdb is not None and not process_exits else []
         for closing in (broker.disconnect(), source.aclose(), *rtdb_closing):
             try:
-                await asyncio.wait_for(closing, service.time_left(1.0))
+                async with asyncio.timeout(service.time_left(1.0)):
+                    await closing
             except Exception as exc:  # Redis or Firestore gone, or too slow: exit anyway
                 log.warning("shutdown: a client did not close", extra={"reason": type(exc).__name__})
         if service._leaving is not None and not service._leaving.done():

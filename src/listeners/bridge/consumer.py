@@ -32,6 +32,7 @@ from listeners.inputs import InvalidInput, parse_json
 from listeners.publish.broker import Broker, BrokerUnavailable
 from listeners.publish.redis import RedisBroker
 from listeners.source.registry import ChatThread
+from listeners.waits import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,7 @@ class _Reader:
         """The next event, or None after `timeout` or when woken to ask for a resync."""
         if not self._events:
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            await wait_event(self._wakeup, timeout)
         return self._events.popleft() if self._events else None
 
 
@@ -219,9 +219,8 @@ class Bridge:
         try:
             # Bounded well below the connection's own timeout: after a reconnect of the
             # subscriber, the publishing connection may be as dead as the old one was.
-            await asyncio.wait_for(
-                self._broker.publish_many([(self._settings.control_channel, message)]), ASK_TIMEOUT
-            )
+            async with asyncio.timeout(ASK_TIMEOUT):
+                await self._broker.publish_many([(self._settings.control_channel, message)])
         except (BrokerUnavailable, TimeoutError):
             # That connection was dead (the next one is new): ask again in a moment, not in 5 s.
             reader.asked = time.monotonic() - self._resync_retry + RETRY_AFTER_FAILED_ASK

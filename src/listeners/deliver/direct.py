@@ -11,11 +11,10 @@ from typing import Any
 
 from listeners.bridge.presence import Presence
 from listeners.control import resync_request
-from listeners.deliver.batch import Batcher
+from listeners.deliver.batch import Resyncs
 from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenVerifier
 from listeners.deliver.websocket import Gateway, Services
-from listeners.publish.broker import BrokerUnavailable
 from listeners.service import Service
 from listeners.session import Channels
 from listeners.source.registry import REGISTRY_COLLECTION, ChatThread
@@ -51,8 +50,18 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
         certs_url=settings.websocket.certs_url,
         clock_skew_seconds=settings.websocket.clock_skew_seconds,
     )
-    # One pipeline for the resync requests of every socket opening in the same moment.
-    control = Batcher(service.broker, redis.control_channel)
+    token = redis.control_token
+    # Coalesced per user, in pipelines, paced: a reconnect storm costs one connection and
+    # stays under what the control listeners remember (deliver.batch).
+    resyncs = (
+        Resyncs(
+            service.broker,
+            redis.control_channel,
+            lambda uid, threads: resync_request(token.reveal(), uid, threads),
+        )
+        if token is not None
+        else None
+    )
     db = firestore_async_client(service)
     presence = (
         Presence(db, ttl_seconds=settings.service.heartbeat_ttl_seconds)
@@ -62,11 +71,10 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
     gateway: Gateway
 
     async def resync(uid: str, threads: tuple[ChatThread, ...]) -> None:
-        if redis.control_token is None:  # no control channel: only a user served here can be resynced
+        if resyncs is None:  # no control channel: only a user served here can be resynced
             service.node.resync_user(uid, threads)
             return
-        with contextlib.suppress(BrokerUnavailable):  # the hub resyncs again once Redis is back
-            await control.send(resync_request(redis.control_token.reveal(), uid, threads))
+        resyncs.request(uid, threads)
 
     async def write_threads(uid: str, thread: ChatThread, add: bool) -> bool:
         """The user's `chat_threads` in the registry, with `thread` added or removed: True once
@@ -144,5 +152,7 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
     finally:
         await gateway.close_all()
         await service.supervisor.stop(["hub"], service.settings.shutdown_timeout_seconds / 4)
+        if resyncs is not None:
+            await resyncs.aclose()
         await verifier.aclose()
         db.close()

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
@@ -53,6 +53,17 @@ HUB_CONFIRM_SECONDS = 5.0  # Redis answers a SUBSCRIBE in well under a second wh
 OPEN_THREAD_SECONDS = 15.0  # the registry write (a read and a conditional write, retried)
 CLOSE_SECONDS = 10.0  # for our close frame to be written (deliver.wsprotocol: at once)
 RESYNCS_PER_SECOND = 0.5  # `resync` messages: a burst of 5, then one every 2 s
+# Where deliver.wsprotocol puts itself in the scope (its SEND_EXTENSION; not imported: that
+# module reads its settings at import, and other ASGI servers do without it).
+SEND_EXTENSION = "listeners.send"
+
+
+class DirectSend(Protocol):
+    """deliver.wsprotocol's way past the ASGI `send` (docs: `wsprotocol.SEND_EXTENSION`)."""
+
+    def send_text_now(self, data: bytes) -> bool: ...
+
+    async def until_writable(self) -> None: ...
 
 
 @dataclass
@@ -126,9 +137,12 @@ class Connection:
         # Events of a thread being opened, held until `chat.subscribed` is out: a client sees
         # the answer first, then the thread's `chat.sync`, whatever the timing.
         self._held: dict[ChatThread, list[str]] = {}
-        # A deque and one future while the writer waits: an asyncio.Queue costs ~2.4 KiB a socket.
+        # What the transport could not take at once, in order; a writer task only while it is
+        # not empty (an asyncio.Queue and a task per socket cost ~2.4 KiB and more a socket).
         self._outbound: deque[str] = deque()
-        self._wake: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._writing = False  # from `_run` on: earlier messages wait in the queue
+        self._direct: DirectSend | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._queued_bytes = 0  # characters, as queued: what a slow consumer makes us hold
         self._slow = False  # closed as a slow consumer: nothing more is queued
@@ -241,8 +255,11 @@ class Connection:
         if not await self.services.hub.subscribe(user_channel, self.uid, self._deliver):
             await self.close(INTERNAL_ERROR, "no delivery for this uid")  # a valid uid never gets here
             return
-        forget = self.services.hub.on_reconnect(self._after_reconnect)
-        writer = asyncio.create_task(self._write(), name=f"ws-write {self.uid}")
+        forget = self.services.hub.on_reconnect(user_channel, self._after_reconnect)
+        self._direct = self.websocket.scope.get("extensions", {}).get(SEND_EXTENSION)
+        self._writing = True
+        if self._outbound:
+            self._start_writer()
         self._check_expiry()
         log.info("websocket open", extra={"uid": self.uid})
         try:
@@ -257,8 +274,10 @@ class Connection:
             forget()
             if self._expiry is not None:
                 self._expiry.cancel()
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            self._writing = False
+            if self._writer is not None:
+                self._writer.cancel()
+                await asyncio.gather(self._writer, return_exceptions=True)
             await self.services.hub.unsubscribe(user_channel, self._deliver)
             log.info("websocket closed", extra={"uid": self.uid})
 
@@ -457,21 +476,34 @@ class Connection:
     # -- outbound ----------------------------------------------------------------
 
     def _deliver(self, text: str) -> None:
-        """From the hub, on the loop: queue, or close a consumer that cannot keep up (its
-        queue full by count or by bytes). What was queued is then dropped, not sent."""
+        """From the hub, on the loop, never waiting: written to the transport at once while it
+        takes more (deliver.wsprotocol), else queued, or the consumer that cannot keep up is
+        closed (its queue full by count or by bytes). What was queued is then dropped."""
         if self._closed or self._slow:
             return
+        if not self._outbound and self._direct is not None:
+            try:
+                if self._direct.send_text_now(text.encode()):
+                    return
+            except OSError:  # the connection is going: its disconnect ends `_run`
+                self._closed = True
+                return
         over = self._queued_bytes and self._queued_bytes + len(text) > self.settings.queue_bytes
         if not over and len(self._outbound) < self.settings.queue_length:
             self._outbound.append(text)
             self._queued_bytes += len(text)
-            if self._wake is not None and not self._wake.done():
-                self._wake.set_result(None)
+            if self._writer is None and self._writing:
+                self._start_writer()
             return
         log.warning("websocket closed: slow consumer", extra={"uid": self.uid})
         self._slow = True
         self._drop_queue()
+        if self._writer is not None:
+            self._writer.cancel()  # it waits for a client that does not read
         self._spawn(self.close(SLOW_CONSUMER, "slow consumer"))
+
+    def _start_writer(self) -> None:
+        self._writer = asyncio.get_running_loop().create_task(self._write(), name=f"ws-write {self.uid}")
 
     def _drop_queue(self) -> None:
         self._outbound.clear()
@@ -484,18 +516,23 @@ class Connection:
         self._deliver(encode_json(message).decode())
 
     async def _write(self) -> None:
-        while True:
-            while not self._outbound:
-                self._wake = asyncio.get_running_loop().create_future()
-                await self._wake
-            self._wake = None
-            text = self._outbound.popleft()
-            self._queued_bytes -= len(text)
-            try:
-                await self.websocket.send_text(text)
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                self._closed = True
-                return
+        """Empties the queue as the client reads, then ends: new messages go straight to the
+        transport again."""
+        direct = self._direct
+        try:
+            while self._outbound and not self._closed:
+                text = self._outbound[0]
+                if direct is not None and not direct.send_text_now(text.encode()):
+                    await direct.until_writable()
+                    continue
+                self._outbound.popleft()
+                self._queued_bytes -= len(text)
+                if direct is None:  # another ASGI server: its own `send`, which may wait
+                    await self.websocket.send_text(text)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            self._closed = True
+        finally:
+            self._writer = None
 
     def _check_expiry(self) -> None:
         """Closes the socket once its token has expired; until then looks again when it would

@@ -23,6 +23,11 @@ reads `--ws` as an import path when it is not one of its own names.
 4. The kernel's send buffer of each socket is capped (`SEND_BUFFER_BYTES`): Linux grows it to
    4 MiB for a client that does not read, memory the task pays for (cgroup socket memory) and
    that hides a slow consumer from its queue for megabytes.
+5. The application may write a text message straight to the transport, past the ASGI `send`
+   (a coroutine, a dict and Starlette's checks per message, and a task to await it): the
+   protocol is in the scope's extensions under `SEND_EXTENSION`, with `send_text_now(data)`
+   (True once written, False while the transport is full: the caller queues and waits with
+   `until_writable()`; ClientDisconnected once the socket is closing).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ WINDOW_BITS = 12  # uvicorn's own choice; 9 is zlib's least for raw deflate
 MEM_LEVEL = 5
 SEND_BUFFER_BYTES = 65_536  # the kernel doubles it; 128 KiB drains at 100 MB/s over a 1 ms path
 CLOSE_SECONDS = 5.0  # for the client to answer our close frame, then the connection is cut
+SEND_EXTENSION = "listeners.send"
 
 
 def deflate_mode(env: dict[str, str] | None = None) -> str:
@@ -166,6 +172,28 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timeout = CLOSE_TIMEOUT
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = self.__dict__.get("scope")  # set only for an upgrade that goes to the app
+        if scope is not None:
+            scope["extensions"][SEND_EXTENSION] = self
+
+    def send_text_now(self, data: bytes) -> bool:
+        """Writes a text message (UTF-8) if the transport takes more; False while it is full."""
+        if self.close_sent or self.disconnected or self.transport.is_closing():
+            raise ClientDisconnected()
+        if not self.writable.is_set():
+            return False
+        try:
+            self.conn.send_text(data)
+        except InvalidState:
+            raise ClientDisconnected() from None
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
+
+    async def until_writable(self) -> None:
+        await self.writable.wait()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")

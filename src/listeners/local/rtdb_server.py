@@ -521,7 +521,8 @@ class _EventStream(Response):
         while True:
             try:
                 if self.hub.keepalive > 0:
-                    item = await asyncio.wait_for(queue.get(), self.hub.keepalive)
+                    async with asyncio.timeout(self.hub.keepalive):
+                        item = await queue.get()
                 else:
                     item = await queue.get()
             except TimeoutError:

@@ -18,6 +18,7 @@ from listeners.backoff import Backoff
 from listeners.envelope import Envelope
 from listeners.metrics import Metrics
 from listeners.publish.broker import Broker, BrokerUnavailable, Message
+from listeners.waits import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,7 @@ class Publisher:
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything queued is published; False if that did not happen in time."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await wait_event(self._idle, timeout)
 
     async def run(self) -> None:
         await self._recover(first=True)
@@ -95,9 +92,7 @@ class Publisher:
             if not self._queue:
                 self._idle.set()
                 self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), self._ping_interval)
-                except TimeoutError:
+                if not await wait_event(self._wakeup, self._ping_interval):
                     await self._check()
                     continue
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]

@@ -13,13 +13,21 @@ subscribed mode), and if neither the pong nor any other message arrives within
 pong seconds late, behind a burst of messages: the messages show the connection alive). A
 dead connection is noticed within the sum of the two (6 s by default). The ACL users of
 deploy/redis-acl.json may all run PING.
+
+The connection is made by redis-py (TLS, AUTH, SELECT) and then read raw (`publish.resp`):
+every message that has arrived is read and handed on in one go, so that a busy channel
+(5,000 events a second per worker) does not leave this reader behind Redis, which cuts a
+subscriber 32 MB behind (`client-output-buffer-limit pubsub`). Commands are written without
+waiting for their replies: a SUBSCRIBE never waits on the reader, and the reader never waits
+on anything but the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -28,11 +36,13 @@ from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.publish.broker import Handler
 from listeners.publish.connection import close_quietly, redis_client
+from listeners.publish.resp import ReplyError, Wire
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 3.0
 HEARTBEAT_TIMEOUT = 3.0
+SUBSCRIBE_CHUNK = 1_000  # channels per SUBSCRIBE when (re)connecting: ~40 KB commands
 
 
 class HalfOpen(Exception):
@@ -58,10 +68,10 @@ class RedisSubscriber:
         self._timeout = heartbeat_timeout
         self._backoff = backoff or Backoff()
         self._count_reconnect = on_reconnect_count or (lambda: None)
-        self._channels: set[str] = set()
+        self._channels: dict[bytes, str] = {}  # held channels, by the name Redis sends back
         self._confirmed: set[str] = set()
         self._callbacks: set[Callable[[bool], None]] = set()
-        self._pubsub: Any = None
+        self._wire: Wire | None = None
         self._connected_before = False  # across restarts of `run` too: a restart lost messages
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()  # pulsed on every confirmation, and on connect/loss
@@ -72,27 +82,29 @@ class RedisSubscriber:
 
     @property
     def channels(self) -> frozenset[str]:
-        return frozenset(self._channels)
+        return frozenset(self._channels.values())
 
     def on_connect(self, callback: Callable[[bool], None]) -> Callable[[], None]:
         self._callbacks.add(callback)
         return lambda: self._callbacks.discard(callback)
 
     async def subscribe(self, channel: str) -> None:
-        """Holds the channel from now on; sent at once when connected, else on connection."""
-        if channel in self._channels:
+        """Holds the channel from now on; sent at once when connected, else on connection.
+        Never waits for Redis, and never fails: a connection being lost sends it again."""
+        name = channel.encode("utf-8")  # UnicodeEncodeError: a name Redis could not carry
+        if name in self._channels:
             return
-        self._channels.add(channel)
-        if self._ready.is_set():
-            await self._command("subscribe", channel)
+        self._channels[name] = channel
+        if self._wire is not None:
+            self._wire.send(b"SUBSCRIBE", name)
 
     async def unsubscribe(self, channel: str) -> None:
-        if channel not in self._channels:
+        name = channel.encode("utf-8", "surrogatepass")
+        if self._channels.pop(name, None) is None:
             return
-        self._channels.discard(channel)
         self._confirmed.discard(channel)
-        if self._ready.is_set():
-            await self._command("unsubscribe", channel)
+        if self._wire is not None:
+            self._wire.send(b"UNSUBSCRIBE", name)
 
     def is_confirmed(self, channel: str) -> bool:
         return self._ready.is_set() and channel in self._confirmed
@@ -112,24 +124,13 @@ class RedisSubscriber:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _command(self, name: str, channel: str) -> None:
-        try:
-            await getattr(self._pubsub, name)(channel)
-        # redis-py raises AttributeError or RuntimeError when the command meets a connection
-        # being torn down (measured at 10,000 sockets). Whatever it was, the reader notices
-        # the loss too and subscribes every held channel again; the caller must not fail.
-        except (RedisError, OSError, AttributeError, RuntimeError) as exc:
-            log.warning(
-                "redis %s failed", name, extra={"connection": self.name, "reason": type(exc).__name__}
-            )
-
     async def run(self) -> None:
         attempt = 0
         while True:
             client = redis_client(self._settings, timeout=10.0)
-            pubsub = client.pubsub()
+            connection = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             try:
-                await self._connect(pubsub)
+                wire = await self._connect(connection)
                 attempt = 0
                 reconnected, self._connected_before = self._connected_before, True
                 if reconnected:
@@ -137,8 +138,8 @@ class RedisSubscriber:
                     log.info("redis pub/sub reconnected", extra={"connection": self.name})
                 for callback in list(self._callbacks):
                     self._call(callback, reconnected)
-                await self._read(pubsub)
-            except (RedisError, OSError, HalfOpen) as exc:
+                await self._read(wire)
+            except (RedisError, OSError, HalfOpen, ValueError) as exc:  # ValueError: not RESP2
                 reraise_if_cancelled()
                 log.warning(
                     "redis pub/sub lost; reconnecting",
@@ -147,69 +148,85 @@ class RedisSubscriber:
             finally:
                 self._ready.clear()
                 self._confirmed.clear()
-                self._pubsub = None
+                self._wire = None
                 self._pulse()
-                await asyncio.shield(close_quietly(pubsub, client))
+                await asyncio.shield(_disconnect(connection, client))
             await asyncio.sleep(self._backoff.delay(attempt))
             attempt += 1
 
-    async def _connect(self, pubsub: Any) -> None:
+    async def _connect(self, connection: Any) -> Wire:
         # A connection that hangs while it is made is as dead as one that hangs later.
         async with asyncio.timeout(self._timeout + self._heartbeat):
-            await pubsub.ping()  # connects, and gives the reader something to expect
-            if self._channels:
-                await pubsub.subscribe(*self._channels)
-            # Channels may have been added while that subscribe was in flight.
-            while missing := [c for c in self._channels if c.encode() not in pubsub.channels]:
-                await pubsub.subscribe(*missing)
-        self._pubsub = pubsub
+            await connection.connect()  # redis-py: TLS, AUTH (or HELLO), SELECT
+        # From here on the bytes are ours; redis-py has read all it asked for.
+        wire = Wire(connection._reader, connection._writer)
+        wire.send(b"PING")  # gives the reader something to expect
+        names = list(self._channels)
+        for at in range(0, len(names), SUBSCRIBE_CHUNK):
+            wire.send(b"SUBSCRIBE", *names[at : at + SUBSCRIBE_CHUNK])
+        self._wire = wire  # channels added from now on are sent as they come
         self._ready.set()
         self._pulse()
+        return wire
 
-    async def _read(self, pubsub: Any) -> None:
+    async def _read(self, wire: Any) -> None:
         """Hands on every message; a PING every heartbeat, and HalfOpen when its pong is late."""
         loop = asyncio.get_running_loop()
         waiting_since: float | None = loop.time()  # the PING sent while connecting
         next_ping = loop.time() + self._heartbeat
         while True:
             now = loop.time()
-            if waiting_since is not None and now - waiting_since > self._timeout:
-                raise HalfOpen(f"no pong within {self._timeout:g} s")
             if waiting_since is None and now >= next_ping:
-                await pubsub.ping()
+                wire.send(b"PING")
                 waiting_since, next_ping = now, now + self._heartbeat
             deadline = waiting_since + self._timeout if waiting_since is not None else next_ping
-            message = await pubsub.get_message(timeout=max(0.0, deadline - now) + 0.01)
-            if message is None:
+            replies = await wire.read(max(0.0, deadline - now) + 0.01)
+            if not replies and waiting_since is not None and loop.time() - waiting_since > self._timeout:
+                # A loop that stalled past the deadline (a worker closing 5,000 sockets) runs the
+                # timeout and the arrival of the pong at once, the timeout winning: look again.
+                replies = await wire.read(0.0)
+                if not replies:
+                    raise HalfOpen(f"no pong within {self._timeout:g} s")
+            if not replies:
                 continue
-            if message.get("type") == "pong":
+            pong = False
+            for reply in replies:
+                pong = self._on_reply(reply) or pong
+            if pong:
                 waiting_since = None
-                continue
-            if waiting_since is not None:
+            elif waiting_since is not None:
                 # The pong is queued behind what Redis sent before it: a connection that keeps
                 # delivering is alive, however long a burst takes this process to read.
                 waiting_since = loop.time()
-            self._on_message(message)
 
-    def _on_message(self, message: Mapping[str, Any]) -> None:
-        raw = message.get("channel")
-        # Only channels this connection encoded itself are subscribed: their names decode.
-        channel = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        kind = message.get("type")
-        if kind in ("subscribe", "unsubscribe"):
-            if kind == "subscribe" and channel in self._channels:
+    def _on_reply(self, reply: Any) -> bool:
+        """Hands a message on, or notes a confirmation; True for the pong. (hiredis gives
+        pub/sub replies as `PushNotification`, a list.)"""
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+            channel = self._channels.get(reply[1])
+            if channel is None:
+                return False  # e.g. a message in flight when its channel was let go
+            try:
+                self._handler(channel, reply[2])
+            except Exception as exc:  # no message can end the connection
+                log.error(
+                    "pub/sub handler failed", extra={"connection": self.name, "reason": type(exc).__name__}
+                )
+            return False
+        if reply == b"PONG" or (isinstance(reply, list) and reply and reply[0] == b"pong"):
+            return True
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
+            channel = self._channels.get(reply[1])
+            if reply[0] == b"subscribe" and channel is not None:
                 self._confirmed.add(channel)
-            else:
-                self._confirmed.discard(channel)
+            elif channel is None:  # an UNSUBSCRIBE's answer, unless it was subscribed again
+                self._confirmed.discard(reply[1].decode("utf-8", "replace"))
             self._pulse()
-            return
-        data = message.get("data")
-        if kind != "message" or channel not in self._channels or not isinstance(data, bytes):
-            return  # e.g. a message in flight when its channel was let go
-        try:
-            self._handler(channel, data)
-        except Exception as exc:  # no message can end the connection
-            log.error("pub/sub handler failed", extra={"connection": self.name, "reason": type(exc).__name__})
+            return False
+        if isinstance(reply, ReplyError):  # e.g. NOPERM on a channel the ACL user may not read
+            reason = str(reply)[:200]
+            log.warning("redis pub/sub command refused", extra={"connection": self.name, "reason": reason})
+        return False
 
     def _call(self, callback: Callable[[bool], None], reconnected: bool) -> None:
         try:
@@ -218,3 +235,9 @@ class RedisSubscriber:
             log.error(
                 "on_connect callback failed", extra={"connection": self.name, "reason": type(exc).__name__}
             )
+
+
+async def _disconnect(connection: Any, client: Any) -> None:
+    with contextlib.suppress(RedisError, OSError):
+        await connection.disconnect()
+    await close_quietly(client)

@@ -1,32 +1,67 @@
 """Streams spread over gRPC connections: a new target joins a stream with room, a new stream
 goes on the least loaded connection with fewer than `max_streams_per_connection` streams
 (Firestore serves at most 100 per connection), and a connection opens only when all are full.
+
+A connection can die without closing (a NAT entry dropped, a peer gone behind a blackhole):
+gRPC's own keepalive notices only after minutes, since servers refuse frequent pings. A
+stream that finds its connection silent (`stream.py`) has it replaced: the old channel is
+closed, which ends every call on it, and each of its streams resumes on the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from listeners.source.listen.stream import ListenStream
+from listeners.source.listen.stream import ListenStream, Metadata
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
 class Connection:
-    channel: grpc.aio.Channel
-    streams: list[ListenStream] = field(default_factory=list)
+    """One gRPC channel (one HTTP/2 connection) and the streams on it."""
+
+    def __init__(self, new_channel: Callable[[], grpc.aio.Channel]) -> None:
+        self._new_channel = new_channel
+        self.channel = new_channel()
+        self.generation = 0  # bumped by each replacement: a late report of the old one is moot
+        self.streams: list[ListenStream] = []
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def open_call(self, requests: Any, metadata: Metadata) -> Any:
+        return open_listen(self.channel)(requests, metadata)
+
+    def replace(self, generation: int) -> None:
+        """The connection of `generation` is dead: a new one for every stream on it."""
+        if generation != self.generation:
+            return  # another stream on it found out first
+        old, self.channel = self.channel, self._new_channel()
+        self.generation += 1
+        log.warning("firestore connection silent; replacing it", extra={"streams": len(self.streams)})
+        closing = asyncio.create_task(self._close(old), name="close-firestore-channel")
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        await self._close(self.channel)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    @staticmethod
+    async def _close(channel: grpc.aio.Channel) -> None:
+        with contextlib.suppress(Exception):
+            await channel.close(grace=None)  # cancels its calls at once, whatever the peer does
 
 
 class ListenPool:
     def __init__(
         self,
         new_channel: Callable[[], grpc.aio.Channel],
-        new_stream: Callable[[grpc.aio.Channel], ListenStream],
+        new_stream: Callable[[Connection], ListenStream],
         *,
         max_streams_per_connection: int,
     ) -> None:
@@ -48,9 +83,9 @@ class ListenPool:
         if roomy:
             connection = min(roomy, key=lambda c: len(c.streams))
         else:
-            connection = Connection(self._new_channel())
+            connection = Connection(self._new_channel)
             self.connections.append(connection)
-        stream = self._new_stream(connection.channel)
+        stream = self._new_stream(connection)
         connection.streams.append(stream)
         return stream
 
@@ -58,8 +93,7 @@ class ListenPool:
         streams = self.streams
         await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
         for connection in self.connections:
-            with contextlib.suppress(Exception):
-                await connection.channel.close(grace=None)
+            await connection.aclose()
         self.connections.clear()
 
 

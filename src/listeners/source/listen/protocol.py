@@ -254,6 +254,10 @@ class ListenState(Generic[K]):
         # ids of removed or re-listened targets are no longer known: their messages are late
         return [s for s in map(self._by_id.get, target_ids) if s is not None]
 
+    def reserve_id(self) -> int:
+        """A target id for a target of the stream's own (a probe): no watch will have it."""
+        return self._new_id()
+
     def _new_id(self) -> int:
         target_id = self._next_id
         self._next_id += 1

@@ -7,6 +7,7 @@ the stream's task; `close()` sends remove_target and returns at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,9 +15,15 @@ from urllib.parse import quote
 
 import grpc
 
-from listeners.source.listen.pool import ListenPool, open_listen
+from listeners.source.listen.pool import Connection, ListenPool
 from listeners.source.listen.protocol import TargetError, query_target
-from listeners.source.listen.stream import ListenStream, Metadata, deliver_safely
+from listeners.source.listen.stream import (
+    ANSWER_SECONDS,
+    SILENCE_SECONDS,
+    ListenStream,
+    Metadata,
+    deliver_safely,
+)
 from listeners.source.snapshots import Query, Snapshot, SnapshotHandler
 
 log = logging.getLogger(__name__)
@@ -30,9 +37,9 @@ SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),  # a connection per channel: the stream limit is per connection
     ("grpc.max_receive_message_length", -1),
-    # Pings find a dead connection under a quiet stream. Java gRPC servers (the emulator) send
-    # GOAWAY "too_many_pings" to pings more often than every 5 minutes, ending every stream on
-    # the connection; 30 s did exactly that.
+    # Java gRPC servers (the emulator) send GOAWAY "too_many_pings" to pings more often than
+    # every 5 minutes, ending every stream on the connection; 30 s did exactly that. A dead
+    # connection under a quiet stream is found by the stream's own probe (stream.py) instead.
     ("grpc.keepalive_time_ms", 360_000),
     ("grpc.keepalive_timeout_ms", 20_000),
 ]
@@ -89,6 +96,8 @@ class ListenSource:
         max_streams_per_connection: int = FIRESTORE_STREAM_LIMIT,
         targets_per_stream: int = TARGETS_PER_STREAM,
         host: str = FIRESTORE_HOST,
+        silence: float = SILENCE_SECONDS,
+        answer: float = ANSWER_SECONDS,
     ) -> None:
         if not 1 <= max_streams_per_connection <= FIRESTORE_STREAM_LIMIT:
             raise ValueError("max_streams_per_connection must be between 1 and 100")
@@ -101,6 +110,10 @@ class ListenSource:
             tokens = emulator_token if self._emulator_host else _credential_tokens(credentials)
         self._tokens = tokens
         self._targets_per_stream = targets_per_stream
+        # A probe is a second target on the stream: with one target per stream (the npm
+        # emulator answers only a stream's first target) the streams are not probed.
+        self._silence = silence if targets_per_stream > 1 else math.inf
+        self._answer = answer
         self.pool = ListenPool(
             self._new_channel, self._new_stream, max_streams_per_connection=max_streams_per_connection
         )
@@ -128,8 +141,15 @@ class ListenSource:
             return grpc.aio.insecure_channel(self._emulator_host, options=_CHANNEL_OPTIONS)
         return grpc.aio.secure_channel(self._host, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS)
 
-    def _new_stream(self, channel: grpc.aio.Channel) -> ListenStream:
-        return ListenStream(open_listen(channel), self.database, self._metadata, self._targets_per_stream)
+    def _new_stream(self, connection: Connection) -> ListenStream:
+        return ListenStream(
+            connection,
+            self.database,
+            self._metadata,
+            self._targets_per_stream,
+            silence=self._silence,
+            answer=self._answer,
+        )
 
     async def _metadata(self, refresh: bool) -> Metadata:
         token = await self._tokens(refresh=refresh)

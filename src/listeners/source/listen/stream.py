@@ -1,6 +1,13 @@
 """One Listen stream holding many targets: opens the call, re-listens every target with its
 resume token after a failure (backoff with jitter), and hands the protocol's outcomes to the
 watches. Closing a watch sends remove_target; the stream itself stays up.
+
+A quiet stream may be a dead connection: Firestore sends every stream a consistent point
+about once a minute, but a blackholed peer sends nothing, and gRPC pings are too rare to tell
+(servers refuse pings more often than every 5 minutes). So a stream that has heard nothing for
+`silence` seconds asks a question the server must answer: it listens to one document (a
+probe target, removed at the first answer). Without any answer within `answer` seconds the
+connection is replaced (`pool.Connection`) and the stream resumes on the new one.
 """
 
 from __future__ import annotations
@@ -9,13 +16,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from listeners.backoff import Backoff, reraise_if_cancelled
+from listeners.source.listen import wire
 from listeners.source.listen.protocol import ListenState, TargetError
 from listeners.source.snapshots import Snapshot
+from listeners.waits import wait_event
 
 if TYPE_CHECKING:
     from listeners.source.listen.source import ListenWatch
@@ -23,27 +32,49 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECONNECT = Backoff(base=0.5, cap=30.0)
+SILENCE_SECONDS = 30.0  # heard nothing this long: probe
+ANSWER_SECONDS = 20.0  # no answer to the probe this long: the connection is dead
+PROBE_DOCUMENT = "listeners-probe/stream"  # never written: listening to it costs one read
 Metadata = Sequence[tuple[str, str]]
 MetadataFactory = Callable[[bool], Awaitable[Metadata]]  # argument: force a token refresh
-OpenCall = Callable[[AsyncIterator[Any], Metadata], Any]  # a grpc.aio stream-stream call
+
+
+class Link(Protocol):
+    """The connection a stream's calls go over (`pool.Connection`)."""
+
+    generation: int
+
+    def open_call(self, requests: AsyncIterator[Any], metadata: Metadata) -> Any:
+        """A grpc.aio stream-stream Listen call."""
+
+    def replace(self, generation: int) -> None:
+        """The connection of that generation is dead: make a new one."""
 
 
 class ListenStream:
     def __init__(
         self,
-        open_call: OpenCall,
+        link: Link,
         database: str,
         metadata: MetadataFactory,
         capacity: int,
         backoff: Backoff = RECONNECT,
+        *,
+        silence: float = SILENCE_SECONDS,
+        answer: float = ANSWER_SECONDS,
     ) -> None:
         self.state: ListenState[ListenWatch] = ListenState(database)
         self.capacity = capacity
         self.restarts = 0  # calls that ended and were replaced
         self.responses = 0
-        self._open_call = open_call
+        self.probes = 0  # questions asked of a quiet stream
+        self._link = link
         self._metadata = metadata
         self._backoff = backoff
+        self._silence = silence
+        self._answer = answer
+        self._heard = asyncio.Event()  # set by every response
+        self._silent_reason = ""
         self._outgoing: asyncio.Queue[Any] | None = None
         self._call: Any = None
         self._wake = asyncio.Event()
@@ -110,7 +141,7 @@ class ListenStream:
                 reason = "closed by the server"
             except asyncio.CancelledError:
                 reraise_if_cancelled()  # our task was cancelled; otherwise the call was
-                reason = "call cancelled"
+                reason = self._silent_reason or "call cancelled"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
                 self._refresh_token = exc.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -119,6 +150,7 @@ class ListenStream:
             finally:
                 self._outgoing = None
                 self._call = None
+                self._silent_reason = ""
                 self._all_current.clear()
                 self.state.disconnected()
             self.restarts += 1
@@ -142,10 +174,19 @@ class ListenStream:
             while True:
                 yield await outgoing.get()
 
-        call = self._open_call(requests(), metadata)
+        generation = self._link.generation
+        call = self._link.open_call(requests(), metadata)
         self._call = call
+        prober = asyncio.create_task(self._probe_when_silent(call, outgoing, generation), name="listen-probe")
+        try:
+            await self._read(call, outgoing)
+        finally:
+            prober.cancel()
+
+    async def _read(self, call: Any, outgoing: asyncio.Queue[Any]) -> None:
         async for response in call:
             self.responses += 1
+            self._heard.set()
             outcome = self.state.on_response(response)
             for request in outcome.requests:
                 outgoing.put_nowait(request)
@@ -157,6 +198,32 @@ class ListenStream:
             if not self._all_current.is_set() and self.state.all_current():
                 self._all_current.set()
 
+    async def _probe_when_silent(self, call: Any, outgoing: asyncio.Queue[Any], generation: int) -> None:
+        """Probes after each `silence` without a response; cuts the call (and has the
+        connection replaced) when a probe gets no answer within `answer`."""
+        while True:
+            self._heard.clear()
+            if await wait_event(self._heard, self._silence):
+                continue  # heard something: alive
+            self.probes += 1
+            probe_id = self.state.reserve_id()  # responses for it match no watch: ignored
+            outgoing.put_nowait(probe_request(self.state.database, probe_id))
+            answered = await wait_event(self._heard, self._answer)
+            outgoing.put_nowait(wire.ListenRequest(database=self.state.database, remove_target=probe_id))
+            if not answered:
+                self._silent_reason = (
+                    f"no answer within {self._answer:g} s to a probe after {self._silence:g} s of silence"
+                )
+                self._link.replace(generation)
+                call.cancel()
+                return
+
+
+def probe_request(database: str, target_id: int) -> Any:
+    target = wire.Target(target_id=target_id)
+    target.documents.documents.append(f"{database}/documents/{PROBE_DOCUMENT}")
+    return wire.ListenRequest(database=database, add_target=target)
+
 
 def deliver_safely(handler: Callable[[Snapshot], None], snapshot: Snapshot) -> None:
     try:
@@ -165,4 +232,4 @@ def deliver_safely(handler: Callable[[Snapshot], None], snapshot: Snapshot) -> N
         log.exception("snapshot handler failed")
 
 
-__all__ = ["ListenStream", "Metadata", "MetadataFactory", "TargetError", "deliver_safely"]
+__all__ = ["Link", "ListenStream", "Metadata", "MetadataFactory", "TargetError", "deliver_safely"]
