@@ -54,7 +54,8 @@ async function token(uid) {
 const users = new Map(); // uid -> {client, synced, applied, wire, status}
 let fresh = {}; // "uid/doc_id" -> first sighting (ms), since the last "state"
 const everSeen = new Set();
-let duplicates = 0;
+let duplicates = 0; // an event applied twice to the same state: twice since its stream's last sync
+let reapplied = 0; // seen before a sync that replaced the state, and applied to that state again
 let wireDuplicates = 0;
 let events = 0;
 const duplicateExamples = [];
@@ -68,7 +69,7 @@ function sighting(uid, item) {
 }
 
 for (const uid of config.uids) {
-  const user = { synced: new Set(), applied: new Map(), wire: new Set(), status: "new", trail: [] };
+  const user = { synced: new Set(), applied: new Map(), sinceSync: new Map(), wire: new Set(), status: "new", trail: [] };
   user.client = new ListenersClient({
     url: config.urls[0],
     token: () => token(uid),
@@ -89,11 +90,15 @@ for (const uid of config.uids) {
       events += 1;
       const family = event.type.split(".")[0];
       const seen = `${event.type} ${event.epoch ?? ""}:${event.seq ?? ""} ${String(event.event_id).slice(0, 24)}`;
+      if (!user.sinceSync.has(family)) user.sinceSync.set(family, new Set());
+      const applied = user.sinceSync.get(family);
       if (event.type.endsWith(".sync")) {
+        applied.clear();
         user.synced.add(family);
         for (const item of event.payload.notifications || event.payload.messages || []) sighting(uid, item);
       } else {
-        if (user.applied.has(event.event_id)) {
+        if (user.applied.has(event.event_id) && !applied.has(event.event_id)) reapplied += 1;
+        if (applied.has(event.event_id)) {
           duplicates += 1;
           if (duplicateExamples.length < 5) {
             duplicateExamples.push(
@@ -102,6 +107,7 @@ for (const uid of config.uids) {
           }
         }
         sighting(uid, event.payload);
+        applied.add(event.event_id);
       }
       if (!user.applied.has(event.event_id)) user.applied.set(event.event_id, seen);
       user.trail = [...user.trail.slice(-7), seen];
@@ -125,6 +131,7 @@ function state() {
     users: out,
     seen,
     duplicates,
+    reapplied,
     duplicate_examples: duplicateExamples,
     wire_duplicates: wireDuplicates,
     connects,

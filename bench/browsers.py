@@ -62,6 +62,7 @@ class Browsers:
         self.views: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, float] = {}  # "uid/doc_id" -> first sighting, time.monotonic()
         self.duplicates = 0
+        self.reapplied = 0  # applied again after a sync that replaced the state (not duplicates)
         self.duplicate_examples: list[str] = []
         self.wire_duplicates = 0  # re-deliveries the client's order rules dropped
         self.connects = 0
@@ -121,6 +122,7 @@ class Browsers:
             self.seen.setdefault(key, now - max(0.0, now_wall - ms / 1000))
         self.views = answer["users"]
         self.duplicates = int(answer["duplicates"])
+        self.reapplied = int(answer["reapplied"])
         self.duplicate_examples = list(answer["duplicate_examples"])
         self.wire_duplicates = int(answer["wire_duplicates"])
         self.connects, self.events = int(answer["connects"]), int(answer["events"])

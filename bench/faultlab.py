@@ -273,6 +273,8 @@ class UserView:
     chat: ChatThreads = field(default_factory=ChatThreads)
     synced: set[str] = field(default_factory=set)  # "notif", "msg"
     event_ids: dict[str, str] = field(default_factory=dict)  # event id -> how it was first seen
+    # Per stream family, the events applied since its last sync: the state they changed.
+    since_sync: dict[str, set[str]] = field(default_factory=dict)
     trail: list[str] = field(default_factory=list)  # the last events, to explain a duplicate
 
 
@@ -297,8 +299,12 @@ class Consumer:
         self.views = {uid: UserView() for uid in uids}
         self.chat_uids = set(chat_uids)
         self.seen: dict[str, float] = {}  # item key (notif/msg doc id) -> first sighting
+        # An event applied twice to the same state: twice since the last sync of its stream.
         self.duplicates = 0
         self.duplicate_examples: list[str] = []  # the first few, each with what came before it
+        # Seen before, but before a sync that replaced the state (another instance's, in a
+        # handover, made before it saw the change): applied again to that state, as it must be.
+        self.reapplied = 0
         self.events: Counter[str] = Counter()
         self.tasks: list[asyncio.Task[None]] = []
         self.changed = asyncio.Event()
@@ -315,7 +321,12 @@ class Consumer:
             self.events[kind] += 1
             family = kind.split(".")[0]
             sighting = f"{kind} {event.get('epoch', '')}:{event.get('seq', '')} {event['event_id'][:24]}"
-            if event["event_id"] in view.event_ids and not kind.endswith(".sync"):
+            applied = view.since_sync.setdefault(family, set())
+            if kind.endswith(".sync"):
+                applied.clear()
+            elif event["event_id"] in view.event_ids and event["event_id"] not in applied:
+                self.reapplied += 1
+            elif event["event_id"] in applied:
                 self.duplicates += 1
                 if len(self.duplicate_examples) < 5:
                     first = view.event_ids[event["event_id"]]
@@ -323,6 +334,8 @@ class Consumer:
                         f"{uid}: {sighting} (first: {first}; between: {' | '.join(view.trail[-6:])})"
                     )
             view.event_ids.setdefault(event["event_id"], sighting)
+            if not kind.endswith(".sync"):
+                applied.add(event["event_id"])
             view.trail = [*view.trail[-7:], sighting]
             if kind == "notif.sync":
                 items = payload.get("notifications", [])
