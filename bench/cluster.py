@@ -310,15 +310,7 @@ def write_notification(
     db: firestore.Client, uid: str, doc_id: str, sent: dict[tuple[str, str], float]
 ) -> bool:
     """One notification; its send time goes in `sent` unless the write failed."""
-    data = {
-        "job_id": doc_id,
-        "file_name": f"{doc_id}.pdf",
-        "status": "completed",
-        "collection_id": "c1",
-        "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
-        "read": False,
-        "additional_info": "{}",
-    }
+    data = latency.notification_data(doc_id)
     key = (uid, doc_id)
     sent[key] = time.monotonic()
     try:

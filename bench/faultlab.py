@@ -50,6 +50,8 @@ from google.cloud import firestore
 
 from bench.browsers import Browsers
 from bench.cluster import ADMIN_TOKEN, CONTROL_TOKEN, Instance
+from bench.latency import notification_data
+from bench.rtdb import message as dm_message
 from listeners.bridge import Bridge
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
@@ -607,13 +609,6 @@ class Writer:
         """Before the services start: `notifications` unread notifications and `messages` direct
         messages for every user, and `chat` messages on each chat thread (the service's window
         full), written in bulk and not timed. Returns the number of items written."""
-        data = {
-            "status": "completed",
-            "collection_id": "c1",
-            "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
-            "read": False,
-            "additional_info": "{}",
-        }
         notes = [(uid, f"n{next(self.numbers):07d}") for uid in self.uids for _ in range(notifications)]
 
         def write_notifications() -> None:
@@ -621,7 +616,7 @@ class Writer:
                 batch = self.db.batch()
                 for uid, doc_id in notes[i : i + 500]:
                     ref = self.db.document(f"clients/{uid}/notifications/{doc_id}")
-                    batch.set(ref, {**data, "job_id": doc_id, "file_name": f"{doc_id}.pdf"})
+                    batch.set(ref, notification_data(doc_id))
                 batch.commit(timeout=60)
 
         await asyncio.to_thread(write_notifications)
@@ -639,23 +634,12 @@ class Writer:
                 )
                 response.raise_for_status()
 
-        now = datetime.now(UTC).isoformat()
-        dm = {"status": "pending", "collection_id": "c1", "message": "A document needs your review"}
+        now = datetime.now(UTC).isoformat()  # the chat windows' messages
         patches = []
         for uid in self.uids:
             keys = [f"m{next(self.numbers):07d}" for _ in range(messages)]
             self.dms[uid].update(keys)
-            body: dict[str, Any] = {
-                key: {
-                    **dm,
-                    "job_id": key,
-                    "file_name": f"{key}.pdf",
-                    "sender_id": "bench-sender",
-                    "chat_mode": "chats",
-                    "timestamp": now,
-                }
-                for key in keys
-            }
+            body: dict[str, Any] = {key: dm_message(key) for key in keys}
             if body:
                 patches.append(patch(f"/clients/{uid}/direct_message_notif", body))
         for uid in self.chat_uids:
@@ -752,15 +736,7 @@ class Writer:
             delay = min(delay * 2, 2.0)
 
     async def _add_notification(self, uid: str, doc_id: str, track: bool = True) -> None:
-        data = {
-            "job_id": doc_id,
-            "file_name": f"{doc_id}.pdf",
-            "status": "completed",
-            "collection_id": "c1",
-            "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
-            "read": False,
-            "additional_info": "{}",
-        }
+        data = notification_data(doc_id)
         ref = self.db.document(f"clients/{uid}/notifications/{doc_id}")
         self.writes.sent[f"{uid}/{doc_id}"] = time.monotonic()
         if await self._retry(lambda: ref.set(data, retry=None, timeout=10), key=f"{uid}/{doc_id}") and track:
@@ -780,16 +756,7 @@ class Writer:
         self.unread[uid].discard(doc_id)
 
     async def _add_dm(self, uid: str, key: str, track: bool = True) -> None:
-        body = {
-            "job_id": key,
-            "file_name": f"{key}.pdf",
-            "status": "pending",
-            "collection_id": "c1",
-            "message": "A document needs your review",
-            "sender_id": "bench-sender",
-            "chat_mode": "chats",
-            "timestamp": datetime.now(UTC).isoformat(),
-        }
+        body = dm_message(key)
         self.writes.sent[f"{uid}/{key}"] = time.monotonic()
 
         async def put() -> None:

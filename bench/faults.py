@@ -37,7 +37,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 
 import httpx
 from google.cloud import firestore
@@ -57,7 +56,7 @@ from bench.faultlab import (
     stop_run,
 )
 from bench.faultlab import rtdb_truth as read_rtdb
-from bench.latency import _measuring, report_head, update_doc
+from bench.latency import _measuring, _terminate, report_head, update_doc
 from listeners.local.processes import PROJECT_ROOT
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
@@ -525,10 +524,6 @@ async def run_all(
             if done is not None:
                 done(outcomes, lab.describe())
         return outcomes, lab.describe()
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally: the lab's namespaces and children go
 
 
 def main(argv: list[str] | None = None) -> None:

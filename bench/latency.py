@@ -263,9 +263,9 @@ def write_registry(db: firestore.Client, uids: list[str]) -> None:
         batch.commit()
 
 
-def write_notification(db: firestore.Client, uid: str, doc_id: str, sent: dict[str, float]) -> bool:
-    """One notification; its send time goes in `sent` unless the write failed."""
-    data = {
+def notification_data(doc_id: str) -> dict[str, Any]:
+    """An unread notification document as the application writes one (every benchmark)."""
+    return {
         "job_id": doc_id,
         "file_name": f"{doc_id}.pdf",
         "status": "completed",
@@ -274,6 +274,11 @@ def write_notification(db: firestore.Client, uid: str, doc_id: str, sent: dict[s
         "read": False,
         "additional_info": "{}",
     }
+
+
+def write_notification(db: firestore.Client, uid: str, doc_id: str, sent: dict[str, float]) -> bool:
+    """One notification; its send time goes in `sent` unless the write failed."""
+    data = notification_data(doc_id)
     ref = db.document(f"clients/{uid}/notifications/{doc_id}")
     t0 = time.monotonic()
     sent[doc_id] = t0
@@ -565,7 +570,9 @@ async def run(args: argparse.Namespace) -> list[Result]:
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally, which stops the children
+    """SIGTERM as Ctrl-C (every benchmark): it unwinds through every finally, which stops the
+    children and deletes a fault lab's namespaces."""
+    raise KeyboardInterrupt
 
 
 def _measuring(argv: list[str]) -> list[str]:

@@ -37,7 +37,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 
 import httpx
 import psutil
@@ -60,7 +59,7 @@ from bench.faultlab import (
     stop_run,
 )
 from bench.faults import BY_NAME, Durations, Run, Scenario
-from bench.latency import _measuring, percentile, report_head, update_doc
+from bench.latency import _measuring, _terminate, percentile, report_head, update_doc
 from bench.plot import Panel, save_panels
 from listeners.local.processes import PROJECT_ROOT
 
@@ -585,10 +584,6 @@ async def run(s: Settings, logs: Path, use_netns: bool | None) -> tuple[Soak, st
     with Lab(use_netns) as lab:
         log(lab.describe())
         return await run_soak(lab, s, logs), lab.describe()
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds through every finally: the lab's namespaces and children go
 
 
 def main(argv: list[str] | None = None) -> None:
