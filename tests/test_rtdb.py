@@ -510,6 +510,33 @@ async def test_streams_are_spread_over_bounded_connection_pools(
         await rtdb.aclose()
 
 
+async def test_streams_take_turns_to_connect_and_give_the_turn_back(standin: RtdbStandin, ns: str) -> None:
+    """At most `max_connecting` streams are between their request and their full read: a
+    turn comes back on the full read, on a refused reconnect, and on close, so one turn is
+    enough for every stream to come and come back."""
+    rtdb = RtdbClient(standin.url, namespace=ns, max_connecting=1)
+    try:
+        streams = [rtdb.stream(f"/t/{i}", lambda tree: None, backoff=FAST) for i in range(5)]
+        for stream in streams:
+            await synced(stream)  # each full read gave the single turn back
+        assert not rtdb.connecting.locked()
+        await standin.set_hold(True)  # reconnects get 503 until released
+        try:
+            await standin.drop("abort")
+            await eventually(lambda: all(s.reconnects >= 2 for s in streams))  # refused, turn by turn
+            await streams[0].close()  # perhaps while it holds the turn
+        finally:
+            await standin.set_hold(False)
+        for stream in streams[1:]:
+            await synced(stream)
+        await rtdb.set("/t/4", {"n": 4})
+        await converges(streams[4], rtdb, {"n": 4})
+        assert not rtdb.connecting.locked()
+        assert await standin.open_streams(ns) == 4
+    finally:
+        await rtdb.aclose()
+
+
 # --- tokens from service-account credentials -------------------------------------------
 
 

@@ -63,6 +63,12 @@ async def _error(response: httpx.Response) -> RtdbError:
 
 
 STREAMS_PER_POOL = 100
+# Streams that may be between their request and the server's first full read at once. When a
+# link comes back, every stream of the instance reconnects within the same second; without a
+# cap they all read their node and publish a fresh sync together, and the heap keeps the
+# high-water mark of that burst (see docs/benchmarks.md, "Soak"). The rest wait their turn:
+# a full read takes milliseconds, so 1,000 streams are through in about a second.
+MAX_CONNECTING = 32
 
 
 @dataclass(eq=False)
@@ -97,6 +103,7 @@ class RtdbClient:
         tokens: TokenProvider | None = None,
         http: httpx.AsyncClient | None = None,
         timeout: float = 30.0,
+        max_connecting: int = MAX_CONNECTING,
     ) -> None:
         parts = urlsplit(base_url)
         self.namespace = namespace or dict(parse_qsl(parts.query)).get("ns")
@@ -113,6 +120,7 @@ class RtdbClient:
         # streams are spread over pools of at most STREAMS_PER_POOL connections each.
         self._stream_pools: list[_StreamPool] = []
         self._pool_of: dict[NodeStream, _StreamPool] = {}
+        self.connecting = asyncio.Semaphore(max_connecting)
 
     def url(self, keys: Sequence[str]) -> str:
         return self.base_url + "/" + "/".join(quote(key, safe="") for key in keys) + ".json"

@@ -85,6 +85,7 @@ class NodeStream:
         self._refresh_token = False
         self._attempt = 0
         self._unauthorized = 0
+        self._connecting = False  # holds a turn of `client.connecting`
         self.reconnects = 0
         self.events = 0
         # The node's children the last applied event touched; None when it replaced the node
@@ -181,30 +182,43 @@ class NodeStream:
         self._refresh_token = False
         parser = SseParser(self._max_event_bytes)
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self._idle_timeout) as idle:
-            response = await self._client._send(
-                "GET",
-                self._keys,
-                token=token,
-                headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
-                params=self._query,
-                stream=True,
-                http=self._client.stream_http(self),
-            )
-            try:
-                if response.status_code != 200:
-                    raise await _error(response)
-                content_type = response.headers.get("content-type", "")
-                if not content_type.startswith("text/event-stream"):
-                    raise _ProtocolError(f"expected text/event-stream, got {content_type!r}")
-                async for chunk in response.aiter_bytes():
-                    for event in parser.feed(chunk):
-                        idle.reschedule(loop.time() + self._idle_timeout)  # keep-alive included
-                        self._apply(event)
-            finally:
-                with contextlib.suppress(httpx.HTTPError, OSError):
-                    await response.aclose()
+        # A turn among the streams connecting (`MAX_CONNECTING`), held until the full read;
+        # waited for outside the idle deadline, which is about the server, not about us.
+        await self._client.connecting.acquire()
+        self._connecting = True
+        try:
+            async with asyncio.timeout(self._idle_timeout) as idle:
+                response = await self._client._send(
+                    "GET",
+                    self._keys,
+                    token=token,
+                    headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
+                    params=self._query,
+                    stream=True,
+                    http=self._client.stream_http(self),
+                )
+                try:
+                    if response.status_code != 200:
+                        raise await _error(response)
+                    content_type = response.headers.get("content-type", "")
+                    if not content_type.startswith("text/event-stream"):
+                        raise _ProtocolError(f"expected text/event-stream, got {content_type!r}")
+                    async for chunk in response.aiter_bytes():
+                        for event in parser.feed(chunk):
+                            idle.reschedule(loop.time() + self._idle_timeout)  # keep-alive included
+                            self._apply(event)
+                finally:
+                    with contextlib.suppress(httpx.HTTPError, OSError):
+                        await response.aclose()
+        finally:
+            self._connected()
         raise _StreamEnded("the server ended the stream")
+
+    def _connected(self) -> None:
+        """Give back the turn among connecting streams: read in full, or failed."""
+        if self._connecting:
+            self._connecting = False
+            self._client.connecting.release()
 
     def _apply(self, event: SseEvent) -> None:
         kind = event.event
@@ -228,6 +242,7 @@ class NodeStream:
             self.events += 1
             if not self._synced:  # the first event of a connection is the full read
                 self._synced = True
+                self._connected()
                 self._attempt = 0
                 self._unauthorized = 0
             try:
