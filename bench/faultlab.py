@@ -4,7 +4,8 @@ consumers compared with the database truth.
 
 Each dependency runs in a network namespace of its own (`listeners.local.netns`: a veth pair,
 a private /30 in 10.215.0.0/16) where `ip netns` works, and always behind a `TcpProxy` on
-loopback, which is what the services and consumers connect to:
+loopback, in a process of its own (`ProxyProcess`), which is what the services and consumers
+connect to:
 
     service ──► 127.0.0.1:proxy ──► 10.215.N.2:port (inside lsn15-…) ──► redis-server
 
@@ -57,7 +58,7 @@ from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
 from listeners.local import netns
 from listeners.local.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
-from listeners.local.proxy import TcpProxy
+from listeners.local.proxy import ProxyProcess
 from listeners.local.rtdb_server import RtdbStandin
 from listeners.source.registry import ChatThread
 
@@ -119,7 +120,7 @@ class Dependency:
     name: str
     child: _Child
     ns: netns.Namespace | None
-    proxy: TcpProxy
+    proxy: ProxyProcess
     netem: bool
 
     @property
@@ -189,7 +190,7 @@ class Lab:
         try:
             child = make(ns)
             child.start()
-            proxy = TcpProxy(child.port, child.listen_host).start()
+            proxy = ProxyProcess(child.port, child.listen_host).start()
         except BaseException:
             if ns is not None:
                 ns.close()

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import random
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -45,6 +47,7 @@ T = TypeVar("T")
 RTO = 0.2  # Linux's minimum retransmission timeout: what a lost segment costs at least
 SHAPED_BUFFER = 4 * 2**20  # bytes held in flight per direction while shaped, before reading waits
 HEAD_BYTES = 64 * 1024  # of each connection's traffic towards the target, kept for inspection
+CLOSED_KEPT = 1000  # closed connections whose head `links()` still shows
 CHUNK = 64 * 1024
 CONTROL_TIMEOUT = 10.0
 
@@ -190,7 +193,9 @@ class TcpProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._connections: dict[int, _Connection] = {}
+        self._connections: dict[int, _Connection] = {}  # open, and closing until the handler ends
+        # what closed connections sent, not their streams: a soak closes thousands of them
+        self._closed: collections.deque[Link] = collections.deque(maxlen=CLOSED_KEPT)
         self._numbers = itertools.count(1)
         self._opened = 0
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -307,10 +312,11 @@ class TcpProxy:
         return self._call(read())
 
     def links(self) -> list[Link]:
-        """Every connection accepted so far, closed ones included, oldest first."""
+        """The connections accepted so far, oldest first: the open ones and the last
+        `CLOSED_KEPT` closed ones."""
 
         async def read() -> list[Link]:
-            return [c.snapshot() for c in self._connections.values()]
+            return [*self._closed, *(c.snapshot() for c in self._connections.values())]
 
         return self._call(read())
 
@@ -352,6 +358,8 @@ class TcpProxy:
         finally:
             if not connection.closed:
                 connection.close(rst=False)
+            del self._connections[connection.id]
+            self._closed.append(connection.snapshot())
 
     async def _pump(
         self,
@@ -405,9 +413,78 @@ class TcpProxy:
                 await asyncio.wait(stuck, timeout=1.0)
 
 
+class ProxyProcess:
+    """A `TcpProxy` in a process of its own, with the same fault controls.
+
+    A benchmark that measures latency in its own event loop uses this: an in-process proxy
+    forwarding every byte of every dependency would share the benchmark's GIL, and its work
+    would show up as the benchmark's pauses. Driven through `main`'s commands on stdin."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._process: subprocess.Popen[str] | None = None
+
+    def start(self) -> Self:
+        command = [sys.executable, "-m", "listeners.local.proxy", "--target", "{}:{}".format(*self.target)]
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        answer = self._read()
+        if not answer.startswith("listening "):
+            self.close()
+            raise RuntimeError(f"the proxy did not start: {answer!r}")
+        self.port = int(answer.split()[1])
+        return self
+
+    def close(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()  # end of commands: the proxy closes and exits
+        try:
+            process.wait(CONTROL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+    def blackhole(self) -> None:
+        self._ask("blackhole")
+
+    def thaw(self) -> None:
+        self._ask("thaw")
+
+    def reset(self) -> int:
+        return int(self._ask("reset").split()[1])
+
+    def shape(self, delay: float, loss: float = 0.0) -> None:
+        self._ask(f"shape {delay!r} {loss!r}")
+
+    def _ask(self, command: str) -> str:
+        process = self._process
+        if process is None or process.stdin is None:
+            raise RuntimeError("the proxy is not running")
+        process.stdin.write(command + "\n")
+        process.stdin.flush()
+        return self._read()
+
+    def _read(self) -> str:
+        process = self._process
+        assert process is not None and process.stdout is not None
+        line = process.stdout.readline().strip()  # each command answers at once (CONTROL_TIMEOUT)
+        if not line or line.startswith("unknown"):
+            raise RuntimeError(f"the proxy answered {line!r} (exit code {process.poll()})")
+        return line
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m listeners.local.proxy --listen PORT --target HOST:PORT`, controlled by lines
-    on stdin: freeze, blackhole, thaw, reset, stats. Each answers one line on stdout."""
+    on stdin: freeze, blackhole, thaw, reset, stats, `shape DELAY LOSS`. Each answers one line
+    on stdout; the end of stdin closes the proxy."""
     parser = argparse.ArgumentParser(prog="python -m listeners.local.proxy", description=main.__doc__)
     parser.add_argument("--listen", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--target", required=True, help="HOST:PORT to forward to")
@@ -427,6 +504,10 @@ def main(argv: list[str] | None = None) -> None:
                 print("thawed", flush=True)
             elif command == "reset":
                 print(f"reset {proxy.reset()}", flush=True)
+            elif command.startswith("shape "):
+                _, delay, loss = command.split()
+                proxy.shape(float(delay), float(loss))
+                print("shaped", flush=True)
             elif command == "stats":
                 stats = proxy.stats()
                 print(f"opened {stats.opened} live {stats.live} frozen {stats.frozen}", flush=True)
