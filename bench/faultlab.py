@@ -237,9 +237,10 @@ class Lab:
     def describe(self) -> str:
         links = (
             "each dependency in its own network namespace (veth pair, 10.215.0.0/16), behind a "
-            "TCP proxy on loopback"
+            "TCP proxy on loopback (a process each)"
             if self.use_netns
-            else f"each dependency behind a TCP proxy on loopback (no namespaces: {self.why_no_netns})"
+            else "each dependency behind a TCP proxy on loopback (a process each; no namespaces: "
+            f"{self.why_no_netns})"
         )
         shaping = "tc netem" if self.netem else "the proxy's shaping (this kernel has no netem)"
         return f"{links}; latency and loss by {shaping}; {FirestoreEmulator.describe(self.kind)}"

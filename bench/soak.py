@@ -633,7 +633,8 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(
         ["flock /tmp/listeners-bench.lock .venv/bin/python -m bench.soak", shlex.join(_measuring(given))]
     ).strip()
-    figure = draw(soak, args.figure)
+    # a run that leaves the docs alone leaves their figure alone too: it goes with the logs
+    figure = draw(soak, logs / args.figure.name if args.no_doc else args.figure)
     relative = os.path.relpath(figure, args.doc.parent)
     block = render(
         soak, s, lab, load, command, args.code or describe_code(), started, time.monotonic() - began, relative
