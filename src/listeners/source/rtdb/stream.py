@@ -85,7 +85,6 @@ class NodeStream:
         self._refresh_token = False
         self._attempt = 0
         self._unauthorized = 0
-        self._connecting = False  # holds a turn of `client.connecting`
         self.reconnects = 0
         self.events = 0
         # The node's children the last applied event touched; None when it replaced the node
@@ -182,10 +181,10 @@ class NodeStream:
         self._refresh_token = False
         parser = SseParser(self._max_event_bytes)
         loop = asyncio.get_running_loop()
-        # A turn among the streams connecting (`MAX_CONNECTING`), held until the full read;
-        # waited for outside the idle deadline, which is about the server, not about us.
+        # A turn among the streams connecting (`MAX_CONNECTING`), held until the full read
+        # (given back in `_apply`) or the end of this attempt; waited for outside the idle
+        # deadline, which is about the server, not about us.
         await self._client.connecting.acquire()
-        self._connecting = True
         try:
             async with asyncio.timeout(self._idle_timeout) as idle:
                 response = await self._client._send(
@@ -211,14 +210,9 @@ class NodeStream:
                     with contextlib.suppress(httpx.HTTPError, OSError):
                         await response.aclose()
         finally:
-            self._connected()
+            if not self._synced:  # no full read: the turn is still ours (`_synced` starts False)
+                self._client.connecting.release()
         raise _StreamEnded("the server ended the stream")
-
-    def _connected(self) -> None:
-        """Give back the turn among connecting streams: read in full, or failed."""
-        if self._connecting:
-            self._connecting = False
-            self._client.connecting.release()
 
     def _apply(self, event: SseEvent) -> None:
         kind = event.event
@@ -242,7 +236,7 @@ class NodeStream:
             self.events += 1
             if not self._synced:  # the first event of a connection is the full read
                 self._synced = True
-                self._connected()
+                self._client.connecting.release()  # our turn, taken in `_connect_once`
                 self._attempt = 0
                 self._unauthorized = 0
             try:
