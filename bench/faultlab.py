@@ -465,6 +465,17 @@ def chat_thread(uid: str) -> ChatThread:
     return ChatThread(SPACE, f"thread-{uid}", "chats")
 
 
+def chat_message(content: str, timestamp: str) -> dict[str, Any]:
+    """A chat message node as the web app writes it."""
+    return {
+        "message_type": "MESSAGE",
+        "content": content,
+        "sender_id": "bench-sender",
+        "read": False,
+        "timestamp": timestamp,
+    }
+
+
 def registry_batch(db: firestore.Client, uids: list[str], chat_uids: Iterable[str] = ()) -> None:
     """Every user online for a day; those in `chat_uids` with one chat thread open."""
     heartbeat = datetime.now(UTC) + timedelta(days=1)
@@ -628,13 +639,7 @@ class Writer:
 
         async def patch(path: str, body: dict[str, Any]) -> None:
             async with limit:
-                response = await self.http.patch(
-                    f"{path}.json",
-                    params={"ns": self.ns, "print": "silent"},
-                    content=json.dumps(body),
-                    timeout=60,
-                )
-                response.raise_for_status()
+                await self._write("PATCH", path, body, timeout=60)
 
         now = datetime.now(UTC).isoformat()  # the chat windows' messages
         patches = []
@@ -650,16 +655,7 @@ class Writer:
             # not in `chats`: a chat.sync carries only the 50 most recent unread of a window, so
             # these are not all delivered; what the soak checks is every message written live
             self.chat_prefilled[uid] = len(keys)
-            body = {
-                key: {
-                    "message_type": "MESSAGE",
-                    "content": f"message {key}",
-                    "sender_id": "bench-sender",
-                    "read": False,
-                    "timestamp": now,
-                }
-                for key in keys
-            }
+            body = {key: chat_message(f"message {key}", now) for key in keys}
             if body:
                 patches.append(patch(f"/{t.space_code}/{t.mode}/{t.thread_key}/messages", body))
         await asyncio.gather(*patches)
@@ -672,26 +668,14 @@ class Writer:
 
     async def _add_chat(self, uid: str, n: int) -> None:
         t = chat_thread(uid)
-        body = {
-            "message_type": "MESSAGE",
-            "content": f"message {n}",
-            "sender_id": "bench-sender",
-            "read": False,
-            "timestamp": datetime.now(UTC).isoformat(),
-        }
+        body = chat_message(f"message {n}", datetime.now(UTC).isoformat())
         # A name chosen here (as a push id would be: sorted by creation), so a retried write
         # is the same write.
         key = f"-c{n:010d}"
         self.writes.sent[f"{uid}/{key}"] = time.monotonic()
 
         async def put() -> None:
-            response = await self.http.put(
-                f"/{t.space_code}/{t.mode}/{t.thread_key}/messages/{key}.json",
-                params={"ns": self.ns, "print": "silent"},
-                content=json.dumps(body),
-                timeout=10,
-            )
-            response.raise_for_status()
+            await self._write("PUT", f"/{t.space_code}/{t.mode}/{t.thread_key}/messages/{key}", body)
 
         if await self._retry(put, is_async=True, key=f"{uid}/{key}"):
             self.chats[uid].add(key)
@@ -762,16 +746,21 @@ class Writer:
         self.writes.sent[f"{uid}/{key}"] = time.monotonic()
 
         async def put() -> None:
-            response = await self.http.put(
-                f"/clients/{uid}/direct_message_notif/{key}.json",
-                params={"ns": self.ns, "print": "silent"},
-                content=json.dumps(body),
-                timeout=10,
-            )
-            response.raise_for_status()
+            await self._write("PUT", f"/clients/{uid}/direct_message_notif/{key}", body)
 
         if await self._retry(put, is_async=True, key=f"{uid}/{key}") and track:
             self.dms[uid].add(key)
+
+    async def _write(self, method: str, path: str, body: dict[str, Any], timeout: float = 10) -> None:
+        """One Realtime Database write through the stand-in's REST API; raises on an error status."""
+        response = await self.http.request(
+            method,
+            f"{path}.json",
+            params={"ns": self.ns, "print": "silent"},
+            content=json.dumps(body),
+            timeout=timeout,
+        )
+        response.raise_for_status()
 
     async def _delete_dm(self, uid: str, key: str) -> None:
         async def delete() -> None:

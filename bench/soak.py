@@ -196,19 +196,7 @@ async def at_rest(instance: Instance, monitor: Monitor, lab: Lab, ns: str) -> Re
     readings = []
     for _ in range(5):
         await asyncio.sleep(1.0)
-        rss, threads, fds = process_figures(instance.ps)
-        metrics = await read_metrics(monitor, instance)
-        rtdb = await standin_streams(lab, ns)
-        readings.append(
-            Rest(
-                rss,
-                threads,
-                fds,
-                int(metrics.get("listeners_asyncio_tasks", -1)),
-                int(metrics.get("listeners_open_streams", -1)),
-                rtdb,
-            )
-        )
+        readings.append(await counts(instance, monitor, lab, ns))
     return Rest(
         min(r.rss_mb for r in readings),
         min(r.threads for r in readings),
@@ -216,6 +204,20 @@ async def at_rest(instance: Instance, monitor: Monitor, lab: Lab, ns: str) -> Re
         min(r.tasks for r in readings),
         min(r.watch_streams for r in readings),
         min(r.rtdb_streams for r in readings),
+    )
+
+
+async def counts(instance: Instance, monitor: Monitor, lab: Lab, ns: str) -> Rest:
+    """One reading of the counts, now."""
+    rss, threads, fds = process_figures(instance.ps)
+    metrics = await read_metrics(monitor, instance)
+    return Rest(
+        rss,
+        threads,
+        fds,
+        int(metrics.get("listeners_asyncio_tasks", -1)),
+        int(metrics.get("listeners_open_streams", -1)),
+        await standin_streams(lab, ns),
     )
 
 
@@ -408,9 +410,7 @@ async def sample(
             await asyncio.sleep(max(0.0, last + s.sample_every - time.monotonic()))
             now = time.monotonic()
             with contextlib.suppress(psutil.Error, httpx.HTTPError):
-                rss, threads, fds = process_figures(instance.ps)
-                metrics = await read_metrics(monitor, instance)
-                rtdb = await standin_streams(lab, ns)
+                now_counts = await counts(instance, monitor, lab, ns)
                 sent, landed = writer.writes.sent, writer.writes.landed
                 seen_now = {k: consumer.seen[k] for k in sent if last <= consumer.seen.get(k, -1.0) < now}
                 latencies = sorted((at - sent[k]) * 1000 for k, at in seen_now.items())
@@ -435,12 +435,12 @@ async def sample(
                 soak.samples.append(
                     Sample(
                         now - began,
-                        rss,
-                        threads,
-                        fds,
-                        int(metrics.get("listeners_asyncio_tasks", -1)),
-                        int(metrics.get("listeners_open_streams", -1)),
-                        rtdb,
+                        now_counts.rss_mb,
+                        now_counts.threads,
+                        now_counts.fds,
+                        now_counts.tasks,
+                        now_counts.watch_streams,
+                        now_counts.rtdb_streams,
                         percentile(latencies, 99),
                         ops - counted,
                         faulty,
