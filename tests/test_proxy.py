@@ -189,7 +189,12 @@ def test_command_line_proxy(redis_server: RedisServer) -> None:
     try:
         port = int(child.stdout.readline().split()[1])
         sock = connect(port, "cli")
-        for command, answer in (("freeze", "frozen 1"), ("stats", "opened 1 live 1 frozen 1")):
+        for command, answer in (
+            ("freeze", "frozen 1"),
+            ("stats", "opened 1 live 1 frozen 1"),
+            ("shape 0.5", "refused 'shape 0.5': want shape DELAY LOSS"),  # and it goes on
+            ("shape 0 0", "shaped"),
+        ):
             child.stdin.write(command + "\n")
             child.stdin.flush()
             assert child.stdout.readline().strip() == answer

@@ -476,7 +476,7 @@ class ProxyProcess:
         process = self._process
         assert process is not None and process.stdout is not None
         line = process.stdout.readline().strip()  # each command answers at once (CONTROL_TIMEOUT)
-        if not line or line.startswith("unknown"):
+        if not line or line.startswith(("unknown", "refused")):
             raise RuntimeError(f"the proxy answered {line!r} (exit code {process.poll()})")
         return line
 
@@ -505,9 +505,13 @@ def main(argv: list[str] | None = None) -> None:
             elif command == "reset":
                 print(f"reset {proxy.reset()}", flush=True)
             elif command.startswith("shape "):
-                _, delay, loss = command.split()
-                proxy.shape(float(delay), float(loss))
-                print("shaped", flush=True)
+                try:
+                    _, delay, loss = command.split()
+                    proxy.shape(float(delay), float(loss))
+                except ValueError:  # one bad line is refused; the proxy goes on
+                    print(f"refused {command!r}: want shape DELAY LOSS", flush=True)
+                else:
+                    print("shaped", flush=True)
             elif command == "stats":
                 stats = proxy.stats()
                 print(f"opened {stats.opened} live {stats.live} frozen {stats.frozen}", flush=True)
