@@ -41,6 +41,11 @@ class Metrics:
         )
         self.redis_up = Gauge("listeners_redis_up", "1 when Redis answers", registry=r)
         self.events = Counter("listeners_events", "Events published, by type", ["type"], registry=r)
+        self.positions = Counter(
+            "listeners_tail_positions",
+            "Tail positions published (one per quiet stream after a burst)",
+            registry=r,
+        )
         self.publish_failures = Counter(
             "listeners_publish_failures",
             "Events not published (Redis down or queue full)",
