@@ -11,7 +11,10 @@ The rules follow the reference clients (firebase-js-sdk `watch_change.ts`, the P
 - An existence filter whose count differs from what the target holds re-listens the target
   from scratch under a new target id (ids are never reused, so late messages for the old id
   are ignored without counting pending acknowledgements).
-- REMOVE with a `cause` is that target's own error: it ends that watch only.
+- REMOVE of a target we hold ends that target only, with its `cause` or, without one, as
+  INTERNAL (as `watch.py` does): our own remove_target forgets the id at once, so a REMOVE
+  for a known id was never asked for, and the target would otherwise stay current and get
+  nothing more.
 - Resume tokens are committed only at a consistent point where the target was current: a
   reconnect drops pending changes and resumes from the last delivered state, never past it.
   A target with no token is re-listened from scratch, which is a reset.
@@ -78,6 +81,9 @@ class TargetState(Generic[K]):
 class TargetError:
     code: int
     message: str
+
+
+INTERNAL = 13  # google.rpc.Code
 
 
 @dataclass(slots=True)
@@ -187,10 +193,11 @@ class ListenState(Generic[K]):
         if kind == wire.REMOVE:
             if change.HasField("cause") and change.cause.code:
                 error = TargetError(change.cause.code, change.cause.message)
-                for state in states:
-                    self.remove(state.key)
-                    outcome.failed.append((state.key, error))
-            # without a cause it acknowledges our own remove_target: nothing left to do
+            else:
+                error = TargetError(INTERNAL, "removed by the server without a cause")
+            for state in states:
+                self.remove(state.key)
+                outcome.failed.append((state.key, error))
         elif kind == wire.CURRENT:
             for state in states:
                 state.current = True
