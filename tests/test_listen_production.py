@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from listeners.source.listen import wire
 from listeners.source.snapshots import Query
 
@@ -44,5 +46,48 @@ async def test_a_remove_without_a_cause_fails_that_watch_and_the_others_flow() -
             listen.watch(Query("a"), seen.handler("a"))
             await server.signal.until(lambda: len(seen.ids("a")) == 2)
             assert seen.ids("a") == [["x"], ["x"]]  # a fresh sync on a new target
+        finally:
+            await listen.aclose()
+
+
+async def test_a_stream_wide_current_before_the_add_acknowledgement_delivers_no_empty_snapshot() -> None:
+    async def script(call: Call) -> None:
+        a = (await call.added(1))["a"]
+        await call.send(change(wire.CURRENT), point(1))  # for the targets already acknowledged
+        await call.send(change(wire.ADD, a), document("a", "x", a), change(wire.CURRENT, a), point(2))
+        await call.hold()
+
+    async with ListenServer(script) as server:
+        listen = source(server)
+        seen = Recorder(server.signal)
+        listen.watch(Query("a"), seen.handler("a"))
+        try:
+            await server.signal.until(lambda: seen.latest("a") == ["x"])
+            assert seen.ids("a") == [["x"]]  # an empty first one would read "every user gone"
+        finally:
+            await listen.aclose()
+
+
+async def test_a_stream_wide_reset_before_the_add_acknowledgement_leaves_that_target_alone() -> None:
+    async def script(call: Call) -> None:
+        a = (await call.added(1))["a"]
+        if call.number == 0:
+            await call.send(
+                change(wire.ADD, a), document("a", "x", a), change(wire.CURRENT, a), point(1, b"t1")
+            )
+            await call.fail(grpc.StatusCode.UNAVAILABLE, "The service is currently unavailable.")
+        assert call.resume_token(a) == b"t1"
+        # resumed: nothing changed since t1, so nothing is re-sent for the target
+        await call.send(change(wire.RESET), change(wire.ADD, a), change(wire.CURRENT, a), point(2, b"t2"))
+        await call.send(document("a", "y", a), point(3))
+        await call.hold()
+
+    async with ListenServer(script) as server:
+        listen = source(server)
+        seen = Recorder(server.signal)
+        listen.watch(Query("a"), seen.handler("a"))
+        try:
+            await server.signal.until(lambda: seen.latest("a") in (["x", "y"], ["y"]))
+            assert seen.ids("a") == [["x"], ["x", "y"]]
         finally:
             await listen.aclose()

@@ -6,7 +6,9 @@ The rules follow the reference clients (firebase-js-sdk `watch_change.ts`, the P
 - A target's changes accumulate as pending until a global consistent point: a NO_CHANGE with
   no target ids and a read time. Then every CURRENT target applies its pending changes and
   its result set is delivered if it changed (or was never delivered).
-- A target change with no target ids applies to every target.
+- A target change with no target ids applies to every target whose ADD the server has
+  acknowledged (`forEachTarget` in `watch_change.ts`): a target still being added has no
+  result set yet, and a CURRENT would deliver it empty.
 - RESET drops what the target holds: the server re-sends the full result set.
 - An existence filter whose count differs from what the target holds re-listens the target
   from scratch under a new target id (ids are never reused, so late messages for the old id
@@ -46,6 +48,7 @@ class TargetState(Generic[K]):
     docs: dict[str, SourceDoc] = field(default_factory=dict)  # by document name, as delivered
     pending: dict[str, SourceDoc | None] = field(default_factory=dict)  # None: left the result
     current: bool = False
+    acked: bool = False  # the server acknowledged this id's ADD
     delivered: bool = False
     token: Token = NO_TOKEN  # the latest sent for this target by id
     committed: Token = NO_TOKEN  # as of the last consistent point where it was current
@@ -138,6 +141,7 @@ class ListenState(Generic[K]):
         """The stream ended: every target falls back to what was last delivered."""
         for state in self._by_key.values():
             self._freeze(state)
+            state.acked = False
             state.pending.clear()
             state.token = state.committed
             if not state.committed[1]:
@@ -182,7 +186,9 @@ class ListenState(Generic[K]):
     def _target_change(self, change: Any, outcome: Outcome[K]) -> None:
         kind = change.target_change_type
         every = not change.target_ids
-        states = list(self._by_key.values()) if every else self._states(change.target_ids)
+        # A change that names its targets is taken as it comes: the server names a target only
+        # after acknowledging its ADD.
+        states = [s for s in self._by_key.values() if s.acked] if every else self._states(change.target_ids)
         if change.resume_token:
             self._order += 1
             if every:
@@ -190,7 +196,10 @@ class ListenState(Generic[K]):
             for state in [] if every else states:
                 state.token = (self._order, change.resume_token)
                 self._dirty[state] = None
-        if kind == wire.REMOVE:
+        if kind == wire.ADD:
+            for state in states:
+                state.acked = True
+        elif kind == wire.REMOVE:
             if change.HasField("cause") and change.cause.code:
                 error = TargetError(change.cause.code, change.cause.message)
             else:
@@ -243,6 +252,7 @@ class ListenState(Generic[K]):
         state.target_id = self._new_id()
         self._by_id[state.target_id] = state
         self._reset(state)
+        state.acked = False
         state.token = state.committed = NO_TOKEN
         return [remove, self._add_request(state)]
 
