@@ -91,3 +91,24 @@ async def test_a_stream_wide_reset_before_the_add_acknowledgement_leaves_that_ta
             assert seen.ids("a") == [["x"], ["x", "y"]]
         finally:
             await listen.aclose()
+
+
+async def test_a_target_change_with_no_target_ids_and_a_read_time_is_a_consistent_point() -> None:
+    async def script(call: Call) -> None:
+        a = (await call.added(1))["a"]
+        await call.send(change(wire.ADD, a), document("a", "x", a))
+        await call.send(change(wire.CURRENT, read_time=5))  # no NO_CHANGE follows at once
+        await call.send(point(9))
+        await call.hold()
+
+    async with ListenServer(script) as server:
+        listen = source(server)
+        seen = Recorder(server.signal)
+        listen.watch(Query("a"), seen.handler("a"))
+        try:
+            await server.signal.until(lambda: bool(seen.ids("a")))
+            (snapshot,) = seen.snapshots["a"]
+            assert [d.id for d in snapshot.docs] == ["x"]
+            assert snapshot.read_time is not None and snapshot.read_time.timestamp() == 5
+        finally:
+            await listen.aclose()

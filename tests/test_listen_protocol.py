@@ -268,3 +268,14 @@ def test_each_snapshot_says_what_changed_since_the_previous_one() -> None:
     first, second = changes
     assert first is not None and sorted(d.id for d in first.upserted) == ["d1", "d2"] and not first.removed
     assert second is not None and [d.id for d in second.upserted] == ["d1"] and second.removed == ("d2",)
+
+
+def test_a_consistent_point_older_than_the_last_one_delivers_nothing() -> None:
+    """As the SDKs: a snapshot is raised only at a read time not before the last one."""
+    state = listening("a")
+    feed(state, change(wire.ADD, 1), change(wire.CURRENT, 1), global_point(5, token=b"g5"))
+    snapshots, _, _ = feed(state, doc("d1", 6), global_point(4, token=b"g4"))
+    assert snapshots == {}
+    assert [r.add_target.resume_token for r in state.resume()] == [b"g5"]
+    snapshots, _, _ = feed(state, global_point(7))
+    assert snapshots == {"a": ["d1"]}

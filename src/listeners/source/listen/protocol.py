@@ -3,9 +3,11 @@ target failures and requests out. No I/O, no clock; `stream.py` drives it.
 
 The rules follow the reference clients (firebase-js-sdk `watch_change.ts`, the Python SDK's
 `watch.py`):
-- A target's changes accumulate as pending until a global consistent point: a NO_CHANGE with
-  no target ids and a read time. Then every CURRENT target applies its pending changes and
-  its result set is delivered if it changed (or was never delivered).
+- A target's changes accumulate as pending until a global consistent point: any target
+  change with no target ids and a read time (the Web SDK's `versionFromListenResponse`), read
+  after the change itself is applied, and not older than the last point. Then every CURRENT
+  target applies its pending changes and its result set is delivered if it changed (or was
+  never delivered).
 - A target change with no target ids applies to every target whose ADD the server has
   acknowledged (`forEachTarget` in `watch_change.ts`): a target still being added has no
   result set yet, and a CURRENT would deliver it empty.
@@ -106,6 +108,7 @@ class ListenState(Generic[K]):
         self._stream_token = NO_TOKEN  # the latest sent with no target ids: for every target
         self._stream_committed = NO_TOKEN
         self._dirty: dict[TargetState[K], None] = {}  # to look at at the next consistent point
+        self._read_time: datetime | None = None  # of the last consistent point
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -214,12 +217,17 @@ class ListenState(Generic[K]):
         elif kind == wire.RESET:
             for state in states:
                 self._reset(state)
-        elif kind == wire.NO_CHANGE and every and change.HasField("read_time"):
+        # Once applied, any change with no target ids and a read time is a consistent point:
+        # `versionFromListenResponse` (serializer.ts) and `onWatchStreamChange` (remote_store.ts).
+        if every and change.HasField("read_time"):
             self._consistent(timestamp(change.read_time), outcome)
 
     def _consistent(self, read_time: datetime, outcome: Outcome[K]) -> None:
         """Only targets that changed since the last point are looked at; the rest follow the
         stream's token."""
+        if self._read_time is not None and read_time < self._read_time:
+            return  # older than what was delivered: the SDKs raise no snapshot for it either
+        self._read_time = read_time
         self._stream_committed = self._stream_token
         dirty, self._dirty = self._dirty, {}
         for state in dirty:
