@@ -1,14 +1,69 @@
 """The Listen client on paths only production produces, against a scripted Listen server
-(`tests/listen_script.py`). Google's emulator shows everything else (test_listen_source.py)."""
+(`tests/listen_script.py`): a REMOVE without a cause, permanent and exhausting stream errors,
+stream-wide CURRENT and RESET before an ADD acknowledgement, an undecodable document, and a
+consistent point that is not a NO_CHANGE. Google's emulator shows everything else
+(test_listen_source.py)."""
 
 from __future__ import annotations
 
-import grpc
+import asyncio
+import logging
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any, cast
 
-from listeners.source.listen import wire
+import grpc
+import pytest
+
+from listeners.backoff import Backoff
+from listeners.metrics import Metrics
+from listeners.service import Service
+from listeners.source.listen import ListenSource, wire
+from listeners.source.listen.stream import RECONNECT, SLOW_RECONNECT
 from listeners.source.snapshots import Query
 
 from .listen_script import Call, ListenServer, Recorder, change, document, point, source
+
+
+class Pauses:
+    """The stream's wait between attempts: records each delay and what `observe` says at that
+    moment, and returns at once (no test waits out a backoff)."""
+
+    def __init__(self, observe: Callable[[], Any] = lambda: None) -> None:
+        self.delays: list[float] = []
+        self.seen: list[Any] = []
+        self._observe = observe
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        self.seen.append(self._observe())
+        await asyncio.sleep(0)
+
+
+def within(backoff: Backoff, attempt: int, delay: float) -> bool:
+    """Whether `delay` is what `backoff` gives at `attempt` (equal jitter: half to all the step)."""
+    step = min(backoff.cap, backoff.base * 2.0**attempt)
+    return step / 2 <= delay <= step
+
+
+def health_of(listen: ListenSource, metrics: Metrics) -> dict[str, object]:
+    """`Service.health()` with everything but the source well."""
+    service = Service(
+        settings=cast(Any, None),
+        metrics=metrics,
+        publisher=cast(Any, SimpleNamespace(up=True)),
+        source=listen,
+        node=cast(Any, SimpleNamespace(registry_healthy=True, sessions={})),
+        control=cast(Any, None),
+        membership=cast(Any, None),
+        broker=cast(Any, None),
+        supervisor=cast(Any, SimpleNamespace(restarts={})),
+    )
+    return service.health()
+
+
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == text]
 
 
 async def test_a_remove_without_a_cause_fails_that_watch_and_the_others_flow() -> None:
@@ -50,6 +105,113 @@ async def test_a_remove_without_a_cause_fails_that_watch_and_the_others_flow() -
             await listen.aclose()
 
 
+async def test_a_permanent_error_is_retried_slowly_and_shows_as_degraded_until_data_flows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def script(call: Call) -> None:
+        a = (await call.added(1))["a"]
+        if call.number < 3:
+            await call.fail(grpc.StatusCode.PERMISSION_DENIED, "Missing or insufficient permissions.")
+        await call.send(change(wire.ADD, a), document("a", "x", a), change(wire.CURRENT, a), point(1))
+        await call.hold()
+
+    metrics = Metrics()
+
+    def degraded() -> float | None:
+        return metrics.registry.get_sample_value("listeners_listen_degraded")
+
+    def stream_errors(code: str) -> float | None:
+        return metrics.registry.get_sample_value("listeners_listen_stream_errors_total", {"code": code})
+
+    async with ListenServer(script) as server:
+        pauses = Pauses(lambda: (listen.degraded_reason, degraded(), health_of(listen, metrics)))
+        listen = source(server, metrics=metrics, sleep=pauses)
+        seen = Recorder(server.signal)
+        listen.watch(Query("a"), seen.handler("a"))
+        try:
+            assert listen.degraded_reason is None and degraded() == 0
+            await server.signal.until(lambda: bool(seen.ids("a")))
+            reason = "PERMISSION_DENIED: Missing or insufficient permissions."
+            assert [(r, g) for r, g, _ in pauses.seen] == [(reason, 1.0)] * 3
+            assert all(within(SLOW_RECONNECT, n, delay) for n, delay in enumerate(pauses.delays))
+            health = pauses.seen[0][2]
+            assert health["status"] == "degraded" and health["reason"] == f"firestore: {reason}"
+            assert {"version", "listeners_count", "redis"} <= health.keys()
+            # data flows again: recovered, said once
+            assert listen.degraded_reason is None and degraded() == 0
+            assert health_of(listen, metrics)["status"] == "ok"
+            assert stream_errors("PERMISSION_DENIED") == 3
+            assert len(messages(caplog, "firestore listen degraded")) == 1
+            assert len(messages(caplog, "firestore listen recovered")) == 1
+        finally:
+            await listen.aclose()
+
+
+async def test_unauthenticated_again_after_a_fresh_token_is_permanent() -> None:
+    refreshed: list[bool] = []
+
+    async def tokens(*, refresh: bool = False) -> str:
+        refreshed.append(refresh)
+        return "token"
+
+    async def script(call: Call) -> None:
+        a = (await call.added(1))["a"]
+        if call.number < 2:
+            await call.fail(
+                grpc.StatusCode.UNAUTHENTICATED, "Request had invalid authentication credentials."
+            )
+        await call.send(change(wire.ADD, a), change(wire.CURRENT, a), point(1))
+        await call.hold()
+
+    async with ListenServer(script) as server:
+        pauses = Pauses(lambda: listen.degraded_reason)
+        listen = source(server, tokens=tokens, sleep=pauses)
+        seen = Recorder(server.signal)
+        listen.watch(Query("a"), seen.handler("a"))
+        try:
+            await server.signal.until(lambda: bool(seen.ids("a")))
+            # the first may be an expired token (the SDKs' reading): at once, with a fresh one
+            assert refreshed == [False, True, True]
+            assert pauses.seen[0] is None and within(RECONNECT, 0, pauses.delays[0])
+            # rejected again with a fresh token: the credentials themselves
+            assert pauses.seen[1] == "UNAUTHENTICATED: Request had invalid authentication credentials."
+            assert within(SLOW_RECONNECT, 1, pauses.delays[1])
+            assert listen.degraded_reason is None
+        finally:
+            await listen.aclose()
+
+
+async def test_the_backoff_grows_through_add_acknowledgements_and_is_longest_when_exhausted() -> None:
+    async def script(call: Call) -> None:
+        a = (await call.added(1))["a"]
+        await call.send(change(wire.ADD, a))  # an acknowledgement is no sign the stream serves
+        if call.number < 3:
+            await call.fail(grpc.StatusCode.UNAVAILABLE, "The service is currently unavailable.")
+        if call.number == 3:  # data and a consistent point: the backoff starts again
+            await call.send(document("a", "x", a), change(wire.CURRENT, a), point(1))
+            await call.fail(grpc.StatusCode.UNAVAILABLE, "The service is currently unavailable.")
+        if call.number == 4:
+            await call.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "Quota exceeded.")
+        await call.hold()
+
+    async with ListenServer(script) as server:
+        pauses = Pauses()
+        listen = source(server, sleep=pauses)
+        listen.watch(Query("a"), Recorder(server.signal).handler("a"))
+        try:
+            await server.signal.until(lambda: len(server.calls) == 6)
+            first, second, third, after_data, exhausted = pauses.delays
+            assert (
+                within(RECONNECT, 0, first) and within(RECONNECT, 1, second) and within(RECONNECT, 2, third)
+            )
+            assert within(RECONNECT, 0, after_data)
+            # as the SDKs do: the longest step at once, not to overload the backend
+            assert RECONNECT.cap / 2 <= exhausted <= RECONNECT.cap
+            assert listen.degraded_reason is None  # retried as the SDKs do: not permanent
+        finally:
+            await listen.aclose()
+
+
 async def test_a_stream_wide_current_before_the_add_acknowledgement_delivers_no_empty_snapshot() -> None:
     async def script(call: Call) -> None:
         a = (await call.added(1))["a"]
@@ -83,7 +245,7 @@ async def test_a_stream_wide_reset_before_the_add_acknowledgement_leaves_that_ta
         await call.hold()
 
     async with ListenServer(script) as server:
-        listen = source(server)
+        listen = source(server, sleep=Pauses())
         seen = Recorder(server.signal)
         listen.watch(Query("a"), seen.handler("a"))
         try:

@@ -96,6 +96,9 @@ class Outcome(Generic[K]):
     snapshots: list[tuple[K, Snapshot]] = field(default_factory=list)
     failed: list[tuple[K, TargetError]] = field(default_factory=list)
     requests: list[Any] = field(default_factory=list)  # wire.ListenRequest to send now
+    # Data or a consistent point: the stream serves. An ADD acknowledgement is not: a server
+    # that acknowledges and then closes the stream must not reset the reconnect backoff.
+    progress: bool = False
 
 
 class ListenState(Generic[K]):
@@ -164,6 +167,7 @@ class ListenState(Generic[K]):
         if kind == "target_change":
             self._target_change(response.target_change, outcome)
         elif kind == "document_change":
+            outcome.progress = True
             change = response.document_change
             doc = self._known(change.document, change.target_ids) or source_doc(change.document)
             for state in self._states(change.target_ids):
@@ -173,10 +177,12 @@ class ListenState(Generic[K]):
                 state.pending[change.document.name] = None
                 self._dirty[state] = None
         elif kind == "document_delete":
+            outcome.progress = True
             for state in self._states(response.document_delete.removed_target_ids):
                 state.pending[response.document_delete.document] = None
                 self._dirty[state] = None
         elif kind == "document_remove":
+            outcome.progress = True
             for state in self._states(response.document_remove.removed_target_ids):
                 state.pending[response.document_remove.document] = None
                 self._dirty[state] = None
@@ -228,6 +234,7 @@ class ListenState(Generic[K]):
         if self._read_time is not None and read_time < self._read_time:
             return  # older than what was delivered: the SDKs raise no snapshot for it either
         self._read_time = read_time
+        outcome.progress = True
         self._stream_committed = self._stream_token
         dirty, self._dirty = self._dirty, {}
         for state in dirty:
