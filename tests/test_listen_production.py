@@ -255,6 +255,46 @@ async def test_a_stream_wide_reset_before_the_add_acknowledgement_leaves_that_ta
             await listen.aclose()
 
 
+async def test_an_undecodable_document_fails_its_target_only(caplog: pytest.LogCaptureFixture) -> None:
+    bad = document("a", "x", 1)
+    bad.document_change.document.fields[
+        "where"
+    ].field_reference_value = "secret-path"  # a type we do not read
+    bad.document_change.document.fields["note"].string_value = "secret-text"
+
+    async def script(call: Call) -> None:
+        if call.number:
+            await call.hold()  # a reconnect: the test fails on it
+        ids = await call.added(2)
+        a, b = ids["a"], ids["b"]
+        assert a == 1
+        await call.send(change(wire.ADD, a, b), bad, document("b", "y", b), change(wire.CURRENT, a, b))
+        await call.send(point(1), document("b", "z", b), point(2))
+        await call.hold()
+
+    metrics = Metrics()
+    async with ListenServer(script) as server:
+        listen = source(server, metrics=metrics)
+        seen = Recorder(server.signal)
+        failing = listen.watch(Query("a"), seen.handler("a"))
+        other = listen.watch(Query("b"), seen.handler("b"))
+        try:
+            await server.signal.until(
+                lambda: (
+                    (seen.latest("b") == ["y", "z"] and 1 in server.calls[0].removed) or len(server.calls) > 1
+                )
+            )
+            assert len(server.calls) == 1, "the stream broke"
+            assert not failing.active and failing.error is not None and "undecodable" in failing.error.message
+            assert other.active and seen.ids("b") == [["y"], ["y", "z"]] and "a" not in seen.snapshots
+            assert metrics.registry.get_sample_value("listeners_listen_undecodable_documents_total") == 1
+            logged = "\n".join(f"{r.getMessage()} {r.__dict__.get('reason', '')}" for r in caplog.records)
+            assert "/documents/a/x" in logged and "field_reference_value" in logged
+            assert "secret" not in logged
+        finally:
+            await listen.aclose()
+
+
 async def test_a_target_change_with_no_target_ids_and_a_read_time_is_a_consistent_point() -> None:
     async def script(call: Call) -> None:
         a = (await call.added(1))["a"]

@@ -30,6 +30,11 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.listen_undecodable = Counter(
+            "listeners_listen_undecodable_documents",
+            "Firestore documents that could not be decoded (their watches failed)",
+            registry=r,
+        )
         self.stream_restarts = Counter(
             "listeners_stream_restarts", "Watches replaced after they ended", ["kind"], registry=r
         )

@@ -19,6 +19,8 @@ The rules follow the reference clients (firebase-js-sdk `watch_change.ts`, the P
   INTERNAL (as `watch.py` does): our own remove_target forgets the id at once, so a REMOVE
   for a known id was never asked for, and the target would otherwise stay current and get
   nothing more.
+- A document that cannot be decoded fails the targets it was sent for (and they are removed
+  from the stream), not the stream: a resumed stream would be sent it again.
 - Resume tokens are committed only at a consistent point where the target was current: a
   reconnect drops pending changes and resumes from the last delivered state, never past it.
   A target with no token is re-listened from scratch, which is a reset.
@@ -32,7 +34,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from listeners.source.listen import wire
-from listeners.source.listen.convert import source_doc, timestamp
+from listeners.source.listen.convert import Undecodable, source_doc, timestamp, why
 from listeners.source.snapshots import Changes, Snapshot, SourceDoc
 
 K = TypeVar("K", bound=Hashable)  # what the stream's owner knows a target by (its watch)
@@ -96,6 +98,7 @@ class Outcome(Generic[K]):
     snapshots: list[tuple[K, Snapshot]] = field(default_factory=list)
     failed: list[tuple[K, TargetError]] = field(default_factory=list)
     requests: list[Any] = field(default_factory=list)  # wire.ListenRequest to send now
+    undecodable: list[str] = field(default_factory=list)  # names of documents we could not read
     # Data or a consistent point: the stream serves. An ADD acknowledgement is not: a server
     # that acknowledges and then closes the stream must not reset the reconnect backoff.
     progress: bool = False
@@ -168,14 +171,7 @@ class ListenState(Generic[K]):
             self._target_change(response.target_change, outcome)
         elif kind == "document_change":
             outcome.progress = True
-            change = response.document_change
-            doc = self._known(change.document, change.target_ids) or source_doc(change.document)
-            for state in self._states(change.target_ids):
-                state.pending[change.document.name] = doc
-                self._dirty[state] = None
-            for state in self._states(change.removed_target_ids):
-                state.pending[change.document.name] = None
-                self._dirty[state] = None
+            self._document_change(response.document_change, outcome)
         elif kind == "document_delete":
             outcome.progress = True
             for state in self._states(response.document_delete.removed_target_ids):
@@ -191,6 +187,22 @@ class ListenState(Generic[K]):
             if filtered is not None and filtered.count() != response.filter.count:
                 outcome.requests.extend(self._relisten(filtered))
         return outcome
+
+    def _document_change(self, change: Any, outcome: Outcome[K]) -> None:
+        name = change.document.name
+        states = self._states(change.target_ids)
+        if states:
+            try:
+                doc = self._known(change.document, states) or source_doc(change.document)
+            except Undecodable as exc:
+                self._undecodable(name, str(exc), states, outcome)
+            else:
+                for state in states:
+                    state.pending[name] = doc
+                    self._dirty[state] = None
+        for state in self._states(change.removed_target_ids):
+            state.pending[name] = None
+            self._dirty[state] = None
 
     def _target_change(self, change: Any, outcome: Outcome[K]) -> None:
         kind = change.target_change_type
@@ -271,14 +283,27 @@ class ListenState(Generic[K]):
         state.token = state.committed = NO_TOKEN
         return [remove, self._add_request(state)]
 
-    def _known(self, document: Any, target_ids: Iterable[int]) -> SourceDoc | None:
+    def _undecodable(self, name: str, reason: str, states: list[TargetState[K]], outcome: Outcome[K]) -> None:
+        """The targets the document was sent for fail (their watches are replaced, with a fresh
+        sync) and leave the stream; the others never held it."""
+        outcome.undecodable.append(name)
+        error = TargetError(INTERNAL, f"undecodable document {name}: {reason}")
+        for state in states:
+            outcome.requests.append(self.remove(state.key))
+            outcome.failed.append((state.key, error))
+
+    def _known(self, document: Any, states: list[TargetState[K]]) -> SourceDoc | None:
         """The converted document when a target already holds this version: the emulator
         re-sends a target's whole result set after each change, and resumes re-send too."""
         if not document.HasField("update_time"):
             return None
-        for state in self._states(target_ids):
+        try:
+            update_time = timestamp(document.update_time)
+        except (ValueError, OverflowError) as exc:
+            raise Undecodable(f"update_time: {why(exc)}") from exc
+        for state in states:
             known = state.pending.get(document.name) or state.docs.get(document.name)
-            if known is not None and known.update_time == timestamp(document.update_time):
+            if known is not None and known.update_time == update_time:
                 return known
         return None
 

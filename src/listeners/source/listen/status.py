@@ -34,6 +34,10 @@ class ListenStatus:
         if self._metrics is not None:
             self._metrics.listen_stream_errors.labels(code).inc()
 
+    def undecodable(self, count: int) -> None:
+        if self._metrics is not None:
+            self._metrics.listen_undecodable.inc(count)
+
     def degraded(self, stream: object, reason: str) -> None:
         first = not self._degraded
         self._degraded.pop(stream, None)

@@ -240,6 +240,8 @@ class ListenStream:
             if outcome.progress:
                 self.served += 1
                 self._status.recovered(self, "data flows again")
+            if outcome.undecodable:
+                self._status.undecodable(len(outcome.undecodable))
             for request in outcome.requests:
                 outgoing.put_nowait(request)
             for watch, error in outcome.failed:
