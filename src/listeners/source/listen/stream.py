@@ -220,8 +220,8 @@ class ListenStream:
         self._outgoing = outgoing
 
         async def requests() -> AsyncIterator[Any]:
-            while True:
-                yield await outgoing.get()
+            while (request := await outgoing.get()) is not None:
+                yield request
 
         generation = self._link.generation
         call = self._link.open_call(requests(), metadata)
@@ -231,6 +231,9 @@ class ListenStream:
             await self._read(call, outgoing)
         finally:
             prober.cancel()
+            # Ends the requests: gRPC's task that reads them is left waiting on a call the
+            # server ended, and would be destroyed pending (logged) at the next collection.
+            outgoing.put_nowait(None)
 
     async def _read(self, call: Any, outgoing: asyncio.Queue[Any]) -> None:
         async for response in call:
