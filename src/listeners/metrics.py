@@ -19,6 +19,22 @@ class Metrics:
         self.failed_streams = Gauge(
             "listeners_failed_streams", "Streams that failed for good (e.g. permission denied)", registry=r
         )
+        self.listen_degraded = Gauge(
+            "listeners_listen_degraded",
+            "Firestore Listen streams held back by a permanent error (retried slowly, no data)",
+            registry=r,
+        )
+        self.listen_stream_errors = Counter(
+            "listeners_listen_stream_errors",
+            "Firestore Listen calls that ended, by gRPC status (or SILENT, CLIENT)",
+            ["code"],
+            registry=r,
+        )
+        self.listen_undecodable = Counter(
+            "listeners_listen_undecodable_documents",
+            "Firestore documents that could not be decoded (their watches failed)",
+            registry=r,
+        )
         self.stream_restarts = Counter(
             "listeners_stream_restarts", "Watches replaced after they ended", ["kind"], registry=r
         )
