@@ -26,9 +26,9 @@ from starlette.applications import Starlette
 from listeners.config import Secret, Settings, WebSocketSettings
 from listeners.deliver import pages
 from listeners.deliver.http import ProcessHooks, create_app
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import free_port
-from listeners.local.rtdb_server import RtdbStandin
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import free_port
+from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -20,8 +20,8 @@ from playwright.async_api import Browser, WebSocketRoute
 
 from listeners.config import Settings, WebSocketSettings
 from listeners.deliver import pages
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import free_port
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import free_port
 from tests.conftest import Firebase
 from tests.test_browser import WAIT_MS, browser, doc_ids, page_errors, serving  # noqa: F401
 

@@ -26,8 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import FirestoreEmulator, RedisServer, free_port
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / ".venv-tools" / "bin"
@@ -259,7 +259,7 @@ def image_service(
     replayed_image: Path, redis_server: RedisServer, emulator: FirestoreEmulator
 ) -> Iterator[Running]:
     """The final stage's CMD, from the replayed /app with the replayed venv first on PATH; its
-    WebSocket tokens come from a local issuer (listeners.local.auth) instead of Firebase Auth."""
+    WebSocket tokens come from a local issuer (listeners_testkit.auth) instead of Firebase Auth."""
     _, final = dockerfile_stages()
     venv = replayed_image / "opt" / "venv"
     issuer = LocalIssuer("image-replay")

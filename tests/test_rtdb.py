@@ -20,7 +20,6 @@ import pytest
 from google.auth.credentials import Credentials
 
 from listeners.backoff import Backoff
-from listeners.local.rtdb_server import RtdbStandin
 from listeners.source.rtdb import (
     SCOPES,
     EventTooLarge,
@@ -32,6 +31,7 @@ from listeners.source.rtdb import (
     SseParser,
 )
 from listeners.source.rtdb import client as client_module
+from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import wait_until
 
 FAST = Backoff(base=0.05, cap=0.5)

@@ -14,10 +14,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from listeners.config import Settings
-from listeners.local.auth import LocalIssuer
-from listeners.local.rtdb_server import RtdbStandin
 from listeners.service import running
 from listeners.source.rtdb import RtdbClient
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import Consumer, Firebase, wait_until
 from tests.test_rtdb import no_streams
 from tests.test_websocket import next_event, serving, ws_settings

@@ -23,8 +23,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from listeners.config import Settings, WebSocketSettings
 from listeners.deliver.http import ProcessHooks, create_app
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import RedisServer, free_port
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import RedisServer, free_port
 from tests.conftest import Consumer, Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio
