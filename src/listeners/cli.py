@@ -1,15 +1,17 @@
 """Operator commands (docs/deploy.md):
 
     listeners config check                        validate the configuration without starting
+    listeners config doc                          write every key's row into docs/configuration.md
     listeners secrets push --redis redis.json …   create or update the Secret Manager secrets
     listeners smoke --url https://… [--token …] [--redis]
                                                   healthz, /ws up to auth.ok, a Redis round trip
 
 `config check` reads the configuration exactly as the service does (Secret Manager when
 GOOGLE_PROJECT_ID is set, then the environment) and exits 2 with every problem, like the
-service. `secrets push` checks the files with those same rules before it writes anything, and
-adds a version only when the content changed. `smoke` exits 1 when any check fails. No command
-prints a secret value.
+service; valid, it lists every key of the table (listeners.config) with its value and source.
+`secrets push` checks the files with those same rules before it writes anything, and adds a
+version only when the content changed. `smoke` exits 1 when any check fails. No command prints
+a secret value.
 """
 
 from __future__ import annotations
@@ -186,9 +188,10 @@ def validate_payloads(payloads: Mapping[str, Any]) -> list[str]:
         env.update(FIRESTORE_EMULATOR_HOST="placeholder:8080", FIREBASE_PROJECT_ID="placeholder")
 
     def read(name: str) -> str | None:
-        if names[name] == "redis":
+        kind = names.get(name, "")
+        if kind == "redis":
             return json.dumps(payloads.get("redis", {}))
-        return json.dumps(payloads[names[name]]) if names[name] in payloads else None
+        return json.dumps(payloads[kind]) if kind in payloads else None
 
     try:
         load_settings(env, read_secret=read)
