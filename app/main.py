@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 
 from uvicorn.config import STARTUP_FAILURE
 
@@ -34,12 +33,11 @@ def _settings() -> Settings:
         settings.redis.control_token,
         settings.firebase.admin_json,
         settings.websocket.admin_token,
+        settings.google_credentials_json,  # the ECS task's Google key
     )
     for secret in secrets:
         if secret is not None:
             logs.register_secret(secret.reveal())
-    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS_JSON"):  # the ECS task's Google key
-        logs.register_secret(os.environ["GOOGLE_APPLICATION_CREDENTIALS_JSON"])
     return settings
 
 

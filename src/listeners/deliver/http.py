@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket
 
 from listeners import __version__
 from listeners.config import Settings
-from listeners.deliver import pages
+from listeners.deliver import pages, wsprotocol
 from listeners.deliver.direct import direct_mode
 from listeners.deliver.websocket import Gateway
 from listeners.service import Service, running
@@ -64,6 +64,8 @@ class ProcessHooks:
 
 
 def create_app(settings: Settings, *, process: ProcessHooks = ProcessHooks()) -> Starlette:
+    wsprotocol.configure(settings.websocket.deflate, settings.websocket.close_timeout_seconds)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with (

@@ -32,7 +32,6 @@ from listeners.config import Settings
 from listeners.deliver.websocket import Gateway
 from listeners.service import Service
 
-DEMO_TOKEN_URL_ENV = "LISTENERS_DEMO_TOKEN_URL"
 MAX_UIDS = 200  # online users listed by name; the count is always exact
 MAX_RECENT = 50  # last events shown
 CLIENT_MODULE = "listeners-client.js"
@@ -134,7 +133,7 @@ def operations_state(service: Service, gateway: Gateway | None, now: float | Non
 def routes(settings: Settings, demo_token_url: str | None = None) -> list[BaseRoute]:
     """The pages' routes; none for a page that is off."""
     admin = settings.websocket.admin_token
-    token_url = os.environ.get(DEMO_TOKEN_URL_ENV, "") if demo_token_url is None else demo_token_url
+    token_url = settings.service.demo_token_url if demo_token_url is None else demo_token_url
     found: list[BaseRoute] = []
     files: dict[str, bytes] = {CLIENT_MODULE: _static(CLIENT_MODULE)}
 

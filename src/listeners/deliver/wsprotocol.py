@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import socket
 from collections import deque
@@ -90,11 +89,20 @@ def _read(env: Mapping[str, str] | None) -> dict[str, Any]:
         raise ValueError(str(exc)) from None
 
 
-@functools.cache
+_options_set: list[tuple[str, float]] = []  # the process's values, set once
+
+
+def configure(deflate: str, close_timeout_seconds: float) -> None:
+    """The values of `Settings.websocket`, handed over when the application is made."""
+    _options_set[:] = [(deflate, close_timeout_seconds)]
+
+
 def _options() -> tuple[str, float]:
-    """Read once, by the first socket of the process (nothing is read at import)."""
-    values = _read(None)
-    return values["LISTENERS_WS_DEFLATE"], values["LISTENERS_WS_CLOSE_TIMEOUT_SECONDS"]
+    """As configured; a protocol used without the application reads the table once."""
+    if not _options_set:
+        values = _read(None)
+        configure(values["LISTENERS_WS_DEFLATE"], values["LISTENERS_WS_CLOSE_TIMEOUT_SECONDS"])
+    return _options_set[0]
 
 
 class Inbox:

@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import grpc
 
+from listeners.config import MAX_STREAMS_PER_CONNECTION as FIRESTORE_STREAM_LIMIT
+from listeners.config import TARGETS_PER_STREAM
 from listeners.metrics import Metrics
 from listeners.source.listen.pool import Connection, ListenPool
 from listeners.source.listen.protocol import TargetError, query_target
@@ -33,10 +35,6 @@ from listeners.source.snapshots import Query, Snapshot, SnapshotHandler
 log = logging.getLogger(__name__)
 
 FIRESTORE_HOST = "firestore.googleapis.com:443"
-FIRESTORE_STREAM_LIMIT = 100
-# Measured on Google's emulator (docs/benchmarks.md): one stream kept 10,000 targets with
-# millisecond latency; a bound keeps a stream's reconnect (every target re-listened) small.
-TARGETS_PER_STREAM = 500
 SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),  # a connection per channel: the stream limit is per connection
