@@ -40,6 +40,9 @@ RUN python -m pip uninstall --quiet --yes pip setuptools wheel \
 # UVICORN_WS: the WebSocket protocol made for 10,000 sockets per process (deliver.wsprotocol,
 # docs/websocket.md "At scale"); uvicorn reads it as it reads --ws, the command is unchanged.
 # WEB_CONCURRENCY (workers) is set by the task definition, one per vCPU.
+# Bytecode: the venv's .pyc files, written by pip in the build stage, are kept (24 MB): the root
+# filesystem is read-only in the task, so without them every worker would compile the venv again
+# at every start (docs/deploy.md, "The image"); nothing else may write any.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
