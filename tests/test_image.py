@@ -25,6 +25,7 @@ here as a runtime would make it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -394,8 +395,8 @@ def container(
     started = time.monotonic()
     with log.open("wb") as output:
         launcher = subprocess.Popen(launch, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    pid = 0
     try:
-        pid = 0
         while not pid:  # unshare forks PID 1 at once
             assert launcher.poll() is None, log.read_text()
             children = psutil.Process(launcher.pid).children()
@@ -417,9 +418,16 @@ def container(
                 time.sleep(0.1)
         yield Container(launcher, pid, port, env, image.user, log, first_200_after)
     finally:
+        # PID 1 itself, by its pid: unshare's --kill-child (a parent-death signal) holds only
+        # until chroot changes user. When PID 1 ends, the kernel ends its whole namespace.
         if launcher.poll() is None:
-            launcher.kill()  # --kill-child: PID 1 goes, and the kernel ends the rest
+            first, left = pid or launcher.pid, []
+            with contextlib.suppress(psutil.NoSuchProcess):
+                left = [psutil.Process(first), *psutil.Process(first).children(recursive=True)]
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first, signal.SIGKILL)
             launcher.wait(timeout=60)
+            assert psutil.wait_procs(left, timeout=30)[1] == []
 
 
 def test_healthz_answers_within_the_start_period_and_the_healthcheck_passes(
