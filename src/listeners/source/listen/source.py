@@ -19,6 +19,7 @@ import grpc
 from listeners.config import MAX_STREAMS_PER_CONNECTION as FIRESTORE_STREAM_LIMIT
 from listeners.config import TARGETS_PER_STREAM
 from listeners.metrics import Metrics
+from listeners.source.access_tokens import ServiceAccountTokens
 from listeners.source.listen.pool import Connection, ListenPool
 from listeners.source.listen.protocol import TargetError, query_target
 from listeners.source.listen.status import ListenStatus
@@ -175,14 +176,10 @@ class ListenSource:
 
 
 def _credential_tokens(credentials: Any) -> Tokens:
-    """Access tokens refreshed before they expire, from the given credentials or the
-    environment's (Application Default Credentials)."""
-    from listeners.source.rtdb.tokens import ServiceAccountTokens
-
+    """Access tokens refreshed before they expire, from the given credentials (given Firestore's
+    scopes if they require scopes) or the environment's (Application Default Credentials)."""
     if credentials is None:
         import google.auth
 
         credentials, _ = google.auth.default(scopes=list(SCOPES))
-    elif getattr(credentials, "requires_scopes", False):
-        credentials = credentials.with_scopes(list(SCOPES))
-    return ServiceAccountTokens(credentials)
+    return ServiceAccountTokens(credentials, scopes=SCOPES)

@@ -41,9 +41,9 @@ The protocol, from these pages:
   "/<child>" for every child that entered, changed in, or left (null) the window.
 
 The parts, each with the choices it makes: `sse` (event parsing), `tree` (the immutable
-mirror), `tokens` (access tokens), `client` (REST calls, token and redirects) and `stream`
-(the mirror task: reconnects and failures). `stream` imports `client`; `client.stream()`
-imports `stream` only when called.
+mirror), `tokens` (`source/access_tokens.py` with the database's scopes), `client` (REST
+calls, token and redirects) and `stream` (the mirror task: reconnects and failures).
+`stream` imports `client`; `client.stream()` imports `stream` only when called.
 """
 
 from listeners.source.rtdb.client import DEFAULT_IDLE_TIMEOUT, RtdbClient, RtdbError

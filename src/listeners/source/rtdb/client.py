@@ -19,8 +19,8 @@ from urllib.parse import parse_qsl, quote, urljoin, urlsplit, urlunsplit
 import httpx
 
 from listeners.backoff import Backoff
+from listeners.source.access_tokens import TokenProvider
 from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES
-from listeners.source.rtdb.tokens import TokenProvider
 from listeners.source.rtdb.tree import Json, split_path
 
 if TYPE_CHECKING:  # stream.py imports this module; `stream()` imports it back when called
