@@ -29,7 +29,6 @@ from listeners.source.listen.stream import (
     ListenStream,
     Metadata,
     Sleep,
-    deliver_safely,
 )
 from listeners.source.snapshots import Query, Snapshot, SnapshotHandler
 
@@ -55,6 +54,8 @@ async def emulator_token(*, refresh: bool = False) -> str:
 
 
 class ListenWatch:
+    """One query target on a shared stream; the stream's `Watcher`."""
+
     def __init__(self, stream: ListenStream, on_snapshot: SnapshotHandler, query: Query) -> None:
         self._stream = stream
         self._on_snapshot = on_snapshot
@@ -86,6 +87,13 @@ class ListenWatch:
             "firestore target failed",
             extra={"collection": self.query.collection, "reason": f"{error.code}: {error.message}"},
         )
+
+
+def deliver_safely(handler: SnapshotHandler, snapshot: Snapshot) -> None:
+    try:
+        handler(snapshot)
+    except Exception:  # one watch's handler must not break the stream of every other
+        log.exception("snapshot handler failed")
 
 
 class ListenSource:
