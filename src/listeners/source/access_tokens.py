@@ -25,6 +25,10 @@ class TokenProvider(Protocol):
     async def __call__(self, *, refresh: bool = False) -> str | None: ...
 
 
+async def emulator_token(*, refresh: bool = False) -> str:
+    return "owner"  # what the Firebase emulators take as an administrator's token
+
+
 class ServiceAccountTokens:
     """Google OAuth2 access tokens from service-account credentials, refreshed before expiry.
 

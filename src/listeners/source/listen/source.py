@@ -19,7 +19,7 @@ import grpc
 from listeners.config import MAX_STREAMS_PER_CONNECTION as FIRESTORE_STREAM_LIMIT
 from listeners.config import TARGETS_PER_STREAM
 from listeners.metrics import Metrics
-from listeners.source.access_tokens import ServiceAccountTokens
+from listeners.source.access_tokens import ServiceAccountTokens, emulator_token
 from listeners.source.listen.pool import Connection, ListenPool
 from listeners.source.listen.protocol import TargetError, query_target
 from listeners.source.listen.status import ListenStatus
@@ -47,10 +47,6 @@ _CHANNEL_OPTIONS = [
 ]
 
 Tokens = Callable[..., Awaitable[str]]  # tokens(refresh=bool) -> access token
-
-
-async def emulator_token(*, refresh: bool = False) -> str:
-    return "owner"  # what the Firebase emulators take as an administrator's token
 
 
 class ListenWatch:
