@@ -421,7 +421,7 @@ async def test_credentials_give_fresh_bearer_tokens_and_the_emulator_owner(
 ) -> None:
     """Tokens come from the credentials, refreshed before they expire (ServiceAccountTokens, as
     the Realtime Database client) and on the server's UNAUTHENTICATED; the emulator takes owner."""
-    from listeners.source.rtdb.tokens import ServiceAccountTokens
+    from listeners.source.access_tokens import ServiceAccountTokens
 
     from .test_rtdb import FakeCredentials
 

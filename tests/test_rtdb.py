@@ -23,7 +23,7 @@ from listeners.backoff import Backoff
 from listeners.source.rtdb import (
     SCOPES,
     EventTooLarge,
-    NodeStream,
+    NodeMirror,
     RtdbClient,
     RtdbError,
     ServiceAccountTokens,
@@ -99,11 +99,11 @@ async def no_streams(server: RtdbStandin, ns: str | None = None, timeout: float 
             await asyncio.sleep(0.05)
 
 
-async def synced(stream: NodeStream) -> None:
+async def synced(stream: NodeMirror) -> None:
     await eventually(lambda: stream.synced)
 
 
-async def converges(stream: NodeStream, client: RtdbClient, expected: Any) -> None:
+async def converges(stream: NodeMirror, client: RtdbClient, expected: Any) -> None:
     await eventually(lambda: stream.tree == expected)
     assert await client.get(stream.path) == expected
 

@@ -376,7 +376,7 @@ async def test_a_chat_thread_keeps_only_its_last_messages(
 
 
 class _Stub:
-    """What MessageStream reads of its NodeStream: the children the last event touched."""
+    """What MessageStream reads of its NodeMirror: the children the last event touched."""
 
     reconnects = 0
     active = True

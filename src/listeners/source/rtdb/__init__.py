@@ -1,10 +1,11 @@
 """An asyncio client for the Firebase Realtime Database REST API and its streaming protocol.
 
 `RtdbClient` reads and writes JSON over HTTP(S). `RtdbClient.stream(path, on_change)` opens a
-`NodeStream`: one task that keeps a local mirror of the node from the server-sent events
-(`put`, `patch`, `keep-alive`, `cancel`, `auth_revoked`) and calls `on_change(tree)` on the
-loop after each applied event. No threads; httpx underneath. The tests' stand-in server
-(`listeners_testkit.rtdb_server`, not shipped) implements the same protocol.
+streaming request and returns a `NodeMirror`: one task that keeps a local mirror of the node
+from the server-sent events (`put`, `patch`, `keep-alive`, `cancel`, `auth_revoked`) and
+calls `on_change(tree)` on the loop after each applied event. No threads; httpx underneath.
+The tests' stand-in server (`listeners_testkit.rtdb_server`, not shipped) implements the
+same protocol.
 
 The protocol, from these pages:
 
@@ -41,14 +42,22 @@ The protocol, from these pages:
   "/<child>" for every child that entered, changed in, or left (null) the window.
 
 The parts, each with the choices it makes: `sse` (event parsing), `tree` (the immutable
-mirror), `tokens` (access tokens), `client` (REST calls, token and redirects) and `stream`
-(the mirror task: reconnects and failures). `stream` imports `client`; `client.stream()`
-imports `stream` only when called.
+mirror), `errors` (error answers, protocol errors), `tokens` (`source/access_tokens.py` with
+the database's scopes), `mirror` (`NodeMirror`, the mirror task: reconnects and failures) and
+`client` (REST calls, token and redirects; it makes the mirrors). `client` imports `mirror`,
+never the other way: a mirror needs of its client only what `mirror.MirrorClient` names.
 """
 
-from listeners.source.rtdb.client import DEFAULT_IDLE_TIMEOUT, RtdbClient, RtdbError
+from listeners.source.rtdb.client import RtdbClient
+from listeners.source.rtdb.errors import RtdbError
+from listeners.source.rtdb.mirror import (
+    DEFAULT_IDLE_TIMEOUT,
+    ChangeHandler,
+    FailureHandler,
+    MirrorClient,
+    NodeMirror,
+)
 from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SseEvent, SseParser
-from listeners.source.rtdb.stream import ChangeHandler, FailureHandler, NodeStream
 from listeners.source.rtdb.tokens import SCOPES, ServiceAccountTokens, TokenProvider
 from listeners.source.rtdb.tree import Json, apply_event, split_path
 
@@ -60,7 +69,8 @@ __all__ = [
     "EventTooLarge",
     "FailureHandler",
     "Json",
-    "NodeStream",
+    "MirrorClient",
+    "NodeMirror",
     "RtdbClient",
     "RtdbError",
     "ServiceAccountTokens",
