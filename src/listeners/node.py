@@ -24,7 +24,7 @@ from types import TracebackType
 
 from listeners.backoff import Backoff
 from listeners.envelope import Envelope
-from listeners.inputs import clean_text, valid_key
+from listeners.inputs import MAX_UID_LENGTH, clean_text, valid_uid
 from listeners.metrics import Metrics
 from listeners.publish.publisher import Publisher
 from listeners.session import Channels, Sources, Stream, UserSession
@@ -200,7 +200,7 @@ class Node:
         self._versions[doc.id] = doc.update_time
         changed.add(doc.id)
         try:
-            if not valid_key(doc.id, max_length=128):
+            if not valid_uid(doc.id):
                 # it would make `chat:{uid}:…` ambiguous, or a database path another user's
                 raise MalformedEntry("the document id is not a valid uid")
             entry = parse_entry(doc.id, doc.data, self._settings.default_ttl_seconds)
@@ -233,7 +233,8 @@ class Node:
         self._metrics.malformed_registry.inc()
         self._metrics.rejected_inputs.labels("registry").inc()
         log.warning(
-            "registry document skipped as malformed", extra={"uid": clean_text(uid)[:128], "reason": reason}
+            "registry document skipped as malformed",
+            extra={"uid": clean_text(uid)[:MAX_UID_LENGTH], "reason": reason},
         )
 
     def _reconcile(self, uid: str) -> None:

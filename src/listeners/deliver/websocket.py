@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from listeners.config import WebSocketSettings
 from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
-from listeners.inputs import InvalidInput, encode_json, parse_json, valid_key
+from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
 from listeners.metrics import Metrics
 from listeners.session import Channels
 from listeners.source.registry import CHAT_MODES, ChatThread, RegistryEntry, valid_thread_part
@@ -48,7 +48,6 @@ SLOW_CONSUMER = 4014
 RATE_LIMITED = 4015
 UID_CHANGED = 4017
 
-MAX_UID_LENGTH = 128  # Firebase's own limit; tokens.py refuses longer ones as 4010
 HUB_CONFIRM_SECONDS = 5.0  # Redis answers a SUBSCRIBE in well under a second when it is up
 OPEN_THREAD_SECONDS = 15.0  # the registry write (a read and a conditional write, retried)
 CLOSE_SECONDS = 10.0  # for our close frame to be written (deliver.wsprotocol: at once)
@@ -185,7 +184,7 @@ class Connection:
             gateway.unauthenticated -= 1
         if verified is None:
             return
-        if not valid_key(verified.uid, max_length=MAX_UID_LENGTH):
+        if not valid_uid(verified.uid):
             # `chat:{uid}:{space}:{thread}` and `clients/{uid}/…` must mean one thing only
             self.services.metrics.rejected_inputs.labels(source="websocket").inc()
             log.warning("websocket refused: uid", extra={"reason": "the uid is not a valid key"})
