@@ -30,7 +30,7 @@ from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
 from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
 from listeners.metrics import Metrics
 from listeners.session import Channels
-from listeners.source.registry import CHAT_MODES, ChatThread, RegistryEntry, valid_thread_part
+from listeners.source.registry import ChatThread, InvalidThread, RegistryEntry
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class Connection:
                 await self._subscribe_thread(thread)
             else:
                 await self._unsubscribe_thread(thread)
-                await self._send({"type": "chat.unsubscribed", **_fields(thread)})
+                await self._send({"type": "chat.unsubscribed", **thread.to_fields()})
         else:
             await self._send({"type": "error", "reason": "unknown message type"})
 
@@ -385,7 +385,7 @@ class Connection:
             # One meaning for clients: after `chat.refused` the socket does not have the thread
             # (it may have had it before the user lost the company).
             await self._unsubscribe_thread(thread)
-            await self._send({"type": "chat.refused", "reason": refusal, **_fields(thread)})
+            await self._send({"type": "chat.refused", "reason": refusal, **thread.to_fields()})
             return
         if thread not in self.threads:
             failure = await self._open(thread)
@@ -394,9 +394,9 @@ class Connection:
                     "chat thread not opened",
                     extra={"uid": self.uid, "space_code": thread.space_code, "reason": failure},
                 )
-                await self._send({"type": "chat.refused", "reason": failure, **_fields(thread)})
+                await self._send({"type": "chat.refused", "reason": failure, **thread.to_fields()})
                 return
-        await self._send({"type": "chat.subscribed", **_fields(thread)})
+        await self._send({"type": "chat.subscribed", **thread.to_fields()})
         for text in self._held.pop(thread, []):
             self._deliver(text)
         await self.services.resync(self.uid, (thread,))
@@ -567,13 +567,7 @@ class TokenBucket:
 
 
 def _thread(message: dict[str, Any]) -> ChatThread | None:
-    fields = [message.get(k) for k in ("space_code", "thread_key", "mode")]
-    if not all(valid_thread_part(f) for f in fields):
+    try:
+        return ChatThread.from_fields(message)
+    except InvalidThread:
         return None
-    if fields[2] not in CHAT_MODES:
-        return None
-    return ChatThread(str(fields[0]), str(fields[1]), str(fields[2]))
-
-
-def _fields(thread: ChatThread) -> dict[str, str]:
-    return {"space_code": thread.space_code, "thread_key": thread.thread_key, "mode": thread.mode}
