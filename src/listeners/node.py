@@ -26,8 +26,9 @@ from listeners.backoff import Backoff
 from listeners.envelope import Envelope
 from listeners.inputs import MAX_UID_LENGTH, clean_text, valid_uid
 from listeners.metrics import Metrics
+from listeners.publish.channels import Channels
 from listeners.publish.publisher import Publisher
-from listeners.session import Channels, Sources, Stream, UserSession
+from listeners.session import Sources, Stream, UserSession
 from listeners.source.registry import (
     REGISTRY_COLLECTION,
     ChatThread,

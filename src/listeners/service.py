@@ -20,9 +20,10 @@ from listeners.loopwatch import watch_loop
 from listeners.metrics import Metrics
 from listeners.node import Node, NodeSettings
 from listeners.publish.broker import Broker
+from listeners.publish.channels import Channels
 from listeners.publish.publisher import Publisher
 from listeners.publish.redis import RedisBroker
-from listeners.session import Channels, Sources
+from listeners.session import Sources
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
@@ -200,7 +201,7 @@ async def running(
     publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)
     node = Node(
         NodeSettings(
-            channels=Channels(settings.redis.channel_prefix, settings.redis.chat_channel_prefix),
+            channels=Channels.of(settings.redis),
             default_ttl_seconds=settings.service.heartbeat_ttl_seconds,
             sweep_interval_seconds=settings.sweep_interval_seconds,
             close_timeout_seconds=settings.shutdown_timeout_seconds / 4,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from listeners.publish.channels import Channels
 from listeners.source.registry import ChatThread, RegistryEntry
 from listeners.source.rtdb import RtdbClient
 from listeners.source.snapshots import SnapshotSource
@@ -147,17 +148,3 @@ class UserSession:
         streams = self.all_streams()
         self.threads.clear()
         await asyncio.gather(*(s.close() for s in streams), *self._closing, return_exceptions=True)
-
-
-@dataclass(frozen=True)
-class Channels:
-    """Redis channel names: `{prefix}{uid}` and `{chat_prefix}{uid}:{space_code}:{thread_key}`."""
-
-    prefix: str = "user:"
-    chat_prefix: str = "chat:"
-
-    def user(self, uid: str) -> str:
-        return f"{self.prefix}{uid}"
-
-    def chat(self, uid: str, thread: ChatThread) -> str:
-        return f"{self.chat_prefix}{uid}:{thread.space_code}:{thread.thread_key}"

@@ -15,8 +15,8 @@ from listeners.deliver.batch import Resyncs
 from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenVerifier
 from listeners.deliver.websocket import Gateway, Services
+from listeners.publish.channels import Channels
 from listeners.service import Service
-from listeners.session import Channels
 from listeners.source.registry import REGISTRY_COLLECTION, ChatThread
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ async def direct_mode(service: Service) -> AsyncIterator[Gateway]:
         Services(
             hub=hub,
             verifier=verifier,
-            channels=Channels(redis.channel_prefix, redis.chat_channel_prefix),
+            channels=Channels.of(redis),
             metrics=service.metrics,
             entry=service.node.entry,
             resync=resync,

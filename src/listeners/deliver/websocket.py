@@ -29,7 +29,7 @@ from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
 from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
 from listeners.metrics import Metrics
-from listeners.session import Channels
+from listeners.publish.channels import Channels
 from listeners.source.registry import ChatThread, InvalidThread, RegistryEntry
 
 log = logging.getLogger(__name__)
