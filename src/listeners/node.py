@@ -28,7 +28,7 @@ from listeners.inputs import MAX_UID_LENGTH, clean_text, valid_uid
 from listeners.metrics import Metrics
 from listeners.publish.channels import Channels
 from listeners.publish.publisher import Publisher
-from listeners.session import Sources, Stream, UserSession
+from listeners.session import Sources, StreamOptions, UserSession
 from listeners.source.registry import (
     REGISTRY_COLLECTION,
     ChatThread,
@@ -37,6 +37,7 @@ from listeners.source.registry import (
     parse_entry,
 )
 from listeners.source.snapshots import Query, Snapshot, SourceDoc, Watch
+from listeners.streams import UserStream
 from listeners.streams.view import Emit
 from listeners.waits import wait_event
 
@@ -50,6 +51,7 @@ REGISTRY_QUERY = Query(REGISTRY_COLLECTION, (("status", "online"),))
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
     channels: Channels = field(default_factory=Channels)
+    streams: StreamOptions = field(default_factory=StreamOptions)
     default_ttl_seconds: int = 90
     sweep_interval_seconds: float = 1.0
     close_timeout_seconds: float = 4.0
@@ -306,7 +308,9 @@ class Node:
         return emit
 
     def _attach(self, entry: RegistryEntry) -> None:
-        session = UserSession(entry, self._sources, self._emit_to, self._settings.channels)
+        session = UserSession(
+            entry, self._sources, self._settings.streams, self._emit_to, self._settings.channels
+        )
         self.sessions[entry.uid] = session
         session.start()
         self._metrics.attaches.inc()
@@ -396,7 +400,7 @@ class Node:
         self._metrics.open_streams.set(self._source.open_streams)
         self._metrics.firestore_connections.set(self._source.connections)
 
-    def _health_checks(self, mono: float) -> list[tuple[UserSession, Stream]]:
+    def _health_checks(self, mono: float) -> list[tuple[UserSession, UserStream]]:
         """The next `health_checks_per_sweep` users' streams that are due a restart. A round
         covers every user once; the failed-streams gauge is set at the end of each round."""
         if not self._health_round:

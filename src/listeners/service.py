@@ -23,7 +23,7 @@ from listeners.publish.broker import Broker
 from listeners.publish.channels import Channels
 from listeners.publish.publisher import Publisher
 from listeners.publish.redis import RedisBroker
-from listeners.session import Sources
+from listeners.session import Sources, StreamOptions
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
@@ -206,14 +206,13 @@ async def running(
             sweep_interval_seconds=settings.sweep_interval_seconds,
             close_timeout_seconds=settings.shutdown_timeout_seconds / 4,
             handover_seconds=HANDOVER_SECONDS,
+            streams=StreamOptions(
+                Publishing(settings.instance_id, settings.sync_each_change),
+                chat_mark_read=settings.firebase.chat_mark_read,
+                chat_history=settings.chat_history,
+            ),
         ),
-        Sources(
-            source,
-            rtdb,
-            settings.firebase.chat_mark_read,
-            Publishing(settings.instance_id, settings.sync_each_change),
-            settings.chat_history,
-        ),
+        Sources(source, rtdb),
         publisher,
         metrics,
         owns=(lambda uid: membership.conflict is None) if settings.single_instance else membership.owns,
