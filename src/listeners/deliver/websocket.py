@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,11 +26,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from listeners.config import WebSocketSettings
 from listeners.deliver.hub import Hub
+from listeners.deliver.ports import Entries, Notifications, Presence, RegistryWrites, Resync
+from listeners.deliver.threads import RegistryThreads
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
 from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
 from listeners.metrics import Metrics
 from listeners.publish.channels import Channels
-from listeners.source.registry import ChatThread, InvalidThread, RegistryEntry
+from listeners.source.registry import ChatThread, InvalidThread
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +69,18 @@ class DirectSend(Protocol):
 
 @dataclass
 class Services:
-    """What the gateway needs from the rest of the instance."""
+    """What the gateway needs: its own parts (the hub, the token verifier, channel names) and
+    the rest of the instance, through deliver.ports."""
 
     hub: Hub
     verifier: TokenVerifier
     channels: Channels
     metrics: Metrics
-    entry: Callable[[str], RegistryEntry | None]  # the user's registry entry, if known
-    resync: Callable[[str, tuple[ChatThread, ...]], Coroutine[Any, Any, None]]
-    mark_read: Callable[[str, str], Awaitable[bool]]  # (uid, doc_id) -> written
-    open_thread: Callable[[str, ChatThread], Awaitable[bool]]  # -> written to the registry
-    close_thread: Callable[[str, ChatThread], Awaitable[None]]
-    presence: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
+    entries: Entries
+    resync: Resync
+    notifications: Notifications
+    registry: RegistryWrites
+    presence: Presence | None = None
     chat: bool = True  # False without a Realtime Database: no thread could ever be served
 
 
@@ -92,6 +94,12 @@ class Gateway:
     count: int = 0  # every socket past the Origin check, authenticated or not yet
     unauthenticated: int = 0  # accepted, token not verified yet (their own, smaller cap)
     authenticated: int = 0  # verified; `max_sockets` caps these
+    registry_threads: RegistryThreads = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.registry_threads = RegistryThreads(
+            self.services.registry, self.services.presence, self.threads_of
+        )
 
     def origin_allowed(self, websocket: WebSocket) -> bool:
         """No Origin (not a browser), a listed origin, or the page's own origin."""
@@ -205,7 +213,7 @@ class Connection:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.services.presence is not None:
-                    await stack.enter_async_context(self.services.presence(self.uid))
+                    await stack.enter_async_context(self.services.presence.online(self.uid))
                 await self._run()
         finally:
             gateway.authenticated -= 1
@@ -343,7 +351,7 @@ class Connection:
             if not isinstance(doc_id, str) or not doc_id or "/" in doc_id or len(doc_id) > 200:
                 await self._send({"type": "error", "reason": "notif.read needs a doc_id"})
                 return
-            written = await self.services.mark_read(self.uid, doc_id)
+            written = await self.services.notifications.mark_read(self.uid, doc_id)
             await self._send({"type": "notif.read.ok" if written else "notif.read.failed", "doc_id": doc_id})
         elif kind in ("chat.subscribe", "chat.unsubscribe"):
             thread = _thread(message)
@@ -408,7 +416,7 @@ class Connection:
             return "too many chat.subscribe messages; retry later"
         if not self.services.chat:
             return "chat is not available (no Realtime Database)"
-        entry = self.services.entry(self.uid)
+        entry = self.services.entries.entry(self.uid)
         if entry is None or thread.space_code not in entry.authorized_companies_ids:
             return "not an authorised company"
         mine = self.gateway.threads_of(self.uid)
@@ -439,7 +447,7 @@ class Connection:
         if thread not in self.gateway.threads_of(self.uid):
             # A write that landed late is undone, and presence forgets the thread instead of
             # writing it at its next heartbeat.
-            await self.services.close_thread(self.uid, thread)
+            await self.gateway.registry_threads.close(self.uid, thread)
         return "the thread could not be written to the registry; retry later"
 
     def _thread_sink(self, thread: ChatThread) -> Callable[[str], None]:
@@ -458,7 +466,7 @@ class Connection:
     async def _written(self, thread: ChatThread) -> bool:
         try:
             async with asyncio.timeout(OPEN_THREAD_SECONDS):
-                return await self.services.open_thread(self.uid, thread)
+                return await self.gateway.registry_threads.open(self.uid, thread)
         except TimeoutError:
             return False
 
@@ -470,7 +478,7 @@ class Connection:
         sink = self._thread_sinks.pop(thread)
         await self.services.hub.unsubscribe(self.services.channels.chat(self.uid, thread), sink)
         if thread not in self.gateway.threads_of(self.uid):
-            await self.services.close_thread(self.uid, thread)
+            await self.gateway.registry_threads.close(self.uid, thread)
 
     # -- outbound ----------------------------------------------------------------
 
