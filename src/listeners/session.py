@@ -1,6 +1,7 @@
 """Everything the node holds for one online user, in one place: the registry entry, the
 user's streams (notifications; direct messages when the Realtime Database is configured)
-and the chat threads the user has open."""
+and the chat threads the user has open. Every session draws on the same `Sources` and
+`StreamOptions`."""
 
 from __future__ import annotations
 
