@@ -15,8 +15,8 @@ import multiprocessing
 from uvicorn.config import STARTUP_FAILURE
 
 from listeners import logs
+from listeners.assemble import create_app
 from listeners.config import ConfigError, Settings, load_settings
-from listeners.deliver.http import create_app
 
 
 def _settings() -> Settings:

@@ -23,8 +23,9 @@ from google.cloud import firestore
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 from starlette.applications import Starlette
 
+from listeners.assemble import create_app
 from listeners.config import Secret, Settings, WebSocketSettings
-from listeners.deliver.http import ProcessHooks, create_app
+from listeners.process import ProcessHooks
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import free_port
 from listeners_testkit.rtdb_server import RtdbStandin

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+from listeners.assemble import running
 from listeners.config import Settings
-from listeners.service import running
 from listeners.source.rtdb import RtdbClient
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.rtdb_server import RtdbStandin

@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from listeners.assemble import running
 from listeners.config import Settings
-from listeners.service import Service, running
+from listeners.service import Service
 from listeners_testkit.processes import RedisServer
 from tests.conftest import Firebase, wait_until
 

@@ -21,8 +21,9 @@ from google.cloud import firestore
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from listeners.assemble import create_app
 from listeners.config import Settings, WebSocketSettings
-from listeners.deliver.http import ProcessHooks, create_app
+from listeners.process import ProcessHooks
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import RedisServer, free_port
 from tests.conftest import Consumer, Firebase, wait_until
