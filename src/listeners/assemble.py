@@ -42,6 +42,7 @@ from listeners.publish.publisher import Publisher
 from listeners.publish.redis import RedisBroker
 from listeners.service import HANDOVER_SECONDS, Service
 from listeners.session import Sources, StreamOptions
+from listeners.source.access_tokens import emulator_token
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
 from listeners.source.registry import ChatThread
@@ -112,16 +113,12 @@ def rtdb_client(firebase: FirebaseSettings, account: ServiceAccount) -> RtdbClie
     if firebase.database_emulator_host:
         namespace = rtdb_namespace(firebase.database_url, firebase.project_id)
         return RtdbClient(
-            f"http://{firebase.database_emulator_host}", namespace=namespace, tokens=_emulator_token
+            f"http://{firebase.database_emulator_host}", namespace=namespace, tokens=emulator_token
         )
     info = account.info()
     if firebase.database_url and info is not None:
         return RtdbClient(firebase.database_url, tokens=ServiceAccountTokens.from_service_account_info(info))
     return None
-
-
-async def _emulator_token(*, refresh: bool = False) -> str:
-    return "owner"  # what the Firebase emulators take as an administrator's token
 
 
 def rtdb_namespace(url: str, project_id: str) -> str:
