@@ -210,6 +210,23 @@ def test_the_browser_module_knows_every_event_type() -> None:
 
 
 @node
+def test_the_browser_module_accepts_the_same_versions_as_the_bridge() -> None:
+    """The module's range holds the version the service sends, and it judges every `v` as
+    `events.check_version` does (its client on a refused one: tests/js/client.test.mjs)."""
+    cases = [{"type": "notif.add", **fields} for fields, _ in VERSION_CASES]
+    script = """
+let data = "";
+for await (const chunk of process.stdin) data += chunk;
+const verdicts = JSON.parse(data).map((event) => m.acceptsVersion(event));
+console.log(JSON.stringify({range: m.ACCEPTED_VERSIONS, verdicts}));
+"""
+    browser = run_module(script, json.dumps(cases))
+    assert (browser["range"]["min"], browser["range"]["max"]) == ACCEPTED_VERSIONS
+    assert browser["range"]["min"] <= CONTRACT_VERSION <= browser["range"]["max"]
+    assert browser["verdicts"] == [accepted for _, accepted in VERSION_CASES]
+
+
+@node
 def test_the_browser_module_and_the_bridge_make_the_same_lists() -> None:
     stream = events()
     script = """
