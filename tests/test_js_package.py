@@ -24,8 +24,9 @@ import pytest
 
 from listeners import __version__
 from listeners.config import Settings
-from listeners.deliver.http import create_app
 from listeners.events import EVENT_MODELS
+from listeners_testkit.processes import free_port
+from tests.test_browser import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "clients" / "js"
@@ -64,9 +65,9 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_the_package_module_is_the_served_module(packed: Path, settings: Settings) -> None:
-    transport = httpx.ASGITransport(app=create_app(settings))  # no lifespan: routing only
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        served = await client.get("/assets/listeners-client.js")
+    port = free_port()
+    async with serving(settings, port), httpx.AsyncClient(timeout=30) as client:
+        served = await client.get(f"http://127.0.0.1:{port}/assets/listeners-client.js")
     assert served.status_code == 200
     module = (packed / "dist" / "listeners-client.js").read_bytes()
     assert module == served.content == SERVED.read_bytes()
