@@ -20,11 +20,21 @@ import pytest
 from listeners.bridge import parse_event
 from listeners.bridge.ordering import Follower
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
-from listeners.events import EVENT_MODELS, KNOWN_TYPES, POSITION_TYPES, SYNC_TYPES
+from listeners.events import (
+    ACCEPTED_VERSIONS,
+    CONTRACT_VERSION,
+    EVENT_MODELS,
+    KNOWN_TYPES,
+    POSITION_TYPES,
+    SYNC_TYPES,
+    UnsupportedVersion,
+    check_version,
+    event_version,
+)
 from listeners.normalise.messages import normalise_message
 from listeners.normalise.notifications import newest_first, normalise_notification
 from listeners.publish.tails import position_of
-from listeners.schemas import render, validate
+from listeners.schemas import VERSION_KEYWORD, render, validate
 from listeners.streams.order import StreamOrder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +138,49 @@ def test_every_event_type_has_its_schema() -> None:
         assert {"epoch", "seq", "event_id"} <= set(schema["required"])
 
 
+# `v` values and whether a consumer of ACCEPTED_VERSIONS == (1, 1) applies them: absent is a
+# service older than the field (version 1); anything but an integer in range is refused.
+VERSION_CASES: list[tuple[dict[str, Any], bool]] = [
+    ({}, True),
+    ({"v": 1}, True),
+    ({"v": 2}, False),
+    ({"v": 0}, False),
+    ({"v": "1"}, False),
+    ({"v": None}, False),
+    ({"v": True}, False),
+    ({"v": 1.5}, False),
+]
+
+
+def test_the_schemas_and_the_envelope_state_the_contract_version() -> None:
+    for event_type in EVENT_MODELS:
+        schema = json.loads((SCHEMAS / f"{event_type}.json").read_text())
+        assert schema[VERSION_KEYWORD] == CONTRACT_VERSION
+        assert schema["properties"]["v"]["const"] == CONTRACT_VERSION and "v" in schema["required"]
+    for event in events():  # every type, made by the service's own code
+        assert event["v"] == CONTRACT_VERSION
+        check_version(event)
+
+
+def test_the_bridge_accepts_its_range_and_refuses_other_versions_clearly() -> None:
+    low, high = ACCEPTED_VERSIONS
+    assert low <= CONTRACT_VERSION <= high
+    event = events()[0]
+    for fields, accepted in VERSION_CASES:
+        case = {k: v for k, v in event.items() if k != "v"} | fields
+        if accepted:
+            check_version(case)
+            assert event_version(case) == 1
+        else:
+            with pytest.raises(UnsupportedVersion) as refused:
+                check_version(case)
+            # says what it met, what it accepts and what to do
+            assert "contract version" in str(refused.value) and "upgrade" in str(refused.value)
+            assert f"{low} to {high}" in str(refused.value) and repr(case["v"]) in str(refused.value)
+    # a consumer that accepts 1 to 2 applies a version 2 event
+    check_version({**event, "v": 2}, accepted=(1, 2))
+
+
 def test_the_bridge_knows_and_reduces_every_event_type() -> None:
     stream = events()
     assert {e["type"] for e in stream} == set(EVENT_MODELS) == KNOWN_TYPES
@@ -154,6 +207,23 @@ def test_the_bridge_knows_and_reduces_every_event_type() -> None:
 def test_the_browser_module_knows_every_event_type() -> None:
     exported = run_module("console.log(JSON.stringify({types: m.EVENT_TYPES}));")
     assert sorted(exported["types"]) == sorted(EVENT_MODELS)
+
+
+@node
+def test_the_browser_module_accepts_the_same_versions_as_the_bridge() -> None:
+    """The module's range holds the version the service sends, and it judges every `v` as
+    `events.check_version` does (its client on a refused one: tests/js/client.test.mjs)."""
+    cases = [{"type": "notif.add", **fields} for fields, _ in VERSION_CASES]
+    script = """
+let data = "";
+for await (const chunk of process.stdin) data += chunk;
+const verdicts = JSON.parse(data).map((event) => m.acceptsVersion(event));
+console.log(JSON.stringify({range: m.ACCEPTED_VERSIONS, verdicts}));
+"""
+    browser = run_module(script, json.dumps(cases))
+    assert (browser["range"]["min"], browser["range"]["max"]) == ACCEPTED_VERSIONS
+    assert browser["range"]["min"] <= CONTRACT_VERSION <= browser["range"]["max"]
+    assert browser["verdicts"] == [accepted for _, accepted in VERSION_CASES]
 
 
 @node

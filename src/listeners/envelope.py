@@ -1,6 +1,8 @@
 """The generic envelope every event travels in, on Redis and WebSocket (docs/events.md).
 
 Beside the specification's `{type, uid, timestamp, payload}` each envelope carries:
+- `v`: the version of the contract it follows (events.CONTRACT_VERSION), so that a consumer
+  meeting a version it does not know can say so instead of misapplying the event.
 - `event_id`: the identity of the change. A delta's id is derived from its source (document
   id and version), so the same change published by two instances during a handover has the
   same id; a sync's id is unique.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from listeners.events import CONTRACT_VERSION
 from listeners.inputs import encode_json
 from listeners.normalise.timestamps import format_utc
 
@@ -61,6 +64,7 @@ class Envelope:
 
     def to_dict(self) -> dict[str, Any]:
         event: dict[str, Any] = {
+            "v": CONTRACT_VERSION,
             "type": self.type,
             "uid": self.uid,
             "timestamp": self.timestamp,

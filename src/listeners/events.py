@@ -7,9 +7,19 @@ These TypedDicts are the single source of the JSON Schemas in `docs/schemas/`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, NotRequired
+from typing import Any, Final, Literal, NotRequired
 
 from typing_extensions import TypedDict  # pydantic reads these on Python 3.11
+
+# The contract's version (docs/events.md, "Versions"): a major number only. It changes when an
+# event a consumer already knows changes in a way an older consumer would misapply (a field
+# removed, renamed or retyped, an order rule changed); additions (an optional field, a new event
+# type, which consumers skip) keep it. Every envelope carries it as `v`.
+CONTRACT_VERSION: Final = 1
+# The majors the Python consumer (listeners.bridge) can apply, inclusive. The browser module
+# exports its own (`ACCEPTED_VERSIONS` in listeners-client.js); tests/test_contract.py checks
+# that both hold CONTRACT_VERSION.
+ACCEPTED_VERSIONS: Final = (1, 1)
 
 NOTIF_SYNC = "notif.sync"
 NOTIF_ADD = "notif.add"
@@ -65,6 +75,7 @@ class NotifRemovePayload(TypedDict):
 
 
 class _Envelope(TypedDict):
+    v: Literal[1]  # CONTRACT_VERSION: the version of the contract this event follows
     uid: str
     timestamp: str
     event_id: str  # a delta's id is derived from its source: the same change has the same id
@@ -203,3 +214,30 @@ def stream_of(event: Mapping[str, Any]) -> str:
         payload = payload if isinstance(payload, Mapping) else {}
         return f"chat:{payload.get('space_code', '')}:{payload.get('thread_key', '')}"
     return family
+
+
+class UnsupportedVersion(ValueError):
+    """An event of a contract version this consumer cannot apply: upgrade the consumer."""
+
+
+def event_version(event: Mapping[str, Any]) -> int | None:
+    """The contract version an event follows: its `v`; 1 when it has none (a service older
+    than the field, whose events are version 1); None when `v` is not an integer."""
+    if "v" not in event:
+        return 1
+    version = event["v"]
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def check_version(event: Mapping[str, Any], accepted: tuple[int, int] = ACCEPTED_VERSIONS) -> None:
+    """Raises `UnsupportedVersion`, saying which version and which range, unless this
+    consumer accepts the event's version. Call it before the event reaches the ordering rules:
+    an event of an unknown major must not be applied, nor move a stream's position."""
+    version = event_version(event)
+    low, high = accepted
+    if version is None or not low <= version <= high:
+        shown = repr(event.get("v"))[:20]
+        raise UnsupportedVersion(
+            f"event {str(event.get('type', ''))[:40]!r} follows contract version {shown}; this "
+            f"consumer accepts versions {low} to {high}: upgrade the consumer (listeners)"
+        )

@@ -13,12 +13,21 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from listeners.events import EVENT_MODELS
+from listeners.events import CONTRACT_VERSION, EVENT_MODELS
+
+# The schemas' own statement of the contract version they describe (an annotation: validators
+# ignore unknown keywords); each also pins the envelope's `v` to it.
+VERSION_KEYWORD = "x-contract-version"
 
 
 def schema(event_type: str) -> dict[str, Any]:
     generated = TypeAdapter(EVENT_MODELS[event_type]).json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": event_type, **generated}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": event_type,
+        VERSION_KEYWORD: CONTRACT_VERSION,
+        **generated,
+    }
 
 
 def render(event_type: str) -> str:

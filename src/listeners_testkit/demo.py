@@ -7,6 +7,11 @@ Realtime Database is the local stand-in. The writer brings three users online, t
 writing, updating and reading their notifications and direct messages, and heartbeats the
 registry as the Reflex backend would.
 
+Each user is authorised for some companies (`USERS`; an empty list means no filter), and a
+page shows only the items of those. Most items the writer makes for a user are of one of the
+user's companies; one in four is of another, to show the filter at work. Every terminal line
+says which company the item is for and whether the user's page shows it.
+
 A local token issuer stands in for Firebase Auth: the service verifies its tokens, and it
 hands them out to the demo page (/demo) for the three demo users. The operations page
 (/ops) is on with an admin token made for this run (or LISTENERS_ADMIN_TOKEN, if set).
@@ -23,6 +28,7 @@ import secrets
 import signal
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +42,35 @@ USERS = {"demo-alice": ["acme"], "demo-bob": [], "demo-carol": ["acme", "globex"
 COMPANIES = ["acme", "globex", "initech"]
 STATUSES = ["in_queue", "running", "completed", "error"]
 FUNCTIONS = ["Router", "APbookeeper", "Bankbookeeper"]
+HIDDEN_EVERY = 4  # each user's 4th, 8th… item is of a company outside its filter
+
+
+def who_sees(uid: str, company: str) -> str:
+    """Whether `uid`'s page shows an item of `company`, and why: the end of a terminal line."""
+    companies = USERS[uid]
+    if not companies:
+        return f"{company}: visible, {uid} has no company filter"
+    if company in companies:
+        return f"{company}: visible to {uid}"
+    return f"{company}: hidden, {uid} sees {', '.join(companies)} only"
+
+
+def choose_company(uid: str, made: int, rng: random.Random) -> str:
+    """The company of `uid`'s `made`-th item (from 1): one of the user's own, except every
+    HIDDEN_EVERY-th, which is of another company so that the filter shows."""
+    own = USERS[uid] or COMPANIES
+    others = [c for c in COMPANIES if c not in own]
+    if others and made % HIDDEN_EVERY == 0:
+        return rng.choice(others)
+    return rng.choice(own)
+
+
+def audience() -> list[str]:
+    """The banner's lines: who sees which company's items."""
+    return [
+        f"  {uid}: " + ("every company (no filter)" if not companies else ", ".join(companies))
+        for uid, companies in USERS.items()
+    ]
 
 
 def main() -> None:
@@ -92,6 +127,10 @@ def main() -> None:
                     f"  events:   redis-cli -h {env['LISTENERS_REDIS_HOST']} -p {redis_port} "
                     f"SUBSCRIBE {' '.join('user:' + u for u in USERS)}",
                     f"  firestore: {emulator.description} on {emulator.host}",
+                    "Each demo user's page shows the items of its companies only:",
+                    *audience(),
+                    f"One item in {HIDDEN_EVERY} is written for another company, to show the filter; "
+                    "each line below says who sees it.",
                     "Press Ctrl-C to stop.",
                     "",
                 ]
@@ -112,6 +151,8 @@ def write_forever(interval: float, duration: float, database_url: str) -> None:
     heartbeat = 0.0
     started = time.monotonic()
     counter = itertools.count(1)
+    made: Counter[str] = Counter()  # items written per user, for choose_company
+    rng = random.Random()
     try:
         while not duration or time.monotonic() - started < duration:
             if time.monotonic() - heartbeat > 30:
@@ -120,64 +161,70 @@ def write_forever(interval: float, duration: float, database_url: str) -> None:
                 heartbeat = time.monotonic()
             n = next(counter)
             if n % 4 == 0:
-                _direct_message(rtdb, n)
+                _direct_message(rtdb, n, made, rng)
             else:
-                _step(db, n)
+                _step(db, n, made, rng)
             time.sleep(interval)
     finally:
         for uid in USERS:
             db.document(f"listeners_registry/{uid}").update({"status": "offline"})
 
 
-def _step(db: Any, n: int) -> None:
+def _step(db: Any, n: int, made: Counter[str], rng: random.Random) -> None:
     """One change a step: add, then move a job through its statuses, then mark it read."""
-    uid = random.choice(list(USERS))
+    uid = rng.choice(list(USERS))
     notifications = db.collection(f"clients/{uid}/notifications")
     unread = list(notifications.where(filter=_unread()).stream())
-    if len(unread) < 3 or random.random() < 0.4:
+    if len(unread) < 3 or rng.random() < 0.4:
         job = f"job-{n:05d}"
+        made[uid] += 1
+        company = choose_company(uid, made[uid], rng)
         notifications.document(job).set(
             {
                 "job_id": job,
                 "file_id": f"file-{n:05d}",
                 "file_name": f"invoice-{n:05d}.pdf",
                 "status": STATUSES[0],
-                "collection_id": random.choice(COMPANIES),
+                "collection_id": company,
                 "collection_name": "Demo company",
-                "function_name": random.choice(FUNCTIONS),
+                "function_name": rng.choice(FUNCTIONS),
                 "timestamp": str(datetime.now(UTC).replace(tzinfo=None)),
                 "read": False,
                 "additional_info": json.dumps({"message": "queued by the demo writer"}),
             }
         )
-        print(f"demo: {uid} + {job}", flush=True)
+        print(f"demo: {uid} + {job} ({who_sees(uid, company)})", flush=True)
         return
-    doc = random.choice(unread)
-    status = doc.to_dict().get("status")
+    doc = rng.choice(unread)
+    data = doc.to_dict()
+    status, seen = data.get("status"), who_sees(uid, str(data.get("collection_id", "")))
     if status == STATUSES[-1] or status == STATUSES[-2]:
         doc.reference.update({"read": True})
-        print(f"demo: {uid} read {doc.id}", flush=True)
+        print(f"demo: {uid} read {doc.id} ({seen})", flush=True)
     else:
         following = STATUSES[min(STATUSES.index(status) + 1 if status in STATUSES else 0, len(STATUSES) - 1)]
         doc.reference.update({"status": following})
-        print(f"demo: {uid} {doc.id} -> {following}", flush=True)
+        print(f"demo: {uid} {doc.id} -> {following} ({seen})", flush=True)
 
 
-def _direct_message(rtdb: Any, n: int) -> None:
+def _direct_message(rtdb: Any, n: int, made: Counter[str], rng: random.Random) -> None:
     """Every fourth step a direct message arrives; older ones are read (which deletes them)."""
-    uid = random.choice(list(USERS))
+    uid = rng.choice(list(USERS))
     base = f"/clients/{uid}/direct_message_notif"
     existing = rtdb.get(f"{base}.json", params={"shallow": "true"}).json() or {}
     if len(existing) >= 2:
         oldest = sorted(existing)[0]
+        company = str((rtdb.get(f"{base}/{oldest}/collection_id.json").json()) or "")
         rtdb.delete(f"{base}/{oldest}.json")
-        print(f"demo: {uid} read direct message {oldest}", flush=True)
+        print(f"demo: {uid} read direct message {oldest} ({who_sees(uid, company)})", flush=True)
         return
+    made[uid] += 1
+    company = choose_company(uid, made[uid], rng)
     message = {
         "file_name": f"contract-{n:05d}.pdf",
         "status": "to_review",
         "job_id": f"job-{n:05d}",
-        "collection_id": random.choice(COMPANIES),
+        "collection_id": company,
         "collection_name": "Demo company",
         "function_name": "Router",
         "timestamp": str(datetime.now(UTC).replace(tzinfo=None)),
@@ -185,7 +232,7 @@ def _direct_message(rtdb: Any, n: int) -> None:
         "message": "Please review this contract",
     }
     key = rtdb.post(f"{base}.json", json=message).json()["name"]
-    print(f"demo: {uid} + direct message {key}", flush=True)
+    print(f"demo: {uid} + direct message {key} ({who_sees(uid, company)})", flush=True)
 
 
 def _unread() -> Any:

@@ -83,7 +83,7 @@ function signIn(user) {
     url: `${scheme}//${location.host}${config.ws_path}`,
     token: async () => (await fetchToken(user)).token,
     onStatus: (status, detail) => {
-      const kinds = { live: "ok", connecting: "warn", retrying: "warn", closed: "bad" };
+      const kinds = { live: "ok", connecting: "warn", retrying: "warn", closed: "bad", incompatible: "bad" };
       setConnection(status === "live" ? "live" : detail || status, kinds[status] || "warn");
     },
     onChange: (next, event) => {

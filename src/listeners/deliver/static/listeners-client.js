@@ -1,27 +1,37 @@
 // listeners-client.js — the browser side of Direct mode, as a small ES module.
 //
-// Served by the service at /assets/listeners-client.js; /demo uses it. No dependency, no build.
+// Served by the service at /assets/listeners-client.js (/demo uses it), and the very same file
+// is the npm package clients/js (its build copies it byte for byte). No dependency, no build.
 //
 //   import { ListenersClient } from "/assets/listeners-client.js";
 //   const client = new ListenersClient({
 //     url: "wss://listeners.example.com/ws",
-//     token: async () => (await firebaseUser.getIdToken()),    // called at each (re)connect and refresh
-//     onChange: (state) => render(state),                        // {notifications, messages, newMessage, hasNewMessages, chats}
-//     onStatus: (status, detail) => showConnection(status, detail), // "connecting" | "live" | "retrying" | "closed"
+//     token: async (fresh) => firebaseUser.getIdToken(fresh),  // at each (re)connect and refresh
+//     onChange: (state, event) => render(state),   // {notifications, messages, count, newMessage, hasNewMessages, chats}
+//     onStatus: (status, detail) => show(status),  // "connecting" | "live" | "retrying" | "closed" | "incompatible"
 //   });
 //   client.start();            // client.stop() to end; client.send({type: "notif.read", doc_id})
 //
-// What it does (docs/websocket.md, docs/events.md "Order and gaps"):
+// What it does (docs/websocket.md, docs/events.md "Order and gaps"; clients/js/README.md):
 // - connects with the token in `Sec-WebSocket-Protocol: bearer, <token>`, and sends
 //   `auth.refresh` with a fresh token a minute before the current one expires;
+// - sends `{"type": "ping"}` every 30 s; a socket that then stays silent for 10 s is dead
+//   (a half-open connection never closes by itself): it is dropped and another one opened;
 // - reconnects with exponential backoff and jitter, except after a close code that a new
-//   token cannot fix (FINAL_CODES);
+//   token cannot fix (FINAL_CODES); at once when the browser comes back online or the tab is
+//   shown again (a hidden tab's timers are throttled, and its socket may have died meanwhile);
 // - follows every stream's `epoch` and `seq` with the same rules as the Python bridge
 //   (listeners/bridge/ordering.py): a missing seq, or an epoch without its sync, is a gap,
 //   and the client sends `{"type": "resync"}`; events older than the last sync and
 //   duplicates are dropped; a tail position (`*.position`) ahead of what it holds is a gap;
+// - applies only events of a contract version it knows (ACCEPTED_VERSIONS): on another it
+//   stops, warns on the console and reports the status "incompatible";
 // - reduces the events to the UI's lists (`Reducers`, the same results as
 //   listeners/bridge/reducers.py: a contract test runs both on the same events).
+
+// The contract versions (every envelope's `v`, docs/events.md "Versions") this module can
+// apply: majors, inclusive. listeners.events.ACCEPTED_VERSIONS is the Python consumer's.
+export const ACCEPTED_VERSIONS = Object.freeze({ min: 1, max: 1 });
 
 export const EVENT_TYPES = Object.freeze([
   "notif.sync", "notif.add", "notif.update", "notif.remove",
@@ -33,7 +43,22 @@ const SYNC_TYPES = new Set(["notif.sync", "msg.sync", "chat.sync"]);
 const POSITION_TYPES = new Set(["notif.position", "msg.position", "chat.position"]);
 
 // Close codes after which reconnecting with a fresh token would not help (docs/websocket.md).
-export const FINAL_CODES = new Set([1008, 4002, 4003, 4004, 4005, 4006, 4007, 4009, 4010, 4013, 4017]);
+export const FINAL_CODES = new Set([1008, 4002, 4003, 4004, 4005, 4006, 4007, 4009, 4010, 4012, 4013, 4017]);
+
+/**
+ * The contract version an event follows: its `v`; 1 when it has none (a service older than
+ * the field, whose events are version 1); null when `v` is not an integer.
+ */
+export function eventVersion(event) {
+  if (!Object.hasOwn(event, "v")) return 1;
+  return Number.isInteger(event.v) ? event.v : null;
+}
+
+/** Whether this module can apply the event's contract version (listeners.events.check_version). */
+export function acceptsVersion(event, accepted = ACCEPTED_VERSIONS) {
+  const version = eventVersion(event);
+  return version !== null && version >= accepted.min && version <= accepted.max;
+}
 
 /** The stream an event belongs to, which its `seq` counts. */
 export function streamOf(event) {
@@ -228,15 +253,28 @@ export class Reducers {
   }
 }
 
-/** One user's live connection: token, refresh, reconnects, gaps and reducers. */
+/** One user's live connection: token, refresh, liveness, reconnects, gaps and reducers. */
 export class ListenersClient {
-  constructor({ url, token, onChange = () => {}, onStatus = () => {}, onMessage = () => {}, WebSocketImpl = globalThis.WebSocket }) {
+  constructor({
+    url,
+    token,
+    onChange = () => {},
+    onStatus = () => {},
+    onMessage = () => {},
+    WebSocketImpl = globalThis.WebSocket,
+    pingInterval = 30000, // ms between pings (docs/websocket.md: "every 30 s or so")
+    pongTimeout = 10000, // ms of silence after a ping that make the socket dead
+    backoff = { initial: 500, max: 10000 }, // ms; each delay is scaled by a jitter of 0.5 to 1
+  }) {
     this.url = url;
     this.token = token;
     this.onChange = onChange;
     this.onStatus = onStatus;
     this.onMessage = onMessage;
     this.WebSocketImpl = WebSocketImpl;
+    this.pingInterval = pingInterval;
+    this.pongTimeout = pongTimeout;
+    this.backoff = { initial: 500, max: 10000, ...backoff };
     this.reducers = new Reducers();
     this.follower = new Follower();
     this.socket = null;
@@ -245,23 +283,31 @@ export class ListenersClient {
     this.refreshTimer = null;
     this.retryTimer = null;
     this.resyncTimer = null;
-    this.generation = 0; // callbacks of an older socket do nothing
+    this.pingTimer = null;
+    this.pongTimer = null;
+    this.heardAt = 0; // when the socket last sent anything
+    this.generation = 0; // callbacks of an older socket, or of an older retry, do nothing
+    // The browser's own signals. "online": the network is back, so a reconnect waiting for its
+    // backoff goes now. "offline" and a tab shown again: the socket may be dead without a
+    // close event (a hidden tab's timers are throttled, a laptop slept): check it at once.
+    this._onOnline = () => this.wake("online");
+    this._onOffline = () => this._probe();
+    this._onVisibility = () => {
+      if (globalThis.document?.visibilityState === "visible") this.wake("visible");
+    };
   }
 
   start() {
     if (this.running) return;
     this.running = true;
+    globalThis.addEventListener?.("online", this._onOnline);
+    globalThis.addEventListener?.("offline", this._onOffline);
+    globalThis.document?.addEventListener("visibilitychange", this._onVisibility);
     this._connect();
   }
 
   stop() {
-    this.running = false;
-    this.generation += 1;
-    clearTimeout(this.refreshTimer);
-    clearTimeout(this.retryTimer);
-    clearTimeout(this.resyncTimer);
-    if (this.socket) this.socket.close(1000, "client stopped");
-    this.socket = null;
+    this._halt();
     this.onStatus("closed", "stopped");
   }
 
@@ -276,41 +322,126 @@ export class ListenersClient {
     return this.reducers.state;
   }
 
+  /**
+   * Reconnect now if no socket is open (a retry waiting for its backoff goes at once, with
+   * the backoff reset), or check that the open one is alive; called on "online" and when the
+   * tab is shown again.
+   */
+  wake(why = "wake") {
+    if (!this.running) return;
+    if (this.socket) {
+      this._probe();
+      return;
+    }
+    if (this.retryTimer === null) return; // a connection is being made already
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.retries = 0;
+    this.onStatus("retrying", `${why}: reconnecting now`);
+    this._connect();
+  }
+
+  // Stops everything: timers, listeners, the socket; no callback of it runs after this.
+  _halt(code = 1000, reason = "client stopped") {
+    this.running = false;
+    this.generation += 1;
+    this._clearTimers();
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    globalThis.removeEventListener?.("online", this._onOnline);
+    globalThis.removeEventListener?.("offline", this._onOffline);
+    globalThis.document?.removeEventListener("visibilitychange", this._onVisibility);
+    if (this.socket) this.socket.close(code, reason);
+    this.socket = null;
+  }
+
+  _clearTimers() {
+    for (const timer of ["refreshTimer", "resyncTimer", "pongTimer"]) {
+      clearTimeout(this[timer]);
+      this[timer] = null;
+    }
+    clearInterval(this.pingTimer);
+    this.pingTimer = null;
+  }
+
   async _connect() {
+    this.retryTimer = null;
     const mine = ++this.generation;
     this.onStatus("connecting", "");
     let token;
     try {
       token = await this.token();
     } catch (error) {
-      return this._retry(mine, "no token");
+      if (mine === this.generation) this._retry("no token");
+      return;
     }
     if (mine !== this.generation || !this.running) return;
     const ws = new this.WebSocketImpl(this.url, ["bearer", token]);
     this.socket = ws;
     ws.onmessage = (event) => {
-      if (mine === this.generation) this._handle(JSON.parse(event.data), mine);
+      if (mine !== this.generation) return;
+      this.heardAt = Date.now();
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch (error) {
+        return; // not JSON: nothing the service sends
+      }
+      if (message && typeof message === "object") this._handle(message, mine);
     };
     ws.onclose = (event) => {
       if (mine !== this.generation) return;
-      this.socket = null;
-      clearTimeout(this.refreshTimer);
-      this.follower.lost(); // whatever was published while away is lost: resync on return
-      if (FINAL_CODES.has(event.code)) {
-        this.running = false;
-        this.onStatus("closed", `closed ${event.code}: ${event.reason || "refused"}`);
-      } else {
-        this._retry(mine, `closed ${event.code}`);
-      }
+      this._lost(`closed ${event.code}`, event.code, event.reason);
     };
   }
 
-  _retry(mine, why) {
-    if (mine !== this.generation || !this.running) return;
-    const delay = Math.min(10000, 500 * 2 ** this.retries) * (0.5 + Math.random() / 2);
+  // The socket is gone (closed, or found dead): whatever was published meanwhile is lost,
+  // so the next socket starts with fresh syncs (the service sends them after auth.ok).
+  _lost(why, code = 1006, reason = "") {
+    this.generation += 1; // the old socket's late callbacks are ignored
+    const socket = this.socket;
+    this.socket = null;
+    this._clearTimers();
+    this.follower.lost();
+    if (socket && socket.readyState < 2) socket.close(4000, why.slice(0, 100)); // found dead
+    if (FINAL_CODES.has(code)) {
+      this._halt();
+      this.onStatus("closed", `closed ${code}: ${reason || "refused"}`);
+      return;
+    }
+    this._retry(why);
+  }
+
+  _retry(why) {
+    if (!this.running) return;
+    const mine = ++this.generation;
+    const { initial, max } = this.backoff;
+    const delay = Math.min(max, initial * 2 ** this.retries) * (0.5 + Math.random() / 2);
     this.retries += 1;
     this.onStatus("retrying", `${why}; reconnecting in ${Math.round(delay / 100) / 10} s`);
-    this.retryTimer = setTimeout(() => mine === this.generation && this._connect(), delay);
+    clearTimeout(this.retryTimer);
+    this.retryTimer = setTimeout(() => mine === this.generation && this.running && this._connect(), delay);
+  }
+
+  // A ping, unless one is unanswered already. The socket is dead once it has said nothing at
+  // all for pongTimeout since the ping: a frame meanwhile proves the server alive (its pong may
+  // be queued behind events) and moves the bound; the pong ends the check.
+  _probe() {
+    if (!this.socket || this.pongTimer !== null) return;
+    if (!this.send({ type: "ping" })) return; // still opening: its own close will tell
+    const mine = this.generation;
+    const sent = Date.now();
+    const check = () => {
+      if (mine !== this.generation) return;
+      const silent = Date.now() - Math.max(sent, this.heardAt);
+      if (silent < this.pongTimeout) {
+        this.pongTimer = setTimeout(check, this.pongTimeout - silent);
+        return;
+      }
+      this.pongTimer = null;
+      this._lost(`no pong within ${this.pongTimeout / 1000} s`);
+    };
+    this.pongTimer = setTimeout(check, this.pongTimeout);
   }
 
   _scheduleRefresh(expiresAt, mine) {
@@ -338,12 +469,37 @@ export class ListenersClient {
     this.resyncTimer = setTimeout(() => this._askResync(mine), 5000);
   }
 
+  // A service whose events this module cannot apply: applying them could show wrong lists,
+  // and reconnecting would meet the same service. Say so, and stop.
+  _incompatible(message) {
+    const { min, max } = ACCEPTED_VERSIONS;
+    const detail =
+      `the service sends contract version ${JSON.stringify(message.v)}; this client accepts ` +
+      `${min} to ${max}: load a client that matches the service`;
+    console.warn(`listeners-client: ${detail}`);
+    this._halt(1000, "unsupported contract version");
+    this.onStatus("incompatible", detail);
+  }
+
   _handle(message, mine) {
+    // Every envelope carries `v`; answers to client messages (auth.ok, pong…) carry none.
+    const envelope = Object.hasOwn(message, "v") || EVENT_TYPES.includes(message.type);
+    if (envelope && !acceptsVersion(message)) {
+      this._incompatible(message);
+      return;
+    }
     this.onMessage(message);
+    if (message.type === "pong") {
+      clearTimeout(this.pongTimer);
+      this.pongTimer = null;
+      return;
+    }
     if (message.type === "auth.ok") {
       this.retries = 0;
       this.onStatus("live", message.uid);
       this._scheduleRefresh(message.expires_at, mine);
+      clearInterval(this.pingTimer);
+      this.pingTimer = setInterval(() => this._probe(), this.pingInterval);
       // The service sends fresh syncs after auth.ok by itself; should one of them not come,
       // ask in 5 s (and every 5 s) until every stream is synced, as the bridge does.
       clearTimeout(this.resyncTimer);
