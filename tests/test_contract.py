@@ -251,3 +251,12 @@ console.log(JSON.stringify({verdicts, needsResync: follower.needsResync, notific
     assert bridge["verdicts"].count(False) >= 4 and not bridge["needsResync"]
     assert [n["doc_id"] for n in bridge["notifications"]] == ["n2", "n3"]
     assert newest_first(bridge["notifications"]) == bridge["notifications"]
+
+
+def test_the_bridge_skips_an_event_of_an_unknown_contract_version() -> None:
+    event = events()[0]
+    assert parse_event(json.dumps(event), "u") == event
+    assert parse_event(json.dumps({**event, "v": 2}), "u") is None
+    assert parse_event(json.dumps({**event, "v": "1"}), "u") is None
+    old = {k: v for k, v in event.items() if k != "v"}  # a service older than the field
+    assert parse_event(json.dumps(old), "u") == old

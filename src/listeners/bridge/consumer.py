@@ -27,7 +27,7 @@ from typing import Any
 from listeners.bridge.ordering import Follower
 from listeners.config import RedisSettings
 from listeners.control import resync_request
-from listeners.events import KNOWN_TYPES
+from listeners.events import KNOWN_TYPES, UnsupportedVersion, check_version
 from listeners.inputs import InvalidInput, parse_json
 from listeners.publish.broker import Broker, BrokerUnavailable
 from listeners.publish.channels import Channels
@@ -59,6 +59,11 @@ def parse_event(raw: bytes | str, uid: str) -> dict[str, Any] | None:
         return None
     if event["type"] not in KNOWN_TYPES:
         log.warning("event skipped: unknown type", extra={"uid": uid, "type": str(event["type"])[:40]})
+        return None
+    try:
+        check_version(event)  # before the order rules: an unknown major must not move a position
+    except UnsupportedVersion as exc:
+        log.error("event skipped: unsupported contract version", extra={"uid": uid, "reason": str(exc)})
         return None
     if (
         event["uid"] != uid
