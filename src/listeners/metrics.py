@@ -1,8 +1,17 @@
-"""Prometheus metrics of one node, in a registry of its own (several nodes per test process)."""
+"""Prometheus metrics of one node, in a registry of its own (several nodes per test process).
+
+In the container, every worker process writes its values to a shared directory and a scrape
+sees the whole task (listeners.multiproc). Each gauge says how the workers' values combine:
+`livesum` for what each worker holds a share of (users, streams, queue), `livemax` for what
+each sees whole (cluster members) or the worst of (a stall), `livemin` for what is up only
+when it is up everywhere (Redis). Live modes forget a worker once it is gone.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+from listeners import multiproc
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -11,17 +20,28 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.attached_users = Gauge("listeners_attached_users", "Users with open streams", registry=r)
-        self.open_streams = Gauge("listeners_open_streams", "Open Firestore watch streams", registry=r)
+        self.attached_users = Gauge(
+            "listeners_attached_users", "Users with open streams", multiprocess_mode="livesum", registry=r
+        )
+        self.open_streams = Gauge(
+            "listeners_open_streams", "Open Firestore watch streams", multiprocess_mode="livesum", registry=r
+        )
         self.firestore_connections = Gauge(
-            "listeners_firestore_connections", "gRPC connections carrying watches", registry=r
+            "listeners_firestore_connections",
+            "gRPC connections carrying watches",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.failed_streams = Gauge(
-            "listeners_failed_streams", "Streams that failed for good (e.g. permission denied)", registry=r
+            "listeners_failed_streams",
+            "Streams that failed for good (e.g. permission denied)",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.listen_degraded = Gauge(
             "listeners_listen_degraded",
             "Firestore Listen streams held back by a permanent error (retried slowly, no data)",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.listen_stream_errors = Counter(
@@ -55,7 +75,9 @@ class Metrics:
             ["task"],
             registry=r,
         )
-        self.redis_up = Gauge("listeners_redis_up", "1 when Redis answers", registry=r)
+        self.redis_up = Gauge(
+            "listeners_redis_up", "1 when Redis answers", multiprocess_mode="livemin", registry=r
+        )
         self.events = Counter("listeners_events", "Events published, by type", ["type"], registry=r)
         self.positions = Counter(
             "listeners_tail_positions",
@@ -67,7 +89,12 @@ class Metrics:
             "Events not published (Redis down or queue full)",
             registry=r,
         )
-        self.publish_queue = Gauge("listeners_publish_queue", "Events waiting to be published", registry=r)
+        self.publish_queue = Gauge(
+            "listeners_publish_queue",
+            "Events waiting to be published",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.malformed_registry = Counter(
             "listeners_registry_malformed", "Registry documents skipped as malformed", registry=r
         )
@@ -82,10 +109,17 @@ class Metrics:
             "listeners_user_detaches", "Users detached here, by reason", ["reason"], registry=r
         )
         self.cluster_members = Gauge(
-            "listeners_cluster_members", "Live instances in the membership", registry=r
+            "listeners_cluster_members",
+            "Live instances in the membership",
+            multiprocess_mode="livemax",
+            registry=r,
         )
         self.instance = Gauge(
-            "listeners_instance", "This instance (its id as a label)", ["instance_id"], registry=r
+            "listeners_instance",
+            "This instance (its id as a label)",
+            ["instance_id"],
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.loop_lag = Histogram(
             "listeners_loop_lag_seconds",
@@ -96,12 +130,14 @@ class Metrics:
         self.loop_stall_max = Gauge(
             "listeners_loop_stall_max_seconds",
             "The longest the event loop was kept busy since start",
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.loop_stall_max_value = 0.0
         self.asyncio_tasks = Gauge(
             "listeners_asyncio_tasks",
             "Tasks alive on the event loop (a leak shows as a count that only grows)",
+            multiprocess_mode="livesum",
             registry=r,
         )
         self.lag = Histogram(
@@ -112,4 +148,12 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This process's metrics; under uvicorn's workers (listeners.multiproc), the whole
+        task's: every worker's values, combined as each metric's multiprocess mode says."""
+        path = multiproc.directory()
+        if path is None:
+            return generate_latest(self.registry)
+        multiproc.forget_dead_workers(path)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -1,0 +1,88 @@
+"""One scrape of /metrics sees the whole task (listeners.multiproc): `uvicorn app.main:app`
+with two workers, as the task runs it; each scrape reaches either worker and shows what both
+did. A real redis-server, the emulator, a local token issuer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from google.cloud import firestore
+from prometheus_client.parser import text_string_to_metric_families
+
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import FirestoreEmulator, RedisServer
+from tests.conftest import register_online
+from tests.test_websocket_workers import healthy, instance_ids, service
+
+pytestmark = pytest.mark.asyncio
+
+Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
+
+
+async def scrape(port: int) -> Samples:
+    """One scrape, on a new connection (the kernel hands it to either worker)."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=30)).text
+    samples: Samples = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name][tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(samples.get(name, {}).values())
+
+
+async def test_one_scrape_shows_the_work_of_both_workers(
+    redis_server: RedisServer,
+    emulator: FirestoreEmulator,
+    db: firestore.Client,
+    issuer: LocalIssuer,
+    issuer_and_url: tuple[LocalIssuer, str],
+    tmp_path: Path,
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    users = [f"m{run}-{i}" for i in range(20)]  # spread over both workers by ownership
+    register_online(db, users)
+    with service(redis_server, issuer, issuer_and_url[1], tmp_path) as process:
+        await healthy(process.port)
+        ids = await instance_ids(process.port, 2)
+        seen: set[float] = set()  # until every user is attached somewhere
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(120):
+                while (attached := total(await scrape(process.port), "listeners_attached_users")) != len(
+                    users
+                ):
+                    seen.add(attached)
+                    await asyncio.sleep(0.5)
+        # (Per-worker registries: each scrape showed one worker's share, never all 20.)
+        assert attached == len(users), f"attached users seen by single scrapes: {sorted(seen)}"
+        for _ in range(12):  # whichever worker answers, the same whole-task figures
+            samples = await scrape(process.port)
+            instances = {dict(k)["instance_id"] for k, v in samples["listeners_instance"].items() if v}
+            assert instances == ids
+            assert total(samples, "listeners_attached_users") == len(users)
+            assert total(samples, "listeners_user_attaches_total") == len(users)
+            assert total(samples, "listeners_cluster_members") == 2  # livemax, not a sum
+            assert total(samples, "listeners_redis_up") == 1  # livemin
+
+        # A worker killed outright: its live gauges go, its counters stay (never backwards).
+        victim = int(sorted(ids)[0].rsplit("-", 2)[-2])
+        psutil.Process(victim).kill()
+        async with asyncio.timeout(120):
+            while True:
+                samples = await scrape(process.port)
+                instances = {dict(k)["instance_id"] for k, v in samples["listeners_instance"].items() if v}
+                attached = total(samples, "listeners_attached_users")
+                if sorted(ids)[0] not in instances and len(instances) == 2 and attached == len(users):
+                    break  # the dead one forgotten, its replacement counted, the users served
+                await asyncio.sleep(0.5)
+        assert total(samples, "listeners_user_attaches_total") >= len(users)
