@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -13,13 +14,24 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis.asyncio as aioredis
 from google.cloud import firestore
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import FirestoreEmulator, RedisServer
 from tests.conftest import register_online
-from tests.test_websocket_workers import healthy, instance_ids, service
+from tests.test_websocket_workers import (
+    envelope,
+    healthy,
+    hub_connections,
+    instance_ids,
+    open_socket,
+    service,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -73,6 +85,50 @@ async def test_one_scrape_shows_the_work_of_both_workers(
             assert total(samples, "listeners_user_attaches_total") == len(users)
             assert total(samples, "listeners_cluster_members") == 2  # livemax, not a sum
             assert total(samples, "listeners_redis_up") == 1  # livemin
+
+        # Direct mode on both workers: sockets until both hubs hold some, events to each.
+        sockets: dict[str, ClientConnection] = {}
+        async with asyncio.timeout(120):
+            while len(await hub_connections(redis_server.port)) < 2 or len(sockets) < 10:
+                uid = f"s{run}-{len(sockets)}"
+                sockets[uid] = await open_socket(process.port, issuer.mint(uid))
+        with contextlib.suppress(ConnectionClosed):  # refused: a token for another project
+            bad = await connect(
+                f"ws://127.0.0.1:{process.port}/ws",
+                subprotocols=[Subprotocol("bearer"), Subprotocol(LocalIssuer("elsewhere").mint("x"))],
+            )
+            await bad.recv()
+        publisher = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+        events = 5
+        for n in range(events):
+            for uid in sockets:
+                await publisher.publish(f"user:{uid}", envelope(uid, n))
+        await publisher.aclose()
+        for ws in sockets.values():
+            got = 0
+            async with asyncio.timeout(60):
+                while got < events:
+                    got += json.loads(await ws.recv())["type"] == "notif.add"
+        for _ in range(6):
+            samples = await scrape(process.port)
+            assert total(samples, "listeners_ws_sockets") == len(sockets)
+            assert total(samples, "listeners_ws_users") == len(sockets)
+            handshakes = {dict(k)["outcome"]: v for k, v in samples["listeners_ws_handshakes_total"].items()}
+            assert handshakes.pop("accepted") == len(sockets)
+            assert sum(handshakes.values()) == 1 and all(k.startswith("40") for k in handshakes)
+            # auth.ok, then each event: a resync may add sync messages, never fewer
+            assert total(samples, "listeners_ws_messages_sent_total") >= len(sockets) * (events + 1)
+            assert total(samples, "listeners_ws_delivery_seconds_count") == total(
+                samples, "listeners_ws_messages_sent_total"
+            )
+        for ws in sockets.values():
+            await ws.close()
+        async with asyncio.timeout(60):
+            while total(samples := await scrape(process.port), "listeners_ws_sockets") != 0:
+                await asyncio.sleep(0.2)
+        assert samples["listeners_ws_closes_total"][(("code", "client"),)] == len(sockets)
+        assert total(samples, "listeners_ws_users") == 0
+        assert total(samples, "listeners_ws_queue_bytes") == 0
 
         # A worker killed outright: its live gauges go, its counters stay (never backwards).
         victim = int(sorted(ids)[0].rsplit("-", 2)[-2])

@@ -147,6 +147,52 @@ class Metrics:
             registry=r,
         )
 
+        # -- WebSocket Direct mode (deliver.websocket): counts per worker, summed per task
+        self.ws_sockets = Gauge(
+            "listeners_ws_sockets", "Authenticated WebSockets open", multiprocess_mode="livesum", registry=r
+        )
+        self.ws_users = Gauge(
+            "listeners_ws_users",
+            "Users with at least one socket open (on each worker, summed over the workers)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.ws_handshakes = Counter(
+            "listeners_ws_handshakes",
+            "WebSocket connections by outcome: accepted, or the close code that refused them",
+            ["outcome"],
+            registry=r,
+        )
+        self.ws_closes = Counter(
+            "listeners_ws_closes",
+            "WebSockets closed, by close code sent (client: the client closed first)",
+            ["code"],
+            registry=r,
+        )
+        self.ws_messages = Counter("listeners_ws_messages_sent", "Messages written to WebSockets", registry=r)
+        self.ws_bytes = Counter(
+            "listeners_ws_sent_bytes",
+            "Text written to WebSockets, in characters of JSON (bytes for ASCII), before compression",
+            registry=r,
+        )
+        self.ws_queue_bytes = Gauge(
+            "listeners_ws_queue_bytes",
+            "Text held for sockets whose transport would not take more (characters)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.ws_slow_consumers = Counter(
+            "listeners_ws_slow_consumer_closes",
+            "Sockets closed 4014 because they did not read fast enough",
+            registry=r,
+        )
+        self.ws_delivery = Histogram(
+            "listeners_ws_delivery_seconds",
+            "From the hub handing a message to a socket to its write to the transport",
+            buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.3, 1.0, 5.0, 30.0),
+            registry=r,
+        )
+
     def render(self) -> bytes:
         """This process's metrics; under uvicorn's workers (listeners.multiproc), the whole
         task's: every worker's values, combined as each metric's multiprocess mode says."""
