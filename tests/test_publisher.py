@@ -72,12 +72,14 @@ async def test_outage_drops_then_resyncs_everyone() -> None:
     assert doc_ids(broker, "user:a") == ["2"]
     assert resyncs == [None]
     assert metrics.publish_failures._value.get() == 1
+    assert metrics.resyncs.labels("redis_recovered")._value.get() == 1
     task.cancel()
 
 
 async def test_full_queue_drops_and_resyncs_those_users() -> None:
     broker = MemoryBroker()
-    publisher = Publisher(broker, Metrics(), max_queue=10)
+    metrics = Metrics()
+    publisher = Publisher(broker, metrics, max_queue=10)
     resyncs: list[set[str] | None] = []
     publisher.resync = resyncs.append
     task = await started(publisher)
@@ -86,6 +88,7 @@ async def test_full_queue_drops_and_resyncs_those_users() -> None:
     assert await publisher.flush(30)
     assert len(broker.published["user:a"]) == 10
     assert resyncs == [{"a", "b"}]
+    assert metrics.resyncs.labels("publish_gap")._value.get() == 1
     task.cancel()
 
 

@@ -55,6 +55,24 @@ class Metrics:
             "Firestore documents that could not be decoded (their watches failed)",
             registry=r,
         )
+        self.listen_relistens = Counter(
+            "listeners_listen_relistens",
+            "Firestore Listen targets listened to again, by reason (stream, existence_filter)",
+            ["reason"],
+            registry=r,
+        )
+        self.listen_target_errors = Counter(
+            "listeners_listen_target_errors",
+            "Firestore Listen targets removed by the server with an error, by google.rpc.Code",
+            ["code"],
+            registry=r,
+        )
+        self.listen_probes = Counter(
+            "listeners_listen_probes",
+            "Questions asked of quiet Firestore Listen streams, by result (answered, unanswered)",
+            ["result"],
+            registry=r,
+        )
         self.stream_restarts = Counter(
             "listeners_stream_restarts", "Watches replaced after they ended", ["kind"], registry=r
         )
@@ -87,6 +105,19 @@ class Metrics:
         self.publish_failures = Counter(
             "listeners_publish_failures",
             "Events not published (Redis down or queue full)",
+            registry=r,
+        )
+        self.resyncs = Counter(
+            "listeners_resyncs",
+            "Resyncs the publisher started, by reason: redis_recovered (every user), "
+            "publish_gap (the users with an event not confirmed)",
+            ["reason"],
+            registry=r,
+        )
+        self.control_requests = Counter(
+            "listeners_control_requests",
+            "Consumer resync requests on the control channel, by outcome (served, refused, failed)",
+            ["outcome"],
             registry=r,
         )
         self.publish_queue = Gauge(

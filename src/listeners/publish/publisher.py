@@ -174,6 +174,7 @@ class Publisher:
     def _resync_gaps(self, reason: str, delay: float) -> None:
         gaps, self._gaps = self._gaps, set()
         log.warning("resyncing users", extra={"users": len(gaps), "reason": reason})
+        self._metrics.resyncs.labels("publish_gap").inc()
         if delay > 0:
             asyncio.get_running_loop().call_later(delay, self.resync, gaps)
         else:
@@ -248,6 +249,7 @@ class Publisher:
             self._missed = False
             self._gaps.clear()
             log.info("redis is reachable; resyncing every user", extra={"delay": self._resync_delay})
+            self._metrics.resyncs.labels("redis_recovered").inc()
             asyncio.get_running_loop().call_later(self._resync_delay, self.resync, None)
         elif self._gaps:
             self._resync_gaps("events not confirmed before the task restarted", self._resync_delay)

@@ -102,6 +102,7 @@ class Outcome(Generic[K]):
     # Data or a consistent point: the stream serves. An ADD acknowledgement is not: a server
     # that acknowledges and then closes the stream must not reset the reconnect backoff.
     progress: bool = False
+    mismatches: int = 0  # existence filters that disagreed: their targets re-listened
 
 
 class ListenState(Generic[K]):
@@ -185,6 +186,7 @@ class ListenState(Generic[K]):
         elif kind == "filter":
             filtered = self._by_id.get(response.filter.target_id)
             if filtered is not None and filtered.count() != response.filter.count:
+                outcome.mismatches += 1
                 outcome.requests.extend(self._relisten(filtered))
         return outcome
 
