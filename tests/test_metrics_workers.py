@@ -24,6 +24,7 @@ from websockets.typing import Subprotocol
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import FirestoreEmulator, RedisServer
 from tests.conftest import register_online
+from tests.test_metrics_doc import documented
 from tests.test_websocket_workers import (
     envelope,
     healthy,
@@ -111,6 +112,8 @@ async def test_one_scrape_shows_the_work_of_both_workers(
                     got += json.loads(await ws.recv())["type"] == "notif.add"
         for _ in range(6):
             samples = await scrape(process.port)
+            undocumented = {n for n in samples if not n.startswith(tuple(documented()))}
+            assert undocumented == set()  # docs/metrics.md, against a multiprocess scrape
             assert total(samples, "listeners_ws_sockets") == len(sockets)
             assert total(samples, "listeners_ws_users") == len(sockets)
             handshakes = {dict(k)["outcome"]: v for k, v in samples["listeners_ws_handshakes_total"].items()}

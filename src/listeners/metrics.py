@@ -9,9 +9,21 @@ when it is up everywhere (Redis). Live modes forget a worker once it is gone.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
 
 from listeners import multiproc
+
+# The `_created` series: multiprocess mode has none, so a single worker has none either (one
+# shape of /metrics whatever WEB_CONCURRENCY is).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
