@@ -78,6 +78,9 @@ async def test_one_scrape_shows_the_work_of_both_workers(
                     await asyncio.sleep(0.5)
         # (Per-worker registries: each scrape showed one worker's share, never all 20.)
         assert attached == len(users), f"attached users seen by single scrapes: {sorted(seen)}"
+        async with asyncio.timeout(60):  # counted every 15 s
+            while total(await scrape(process.port), "listeners_registry_online_users") != len(users):
+                await asyncio.sleep(0.5)
         for _ in range(12):  # whichever worker answers, the same whole-task figures
             samples = await scrape(process.port)
             instances = {dict(k)["instance_id"] for k, v in samples["listeners_instance"].items() if v}
@@ -86,6 +89,8 @@ async def test_one_scrape_shows_the_work_of_both_workers(
             assert total(samples, "listeners_user_attaches_total") == len(users)
             assert total(samples, "listeners_cluster_members") == 2  # livemax, not a sum
             assert total(samples, "listeners_redis_up") == 1  # livemin
+            assert total(samples, "listeners_registry_up") == 1  # livemin
+            assert total(samples, "listeners_registry_online_users") == len(users)  # livemax
 
         # Direct mode on both workers: sockets until both hubs hold some, events to each.
         sockets: dict[str, ClientConnection] = {}

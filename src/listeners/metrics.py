@@ -132,6 +132,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.registry_up = Gauge(
+            "listeners_registry_up",
+            "1 while the registry watch runs (0: no user is attached or detached)",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.registry_online = Gauge(
+            "listeners_registry_online_users",
+            "Users online in the registry, served here or not (counted every 15 s)",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.publish_queue = Gauge(
             "listeners_publish_queue",
             "Events waiting to be published",
