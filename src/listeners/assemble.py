@@ -256,6 +256,7 @@ async def direct_mode(service: Service, account: ServiceAccount | None = None) -
             chat=service.rtdb is not None,
         ),
     )
+    service.metrics.ws_max_sockets.set(settings.websocket.max_sockets)
     service.supervisor.start("hub", hub.run)
     try:
         yield gateway

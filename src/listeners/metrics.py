@@ -212,6 +212,12 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.ws_max_sockets = Gauge(
+            "listeners_ws_max_sockets",
+            "The cap on authenticated WebSockets (LISTENERS_WS_MAX_SOCKETS, each worker's)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.ws_handshakes = Counter(
             "listeners_ws_handshakes",
             "WebSocket connections by outcome: accepted, or the close code that refused them",
