@@ -46,3 +46,12 @@ def test_every_alert_is_unit_tested_and_names_only_exported_metrics() -> None:
         assert rule["alert"] in tested, rule["alert"]
         for name in SERIES.findall(rule["expr"]):
             assert name in exported or name.removesuffix("_bucket") in exported, (rule["alert"], name)
+
+
+def test_every_alert_has_its_runbook_section() -> None:
+    runbook = (ROOT / "docs" / "operations.md").read_text()
+    sections = set(re.findall(r"^### (\w+)$", runbook, re.M))
+    for rule in alerts():
+        assert rule["alert"] in sections, rule["alert"]
+    anchors = set(re.findall(r"runbook: docs/operations.md#(\w+)", RULES.read_text()))
+    assert anchors == {a["alert"].lower() for a in alerts()}
