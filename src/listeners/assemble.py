@@ -157,6 +157,8 @@ async def running(
     broker = broker or RedisBroker(settings.redis, metrics)
     source = source or firestore_source(settings, account, metrics)
     rtdb = rtdb or rtdb_client(settings.firebase, account)
+    if rtdb is not None:
+        rtdb.on_reconnect = lambda cause: metrics.rtdb_reconnects.labels(cause).inc()
     membership = Membership(settings.redis, settings.instance_id, broker=broker)
     publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)
     node = Node(

@@ -85,6 +85,19 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.rtdb_streams = Gauge(
+            "listeners_rtdb_streams",
+            "Realtime Database streams open (connected or reconnecting)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.rtdb_reconnects = Counter(
+            "listeners_rtdb_reconnects",
+            "Realtime Database streams connected again, by cause (unauthorized, http_4xx, http_5xx, "
+            "retry, idle_timeout, ended, protocol, network)",
+            ["cause"],
+            registry=r,
+        )
         self.stream_restarts = Counter(
             "listeners_stream_restarts", "Watches replaced after they ended", ["kind"], registry=r
         )

@@ -384,6 +384,8 @@ class Node:
             elif mono >= deadline:
                 self._detach(uid, "moved to another instance")
         self._metrics.registry_up.set(1 if self.registry_healthy else 0)
+        if self._sources.rtdb is not None:
+            self._metrics.rtdb_streams.set(self._sources.rtdb.open_streams)
         if mono - self._online_counted_at >= ONLINE_COUNT_SECONDS:  # O(users): not each sweep
             self._online_counted_at = mono
             now = self._clock()
