@@ -129,7 +129,8 @@ class Metrics:
         )
         self.publish_failures = Counter(
             "listeners_publish_failures",
-            "Events not published (Redis down or queue full)",
+            "Events not published, by cause (redis_down, queue_full, interrupted: a batch cut mid-write)",
+            ["cause"],
             registry=r,
         )
         self.resyncs = Counter(
@@ -277,3 +278,8 @@ class Metrics:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+
+def total(metric: Counter) -> float:
+    """A counter's value summed over its labels (in this process's registry)."""
+    return float(sum(s.value for m in metric.collect() for s in m.samples if s.name.endswith("_total")))

@@ -80,11 +80,11 @@ class Publisher:
         """Queue one event; never blocks, never raises. False: dropped (its user is resynced)."""
         self._tails.saw(channel, envelope, time.monotonic())
         if not self.up:
-            self._metrics.publish_failures.inc()
+            self._metrics.publish_failures.labels("redis_down").inc()
             self._missed = True  # every user is resynced on recovery
             return False
         if len(self._queue) >= self._max_queue:
-            self._metrics.publish_failures.inc()
+            self._metrics.publish_failures.labels("queue_full").inc()
             self._gaps.add(envelope.uid)
             return False
         self._queue.append(_Pending(channel, envelope, lag_from))
@@ -164,7 +164,7 @@ class Publisher:
     def _abandon_inflight(self) -> None:
         if self._inflight:
             self._gaps.update(p.envelope.uid for p in self._inflight)
-            self._metrics.publish_failures.inc(len(self._inflight))
+            self._metrics.publish_failures.labels("interrupted").inc(len(self._inflight))
             log.warning(
                 "publish interrupted mid-batch; its users will be resynced",
                 extra={"dropped": len(self._inflight), "users": len(self._gaps)},
@@ -210,7 +210,7 @@ class Publisher:
     def _lost(self, dropped: int, reason: str) -> None:
         self.up = False
         self._metrics.redis_up.set(0)
-        self._metrics.publish_failures.inc(dropped)
+        self._metrics.publish_failures.labels("redis_down").inc(dropped)
         self._queue.clear()
         self._inflight = []
         self._gaps.clear()  # every user is resynced on recovery
