@@ -81,6 +81,14 @@ async def test_one_scrape_shows_the_work_of_both_workers(
         async with asyncio.timeout(60):  # counted every 15 s
             while total(await scrape(process.port), "listeners_registry_online_users") != len(users):
                 await asyncio.sleep(0.5)
+        async with asyncio.timeout(60):  # every user's Listen targets caught up, on both workers
+            while True:
+                targets = (await scrape(process.port))["listeners_listen_targets"]
+                if targets.get((("state", "current"),), 0) >= len(users) and not targets.get(
+                    (("state", "pending"),)
+                ):
+                    break
+                await asyncio.sleep(0.5)
         for _ in range(12):  # whichever worker answers, the same whole-task figures
             samples = await scrape(process.port)
             instances = {dict(k)["instance_id"] for k, v in samples["listeners_instance"].items() if v}

@@ -67,6 +67,13 @@ class Metrics:
             "Firestore documents that could not be decoded (their watches failed)",
             registry=r,
         )
+        self.listen_targets = Gauge(
+            "listeners_listen_targets",
+            "Firestore Listen targets by state (current, pending), counted every 15 s",
+            ["state"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.listen_relistens = Counter(
             "listeners_listen_relistens",
             "Firestore Listen targets listened to again, by reason (stream, existence_filter)",

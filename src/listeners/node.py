@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # Only online entries: an offline one is not served, and a user who goes offline leaves the
 # query's result, which the node reads as gone. Every heartbeat of an online user still comes.
 REGISTRY_QUERY = Query(REGISTRY_COLLECTION, (("status", "online"),))
-ONLINE_COUNT_SECONDS = 15.0  # how often listeners_registry_online_users is counted
+ONLINE_COUNT_SECONDS = 15.0  # how often the online users and the Listen targets are counted (O(n))
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,6 +390,8 @@ class Node:
             self._online_counted_at = mono
             now = self._clock()
             self._metrics.registry_online.set(sum(e.is_online(now) for e in self._entries.values()))
+            for state, count in self._source.targets().items():
+                self._metrics.listen_targets.labels(state).set(count)
         if not self.registry_healthy and mono >= self._registry_retry_at:
             log.warning("registry watch ended; replacing it")
             self._metrics.stream_restarts.labels("registry").inc()

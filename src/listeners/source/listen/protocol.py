@@ -126,6 +126,9 @@ class ListenState(Generic[K]):
     def all_current(self) -> bool:
         return all(state.current for state in self._by_key.values())
 
+    def current_count(self) -> int:
+        return sum(state.current for state in self._by_key.values())
+
     def target(self, key: K) -> TargetState[K]:
         return self._by_key[key]
 
