@@ -5,6 +5,8 @@ process before it listens, with one message naming every problem and exit status
 uvicorn's workers (`WEB_CONCURRENCY`), a worker exits with uvicorn's own STARTUP_FAILURE (3)
 instead: the supervisor restarts any other dead worker, for ever, but stops on that one, so
 the task stops (with status 0, uvicorn's supervisor's) instead of looping.
+
+Its workers share their metrics (listeners.multiproc): /metrics on any of them shows the task.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ import multiprocessing
 
 from uvicorn.config import STARTUP_FAILURE
 
-from listeners import logs
-from listeners.assemble import create_app
-from listeners.config import ConfigError, Settings, load_settings
+from listeners import multiproc
+
+# Before prometheus_client is imported (by listeners.assemble): one scrape, every worker.
+multiproc.prepare()
+
+from listeners import logs  # noqa: E402
+from listeners.assemble import create_app  # noqa: E402
+from listeners.config import ConfigError, Settings, load_settings  # noqa: E402
 
 
 def _settings() -> Settings:

@@ -94,6 +94,10 @@ async def test_hostile_messages_are_refused_one_by_one(
         await client.aclose()
         assert not any(service.supervisor.restarts.values()) and service.health()["status"] == "ok"
         assert rejected(service) == len(hostile)
+        refused = service.metrics.registry.get_sample_value(
+            "listeners_control_requests_total", {"outcome": "refused"}
+        )
+        assert refused == len(hostile)
     assert refusals(caplog) == [reason for _, reason in hostile]
     logged = "\n".join(r.getMessage() + str(vars(r)) for r in caplog.records if r.name == "listeners.control")
     assert "udcff" not in logged and "fay:x" not in logged  # the reason only, never the payload

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -212,6 +213,13 @@ def task_definition(outputs: dict[str, str] = OUTPUTS) -> dict[str, Any]:
     return data
 
 
+def service_container(td: dict[str, Any]) -> dict[str, Any]:
+    """The service's container; the other is the metrics sidecar (test_metrics_sidecar)."""
+    containers: dict[str, dict[str, Any]] = {c["name"]: c for c in td["containerDefinitions"]}
+    assert set(containers) == {"listeners", "metrics-sidecar"}
+    return containers["listeners"]
+
+
 _VALIDATE = """
 import json, sys
 import botocore.session
@@ -251,7 +259,7 @@ def test_task_definition_is_a_valid_register_task_definition_input() -> None:
 
 def test_task_definition_is_fargate_sized_and_wired() -> None:
     td = task_definition()
-    (container,) = td["containerDefinitions"]
+    container = service_container(td)
     assert td["requiresCompatibilities"] == ["FARGATE"] and td["networkMode"] == "awsvpc"
     assert (td["cpu"], td["memory"]) == ("2048", "4096")  # 2 vCPU pair with 4-16 GB on Fargate
     assert td["executionRoleArn"] == OUTPUTS["TaskExecutionRoleArn"]
@@ -282,7 +290,7 @@ def test_task_definition_is_fargate_sized_and_wired() -> None:
 
 
 def test_task_definition_environment_has_no_secret() -> None:
-    (container,) = task_definition()["containerDefinitions"]
+    container = service_container(task_definition())
     env = {e["name"]: e["value"] for e in container["environment"]}
     secrets = {s["name"]: s["valueFrom"] for s in container["secrets"]}
     assert SPEC_RUNTIME - {"GOOGLE_SERVICE_ACCOUNT_SECRET", "AWS_SECRET_NAME"} <= set(env) | set(secrets)
@@ -303,10 +311,10 @@ def test_task_definition_environment_has_no_secret() -> None:
 
 def test_optional_outputs_are_left_out_and_missing_ones_named() -> None:
     with_optional = {**OUTPUTS, "GoogleServiceAccountSecret": "pinnokio/sa", "AwsSecretName": "pinnokio/aws"}
-    (container,) = task_definition(with_optional)["containerDefinitions"]
+    container = service_container(task_definition(with_optional))
     env = {e["name"]: e["value"] for e in container["environment"]}
     assert env["GOOGLE_SERVICE_ACCOUNT_SECRET"] == "pinnokio/sa" and env["AWS_SECRET_NAME"] == "pinnokio/aws"
-    (container,) = task_definition()["containerDefinitions"]
+    container = service_container(task_definition())
     assert not {"GOOGLE_SERVICE_ACCOUNT_SECRET", "AWS_SECRET_NAME"} & {
         e["name"] for e in container["environment"]
     }
@@ -320,7 +328,7 @@ def test_uvicorn_settings_are_real_options_and_fit_the_alb() -> None:
 
     # uvicorn's command line is a click command whose options also read UVICORN_<NAME>.
     options = {f"UVICORN_{p.name.upper()}" for p in uvicorn.main.params if p.name}
-    (container,) = task_definition()["containerDefinitions"]
+    container = service_container(task_definition())
     env = {e["name"]: e["value"] for e in container["environment"]}
     _, final = dockerfile_stages()
     dockerfile_env = dict(re.findall(r"(\w+)=(\S+)", " ".join(only(final, "ENV"))))
@@ -560,3 +568,40 @@ def test_ci_workflow_runs_the_readme_test_command_on_pull_requests() -> None:
     assert [s["run"] for s in job["steps"] if s.get("run", "").startswith("bash ")] == ["bash scripts/test"]
     (python,) = steps_using(job, "actions/setup-python")
     assert python["with"]["python-version"] == "3.11"
+
+
+# ------------------------------------------------------------------ metrics (issue 25)
+
+
+def test_metrics_sidecar_scrapes_the_task_into_what_the_alarms_read(tmp_path: Path) -> None:
+    """The CloudWatch agent sidecar's Prometheus configuration is valid (promtool), scrapes this
+    task's /metrics on localhost, and sends every metric that monitoring.yaml's alarms read, all
+    of them exported by the service (docs/metrics.md); each alert of alerts.yml has its alarm."""
+    from tests.test_alerts import alerts
+    from tests.test_metrics_doc import documented
+
+    td = task_definition()
+    sidecar = {c["name"]: c for c in td["containerDefinitions"]}["metrics-sidecar"]
+    assert sidecar["essential"] is False  # a dead sidecar never stops the service
+    env = {e["name"]: e["value"] for e in sidecar["environment"]}
+    scrape = env["PROMETHEUS_CONFIG_CONTENT"]
+    assert "targets: ['localhost:8080']" in scrape and "metrics_path: /metrics" in scrape
+    promtool = shutil.which("promtool")
+    if promtool is not None:
+        (tmp_path / "prometheus.yml").write_text(scrape)
+        done = run(promtool, "check", "config", str(tmp_path / "prometheus.yml"))
+        assert done.returncode == 0, done.stdout + done.stderr
+    agent = json.loads(env["CW_CONFIG_CONTENT"])["logs"]["metrics_collected"]["prometheus"]
+    assert agent["prometheus_config_path"] == "env:PROMETHEUS_CONFIG_CONTENT"
+    emf = agent["emf_processor"]
+    sent = {s.strip("^$") for d in emf["metric_declaration"] for s in d["metric_selectors"]}
+    exported = set(documented())
+    assert {n.removesuffix("_bucket").removesuffix("_count") for n in sent} <= exported | {
+        "listeners_publish_lag_seconds"
+    }
+    monitoring = (ROOT / "deploy" / "cloudformation" / "monitoring.yaml").read_text()
+    assert agent["log_group_name"] in monitoring  # the log group the stack creates and allows
+    read = set(re.findall(r"MetricName: (listeners_\w+)", monitoring))
+    assert read and read <= sent, read - sent
+    alarms = set(re.findall(r"AlarmName: (\w+)", monitoring))
+    assert {a["alert"] for a in alerts()} - {"ListenersTargetDown"} <= alarms

@@ -223,6 +223,13 @@ def test_resume_tokens_are_committed_only_at_a_consistent_point_where_the_target
     assert [r.add_target.resume_token for r in state.resume()] == [b"g3", b"g3"]
 
 
+def test_an_existence_filter_mismatch_is_counted_for_the_metrics() -> None:
+    state = listening("a")
+    feed(state, doc("d1", 1), change(wire.CURRENT, 1, token=b"t1"), global_point(1))
+    assert state.on_response(existence(1, 1)).mismatches == 0
+    assert state.on_response(existence(1, 2)).mismatches == 1
+
+
 def test_the_query_target_carries_equality_filters() -> None:
     target = query_target(DB, "clients/u1/notifications", (("read", False), ("k", None)))
     assert target.query.parent == f"{DB}/documents/clients/u1"

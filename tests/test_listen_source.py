@@ -25,6 +25,7 @@ from google.cloud import firestore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from listeners.metrics import Metrics
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
 from listeners.source.snapshots import Query, Snapshot, SnapshotSource
@@ -453,7 +454,10 @@ async def test_a_silent_connection_is_found_by_a_probe_and_replaced(
 
     port = int(emulator.host.rpartition(":")[2])
     with TcpProxy(port) as proxy:
-        source = ListenSource(project_id, emulator_host=f"127.0.0.1:{proxy.port}", silence=1.0, answer=2.0)
+        metrics = Metrics()
+        source = ListenSource(
+            project_id, emulator_host=f"127.0.0.1:{proxy.port}", silence=1.0, answer=2.0, metrics=metrics
+        )
         db = firestore.Client(project=project_id)
         latest = Latest()
         try:
@@ -464,6 +468,9 @@ async def test_a_silent_connection_is_found_by_a_probe_and_replaced(
             await latest.until(lambda: latest.results["quiet"] == {"while-silent"})
             (connection,) = source.pool.connections
             assert connection.generation >= 1 and watch.stream.probes >= 1 and watch.stream.restarts >= 1
+            # what an operator sees of it: an unanswered probe, the target listened to again
+            assert metrics.listen_probes.labels("unanswered")._value.get() >= 1
+            assert metrics.listen_relistens.labels("stream")._value.get() >= 2  # first call, then again
         finally:
             await source.aclose()
             db.close()

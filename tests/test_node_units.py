@@ -55,6 +55,9 @@ class FakeSource:
     def connections(self) -> int:
         return 1
 
+    def targets(self) -> dict[str, int]:
+        return {}
+
     async def aclose(self) -> None:
         return None
 

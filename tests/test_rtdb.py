@@ -328,6 +328,8 @@ async def test_dropped_connection_reconnects_with_a_fresh_full_read(
     standin: RtdbStandin, client: RtdbClient, ns: str, mode: str
 ) -> None:
     mirror = Mirror()
+    causes: list[str] = []
+    client.on_reconnect = causes.append  # the metrics' label
     await client.set("/feed", {"a": 1, "b": 2})
     stream = client.stream("/feed", mirror.on_change, backoff=FAST)
     await synced(stream)
@@ -340,6 +342,7 @@ async def test_dropped_connection_reconnects_with_a_fresh_full_read(
         await standin.set_hold(False)
     await eventually(lambda: stream.synced)
     assert mirror.trees == [{"a": 1, "b": 2}, {"a": 1, "c": 3}]  # replaced whole, in one call
+    assert len(causes) == stream.reconnects and "http_5xx" in causes  # the 503s while held
     await client.update("/feed", {"d": 4})
     await converges(stream, client, {"a": 1, "c": 3, "d": 4})
     assert await standin.open_streams(ns) == 1
@@ -416,8 +419,11 @@ async def test_idle_stream_reconnects_and_keepalive_counts_as_liveness(
     rtdb = RtdbClient(silent.url, namespace="n")
     # The idle timeout also bounds the connection and its first put: it leaves room for a
     # loaded machine.
+    causes: list[str] = []
+    rtdb.on_reconnect = causes.append
     stream = rtdb.stream("/quiet", lambda tree: None, idle_timeout=1.0, backoff=FAST)
     await eventually(lambda: stream.reconnects >= 2)
+    assert "idle_timeout" in causes
     await rtdb.set("/quiet", "awake")
     await converges(stream, rtdb, "awake")
     reads = stream.events

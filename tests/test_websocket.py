@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from listeners.assemble import create_app
 from listeners.config import Settings, WebSocketSettings
+from listeners.metrics import total
 from listeners.process import ProcessHooks
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import RedisServer, free_port
@@ -344,7 +345,7 @@ async def test_redis_restart_resyncs_open_sockets(
             redis_server.stop()
             await fb.notification("rae", "during")
             # dropped, not merely late: only the resync after Redis is back can bring it
-            await wait_until(lambda: failures._value.get() > 0)
+            await wait_until(lambda: total(failures) > 0)
             redis_server.start()
             async with asyncio.timeout(30):
                 while True:

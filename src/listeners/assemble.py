@@ -157,6 +157,8 @@ async def running(
     broker = broker or RedisBroker(settings.redis, metrics)
     source = source or firestore_source(settings, account, metrics)
     rtdb = rtdb or rtdb_client(settings.firebase, account)
+    if rtdb is not None:
+        rtdb.on_reconnect = lambda cause: metrics.rtdb_reconnects.labels(cause).inc()
     membership = Membership(settings.redis, settings.instance_id, broker=broker)
     publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)
     node = Node(
@@ -256,6 +258,7 @@ async def direct_mode(service: Service, account: ServiceAccount | None = None) -
             chat=service.rtdb is not None,
         ),
     )
+    service.metrics.ws_max_sockets.set(settings.websocket.max_sockets)
     service.supervisor.start("hub", hub.run)
     try:
         yield gateway

@@ -221,8 +221,16 @@ class ControlListener:
             self._on_resync(request)
         except Exception as exc:  # a bug in serving one request must not stop the others
             log.error("control request failed", extra={"uid": request.uid, "reason": type(exc).__name__})
+            self._count("failed")
+        else:
+            self._count("served")
 
     def _refused(self, reason: str) -> None:
         log.warning("control request refused", extra={"reason": reason})
+        self._count("refused")
         if self._metrics is not None:
             self._metrics.rejected_inputs.labels(source="control").inc()
+
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.control_requests.labels(outcome).inc()

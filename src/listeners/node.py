@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # Only online entries: an offline one is not served, and a user who goes offline leaves the
 # query's result, which the node reads as gone. Every heartbeat of an online user still comes.
 REGISTRY_QUERY = Query(REGISTRY_COLLECTION, (("status", "online"),))
+ONLINE_COUNT_SECONDS = 15.0  # how often the online users and the Listen targets are counted (O(n))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class Node:
         self.sessions: dict[str, UserSession] = {}
         self._moving: dict[str, float] = {}  # uid -> monotonic time to let a moved user go
         self._entries: dict[str, RegistryEntry] = {}  # last valid registry entry of each uid
+        self._online_counted_at = -ONLINE_COUNT_SECONDS  # monotonic: the metric's last count
         # (expiry as a POSIX time, tie-break, entry): entries replaced since are skipped when popped
         self._expiries: list[tuple[float, int, RegistryEntry]] = []
         self._pushes = itertools.count()
@@ -381,6 +383,15 @@ class Node:
                 self.sessions[uid].rebase()
             elif mono >= deadline:
                 self._detach(uid, "moved to another instance")
+        self._metrics.registry_up.set(1 if self.registry_healthy else 0)
+        if self._sources.rtdb is not None:
+            self._metrics.rtdb_streams.set(self._sources.rtdb.open_streams)
+        if mono - self._online_counted_at >= ONLINE_COUNT_SECONDS:  # O(users): not each sweep
+            self._online_counted_at = mono
+            now = self._clock()
+            self._metrics.registry_online.set(sum(e.is_online(now) for e in self._entries.values()))
+            for state, count in self._source.targets().items():
+                self._metrics.listen_targets.labels(state).set(count)
         if not self.registry_healthy and mono >= self._registry_retry_at:
             log.warning("registry watch ended; replacing it")
             self._metrics.stream_restarts.labels("registry").inc()

@@ -117,6 +117,7 @@ class Gateway:
             log.warning(
                 "websocket refused: origin", extra={"origin": websocket.headers.get("origin", "")[:100]}
             )
+            self.services.metrics.ws_handshakes.labels(outcome=str(ORIGIN_REFUSED)).inc()
             await websocket.close(code=ORIGIN_REFUSED)
             return
         self.count += 1
@@ -146,7 +147,7 @@ class Connection:
         self._held: dict[ChatThread, list[str]] = {}
         # What the transport could not take at once, in order; a writer task only while it is
         # not empty (an asyncio.Queue and a task per socket cost ~2.4 KiB and more a socket).
-        self._outbound: deque[str] = deque()
+        self._outbound: deque[tuple[str, float]] = deque()  # (text, when the hub handed it)
         self._writer: asyncio.Task[None] | None = None
         self._writing = False  # from `_run` on: earlier messages wait in the queue
         self._direct: DirectSend | None = None
@@ -158,6 +159,8 @@ class Connection:
         self._subscribes = TokenBucket(self.settings.chat_subscribes_per_second, burst_seconds=5)
         self._resyncs = TokenBucket(RESYNCS_PER_SECOND, burst_seconds=10)
         self._closed = False
+        self._accepted = False  # authenticated and counted: later closes are no refusals
+        self._close_sent = False  # by us (else the client or the network ended it)
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget work, kept until done
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -208,8 +211,14 @@ class Connection:
         if len(mine) >= self.settings.max_sockets_per_user:
             await self.close(TOO_MANY_SOCKETS, "too many sockets for this user")
             return
+        metrics = self.services.metrics
+        metrics.ws_handshakes.labels(outcome="accepted").inc()
+        self._accepted = True
+        if not mine:
+            metrics.ws_users.inc()
         mine.add(self)
         gateway.authenticated += 1
+        metrics.ws_sockets.inc()
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.services.presence is not None:
@@ -217,10 +226,15 @@ class Connection:
                 await self._run()
         finally:
             gateway.authenticated -= 1
+            metrics.ws_sockets.dec()
+            if not self._close_sent:
+                metrics.ws_closes.labels(code="client").inc()
             mine.discard(self)
             if not mine:
                 gateway.sockets.pop(self.uid, None)
+                metrics.ws_users.dec()
             await self._leave()
+            self._drop_queue()  # what was never written (the gauge of queued text)
 
     async def _authenticate(self, token: str | None) -> VerifiedToken | None:
         """The verified token, or None once the socket is closed. The whole of it, waiting for
@@ -296,6 +310,13 @@ class Connection:
         if self._closed:
             return
         self._closed = True
+        self._close_sent = True
+        metrics = self.services.metrics
+        metrics.ws_closes.labels(code=str(code)).inc()
+        if not self._accepted:
+            metrics.ws_handshakes.labels(outcome=str(code)).inc()
+        if code == SLOW_CONSUMER:
+            metrics.ws_slow_consumers.inc()
         if self.websocket.application_state != WebSocketState.DISCONNECTED:
             # A server whose `send` waits for the client to read (uvicorn's own protocol, not
             # deliver.wsprotocol) would keep a slow consumer's close waiting for ever.
@@ -488,17 +509,20 @@ class Connection:
         closed (its queue full by count or by bytes). What was queued is then dropped."""
         if self._closed or self._slow:
             return
+        now = time.monotonic()
         if not self._outbound and self._direct is not None:
             try:
                 if self._direct.send_text_now(text.encode()):
+                    self._sent(text, now)
                     return
             except OSError:  # the connection is going: its disconnect ends `_run`
                 self._closed = True
                 return
         over = self._queued_bytes and self._queued_bytes + len(text) > self.settings.queue_bytes
         if not over and len(self._outbound) < self.settings.queue_length:
-            self._outbound.append(text)
+            self._outbound.append((text, now))
             self._queued_bytes += len(text)
+            self.services.metrics.ws_queue_bytes.inc(len(text))
             if self._writer is None and self._writing:
                 self._start_writer()
             return
@@ -514,7 +538,14 @@ class Connection:
 
     def _drop_queue(self) -> None:
         self._outbound.clear()
+        self.services.metrics.ws_queue_bytes.dec(self._queued_bytes)
         self._queued_bytes = 0
+
+    def _sent(self, text: str, handed_at: float) -> None:
+        metrics = self.services.metrics
+        metrics.ws_messages.inc()
+        metrics.ws_bytes.inc(len(text))
+        metrics.ws_delivery.observe(time.monotonic() - handed_at)
 
     def _after_reconnect(self) -> None:
         self._spawn(self.services.resync(self.uid, tuple(self.threads)))
@@ -528,14 +559,16 @@ class Connection:
         direct = self._direct
         try:
             while self._outbound and not self._closed:
-                text = self._outbound[0]
+                text, handed_at = self._outbound[0]
                 if direct is not None and not direct.send_text_now(text.encode()):
                     await direct.until_writable()
                     continue
                 self._outbound.popleft()
                 self._queued_bytes -= len(text)
+                self.services.metrics.ws_queue_bytes.dec(len(text))
                 if direct is None:  # another ASGI server: its own `send`, which may wait
                     await self.websocket.send_text(text)
+                self._sent(text, handed_at)
         except (WebSocketDisconnect, RuntimeError, OSError):
             self._closed = True
         finally:

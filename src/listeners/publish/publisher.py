@@ -80,11 +80,11 @@ class Publisher:
         """Queue one event; never blocks, never raises. False: dropped (its user is resynced)."""
         self._tails.saw(channel, envelope, time.monotonic())
         if not self.up:
-            self._metrics.publish_failures.inc()
+            self._metrics.publish_failures.labels("redis_down").inc()
             self._missed = True  # every user is resynced on recovery
             return False
         if len(self._queue) >= self._max_queue:
-            self._metrics.publish_failures.inc()
+            self._metrics.publish_failures.labels("queue_full").inc()
             self._gaps.add(envelope.uid)
             return False
         self._queue.append(_Pending(channel, envelope, lag_from))
@@ -164,7 +164,7 @@ class Publisher:
     def _abandon_inflight(self) -> None:
         if self._inflight:
             self._gaps.update(p.envelope.uid for p in self._inflight)
-            self._metrics.publish_failures.inc(len(self._inflight))
+            self._metrics.publish_failures.labels("interrupted").inc(len(self._inflight))
             log.warning(
                 "publish interrupted mid-batch; its users will be resynced",
                 extra={"dropped": len(self._inflight), "users": len(self._gaps)},
@@ -174,6 +174,7 @@ class Publisher:
     def _resync_gaps(self, reason: str, delay: float) -> None:
         gaps, self._gaps = self._gaps, set()
         log.warning("resyncing users", extra={"users": len(gaps), "reason": reason})
+        self._metrics.resyncs.labels("publish_gap").inc()
         if delay > 0:
             asyncio.get_running_loop().call_later(delay, self.resync, gaps)
         else:
@@ -209,7 +210,7 @@ class Publisher:
     def _lost(self, dropped: int, reason: str) -> None:
         self.up = False
         self._metrics.redis_up.set(0)
-        self._metrics.publish_failures.inc(dropped)
+        self._metrics.publish_failures.labels("redis_down").inc(dropped)
         self._queue.clear()
         self._inflight = []
         self._gaps.clear()  # every user is resynced on recovery
@@ -248,6 +249,7 @@ class Publisher:
             self._missed = False
             self._gaps.clear()
             log.info("redis is reachable; resyncing every user", extra={"delay": self._resync_delay})
+            self._metrics.resyncs.labels("redis_recovered").inc()
             asyncio.get_running_loop().call_later(self._resync_delay, self.resync, None)
         elif self._gaps:
             self._resync_gaps("events not confirmed before the task restarted", self._resync_delay)

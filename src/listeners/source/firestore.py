@@ -108,6 +108,9 @@ class FirestoreSource:
     def connections(self) -> int:
         return len(self._pool)
 
+    def targets(self) -> dict[str, int]:
+        return {}  # the SDK does not say whether a watch is current
+
     def client(self) -> firestore.Client:
         """A client for one-off reads and writes (the first connection of the pool)."""
         return self._acquire(count=False).client

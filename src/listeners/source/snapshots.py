@@ -72,4 +72,9 @@ class SnapshotSource(Protocol):
     @property
     def connections(self) -> int: ...
 
+    def targets(self) -> dict[str, int]:
+        """Watched queries by state ("current": caught up with the server, "pending": not yet),
+        where the source can tell; {} where it cannot (the SDK)."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -102,6 +102,7 @@ class Outcome(Generic[K]):
     # Data or a consistent point: the stream serves. An ADD acknowledgement is not: a server
     # that acknowledges and then closes the stream must not reset the reconnect backoff.
     progress: bool = False
+    mismatches: int = 0  # existence filters that disagreed: their targets re-listened
 
 
 class ListenState(Generic[K]):
@@ -124,6 +125,9 @@ class ListenState(Generic[K]):
 
     def all_current(self) -> bool:
         return all(state.current for state in self._by_key.values())
+
+    def current_count(self) -> int:
+        return sum(state.current for state in self._by_key.values())
 
     def target(self, key: K) -> TargetState[K]:
         return self._by_key[key]
@@ -185,6 +189,7 @@ class ListenState(Generic[K]):
         elif kind == "filter":
             filtered = self._by_id.get(response.filter.target_id)
             if filtered is not None and filtered.count() != response.filter.count:
+                outcome.mismatches += 1
                 outcome.requests.extend(self._relisten(filtered))
         return outcome
 

@@ -142,6 +142,11 @@ class ListenSource:
     def connections(self) -> int:
         return len(self.pool.connections)
 
+    def targets(self) -> dict[str, int]:
+        states = [s.state for s in self.pool.streams]
+        current = sum(state.current_count() for state in states)
+        return {"current": current, "pending": sum(len(state) for state in states) - current}
+
     def watch(self, query: Query, on_snapshot: SnapshotHandler) -> ListenWatch:
         target = query_target(self.database, query.collection, query.equals)
         stream = self.pool.stream_with_room()

@@ -38,6 +38,22 @@ class ListenStatus:
         if self._metrics is not None:
             self._metrics.listen_undecodable.inc(count)
 
+    def relistened(self, reason: str, targets: int) -> None:
+        """Targets listened to again: all of a new call's ("stream"), or one whose existence
+        filter disagreed with what it holds ("existence_filter")."""
+        if self._metrics is not None and targets:
+            self._metrics.listen_relistens.labels(reason).inc(targets)
+
+    def target_failed(self, code: int) -> None:
+        """The server removed a target with an error (google.rpc.Code, 0-16)."""
+        if self._metrics is not None:
+            self._metrics.listen_target_errors.labels(str(code)).inc()
+
+    def probed(self, answered: bool) -> None:
+        """A quiet stream was asked a question; unanswered, its connection is replaced."""
+        if self._metrics is not None:
+            self._metrics.listen_probes.labels("answered" if answered else "unanswered").inc()
+
     def degraded(self, stream: object, reason: str) -> None:
         first = not self._degraded
         self._degraded.pop(stream, None)

@@ -227,6 +227,7 @@ class ListenStream:
         metadata = await self._metadata(self._refresh_token)
         self._refresh_token = False
         outgoing: asyncio.Queue[Any] = asyncio.Queue()
+        self._status.relistened("stream", len(self.state))
         for request in self.state.resume():  # no await from here until the call is set
             outgoing.put_nowait(request)
         self._outgoing = outgoing
@@ -257,9 +258,12 @@ class ListenStream:
                 self._status.recovered(self, "data flows again")
             if outcome.undecodable:
                 self._status.undecodable(len(outcome.undecodable))
+            if outcome.mismatches:
+                self._status.relistened("existence_filter", outcome.mismatches)
             for request in outcome.requests:
                 outgoing.put_nowait(request)
             for watch, error in outcome.failed:
+                self._status.target_failed(error.code)
                 watch.failed(error)
             for watch, snapshot in outcome.snapshots:
                 if watch in self.state:  # an earlier callback may have closed it
@@ -278,6 +282,7 @@ class ListenStream:
             probe_id = self.state.reserve_id()  # responses for it match no watch: ignored
             outgoing.put_nowait(probe_request(self.state.database, probe_id))
             answered = await wait_event(self._heard, self._answer)
+            self._status.probed(answered)
             outgoing.put_nowait(wire.ListenRequest(database=self.state.database, remove_target=probe_id))
             if not answered:
                 self._silent_reason = (

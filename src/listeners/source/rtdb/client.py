@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, urljoin, urlsplit, urlunsplit
@@ -94,6 +94,8 @@ class RtdbClient:
         self._stream_pools: list[_StreamPool] = []
         self._pool_of: dict[NodeMirror, _StreamPool] = {}
         self.connecting = asyncio.Semaphore(max_connecting)
+        # Told the cause of each mirror's reconnect (a few fixed words: the metrics' label).
+        self.on_reconnect: Callable[[str], None] = lambda cause: None
 
     def url(self, keys: Sequence[str]) -> str:
         return self.base_url + "/" + "/".join(quote(key, safe="") for key in keys) + ".json"

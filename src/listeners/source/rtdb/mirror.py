@@ -72,6 +72,9 @@ class MirrorClient(Protocol):
     def forget(self, mirror: NodeMirror) -> None:
         """The mirror is closed or failed for good."""
 
+    def on_reconnect(self, cause: str) -> None:
+        """The mirror connected again after a loss; `cause` is one of a few fixed words."""
+
 
 class NodeMirror:
     """A live mirror of one node, fed by the REST streaming protocol.
@@ -167,6 +170,7 @@ class NodeMirror:
                     self._fail(str(exc))
                     return
                 except RtdbError as exc:
+                    cause = "unauthorized" if exc.status == 401 else f"http_{exc.status // 100}xx"
                     if exc.status == 401:
                         self._unauthorized += 1
                         if self._unauthorized > _MAX_UNAUTHORIZED:
@@ -179,19 +183,20 @@ class NodeMirror:
                     why = str(exc)
                 except _Retry as exc:
                     self._refresh_token = self._refresh_token or exc.refresh_token
-                    why = str(exc)
+                    why, cause = str(exc), "retry"
                 except TimeoutError:
-                    why = f"no event for {self._idle_timeout:g}s"
+                    why, cause = f"no event for {self._idle_timeout:g}s", "idle_timeout"
                 except (_StreamEnded, ProtocolError) as exc:
-                    why = str(exc)
+                    why, cause = str(exc), "ended" if isinstance(exc, _StreamEnded) else "protocol"
                 except (httpx.HTTPError, OSError) as exc:
-                    why = f"{type(exc).__name__}: {exc}"
+                    why, cause = f"{type(exc).__name__}: {exc}", "network"
                 self._synced = False
                 delay = self._backoff.delay(self._attempt)
                 self._attempt += 1
                 log.info("rtdb stream %s: reconnecting in %.2fs (%s)", self.path, delay, why)
                 await asyncio.sleep(delay)
                 self.reconnects += 1
+                self._client.on_reconnect(cause)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not look like a healthy mirror
