@@ -115,17 +115,22 @@ class _Standin(RtdbStandin):
 
 @dataclass
 class Dependency:
-    """One dependency: its process, its namespace (or None), the proxy in front of it."""
+    """One dependency: its process, its namespace (or None), and two proxies in front of it:
+    `proxy`, which the consumers, the writers and the truth reader use, and `service_proxy`,
+    the service instances' own link, so that a fault can hit the services' link alone (a
+    half-open that only the service's connections see, as when a NAT in front of it drops its
+    connection state)."""
 
     name: str
     child: _Child
     ns: netns.Namespace | None
     proxy: ProxyProcess
+    service_proxy: ProxyProcess
     netem: bool
 
     @property
     def port(self) -> int:
-        """Where clients connect: the proxy, on 127.0.0.1."""
+        """Where the consumers and writers connect: their proxy, on 127.0.0.1."""
         return self.proxy.port
 
     @property
@@ -133,32 +138,64 @@ class Dependency:
         return f"127.0.0.1:{self.proxy.port}"
 
     @property
+    def service_port(self) -> int:
+        """Where the service instances connect: their own proxy, on 127.0.0.1."""
+        return self.service_proxy.port
+
+    @property
+    def service_address(self) -> str:
+        return f"127.0.0.1:{self.service_proxy.port}"
+
+    @property
+    def proxies(self) -> tuple[ProxyProcess, ProxyProcess]:
+        return self.proxy, self.service_proxy
+
+    @property
     def mechanism(self) -> str:
         return "netns" if self.ns else "proxy"
 
     def blackhole(self) -> str:
+        """The whole path dead, for everyone."""
         if self.ns is not None:
             self.ns.blackhole()
             return "veth down in a netns"
-        self.proxy.blackhole()
+        for proxy in self.proxies:
+            proxy.blackhole()
         return "proxy blackhole"
 
     def cut(self) -> str:
-        self.proxy.reset()
+        for proxy in self.proxies:
+            proxy.reset()
         return "proxy RST + " + self.blackhole()
+
+    def halfopen_service(self) -> str:
+        """The services' link alone goes half-open: every connection on it frozen (bytes
+        accepted, nothing forwarded either way, nothing closed), new ones accepted and held.
+        The consumers' and writers' link keeps working."""
+        self.service_proxy.blackhole()
+        return "the service's link half-open (its proxy: connections frozen, new ones held)"
+
+    def reset_service(self) -> int:
+        """Every connection on the services' link reset (RST to both ends: SO_LINGER 0), then
+        the link forwards again; how many were reset."""
+        reset = self.service_proxy.reset()
+        self.service_proxy.thaw()
+        return reset
 
     def shape(self, delay: float, loss: float) -> str:
         if self.ns is not None and self.netem:
             self.ns.shape(delay * 1000, loss * 100)
             return "tc netem"
-        self.proxy.shape(delay, loss)
+        for proxy in self.proxies:
+            proxy.shape(delay, loss)
         return "proxy shaping (no netem in this kernel)" if self.ns else "proxy shaping"
 
     def heal(self) -> None:
         if self.ns is not None:
             self.ns.heal()
-        self.proxy.thaw()
-        self.proxy.shape(0.0, 0.0)
+        for proxy in self.proxies:
+            proxy.thaw()
+            proxy.shape(0.0, 0.0)
 
     def stop(self) -> None:
         self.child.stop()
@@ -187,15 +224,20 @@ class Lab:
 
     def _add(self, name: str, make: Callable[[netns.Namespace | None], _Child]) -> Dependency:
         ns = netns.Namespace.create(name) if self.use_netns else None
+        proxies: list[ProxyProcess] = []
         try:
             child = make(ns)
             child.start()
-            proxy = ProxyProcess(child.port, child.listen_host).start()
+            for _ in range(2):  # the consumers' and writers' link, and the services' own
+                proxies.append(ProxyProcess(child.port, child.listen_host).start())
         except BaseException:
+            for made in proxies:
+                with contextlib.suppress(Exception):
+                    made.close()
             if ns is not None:
                 ns.close()
             raise
-        dependency = Dependency(name, child, ns, proxy, self.netem)
+        dependency = Dependency(name, child, ns, proxies[0], proxies[1], self.netem)
         self.dependencies.append(dependency)
         return dependency
 
@@ -225,8 +267,9 @@ class Lab:
         elif hasattr(self, "_saved_emulator_host"):
             os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
         for dependency in reversed(self.dependencies):
-            with contextlib.suppress(Exception):
-                dependency.proxy.close()
+            for proxy in dependency.proxies:
+                with contextlib.suppress(Exception):
+                    proxy.close()
             with contextlib.suppress(Exception):
                 dependency.child.stop()
             dependency.child.cleanup()
@@ -237,10 +280,10 @@ class Lab:
     def describe(self) -> str:
         links = (
             "each dependency in its own network namespace (veth pair, 10.215.0.0/16), behind a "
-            "TCP proxy on loopback (a process each)"
+            "TCP proxy on loopback (a process each; the services have proxies of their own)"
             if self.use_netns
-            else "each dependency behind a TCP proxy on loopback (a process each; no namespaces: "
-            f"{self.why_no_netns})"
+            else "each dependency behind a TCP proxy on loopback (a process each; the services have "
+            f"proxies of their own; no namespaces: {self.why_no_netns})"
         )
         shaping = "tc netem" if self.netem else "the proxy's shaping (this kernel has no netem)"
         return f"{links}; latency and loss by {shaping}; {FirestoreEmulator.describe(self.kind)}"
@@ -253,7 +296,7 @@ class Lab:
 
     def service_env(self, rtdb_ns: str) -> dict[str, str]:
         env = {
-            "FIREBASE_DATABASE_EMULATOR_HOST": self.rtdb.address,
+            "FIREBASE_DATABASE_EMULATOR_HOST": self.rtdb.service_address,
             "FIREBASE_REALTIME_DB_URL": f"https://{rtdb_ns}.firebaseio.com",
             "LISTENERS_FIRESTORE_TARGETS_PER_STREAM": str(1 if self.kind == NPM else TARGETS_PER_STREAM),
         }
@@ -261,7 +304,9 @@ class Lab:
 
     def instance(self, instance_id: str, project: str, rtdb_ns: str, logs: Path, **extra: str) -> Instance:
         env = {**self.service_env(rtdb_ns), **extra}
-        return Instance(instance_id, self.redis.port, self.firestore.address, project, logs, env)
+        return Instance(
+            instance_id, self.redis.service_port, self.firestore.service_address, project, logs, env
+        )
 
     def redis_settings(self) -> RedisSettings:
         return RedisSettings(host="127.0.0.1", port=self.redis.port, control_token=Secret(CONTROL_TOKEN))

@@ -68,10 +68,20 @@ SECTION = "## Faults under load (`bench/faults.py`)"
 class Durations:
     fault: float = 30.0  # a blackhole, a cut, a slow link
     lossy: float = 60.0  # latency and loss on Firestore
+    # The services' link to Redis half-open before every connection on it is reset; and Redis
+    # and Firestore together. Each longer than the 6 s within which a dead Redis connection
+    # is noticed, so that the reset finds the service reconnecting into the frozen link.
+    halfopen: float = 20.0
+    halfopen_both: float = 40.0
     before: float = 10.0  # writes before the fault
     after: float = 10.0  # writes after recovery
     recover_timeout: float = 180.0
     converge_timeout: float = 180.0
+
+    @property
+    def longest(self) -> float:
+        """The longest fault."""
+        return max(self.fault, self.lossy, self.halfopen, self.halfopen_both)
 
 
 @dataclass
@@ -150,6 +160,28 @@ async def firestore_lossy(r: Run) -> None:
     r.heal()
 
 
+async def redis_halfopen_reset(r: Run) -> None:
+    r.begin()
+    how = r.lab.redis.halfopen_service()
+    await asyncio.sleep(r.d.halfopen)
+    reset = r.lab.redis.reset_service()
+    r.how = f"Redis: {how}, {r.d.halfopen:g} s; then its {reset} connections reset (RST both ends)"
+    r.heal()
+
+
+async def redis_firestore_halfopen(r: Run) -> None:
+    r.begin()
+    how = r.lab.redis.halfopen_service()
+    r.lab.firestore.halfopen_service()
+    await asyncio.sleep(r.d.halfopen_both)
+    reset = r.lab.redis.reset_service(), r.lab.firestore.reset_service()
+    r.how = (
+        f"Redis and Firestore: {how}, {r.d.halfopen_both:g} s; then their {reset[0]} and "
+        f"{reset[1]} connections reset (RST both ends)"
+    )
+    r.heal()
+
+
 async def _served_by_survivors(r: Run, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while r.monitor.total_listeners() != len(r.uids) and time.monotonic() < deadline:
@@ -194,6 +226,12 @@ SCENARIOS = [
     Scenario("rtdb-cut", "Realtime Database cut", rtdb_cut),
     Scenario("rtdb-slow", "Realtime Database slowed", rtdb_slow),
     Scenario("firestore-lossy", "Firestore: 200 ms latency, 2 % loss", firestore_lossy),
+    Scenario("redis-halfopen-reset", "Redis half-open for the service, then reset", redis_halfopen_reset),
+    Scenario(
+        "redis-firestore-halfopen",
+        "Redis and Firestore half-open for the service, then reset",
+        redis_firestore_halfopen,
+    ),
     Scenario("kill-and-sigterm", "3 instances: kill -9 one, SIGTERM another", kill_then_sigterm, 3),
     Scenario(
         "redis-blackhole-takeover",
@@ -538,6 +576,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dm-rate", type=float, default=5.0)
     parser.add_argument("--fault", type=float, default=30.0, help="seconds of a blackhole, cut or slow link")
     parser.add_argument("--lossy", type=float, default=60.0, help="seconds of latency and loss")
+    parser.add_argument(
+        "--halfopen", type=float, default=20.0, help="seconds the service's Redis link is half-open"
+    )
+    parser.add_argument(
+        "--halfopen-both",
+        type=float,
+        default=40.0,
+        help="seconds the service's Redis and Firestore links are half-open together",
+    )
     parser.add_argument("--before", type=float, default=10.0, help="seconds of writes before the fault")
     parser.add_argument("--after", type=float, default=10.0, help="seconds of writes after recovery")
     parser.add_argument(
@@ -553,7 +600,14 @@ def main(argv: list[str] | None = None) -> None:
         notif_rate=args.notif_rate,
         dm_rate=args.dm_rate,
         browsers=args.browsers,
-        durations=Durations(fault=args.fault, lossy=args.lossy, before=args.before, after=args.after),
+        durations=Durations(
+            fault=args.fault,
+            lossy=args.lossy,
+            halfopen=args.halfopen,
+            halfopen_both=args.halfopen_both,
+            before=args.before,
+            after=args.after,
+        ),
     )
     chosen = [BY_NAME[name] for name in args.scenarios.split(",") if name]
     signal.signal(signal.SIGTERM, _terminate)

@@ -40,12 +40,21 @@ CI = Settings(
     browsers=CI_USERS,  # every user also followed by the browser client module
     ready_timeout=180.0,
     # A blackhole must outlast the 6 s within which a dead Redis connection is noticed.
-    durations=Durations(fault=7.0, lossy=5.0, before=1.0, after=1.0),
+    # The half-opens then reset: longer, so that the reset finds the service reconnecting.
+    durations=Durations(fault=7.0, lossy=5.0, halfopen=10.0, halfopen_both=12.0, before=1.0, after=1.0),
 )
 NETNS, WHY_NOT = netns.available()
 # Faults on a dead connection must be noticed; the others (a slow link, a restart seen as a
 # closed connection by the service itself) are noticed or not, both fine.
-MUST_NOTICE = {"redis-blackhole", "redis-restart", "rtdb-cut", "kill-and-sigterm", "redis-blackhole-takeover"}
+MUST_NOTICE = {
+    "redis-blackhole",
+    "redis-restart",
+    "rtdb-cut",
+    "redis-halfopen-reset",
+    "redis-firestore-halfopen",
+    "kill-and-sigterm",
+    "redis-blackhole-takeover",
+}
 
 
 @pytest.fixture(scope="module")
