@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -54,15 +54,18 @@ from bench.cluster import ADMIN_TOKEN, CONTROL_TOKEN, Instance
 from bench.latency import notification_data
 from bench.rtdb import message as dm_message
 from listeners.bridge import Bridge
+from listeners.bridge.consumer import _Reader
+from listeners.bridge.ordering import Verdict
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
+from listeners.events import stream_of
 from listeners.local import netns
 from listeners.local.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
 from listeners.local.proxy import ProxyProcess
 from listeners.local.rtdb_server import RtdbStandin
 from listeners.source.registry import ChatThread
 
-__all__ = ["ADMIN_TOKEN", "Consumer", "Lab", "Monitor", "Writer", "log"]
+__all__ = ["ADMIN_TOKEN", "Consumer", "Lab", "Monitor", "Positions", "Writer", "is_position", "log"]
 
 
 def log(text: str) -> None:
@@ -327,16 +330,60 @@ class UserView:
     trail: list[str] = field(default_factory=list)  # the last events, to explain a duplicate
 
 
+def is_position(event: Any) -> bool:
+    """A tail position (`notif.position`, `msg.position`, `chat.position`): where a stream
+    stands after it has been quiet, never a change (docs/events.md)."""
+    return isinstance(event, dict) and str(event.get("type", "")).endswith(".position")
+
+
+@dataclass
+class Positions:
+    """The tail positions one consumer was given, and those that showed it a gap: a position
+    ahead of what it held, because the stream's last events never reached it."""
+
+    seen: int = 0
+    gaps: int = 0
+    gap_examples: list[str] = field(default_factory=list)  # the first few
+    applied: int = 0  # handed on as a change: must stay 0
+
+    def count(self, uid: str, event: dict[str, Any], gap: bool, held: Any) -> None:
+        self.seen += 1
+        if gap:
+            self.gaps += 1
+            if len(self.gap_examples) < 5:
+                self.gap_examples.append(
+                    f"{uid}: {event.get('type')} {event.get('epoch')}:{event.get('seq')} while holding {held}"
+                )
+
+
 class _RecordingBridge(Bridge):
-    """The bridge, noting when its connection was (re)made."""
+    """The bridge, noting when its connection was (re)made, and the tail positions its order
+    rules saw (never handed on: they are not changes)."""
 
     def __init__(self, settings: RedisSettings) -> None:
         super().__init__(settings)
         self.connects: list[float] = []
+        self.positions = Positions()
 
     def _on_connect(self, reconnected: bool) -> None:
         self.connects.append(time.monotonic())
         super()._on_connect(reconnected)
+
+    async def _join(self, reader: _Reader) -> None:
+        # Every event of this reader goes through its ordering's verdict: count positions there.
+        ordering = reader.follower.ordering
+        admit = ordering.admit
+
+        def admit_counting(event: Mapping[str, Any]) -> Verdict:
+            if not is_position(event):
+                return admit(event)
+            held = ordering.position(stream_of(event))
+            verdict = admit(event)
+            self.positions.count(reader.uid, dict(event), verdict is Verdict.GAP, held)
+            return verdict
+
+        ordering.admit = admit_counting  # type: ignore[method-assign]
+        await super()._join(reader)
 
 
 class Consumer:
@@ -367,6 +414,9 @@ class Consumer:
         async for event in self.bridge.events(uid, threads):
             now = time.monotonic()
             kind, payload = event["type"], event["payload"]
+            if is_position(event):  # never a change: neither delivered nor a duplicate
+                self.bridge.positions.applied += 1
+                continue
             self.events[kind] += 1
             family = kind.split(".")[0]
             sighting = f"{kind} {event.get('epoch', '')}:{event.get('seq', '')} {event['event_id'][:24]}"
@@ -407,6 +457,10 @@ class Consumer:
             view.messages.apply(event)
             view.chat.apply(event)
             self.changed.set()
+
+    @property
+    def positions(self) -> Positions:
+        return self.bridge.positions
 
     def ready(self) -> int:
         return sum(

@@ -262,6 +262,15 @@ class Outcome:
     browser_extra: int = -1
     browser_duplicates: int = 0
     browser_wire_duplicates: int = 0  # re-deliveries the client's order rules dropped
+    # Tail positions (`*.position`) each consumer got, those that showed it a gap (its last
+    # events lost: it asked for a resync), and those handed on as a change (must be 0).
+    positions: int = 0
+    position_gaps: int = 0
+    positions_applied: int = 0
+    browser_positions: int = 0
+    browser_position_gaps: int = 0
+    browser_positions_applied: int = 0
+    position_gap_examples: list[str] = field(default_factory=list)
     worst_ms: float = float("nan")
     ops: Counter[str] = field(default_factory=Counter)
     failed_writes: int = 0
@@ -287,6 +296,8 @@ class Outcome:
             and self.duplicates == 0
             and self.browser_lost == 0
             and self.browser_duplicates == 0
+            and self.positions_applied == 0
+            and self.browser_positions_applied == 0
         )
 
 
@@ -413,7 +424,14 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         out.duplicates = consumer.duplicates
         out.reapplied = consumer.reapplied
         out.examples += consumer.duplicate_examples
+        positions = consumer.positions
+        out.positions, out.position_gaps = positions.seen, positions.gaps
+        out.positions_applied = positions.applied
+        out.position_gap_examples = list(positions.gap_examples)
         if browsers is not None:
+            out.browser_positions, out.browser_position_gaps = browsers.positions, browsers.position_gaps
+            out.browser_positions_applied = browsers.positions_applied
+            out.position_gap_examples += [f"browser: {e}" for e in browsers.position_gap_examples]
             out.browser_duplicates = browsers.duplicates
             out.browser_wire_duplicates = browsers.wire_duplicates
             out.reapplied += browsers.reapplied
@@ -441,6 +459,10 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         f"{out.browsers} browsers: lost {out.browser_lost}, duplicates {out.browser_duplicates} "
         f"(dropped by the client: {out.browser_wire_duplicates}; "
         + (f"{browsers.events} events applied, {browsers.connects} sockets)" if browsers else ")")
+        + f"; positions {out.positions}/{out.browser_positions}, showing a gap "
+        f"{out.position_gaps}/{out.browser_position_gaps}, applied as changes "
+        f"{out.positions_applied}/{out.browser_positions_applied} (bridge/browsers)"
+        + (f" ({out.position_gap_examples})" if out.position_gap_examples else "")
         + (f", ERROR {out.error}" if out.error else "")
         + (f", e.g. {out.examples}" if out.examples else "")
     )
@@ -513,8 +535,9 @@ def render(
         f"Load average at the start: {load}.",
         "",
         "| scenario | fault | detect s | noticed by | recover s | lost | duplicates "
-        "| browsers: lost | browsers: duplicates | worst latency ms | converged s | writes |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| browsers: lost | browsers: duplicates | positions: bridge / browsers "
+        "| positions showing a gap: bridge / browsers | worst latency ms | converged s | writes |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for o in outcomes:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(o.ops.items()))
@@ -530,7 +553,10 @@ def render(
             f"| {'never' if o.recovered_s is None else f'{o.recovered_s:.1f}'} | {lost} | {o.duplicates}"
             + (f" ({o.reapplied} re-applied after a sync)" if o.reapplied else "")
             + " "
-            f"| {browser_lost} | {browser_dups} | {o.worst_ms:.0f} "
+            f"| {browser_lost} | {browser_dups} "
+            f"| {o.positions} / {'-' if not o.browsers else o.browser_positions} "
+            f"| {o.position_gaps} / {'-' if not o.browsers else o.browser_position_gaps} "
+            f"| {o.worst_ms:.0f} "
             f"| {'never' if o.converged_s is None else f'{o.converged_s:.1f}'} | {ops} |"
         )
     failed = [o for o in outcomes if not o.ok]
@@ -540,8 +566,18 @@ def render(
             "did not converge"
             if o.lost != 0 or o.browser_lost != 0
             else f"{o.duplicates} duplicate(s) in the bridge, {o.browser_duplicates} in the browsers"
+            if o.duplicates or o.browser_duplicates
+            else f"tail positions handed on as changes: {o.positions_applied} by the bridge, "
+            f"{o.browser_positions_applied} by the browsers"
         )
         lines.append(f"- **{o.scenario.title}**: {what}; {'; '.join(o.examples)}")
+    for o in outcomes:
+        if o.position_gap_examples:
+            lines.append(
+                f"- {o.scenario.title}: a tail position showed a gap (its stream's last events "
+                f"lost; a resync followed) {o.position_gaps} time(s) in the bridge, "
+                f"{o.browser_position_gaps} in the browsers; e.g. {'; '.join(o.position_gap_examples[:3])}"
+            )
     lines += ["", END]
     return "\n".join(lines)
 

@@ -72,6 +72,8 @@ def check(outcome: Outcome) -> None:
     assert outcome.browsers == CI_USERS
     assert outcome.browser_lost == 0, [e for e in outcome.examples if e.startswith("browser")]
     assert outcome.browser_duplicates == 0, outcome.examples
+    # a tail position is never a change (docs/events.md): neither applied nor a duplicate
+    assert outcome.positions_applied == 0 and outcome.browser_positions_applied == 0
     assert sum(outcome.ops.values()) > 0 and outcome.failed_writes == 0
     if outcome.scenario.name in MUST_NOTICE:
         assert outcome.detected_s is not None, "the fault was never noticed"
@@ -84,7 +86,18 @@ async def test_scenario_converges_with_nothing_lost(
 ) -> None:
     outcome = await run_scenario(lab, BY_NAME[name], CI, tmp_path)
     record_property("lab", lab.describe())
-    for key in ("detected_s", "recovered_s", "converged_s", "worst_ms", "lost", "duplicates"):
+    for key in (
+        "detected_s",
+        "recovered_s",
+        "converged_s",
+        "worst_ms",
+        "lost",
+        "duplicates",
+        "positions",
+        "position_gaps",
+        "browser_positions",
+        "browser_position_gaps",
+    ):
         record_property(key, getattr(outcome, key))
     check(outcome)
 
