@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -271,6 +272,7 @@ class Outcome:
     browser_position_gaps: int = 0
     browser_positions_applied: int = 0
     position_gap_examples: list[str] = field(default_factory=list)
+    service_errors: Counter[str] = field(default_factory=Counter)  # tasks that died, in the logs
     worst_ms: float = float("nan")
     ops: Counter[str] = field(default_factory=Counter)
     failed_writes: int = 0
@@ -449,6 +451,10 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
             writing.cancel()
             await asyncio.gather(writing, return_exceptions=True)
         await stop_run(writer, consumer, monitor, instances, http, db, browsers)
+        for instance in instances:
+            out.service_errors.update(
+                {f"{instance.id}: {k}": v for k, v in service_errors(instance.log_path).items()}
+            )
         for dependency in lab.dependencies:  # a failed scenario must not leave a fault behind
             dependency.heal()
             if dependency.child.process is None:
@@ -463,6 +469,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         f"{out.position_gaps}/{out.browser_position_gaps}, applied as changes "
         f"{out.positions_applied}/{out.browser_positions_applied} (bridge/browsers)"
         + (f" ({out.position_gap_examples})" if out.position_gap_examples else "")
+        + (f"; in the service logs: {dict(out.service_errors)}" if out.service_errors else "")
         + (f", ERROR {out.error}" if out.error else "")
         + (f", e.g. {out.examples}" if out.examples else "")
     )
@@ -505,6 +512,34 @@ def first_sign(path: Path, since: float) -> tuple[float, str] | None:
         ):
             return at, message[:80]
     return None
+
+
+def service_errors(path: Path) -> Counter[str]:
+    """What a service's log says went wrong inside it, not in its dependencies: each task that
+    died (the supervisor restarted it) and each task whose exception nobody retrieved, by
+    task and reason."""
+    found: Counter[str] = Counter()
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        message = str(entry.get("message", ""))
+        reason = str(entry.get("reason") or entry.get("error") or "")
+        # the address of a transport differs each time: keep what names the failure
+        reason = re.sub(r"<[^<>]*>", "<…>", reason)[:120]
+        if message.startswith("task died"):
+            found[f"task {entry.get('task')} died: {reason}"] += 1
+        elif message.startswith("Task exception was never retrieved"):
+            task = message.split("name='", 1)[1].split("'", 1)[0] if "name='" in message else "?"
+            found[f"task {task} failed unseen: {reason}"] += 1
+    return found
 
 
 def _s(value: float | None) -> str:
@@ -578,6 +613,9 @@ def render(
                 f"lost; a resync followed) {o.position_gaps} time(s) in the bridge, "
                 f"{o.browser_position_gaps} in the browsers; e.g. {'; '.join(o.position_gap_examples[:3])}"
             )
+        if o.service_errors:
+            died = "; ".join(f"{k} ({v}x)" for k, v in sorted(o.service_errors.items()))
+            lines.append(f"- {o.scenario.title}: in the service logs: {died}")
     lines += ["", END]
     return "\n".join(lines)
 
