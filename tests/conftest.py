@@ -78,7 +78,8 @@ def settings(redis_server: RedisServer, emulator: FirestoreEmulator, project_id:
 
 
 def targets_per_stream(kind: str) -> int:
-    """The npm emulator answers only the first target of a Listen stream."""
+    """One per stream on the npm fallback, as the README prescribes: the package serves only a
+    stream's first request (our launcher's shim serves every add and remove_target since)."""
     return 1 if kind == NPM else TARGETS_PER_STREAM
 
 

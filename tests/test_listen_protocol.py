@@ -124,7 +124,13 @@ def test_an_empty_result_is_delivered_once_then_only_changes() -> None:
 
 def test_each_target_gets_only_its_own_documents_and_a_change_with_no_ids_applies_to_all() -> None:
     state = listening("a", "b")
-    snapshots, _, _ = feed(state, doc("x", 1, targets=(1,)), doc("y", 1, targets=(2,)), change(wire.CURRENT))
+    snapshots, _, _ = feed(
+        state,
+        change(wire.ADD, 1, 2),
+        doc("x", 1, targets=(1,)),
+        doc("y", 1, targets=(2,)),
+        change(wire.CURRENT),
+    )
     snapshots, _, _ = feed(state, global_point(2))
     assert snapshots == {"a": ["x"], "b": ["y"]}
 
@@ -197,7 +203,7 @@ def test_remove_acknowledges_our_own_remove_target() -> None:
     assert request is not None and request.remove_target == 1
     assert state.remove("a") is None
     snapshots, _, failed = feed(
-        state, change(wire.REMOVE, 1), doc("d1", 1, targets=(1,)), change(wire.CURRENT)
+        state, change(wire.ADD, 2), change(wire.REMOVE, 1), doc("d1", 1, targets=(1,)), change(wire.CURRENT)
     )
     snapshots, _, _ = feed(state, global_point(1))
     assert failed == [] and snapshots == {"b": []}
@@ -240,7 +246,7 @@ def test_a_target_relistened_without_a_token_takes_only_the_resent_set() -> None
 
 def test_a_consistent_point_looks_only_at_targets_that_changed() -> None:
     state = listening("a", "b", "c")
-    feed(state, change(wire.CURRENT), global_point(1, token=b"g1"))
+    feed(state, change(wire.ADD, 1, 2, 3), change(wire.CURRENT), global_point(1, token=b"g1"))
     snapshots, _, _ = feed(state, doc("d1", 2, targets=(2,)), global_point(2, token=b"g2"))
     assert snapshots == {"b": ["d1"]}
     # the untouched targets still resume from the newest stream-wide token
@@ -262,3 +268,14 @@ def test_each_snapshot_says_what_changed_since_the_previous_one() -> None:
     first, second = changes
     assert first is not None and sorted(d.id for d in first.upserted) == ["d1", "d2"] and not first.removed
     assert second is not None and [d.id for d in second.upserted] == ["d1"] and second.removed == ("d2",)
+
+
+def test_a_consistent_point_older_than_the_last_one_delivers_nothing() -> None:
+    """As the SDKs: a snapshot is raised only at a read time not before the last one."""
+    state = listening("a")
+    feed(state, change(wire.ADD, 1), change(wire.CURRENT, 1), global_point(5, token=b"g5"))
+    snapshots, _, _ = feed(state, doc("d1", 6), global_point(4, token=b"g4"))
+    assert snapshots == {}
+    assert [r.add_target.resume_token for r in state.resume()] == [b"g5"]
+    snapshots, _, _ = feed(state, global_point(7))
+    assert snapshots == {"a": ["d1"]}

@@ -127,3 +127,62 @@ async def test_an_outage_for_everyone_does_not_shrink_the_view(
     # the order, neither view lost the other: no user moved.
     assert a.membership.members == b.membership.members == ("a", "b")
     assert all(view == ("a", "b") for view in a.views + b.views), (a.views, b.views)
+
+
+CLOSED_TRANSPORT = "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+
+
+class FailingBeats:
+    """Wraps a membership's heartbeat: raises `failure` while `failing`, counts good beats."""
+
+    def __init__(self, membership: Membership, failure: Exception) -> None:
+        self.failure = failure
+        self.failing = False
+        self.good = 0
+        beat = membership._heartbeat
+
+        async def heartbeat(client: aioredis.Redis) -> None:
+            if self.failing:
+                raise self.failure
+            await beat(client)
+            self.good += 1
+
+        membership._heartbeat = heartbeat  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("fault", ["closed-transport", "task-restarted"])
+async def test_a_membership_cut_off_by_any_fault_keeps_its_view_for_a_grace(
+    members: tuple[Member, Member, TcpProxy, TcpProxy], private_redis: RedisServer, fault: str
+) -> None:
+    """A closed transport is a connection failure (the task goes on); a task that dies of
+    anything and is restarted starts as after an outage. Either way, a member whose entry
+    expired while we could not beat is kept for a grace, not dropped at once."""
+    a, b, _, _ = members
+    await until(lambda: _async(a.membership.members == ("a", "b")))
+    failure: Exception = RuntimeError(CLOSED_TRANSPORT) if fault == "closed-transport" else KeyError("a bug")
+    beats = FailingBeats(a.membership, failure)
+    views_before = len(a.views)
+    beats.failing = True
+    await b.stop()  # b's entry now expires in Redis; a cannot beat meanwhile
+
+    async def b_expired() -> bool:
+        found, now = await entries(private_redis)
+        return "b" not in found or found["b"] < now
+
+    await until(b_expired)
+    assert a.task is not None
+    if fault == "closed-transport":
+        assert not a.task.done(), "a closed transport killed the membership task"
+    else:
+        with contextlib.suppress(KeyError):
+            await a.task  # the bug ends the run; the supervisor would start it again
+        a.start()
+    seen = beats.good
+    beats.failing = False
+    await until(lambda: _async(beats.good > seen + 1))
+    assert "b" in a.membership.members  # kept for the grace, although its entry is gone
+    assert ("a",) not in a.views[views_before:]
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -93,6 +93,31 @@ def collector(into: list[dict[str, Any]]) -> Any:
     return emit
 
 
+def test_a_tail_position_ahead_of_what_is_held_is_a_gap_and_never_applied() -> None:
+    f = Follower()
+    position = event("notif.position", "A", 1, payload={})
+    assert not f.admit(position) and f.needs_resync  # before any sync: dropped, a sync is asked anyway
+    assert f.admit(event("notif.sync", "A", 1))
+    assert f.admit(event("notif.add", "A", 2))
+    assert not f.admit(event("notif.position", "A", 2)) and not f.needs_resync  # at the tail: nothing
+    assert not f.admit(event("notif.position", "A", 1)) and not f.needs_resync  # behind: nothing
+    assert f.ordering.admit(event("msg.position", "M", 4)) is Verdict.DROP  # another stream, never synced
+    # the last event (seq 3) was lost; nothing follows it but the position
+    assert f.ordering.admit(event("notif.position", "A", 3)) is Verdict.GAP
+    assert f.needs_resync
+    assert not f.admit(event("notif.position", "A", 3))  # asked already: no second gap
+    assert f.admit(event("notif.sync", "A", 4)) and not f.needs_resync
+
+
+def test_a_tail_position_of_another_epoch_is_a_gap() -> None:
+    f = Follower()
+    assert f.admit(event("notif.sync", "A", 1))
+    assert f.ordering.admit(event("notif.position", "B", 1)) is Verdict.GAP  # B's sync was missed
+    assert f.needs_resync
+    assert f.admit(event("notif.add", "A", 2))  # its own epoch still applies meanwhile
+    assert f.admit(event("notif.sync", "B", 2)) and not f.needs_resync
+
+
 def test_stream_order_rises_by_one_and_changes_epoch_on_restart() -> None:
     published: list[dict[str, Any]] = []
     emit = collector(published)

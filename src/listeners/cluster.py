@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.publish.broker import Broker
-from listeners.publish.connection import close_quietly, redis_client
+from listeners.publish.connection import close_quietly, connection_failed, redis_client
 from listeners.supervisor import Fatal
 from listeners.waits import wait_event
 
@@ -132,8 +132,10 @@ class Membership:
                 try:
                     await self._heartbeat(client)
                     failures = 0
-                except (RedisError, OSError) as exc:
+                except Exception as exc:
                     reraise_if_cancelled()
+                    if not connection_failed(exc):
+                        raise
                     failures += 1
                     self._cut_off = True
                     if failures == 1:
@@ -144,6 +146,9 @@ class Membership:
                 self._changed.clear()
                 await wait_event(self._changed, self._beat)
         finally:
+            # Whatever ended this run, the supervisor may start another: it must begin as after
+            # an outage, keeping every member it knew for a grace, or it would take their users.
+            self._cut_off = True
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             await close_quietly(client)
@@ -232,7 +237,7 @@ class Membership:
         self._left = True
         was_serving = self.joined
         self.joined = False
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, OSError, RuntimeError):
             await client.zrem(MEMBERS_KEY, self.entry)
         self.ready.set()
         if was_serving:
@@ -250,8 +255,10 @@ class Membership:
         try:
             await client.zrem(MEMBERS_KEY, self.entry)
             await client.publish(CHANGES_CHANNEL, self.instance_id)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
             reraise_if_cancelled()
+            if not connection_failed(exc):
+                raise
             log.warning("membership: could not leave cleanly", extra={"reason": type(exc).__name__})
         finally:
             await close_quietly(client)

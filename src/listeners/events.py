@@ -22,6 +22,10 @@ MSG_UPDATE = "msg.update"
 MSG_REMOVE = "msg.remove"
 CHAT_SYNC = "chat.sync"
 CHAT_MESSAGE = "chat.message"
+# Where a stream ended, sent once it has been quiet after its last event (publish/tails.py).
+NOTIF_POSITION = "notif.position"
+MSG_POSITION = "msg.position"
+CHAT_POSITION = "chat.position"
 
 
 class _Item(TypedDict):
@@ -141,6 +145,30 @@ class ChatMessageEvent(_Envelope):
     payload: ChatPayload
 
 
+class PositionPayload(TypedDict):
+    """Empty: the envelope's `epoch` and `seq` are the stream's last event's."""
+
+
+class ChatPositionPayload(TypedDict):
+    space_code: str
+    thread_key: str
+
+
+class NotifPositionEvent(_Envelope):
+    type: Literal["notif.position"]
+    payload: PositionPayload
+
+
+class MsgPositionEvent(_Envelope):
+    type: Literal["msg.position"]
+    payload: PositionPayload
+
+
+class ChatPositionEvent(_Envelope):
+    type: Literal["chat.position"]
+    payload: ChatPositionPayload
+
+
 EVENT_MODELS: dict[str, type] = {
     NOTIF_SYNC: NotifSyncEvent,
     NOTIF_ADD: NotifAddEvent,
@@ -152,9 +180,18 @@ EVENT_MODELS: dict[str, type] = {
     MSG_REMOVE: MsgRemoveEvent,
     CHAT_SYNC: ChatSyncEvent,
     CHAT_MESSAGE: ChatMessageEvent,
+    NOTIF_POSITION: NotifPositionEvent,
+    MSG_POSITION: MsgPositionEvent,
+    CHAT_POSITION: ChatPositionEvent,
 }
 KNOWN_TYPES = frozenset(EVENT_MODELS)  # every type a consumer may see
 SYNC_TYPES = frozenset({NOTIF_SYNC, MSG_SYNC, CHAT_SYNC})
+POSITION_TYPES = frozenset({NOTIF_POSITION, MSG_POSITION, CHAT_POSITION})
+
+
+def position_type(event_type: str) -> str:
+    """The position event of the stream family of `event_type` (`notif.add` -> `notif.position`)."""
+    return f"{event_type.partition('.')[0]}.position"
 
 
 def stream_of(event: Mapping[str, Any]) -> str:

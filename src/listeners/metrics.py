@@ -19,6 +19,22 @@ class Metrics:
         self.failed_streams = Gauge(
             "listeners_failed_streams", "Streams that failed for good (e.g. permission denied)", registry=r
         )
+        self.listen_degraded = Gauge(
+            "listeners_listen_degraded",
+            "Firestore Listen streams held back by a permanent error (retried slowly, no data)",
+            registry=r,
+        )
+        self.listen_stream_errors = Counter(
+            "listeners_listen_stream_errors",
+            "Firestore Listen calls that ended, by gRPC status (or SILENT, CLIENT)",
+            ["code"],
+            registry=r,
+        )
+        self.listen_undecodable = Counter(
+            "listeners_listen_undecodable_documents",
+            "Firestore documents that could not be decoded (their watches failed)",
+            registry=r,
+        )
         self.stream_restarts = Counter(
             "listeners_stream_restarts", "Watches replaced after they ended", ["kind"], registry=r
         )
@@ -41,6 +57,11 @@ class Metrics:
         )
         self.redis_up = Gauge("listeners_redis_up", "1 when Redis answers", registry=r)
         self.events = Counter("listeners_events", "Events published, by type", ["type"], registry=r)
+        self.positions = Counter(
+            "listeners_tail_positions",
+            "Tail positions published (one per quiet stream after a burst)",
+            registry=r,
+        )
         self.publish_failures = Counter(
             "listeners_publish_failures",
             "Events not published (Redis down or queue full)",

@@ -102,7 +102,9 @@ class Service:
 
     def health(self) -> dict[str, object]:
         redis = "ok" if self.publisher.up else "down"
-        ok = redis == "ok" and self.node.registry_healthy and not self.stopping
+        # A Listen stream refused for good (PERMISSION_DENIED...): retried slowly, no data flows.
+        listen = self.source.degraded_reason if isinstance(self.source, ListenSource) else None
+        ok = redis == "ok" and self.node.registry_healthy and not self.stopping and listen is None
         body: dict[str, object] = {
             "status": "failed" if self.failed else "ok" if ok else "degraded",
             "version": __version__,
@@ -115,10 +117,12 @@ class Service:
             body["task_restarts"] = restarts
         if self.failed:
             body["reason"] = self.failed
+        elif listen is not None:
+            body["reason"] = f"firestore: {listen}"
         return body
 
 
-def firestore_source(settings: Settings) -> SnapshotSource:
+def firestore_source(settings: Settings, metrics: Metrics | None = None) -> SnapshotSource:
     credentials = None
     if not settings.firebase.emulator_host and settings.firebase.admin_json is not None:
         from google.oauth2 import service_account
@@ -132,6 +136,7 @@ def firestore_source(settings: Settings) -> SnapshotSource:
             credentials=credentials,
             max_streams_per_connection=settings.max_streams_per_connection,
             targets_per_stream=settings.targets_per_stream,
+            metrics=metrics,
         )
     return FirestoreSource(
         settings.firebase.project_id,
@@ -189,7 +194,7 @@ async def running(
     """
     metrics = Metrics()
     broker = broker or RedisBroker(settings.redis, metrics)
-    source = source or firestore_source(settings)
+    source = source or firestore_source(settings, metrics)
     rtdb = rtdb or rtdb_client(settings)
     membership = Membership(settings.redis, settings.instance_id, broker=broker)
     publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)

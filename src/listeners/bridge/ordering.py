@@ -12,7 +12,11 @@ Pure logic, no I/O, shared by the bridge and the property test of convergence. P
   both publish it, with the same event id) when its id was applied already: dropped. Otherwise
   the consumer may have missed the other instance's sync: a gap (it asks for a resync, and
   keeps applying its own epoch meanwhile);
-- before a stream's first sync, its deltas are dropped and a sync is asked for.
+- before a stream's first sync, its deltas are dropped and a sync is asked for;
+- a tail position (`*.position`, sent once a stream is quiet after its last event) is never
+  applied: of its epoch and at most its seq, dropped; ahead of it, a gap (the stream's last
+  events were missed); of another epoch, a gap as for a delta of another epoch. Before the
+  first sync it is dropped (a sync is being asked for already).
 
 Events without `epoch` and `seq` come from a service older than issue 14: applied unless
 their `event_id` was seen, as consumers did before.
@@ -26,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from listeners.events import SYNC_TYPES, stream_of
+from listeners.events import POSITION_TYPES, SYNC_TYPES, stream_of
 
 
 class Verdict(enum.Enum):
@@ -93,6 +97,8 @@ class Ordering:
             self._positions[stream] = _Position(epoch, seq)
             self._waiting.discard(stream)
             return Verdict.APPLY
+        if event.get("type") in POSITION_TYPES:
+            return self._tail(stream, position, epoch, seq)
         if position is None:
             self._waiting.add(stream)
             return Verdict.GAP
@@ -109,6 +115,18 @@ class Ordering:
         position.seq = seq
         self._applied.add(event_id)
         return Verdict.APPLY
+
+    def _tail(self, stream: str, position: _Position | None, epoch: str, seq: int) -> Verdict:
+        if position is None or position.broken:
+            return Verdict.DROP  # waiting for a sync already
+        if position.epoch != epoch:
+            self._waiting.add(stream)
+            return Verdict.GAP
+        if seq <= position.seq:
+            return Verdict.DROP
+        position.broken = True
+        self._waiting.add(stream)
+        return Verdict.GAP
 
 
 class Follower:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import ssl
 from typing import Any
@@ -65,8 +64,25 @@ def redis_client(settings: RedisSettings, *, timeout: float = 5.0) -> redis.Redi
     )
 
 
+def connection_failed(exc: BaseException) -> bool:
+    """Whether `exc` says the connection to Redis failed, whatever raised it.
+
+    redis-py raises its own errors and OSError (ConnectionError, TimeoutError); but a write on
+    a transport the peer has reset raises RuntimeError from the event loop itself ("unable to
+    perform operation on <TCPTransport closed=True ...>; the handler is closed" in uvloop,
+    "... handler is closed" or "Transport is closed" in asyncio). Those are connection
+    failures, not bugs: the part that saw them reconnects and recovers.
+    """
+    if isinstance(exc, RedisError | OSError):
+        return True
+    return isinstance(exc, RuntimeError) and ("closed" in str(exc).lower())
+
+
 async def close_quietly(*connections: Any) -> None:
     """Close pub/sub objects and clients whose Redis may already be gone."""
     for connection in connections:
-        with contextlib.suppress(RedisError, OSError):
+        try:
             await connection.aclose()
+        except Exception as exc:
+            if not connection_failed(exc):
+                raise

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from listeners.backoff import reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.publish.broker import BrokerUnavailable, Handler, Message
-from listeners.publish.connection import redis_client
+from listeners.publish.connection import connection_failed, redis_client
 from listeners.publish.redis_subscriber import RedisSubscriber
 
 if TYPE_CHECKING:  # the bridge runs where prometheus_client is not installed
@@ -35,15 +33,19 @@ class RedisBroker:
                 for channel, body in messages:
                     pipe.publish(channel, body)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
             reraise_if_cancelled()
+            if not connection_failed(exc):
+                raise
             raise BrokerUnavailable(_reason(exc)) from None
 
     async def ping(self) -> None:
         try:
             await self._client.ping()
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
             reraise_if_cancelled()
+            if not connection_failed(exc):
+                raise
             raise BrokerUnavailable(_reason(exc)) from None
 
     def subscriber(self, name: str, handler: Handler) -> RedisSubscriber:

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
 from listeners.publish.broker import Handler
-from listeners.publish.connection import close_quietly, redis_client
+from listeners.publish.connection import close_quietly, connection_failed, redis_client
 from listeners.publish.resp import ReplyError, Wire
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,11 @@ class RedisSubscriber:
                 for callback in list(self._callbacks):
                     self._call(callback, reconnected)
                 await self._read(wire)
-            except (RedisError, OSError, HalfOpen, ValueError) as exc:  # ValueError: not RESP2
+            except Exception as exc:
                 reraise_if_cancelled()
+                # ValueError: not RESP; RuntimeError: a write on a transport already reset
+                if not (isinstance(exc, HalfOpen | ValueError) or connection_failed(exc)):
+                    raise
                 log.warning(
                     "redis pub/sub lost; reconnecting",
                     extra={"connection": self.name, "reason": f"{type(exc).__name__}: {exc}"[:200]},
@@ -238,6 +241,6 @@ class RedisSubscriber:
 
 
 async def _disconnect(connection: Any, client: Any) -> None:
-    with contextlib.suppress(RedisError, OSError):
+    with contextlib.suppress(RedisError, OSError, RuntimeError):
         await connection.disconnect()
     await close_quietly(client)

@@ -19,7 +19,7 @@
 // - follows every stream's `epoch` and `seq` with the same rules as the Python bridge
 //   (listeners/bridge/ordering.py): a missing seq, or an epoch without its sync, is a gap,
 //   and the client sends `{"type": "resync"}`; events older than the last sync and
-//   duplicates are dropped;
+//   duplicates are dropped; a tail position (`*.position`) ahead of what it holds is a gap;
 // - reduces the events to the UI's lists (`Reducers`, the same results as
 //   listeners/bridge/reducers.py: a contract test runs both on the same events).
 
@@ -27,8 +27,10 @@ export const EVENT_TYPES = Object.freeze([
   "notif.sync", "notif.add", "notif.update", "notif.remove",
   "msg.sync", "msg.add", "msg.update", "msg.remove",
   "chat.sync", "chat.message",
+  "notif.position", "msg.position", "chat.position",
 ]);
 const SYNC_TYPES = new Set(["notif.sync", "msg.sync", "chat.sync"]);
+const POSITION_TYPES = new Set(["notif.position", "msg.position", "chat.position"]);
 
 // Close codes after which reconnecting with a fresh token would not help (docs/websocket.md).
 export const FINAL_CODES = new Set([1008, 4002, 4003, 4004, 4005, 4006, 4007, 4009, 4010, 4013, 4017]);
@@ -84,6 +86,7 @@ export class Ordering {
       this.waitingStreams.delete(stream);
       return "apply";
     }
+    if (POSITION_TYPES.has(event.type)) return this.tail(stream, position, epoch, seq);
     if (!position) {
       this.waitingStreams.add(stream);
       return "gap";
@@ -98,6 +101,18 @@ export class Ordering {
     position.seq = seq;
     this.applied.add(id);
     return "apply";
+  }
+  // Where a stream ended: never applied; ahead of what is held, the last events were missed.
+  tail(stream, position, epoch, seq) {
+    if (!position || position.broken) return "drop"; // waiting for a sync already
+    if (position.epoch !== epoch) {
+      this.waitingStreams.add(stream);
+      return "gap";
+    }
+    if (seq <= position.seq) return "drop";
+    position.broken = true;
+    this.waitingStreams.add(stream);
+    return "gap";
   }
 }
 

@@ -25,6 +25,10 @@ class DocumentPath:
     path: str
 
 
+class Undecodable(ValueError):
+    """A document we cannot read. The message names the field and the wire type, never a value."""
+
+
 def timestamp(value: Timestamp) -> datetime:
     return DatetimeWithNanoseconds.from_timestamp_pb(value)  # type: ignore[no-untyped-call,no-any-return]
 
@@ -53,11 +57,23 @@ def decode(value: Any) -> Any:
         return DocumentPath(value.reference_value.split("/documents/", 1)[-1])
     if kind == "geo_point_value":
         return GeoPoint(value.geo_point_value.latitude, value.geo_point_value.longitude)
-    raise ValueError(f"unknown Firestore value type {kind}")
+    raise Undecodable(f"unknown value type {kind}")
 
 
 def source_doc(document: Any) -> SourceDoc:
-    """A raw `google.firestore.v1.Document` as a `SourceDoc`."""
-    data = {k: decode(v) for k, v in document.fields.items()}
-    updated = timestamp(document.update_time) if document.HasField("update_time") else None
+    """A raw `google.firestore.v1.Document` as a `SourceDoc`; `Undecodable` if it is not one."""
+    data = {}
+    for key, value in document.fields.items():
+        try:
+            data[key] = decode(value)
+        except (ValueError, OverflowError) as exc:  # a timestamp out of range says its value
+            raise Undecodable(f"field {key!r}: {why(exc)}") from exc
+    try:
+        updated = timestamp(document.update_time) if document.HasField("update_time") else None
+    except (ValueError, OverflowError) as exc:
+        raise Undecodable(f"update_time: {why(exc)}") from exc
     return SourceDoc(document.name.rsplit("/", 1)[-1], data, updated)
+
+
+def why(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, Undecodable) else f"{type(exc).__name__} decoding a value"

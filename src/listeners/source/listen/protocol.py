@@ -3,15 +3,24 @@ target failures and requests out. No I/O, no clock; `stream.py` drives it.
 
 The rules follow the reference clients (firebase-js-sdk `watch_change.ts`, the Python SDK's
 `watch.py`):
-- A target's changes accumulate as pending until a global consistent point: a NO_CHANGE with
-  no target ids and a read time. Then every CURRENT target applies its pending changes and
-  its result set is delivered if it changed (or was never delivered).
-- A target change with no target ids applies to every target.
+- A target's changes accumulate as pending until a global consistent point: any target
+  change with no target ids and a read time (the Web SDK's `versionFromListenResponse`), read
+  after the change itself is applied, and not older than the last point. Then every CURRENT
+  target applies its pending changes and its result set is delivered if it changed (or was
+  never delivered).
+- A target change with no target ids applies to every target whose ADD the server has
+  acknowledged (`forEachTarget` in `watch_change.ts`): a target still being added has no
+  result set yet, and a CURRENT would deliver it empty.
 - RESET drops what the target holds: the server re-sends the full result set.
 - An existence filter whose count differs from what the target holds re-listens the target
   from scratch under a new target id (ids are never reused, so late messages for the old id
   are ignored without counting pending acknowledgements).
-- REMOVE with a `cause` is that target's own error: it ends that watch only.
+- REMOVE of a target we hold ends that target only, with its `cause` or, without one, as
+  INTERNAL (as `watch.py` does): our own remove_target forgets the id at once, so a REMOVE
+  for a known id was never asked for, and the target would otherwise stay current and get
+  nothing more.
+- A document that cannot be decoded fails the targets it was sent for (and they are removed
+  from the stream), not the stream: a resumed stream would be sent it again.
 - Resume tokens are committed only at a consistent point where the target was current: a
   reconnect drops pending changes and resumes from the last delivered state, never past it.
   A target with no token is re-listened from scratch, which is a reset.
@@ -25,7 +34,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from listeners.source.listen import wire
-from listeners.source.listen.convert import source_doc, timestamp
+from listeners.source.listen.convert import Undecodable, source_doc, timestamp, why
 from listeners.source.snapshots import Changes, Snapshot, SourceDoc
 
 K = TypeVar("K", bound=Hashable)  # what the stream's owner knows a target by (its watch)
@@ -43,6 +52,7 @@ class TargetState(Generic[K]):
     docs: dict[str, SourceDoc] = field(default_factory=dict)  # by document name, as delivered
     pending: dict[str, SourceDoc | None] = field(default_factory=dict)  # None: left the result
     current: bool = False
+    acked: bool = False  # the server acknowledged this id's ADD
     delivered: bool = False
     token: Token = NO_TOKEN  # the latest sent for this target by id
     committed: Token = NO_TOKEN  # as of the last consistent point where it was current
@@ -80,11 +90,18 @@ class TargetError:
     message: str
 
 
+INTERNAL = 13  # google.rpc.Code
+
+
 @dataclass(slots=True)
 class Outcome(Generic[K]):
     snapshots: list[tuple[K, Snapshot]] = field(default_factory=list)
     failed: list[tuple[K, TargetError]] = field(default_factory=list)
     requests: list[Any] = field(default_factory=list)  # wire.ListenRequest to send now
+    undecodable: list[str] = field(default_factory=list)  # names of documents we could not read
+    # Data or a consistent point: the stream serves. An ADD acknowledgement is not: a server
+    # that acknowledges and then closes the stream must not reset the reconnect backoff.
+    progress: bool = False
 
 
 class ListenState(Generic[K]):
@@ -97,6 +114,7 @@ class ListenState(Generic[K]):
         self._stream_token = NO_TOKEN  # the latest sent with no target ids: for every target
         self._stream_committed = NO_TOKEN
         self._dirty: dict[TargetState[K], None] = {}  # to look at at the next consistent point
+        self._read_time: datetime | None = None  # of the last consistent point
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -132,6 +150,7 @@ class ListenState(Generic[K]):
         """The stream ended: every target falls back to what was last delivered."""
         for state in self._by_key.values():
             self._freeze(state)
+            state.acked = False
             state.pending.clear()
             state.token = state.committed
             if not state.committed[1]:
@@ -151,19 +170,15 @@ class ListenState(Generic[K]):
         if kind == "target_change":
             self._target_change(response.target_change, outcome)
         elif kind == "document_change":
-            change = response.document_change
-            doc = self._known(change.document, change.target_ids) or source_doc(change.document)
-            for state in self._states(change.target_ids):
-                state.pending[change.document.name] = doc
-                self._dirty[state] = None
-            for state in self._states(change.removed_target_ids):
-                state.pending[change.document.name] = None
-                self._dirty[state] = None
+            outcome.progress = True
+            self._document_change(response.document_change, outcome)
         elif kind == "document_delete":
+            outcome.progress = True
             for state in self._states(response.document_delete.removed_target_ids):
                 state.pending[response.document_delete.document] = None
                 self._dirty[state] = None
         elif kind == "document_remove":
+            outcome.progress = True
             for state in self._states(response.document_remove.removed_target_ids):
                 state.pending[response.document_remove.document] = None
                 self._dirty[state] = None
@@ -173,10 +188,28 @@ class ListenState(Generic[K]):
                 outcome.requests.extend(self._relisten(filtered))
         return outcome
 
+    def _document_change(self, change: Any, outcome: Outcome[K]) -> None:
+        name = change.document.name
+        states = self._states(change.target_ids)
+        if states:
+            try:
+                doc = self._known(change.document, states) or source_doc(change.document)
+            except Undecodable as exc:
+                self._undecodable(name, str(exc), states, outcome)
+            else:
+                for state in states:
+                    state.pending[name] = doc
+                    self._dirty[state] = None
+        for state in self._states(change.removed_target_ids):
+            state.pending[name] = None
+            self._dirty[state] = None
+
     def _target_change(self, change: Any, outcome: Outcome[K]) -> None:
         kind = change.target_change_type
         every = not change.target_ids
-        states = list(self._by_key.values()) if every else self._states(change.target_ids)
+        # A change that names its targets is taken as it comes: the server names a target only
+        # after acknowledging its ADD.
+        states = [s for s in self._by_key.values() if s.acked] if every else self._states(change.target_ids)
         if change.resume_token:
             self._order += 1
             if every:
@@ -184,13 +217,17 @@ class ListenState(Generic[K]):
             for state in [] if every else states:
                 state.token = (self._order, change.resume_token)
                 self._dirty[state] = None
-        if kind == wire.REMOVE:
+        if kind == wire.ADD:
+            for state in states:
+                state.acked = True
+        elif kind == wire.REMOVE:
             if change.HasField("cause") and change.cause.code:
                 error = TargetError(change.cause.code, change.cause.message)
-                for state in states:
-                    self.remove(state.key)
-                    outcome.failed.append((state.key, error))
-            # without a cause it acknowledges our own remove_target: nothing left to do
+            else:
+                error = TargetError(INTERNAL, "removed by the server without a cause")
+            for state in states:
+                self.remove(state.key)
+                outcome.failed.append((state.key, error))
         elif kind == wire.CURRENT:
             for state in states:
                 state.current = True
@@ -198,12 +235,18 @@ class ListenState(Generic[K]):
         elif kind == wire.RESET:
             for state in states:
                 self._reset(state)
-        elif kind == wire.NO_CHANGE and every and change.HasField("read_time"):
+        # Once applied, any change with no target ids and a read time is a consistent point:
+        # `versionFromListenResponse` (serializer.ts) and `onWatchStreamChange` (remote_store.ts).
+        if every and change.HasField("read_time"):
             self._consistent(timestamp(change.read_time), outcome)
 
     def _consistent(self, read_time: datetime, outcome: Outcome[K]) -> None:
         """Only targets that changed since the last point are looked at; the rest follow the
         stream's token."""
+        if self._read_time is not None and read_time < self._read_time:
+            return  # older than what was delivered: the SDKs raise no snapshot for it either
+        self._read_time = read_time
+        outcome.progress = True
         self._stream_committed = self._stream_token
         dirty, self._dirty = self._dirty, {}
         for state in dirty:
@@ -236,17 +279,31 @@ class ListenState(Generic[K]):
         state.target_id = self._new_id()
         self._by_id[state.target_id] = state
         self._reset(state)
+        state.acked = False
         state.token = state.committed = NO_TOKEN
         return [remove, self._add_request(state)]
 
-    def _known(self, document: Any, target_ids: Iterable[int]) -> SourceDoc | None:
+    def _undecodable(self, name: str, reason: str, states: list[TargetState[K]], outcome: Outcome[K]) -> None:
+        """The targets the document was sent for fail (their watches are replaced, with a fresh
+        sync) and leave the stream; the others never held it."""
+        outcome.undecodable.append(name)
+        error = TargetError(INTERNAL, f"undecodable document {name}: {reason}")
+        for state in states:
+            outcome.requests.append(self.remove(state.key))
+            outcome.failed.append((state.key, error))
+
+    def _known(self, document: Any, states: list[TargetState[K]]) -> SourceDoc | None:
         """The converted document when a target already holds this version: the emulator
         re-sends a target's whole result set after each change, and resumes re-send too."""
         if not document.HasField("update_time"):
             return None
-        for state in self._states(target_ids):
+        try:
+            update_time = timestamp(document.update_time)
+        except (ValueError, OverflowError) as exc:
+            raise Undecodable(f"update_time: {why(exc)}") from exc
+        for state in states:
             known = state.pending.get(document.name) or state.docs.get(document.name)
-            if known is not None and known.update_time == timestamp(document.update_time):
+            if known is not None and known.update_time == update_time:
                 return known
         return None
 

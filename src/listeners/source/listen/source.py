@@ -6,6 +6,7 @@ the stream's task; `close()` sends remove_target and returns at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -15,13 +16,16 @@ from urllib.parse import quote
 
 import grpc
 
+from listeners.metrics import Metrics
 from listeners.source.listen.pool import Connection, ListenPool
 from listeners.source.listen.protocol import TargetError, query_target
+from listeners.source.listen.status import ListenStatus
 from listeners.source.listen.stream import (
     ANSWER_SECONDS,
     SILENCE_SECONDS,
     ListenStream,
     Metadata,
+    Sleep,
     deliver_safely,
 )
 from listeners.source.snapshots import Query, Snapshot, SnapshotHandler
@@ -98,6 +102,8 @@ class ListenSource:
         host: str = FIRESTORE_HOST,
         silence: float = SILENCE_SECONDS,
         answer: float = ANSWER_SECONDS,
+        metrics: Metrics | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         if not 1 <= max_streams_per_connection <= FIRESTORE_STREAM_LIMIT:
             raise ValueError("max_streams_per_connection must be between 1 and 100")
@@ -114,9 +120,16 @@ class ListenSource:
         # emulator answers only a stream's first target) the streams are not probed.
         self._silence = silence if targets_per_stream > 1 else math.inf
         self._answer = answer
+        self._sleep = sleep
+        self.status = ListenStatus(metrics)
         self.pool = ListenPool(
             self._new_channel, self._new_stream, max_streams_per_connection=max_streams_per_connection
         )
+
+    @property
+    def degraded_reason(self) -> str | None:
+        """Why some watches get no data (a permanent error on their stream), or None."""
+        return self.status.degraded_reason
 
     @property
     def open_streams(self) -> int:
@@ -149,6 +162,8 @@ class ListenSource:
             self._targets_per_stream,
             silence=self._silence,
             answer=self._answer,
+            status=self.status,
+            sleep=self._sleep,
         )
 
     async def _metadata(self, refresh: bool) -> Metadata:

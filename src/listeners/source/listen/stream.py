@@ -8,6 +8,11 @@ about once a minute, but a blackholed peer sends nothing, and gRPC pings are too
 `silence` seconds asks a question the server must answer: it listens to one document (a
 probe target, removed at the first answer). Without any answer within `answer` seconds the
 connection is replaced (`pool.Connection`) and the stream resumes on the new one.
+
+The backoff starts again only once the stream serves (data or a consistent point), not on an
+ADD acknowledgement: a server that acknowledges every target and then closes the stream would
+otherwise have them all re-listened twice a second. Codes that no retry heals are retried
+slowly and shown as degraded (`status.py`) until data flows again.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import grpc
 from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.source.listen import wire
 from listeners.source.listen.protocol import ListenState, TargetError
+from listeners.source.listen.status import ListenStatus
 from listeners.source.snapshots import Snapshot
 from listeners.waits import wait_event
 
@@ -32,11 +38,31 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECONNECT = Backoff(base=0.5, cap=30.0)
+# After a permanent error: a fix (a role granted, a database created) is picked up within
+# minutes, and the stream's targets are not re-listened every few seconds meanwhile.
+SLOW_RECONNECT = Backoff(base=30.0, cap=300.0)
+# What no retry heals, as both SDKs read it: the Web SDK's `isPermanentError` (rpc_error.ts),
+# and the codes watch.py does not recover from. ABORTED is retried, as watch.py does (the Web
+# SDK leaves it to the caller). UNAUTHENTICATED is retried at once with a fresh token, as both
+# do (the token may have expired); refused again with a fresh one, it is the credentials.
+PERMANENT = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
 SILENCE_SECONDS = 30.0  # heard nothing this long: probe
 ANSWER_SECONDS = 20.0  # no answer to the probe this long: the connection is dead
 PROBE_DOCUMENT = "listeners-probe/stream"  # never written: listening to it costs one read
 Metadata = Sequence[tuple[str, str]]
 MetadataFactory = Callable[[bool], Awaitable[Metadata]]  # argument: force a token refresh
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class Link(Protocol):
@@ -62,11 +88,18 @@ class ListenStream:
         *,
         silence: float = SILENCE_SECONDS,
         answer: float = ANSWER_SECONDS,
+        status: ListenStatus | None = None,
+        slow: Backoff = SLOW_RECONNECT,
+        sleep: Sleep = asyncio.sleep,  # between attempts (tests: record the delay, go on)
     ) -> None:
         self.state: ListenState[ListenWatch] = ListenState(database)
         self.capacity = capacity
         self.restarts = 0  # calls that ended and were replaced
         self.responses = 0
+        self.served = 0  # responses that were data or a consistent point
+        self._status = status or ListenStatus()
+        self._slow = slow
+        self._sleep = sleep
         self.probes = 0  # questions asked of a quiet stream
         self._link = link
         self._metadata = metadata
@@ -130,23 +163,28 @@ class ListenStream:
             self._outgoing.put_nowait(request)
 
     async def _run(self) -> None:
-        attempt = 0
+        attempt = 0  # calls ended since the stream last served
         while True:
             while not len(self.state):  # an idle stream opens no call
+                self._status.recovered(self, "no targets left on the stream")
                 self._wake.clear()
                 await self._wake.wait()
-            before = self.responses
+            served = self.served
+            fresh_token = self._refresh_token
+            code: grpc.StatusCode | None = None
             try:
                 await self._session()
-                reason = "closed by the server"
+                reason, label = "closed by the server", "OK"
             except asyncio.CancelledError:
                 reraise_if_cancelled()  # our task was cancelled; otherwise the call was
                 reason = self._silent_reason or "call cancelled"
+                label = "SILENT" if self._silent_reason else "CANCELLED"
             except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
-                self._refresh_token = exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                code = exc.code()
+                reason, label = f"{code.name}: {exc.details()}", code.name
+                self._refresh_token = code == grpc.StatusCode.UNAUTHENTICATED
             except Exception as exc:  # a broken call must never end the stream for good
-                reason = f"{type(exc).__name__}: {exc}"
+                reason, label = f"{type(exc).__name__}: {exc}", "CLIENT"
             finally:
                 self._outgoing = None
                 self._call = None
@@ -154,13 +192,24 @@ class ListenStream:
                 self._all_current.clear()
                 self.state.disconnected()
             self.restarts += 1
-            attempt = 0 if self.responses > before else attempt + 1
-            delay = self._backoff.delay(attempt)
+            self._status.ended(label)
+            if self.served > served:
+                attempt = 0
+            refused = code == grpc.StatusCode.UNAUTHENTICATED and fresh_token and self.served == served
+            if code in PERMANENT or refused:
+                self._status.degraded(self, reason)
+                delay = self._slow.delay(attempt)
+            elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # As the SDKs do (`resetToMax` in persistent_stream.ts): the longest step at once.
+                delay = Backoff(self._backoff.cap, self._backoff.cap).delay(0)
+            else:
+                delay = self._backoff.delay(attempt)
+            attempt += 1
             log.warning(
                 "firestore listen stream ended; resuming",
                 extra={"reason": reason, "targets": len(self.state), "retry_in": round(delay, 2)},
             )
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     async def _session(self) -> None:
         metadata = await self._metadata(self._refresh_token)
@@ -171,8 +220,8 @@ class ListenStream:
         self._outgoing = outgoing
 
         async def requests() -> AsyncIterator[Any]:
-            while True:
-                yield await outgoing.get()
+            while (request := await outgoing.get()) is not None:
+                yield request
 
         generation = self._link.generation
         call = self._link.open_call(requests(), metadata)
@@ -182,12 +231,20 @@ class ListenStream:
             await self._read(call, outgoing)
         finally:
             prober.cancel()
+            # Ends the requests: gRPC's task that reads them is left waiting on a call the
+            # server ended, and would be destroyed pending (logged) at the next collection.
+            outgoing.put_nowait(None)
 
     async def _read(self, call: Any, outgoing: asyncio.Queue[Any]) -> None:
         async for response in call:
             self.responses += 1
             self._heard.set()
             outcome = self.state.on_response(response)
+            if outcome.progress:
+                self.served += 1
+                self._status.recovered(self, "data flows again")
+            if outcome.undecodable:
+                self._status.undecodable(len(outcome.undecodable))
             for request in outcome.requests:
                 outgoing.put_nowait(request)
             for watch, error in outcome.failed:
