@@ -58,7 +58,7 @@ from listeners.bridge.consumer import _Reader
 from listeners.bridge.ordering import Verdict
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
-from listeners.events import stream_of
+from listeners.events import POSITION_TYPES, stream_of
 from listeners.local import netns
 from listeners.local.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
 from listeners.local.proxy import ProxyProcess
@@ -333,7 +333,7 @@ class UserView:
 def is_position(event: Any) -> bool:
     """A tail position (`notif.position`, `msg.position`, `chat.position`): where a stream
     stands after it has been quiet, never a change (docs/events.md)."""
-    return isinstance(event, dict) and str(event.get("type", "")).endswith(".position")
+    return isinstance(event, Mapping) and event.get("type") in POSITION_TYPES
 
 
 @dataclass
