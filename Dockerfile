@@ -3,7 +3,7 @@
 # The build stage installs the locked dependencies (wheels only, every hash checked) and the
 # project's own wheel into /opt/venv; the final stage copies that venv onto a clean
 # python:3.11-slim, so the image has no compiler, no build backend, no pip and no pip cache.
-# tests/test_deploy.py replays these RUN steps in a fresh venv and starts the result.
+# tests/test_image.py builds this file as it is (scripts/image) and starts the image's CMD as its USER.
 
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -28,8 +28,11 @@ RUN /opt/build-tools/bin/pip wheel --quiet --no-deps --no-build-isolation --whee
 FROM python:3.11-slim
 # The base image's own pip, setuptools and wheel serve nothing at run time (the service runs
 # from /opt/venv, which does not see them); removed so that image scans report only what runs.
+# The user's group gets the same id as USER below (useradd --user-group alone would give it a
+# system gid, 999, that the process never runs with).
 RUN python -m pip uninstall --quiet --yes pip setuptools wheel \
- && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin listeners
+ && groupadd --system --gid 10001 listeners \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin listeners
 # On SIGTERM the service hands its users over at once, and the whole stop (uvicorn closing its
 # connections, at most UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN = 3 s of it, then closing the listeners
 # and flushing Redis) is bounded by LISTENERS_SHUTDOWN_TIMEOUT_SECONDS (8 s) from the signal, a
@@ -37,6 +40,9 @@ RUN python -m pip uninstall --quiet --yes pip setuptools wheel \
 # UVICORN_WS: the WebSocket protocol made for 10,000 sockets per process (deliver.wsprotocol,
 # docs/websocket.md "At scale"); uvicorn reads it as it reads --ws, the command is unchanged.
 # WEB_CONCURRENCY (workers) is set by the task definition, one per vCPU.
+# Bytecode: the venv's .pyc files, written by pip in the build stage, are kept (24 MB): the root
+# filesystem is read-only in the task, so without them every worker would compile the venv again
+# at every start (docs/deploy.md, "The image"); nothing else may write any.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 
 from uvicorn.config import STARTUP_FAILURE
 
 from listeners import logs
+from listeners.assemble import create_app
 from listeners.config import ConfigError, Settings, load_settings
-from listeners.deliver.http import create_app
 
 
 def _settings() -> Settings:
@@ -34,12 +33,11 @@ def _settings() -> Settings:
         settings.redis.control_token,
         settings.firebase.admin_json,
         settings.websocket.admin_token,
+        settings.google_credentials_json,  # the ECS task's Google key
     )
     for secret in secrets:
         if secret is not None:
             logs.register_secret(secret.reveal())
-    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS_JSON"):  # the ECS task's Google key
-        logs.register_secret(os.environ["GOOGLE_APPLICATION_CREDENTIALS_JSON"])
     return settings
 
 

@@ -7,7 +7,7 @@
 // CONFIG_JSON: {"module": path of listeners-client.js, "urls": ["ws://127.0.0.1:P/ws", ...],
 //               "token_url": "http://127.0.0.1:P/token", "uids": [...]}
 //
-// Tokens come from the local issuer's token endpoint (listeners/local/auth.py), fetched at
+// Tokens come from the local issuer's token endpoint (listeners_testkit/auth.py), fetched at
 // every connect and refresh as a page would get them from Firebase Auth. Each new socket goes
 // to the next URL in turn, as a load balancer sends it; like one with health checks, the
 // lab tells this process which instances are alive ("urls" with each "state"), so a client

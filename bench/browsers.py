@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.cluster import Instance
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import PROJECT_ROOT
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import PROJECT_ROOT
 
 CLIENT_MODULE = PROJECT_ROOT / "src" / "listeners" / "deliver" / "static" / "listeners-client.js"
 SCRIPT = PROJECT_ROOT / "bench" / "browser_clients.mjs"

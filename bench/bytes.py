@@ -38,9 +38,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
+from listeners.assemble import running
 from listeners.config import FirebaseSettings, RedisSettings, Settings
-from listeners.local.processes import FirestoreEmulator, RedisServer, emulator_kind
-from listeners.service import running
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, emulator_kind
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"

@@ -56,7 +56,7 @@ from google.cloud import firestore
 from bench import latency
 from bench.latency import log_problems, percentile, report_head
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
-from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, ServiceProcess
+from listeners_testkit.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, ServiceProcess
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.cluster:start -->", "<!-- bench.cluster:end -->"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.cluster import describe_code
 from bench.latency import _measuring, machine, update_doc
-from listeners.local.processes import PROJECT_ROOT
+from listeners_testkit.processes import PROJECT_ROOT
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.failures:start -->", "<!-- bench.failures:end -->"

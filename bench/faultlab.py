@@ -2,7 +2,7 @@
 that can be blackholed, cut, slowed or made lossy, with users online, writes flowing, and the
 consumers compared with the database truth.
 
-Each dependency runs in a network namespace of its own (`listeners.local.netns`: a veth pair,
+Each dependency runs in a network namespace of its own (`listeners_testkit.netns`: a veth pair,
 a private /30 in 10.215.0.0/16) where `ip netns` works, and always behind a `TcpProxy` on
 loopback, in a process of its own (`ProxyProcess`), which is what the services and consumers
 connect to:
@@ -59,11 +59,11 @@ from listeners.bridge.ordering import Verdict
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
 from listeners.events import POSITION_TYPES, stream_of
-from listeners.local import netns
-from listeners.local.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
-from listeners.local.proxy import ProxyProcess
-from listeners.local.rtdb_server import RtdbStandin
 from listeners.source.registry import ChatThread
+from listeners_testkit import netns
+from listeners_testkit.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
+from listeners_testkit.proxy import ProxyProcess
+from listeners_testkit.rtdb_server import RtdbStandin
 
 __all__ = ["ADMIN_TOKEN", "Consumer", "Lab", "Monitor", "Positions", "Writer", "is_position", "log"]
 

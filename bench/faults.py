@@ -58,7 +58,7 @@ from bench.faultlab import (
 )
 from bench.faultlab import rtdb_truth as read_rtdb
 from bench.latency import _measuring, _terminate, report_head, update_doc
-from listeners.local.processes import PROJECT_ROOT
+from listeners_testkit.processes import PROJECT_ROOT
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.faults:start -->", "<!-- bench.faults:end -->"

@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, emulator_kind
+from listeners_testkit.processes import PROJECT_ROOT, FirestoreEmulator, emulator_kind
 
 DOC = PROJECT_ROOT / "docs" / "security.md"
 START, END = "<!-- bench.fuzz:start -->", "<!-- bench.fuzz:end -->"

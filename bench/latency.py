@@ -42,7 +42,7 @@ import psutil
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
-from listeners.local.processes import (
+from listeners_testkit.processes import (
     GOOGLE,
     PROJECT_ROOT,
     FirestoreEmulator,

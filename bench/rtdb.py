@@ -1,7 +1,7 @@
 """Direct messages from the Realtime Database through the service, and what each user costs.
 
 For each size N, a fresh Firestore emulator, a fresh Realtime Database stand-in
-(`listeners.local.rtdb_server`) and a fresh service process (`uvicorn app.main:app`, pointed
+(`listeners_testkit.rtdb_server`) and a fresh service process (`uvicorn app.main:app`, pointed
 at the stand-in with FIREBASE_DATABASE_EMULATOR_HOST) with N users online in the registry,
 written before the service starts. One private redis-server serves the whole run.
 
@@ -59,14 +59,14 @@ from bench.latency import (
     update_doc,
     wait_healthy,
 )
-from listeners.local.processes import (
+from listeners_testkit.processes import (
     PROJECT_ROOT,
     FirestoreEmulator,
     RedisServer,
     emulator_env,
     wait_for_port,
 )
-from listeners.local.rtdb_server import RtdbStandin
+from listeners_testkit.rtdb_server import RtdbStandin
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.rtdb:start -->", "<!-- bench.rtdb:end -->"

@@ -47,9 +47,9 @@ from bench.latency import (
     update_doc,
     write_notification,
 )
-from listeners.local.processes import PROJECT_ROOT, RedisServer, emulator_env
 from listeners.source.listen import ListenSource
 from listeners.source.snapshots import Query, Snapshot
+from listeners_testkit.processes import PROJECT_ROOT, RedisServer, emulator_env
 
 START, END = "<!-- bench.scale:start -->", "<!-- bench.scale:end -->"
 FIGURE = DOC.parent / "scale.png"

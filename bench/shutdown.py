@@ -65,7 +65,7 @@ from bench.cluster import (
 )
 from bench.latency import percentile, report_head, update_doc
 from listeners.cluster import owner
-from listeners.local.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer
+from listeners_testkit.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.shutdown:start -->", "<!-- bench.shutdown:end -->"

@@ -61,7 +61,7 @@ from bench.faultlab import (
 from bench.faults import BY_NAME, Durations, Run, Scenario
 from bench.latency import _measuring, _terminate, percentile, report_head, update_doc
 from bench.plot import Panel, save_panels
-from listeners.local.processes import PROJECT_ROOT
+from listeners_testkit.processes import PROJECT_ROOT
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 FIGURE = PROJECT_ROOT / "docs" / "soak.png"

@@ -577,8 +577,8 @@ async def measure(args: argparse.Namespace, workers: int, sockets: int, workdir:
     import psutil
     import redis.asyncio as aioredis
 
-    from listeners.local.auth import LocalIssuer
-    from listeners.local.processes import (
+    from listeners_testkit.auth import LocalIssuer
+    from listeners_testkit.processes import (
         PROJECT_ROOT,
         FirestoreEmulator,
         RedisServer,

@@ -22,8 +22,8 @@ from google.cloud import firestore
 from listeners.bridge.ordering import Ordering, Verdict
 from listeners.bridge.reducers import DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, FirebaseSettings, RedisSettings, Secret, Settings
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import GOOGLE, NPM, FirestoreEmulator, RedisServer, emulator_kind
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import GOOGLE, NPM, FirestoreEmulator, RedisServer, emulator_kind
 
 CONTROL_TOKEN = "test-control-token-0123456789"
 

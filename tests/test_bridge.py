@@ -16,8 +16,8 @@ from google.cloud import firestore
 from listeners.bridge import Bridge, Notifications, Presence
 from listeners.config import Settings
 from listeners.control import resync_request
-from listeners.local.processes import RedisServer
 from listeners.normalise.notifications import newest_first, normalise_notification
+from listeners_testkit.processes import RedisServer
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 from tests.test_pipeline import serving
 

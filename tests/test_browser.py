@@ -23,12 +23,12 @@ from google.cloud import firestore
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 from starlette.applications import Starlette
 
+from listeners.assemble import create_app
 from listeners.config import Secret, Settings, WebSocketSettings
-from listeners.deliver import pages
-from listeners.deliver.http import ProcessHooks, create_app
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import free_port
-from listeners.local.rtdb_server import RtdbStandin
+from listeners.process import ProcessHooks
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import free_port
+from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio
@@ -122,11 +122,11 @@ async def test_demo_and_operations_pages(
     base = f"http://127.0.0.1:{port}"
     issuer = LocalIssuer(project_id)
     certs_url = issuer.serve(demo_users=["bea", "cal"], origins=[base])
-    monkeypatch.setenv(pages.DEMO_TOKEN_URL_ENV, issuer.token_url)
     ns = f"db-{project_id}"
     settings = dataclasses.replace(
         settings,
         instance_id="browser-test-1",
+        service=dataclasses.replace(settings.service, demo_token_url=issuer.token_url),
         websocket=WebSocketSettings(certs_url=certs_url, admin_token=Secret(ADMIN_TOKEN)),
         firebase=dataclasses.replace(
             settings.firebase,
@@ -221,7 +221,7 @@ async def test_demo_and_operations_pages(
 
 
 async def test_pages_are_off_unless_configured(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(pages.DEMO_TOKEN_URL_ENV, raising=False)
+    assert not settings.service.demo_token_url  # LISTENERS_DEMO_TOKEN_URL unset: /demo is off
     on = dataclasses.replace(settings, websocket=WebSocketSettings(admin_token=Secret(ADMIN_TOKEN)))
     for configured, expected in ((settings, 404), (on, 200)):
         transport = httpx.ASGITransport(app=create_app(configured))  # no lifespan: routing only

@@ -19,9 +19,8 @@ import pytest
 from playwright.async_api import Browser, WebSocketRoute
 
 from listeners.config import Settings, WebSocketSettings
-from listeners.deliver import pages
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import free_port
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import free_port
 from tests.conftest import Firebase
 from tests.test_browser import WAIT_MS, browser, doc_ids, page_errors, serving  # noqa: F401
 
@@ -83,8 +82,11 @@ async def test_the_client_module_heals_gaps_reconnects_and_refreshes(
     base = f"http://127.0.0.1:{port}"
     issuer = LocalIssuer(project_id)
     certs_url = issuer.serve(demo_users=["kim"], origins=[base])
-    monkeypatch.setenv(pages.DEMO_TOKEN_URL_ENV, issuer.token_url)
-    settings = dataclasses.replace(settings, websocket=WebSocketSettings(certs_url=certs_url))
+    settings = dataclasses.replace(
+        settings,
+        websocket=WebSocketSettings(certs_url=certs_url),
+        service=dataclasses.replace(settings.service, demo_token_url=issuer.token_url),
+    )
     await fb.notification("kim", "n-first", timestamp="2025-01-01T09:00:00")
     wire = Wire()
     try:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.asyncio
 
 
 class Mirror:
-    """What ChatStream reads of a NodeStream."""
+    """What ChatStream reads of a NodeMirror."""
 
     def __init__(self, on_change: Callable[[Any], None]) -> None:
         self.on_change = on_change

@@ -25,7 +25,7 @@ from google.api_core.exceptions import NotFound, PermissionDenied
 from google.cloud import secretmanager
 
 from listeners.cli import config_check, main, parser, secrets_push, smoke
-from listeners.local.processes import RedisServer, free_port, wait_for_port
+from listeners_testkit.processes import RedisServer, free_port, wait_for_port
 from tests.test_config import ADMIN
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from google.cloud import firestore
 
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
 from listeners.control import resync_request
-from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, ServiceProcess
 from tests.conftest import register_online, service_env
 
 pytestmark = pytest.mark.asyncio

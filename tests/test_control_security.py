@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from listeners.assemble import running
 from listeners.config import Settings
 from listeners.control import MAX_SKEW, InvalidRequest, SeenRequests, resync_request, verify
-from listeners.local.processes import RedisServer
-from listeners.service import Service, running
+from listeners.service import Service
 from listeners.source.registry import ChatThread
+from listeners_testkit.processes import RedisServer
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 
 

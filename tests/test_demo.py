@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from listeners.local.processes import RedisServer, free_port
+from listeners_testkit.processes import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ async def test_demo_brings_users_online_and_publishes(redis_server: RedisServer)
     # No --duration: the demo writes until it is stopped, as the README's `bash scripts/demo`
     # does, so a slow start cannot end the writes before each kind of event was seen.
     demo = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "listeners.local.demo"),
+        *(sys.executable, "-m", "listeners_testkit.demo"),
         *("--port", str(free_port()), "--interval", "0.3"),
         cwd=ROOT,
         env=env,

@@ -1,10 +1,9 @@
 """The deployment artefacts, checked offline by the real tools (specification §3.1, §7, §11).
 
-No Docker engine and no AWS here, so: hadolint, cfn-lint, checkov and actionlint (from
-requirements-tools.lock, in .venv-tools) lint what they know; the task definition is validated
-against the ECS RegisterTaskDefinition input model shipped in botocore; and the Dockerfile's
-build stage is replayed command by command in a fresh directory, then its start command and
-health check are run against a real redis-server and the Firestore emulator.
+No AWS here, so: hadolint, cfn-lint, checkov and actionlint (from requirements-tools.lock, in
+.venv-tools) lint what they know, and the task definition is validated against the ECS
+RegisterTaskDefinition input model shipped in botocore. The image itself is built from the
+Dockerfile and started in tests/test_image.py.
 """
 
 from __future__ import annotations
@@ -13,21 +12,13 @@ import functools
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import FirestoreEmulator, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / ".venv-tools" / "bin"
@@ -184,182 +175,6 @@ def test_dockerignore_keeps_tests_benchmarks_and_local_files_out() -> None:
     ]
     for path in out:
         assert not in_build_context(path), path
-
-
-@pytest.fixture(scope="module")
-def replayed_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The build stage's COPY and RUN steps, replayed in a fresh directory: what would be /build,
-    /opt/venv and /app in the image lives under it. Returns that root."""
-    root = tmp_path_factory.mktemp("image")
-    mapped = {p: root / p.lstrip("/") for p in ("/opt/venv", "/opt/build-tools", "/build", "/app")}
-
-    def local(path: str) -> str:
-        for image_path in sorted(mapped, key=len, reverse=True):
-            path = re.sub(rf"(?<![\w/.]){re.escape(image_path)}(?=/|\b|$)", str(mapped[image_path]), path)
-        return path
-
-    build, _ = dockerfile_stages()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")
-    }
-    workdir = root
-    for step in build[1:]:
-        if step.keyword == "ENV":
-            env.update(re.findall(r"(\w+)=(\S+)", step.args))
-        elif step.keyword == "WORKDIR":
-            workdir = Path(local(step.args))
-            workdir.mkdir(parents=True, exist_ok=True)
-        elif step.keyword == "COPY":
-            *sources, target = step.args.split()
-            for source in sources:
-                destination = (
-                    workdir / target / Path(source).name if target.endswith("/") else workdir / target
-                )
-                copy_context(ROOT / source, destination)
-        elif step.keyword == "RUN":
-            command = local(step.args)
-            assert not re.search(r"(?<![\w./-])/(opt|build|app|usr|etc)\b", command), (
-                f"unmapped path in {command}"
-            )
-            result = subprocess.run(
-                ["/bin/sh", "-c", command], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
-            )
-            assert result.returncode == 0, f"{step.args}\n{result.stdout}\n{result.stderr}"
-        else:
-            raise AssertionError(f"replay does not know {step.keyword}")
-    copy_context(ROOT / "app", mapped["/app"] / "app")  # the final stage's COPY app ./app
-    return root
-
-
-def copy_context(source: Path, destination: Path) -> None:
-    """Copies what the build context holds (.dockerignore applied)."""
-    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
-    for file in files:
-        relative = str(file.relative_to(ROOT))
-        if not in_build_context(relative):
-            continue
-        target = destination if source.is_file() else destination / file.relative_to(source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(file, target)
-
-
-@dataclass(frozen=True)
-class Running:
-    process: subprocess.Popen[str]
-    log: Path
-    port: int
-    env: dict[str, str]
-    issuer: LocalIssuer
-
-
-@pytest.fixture
-def image_service(
-    replayed_image: Path, redis_server: RedisServer, emulator: FirestoreEmulator
-) -> Iterator[Running]:
-    """The final stage's CMD, from the replayed /app with the replayed venv first on PATH; its
-    WebSocket tokens come from a local issuer (listeners.local.auth) instead of Firebase Auth."""
-    _, final = dockerfile_stages()
-    venv = replayed_image / "opt" / "venv"
-    issuer = LocalIssuer("image-replay")
-    env = {
-        "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(replayed_image),
-        "LISTENERS_REDIS_HOST": "127.0.0.1",
-        "LISTENERS_REDIS_PORT": str(redis_server.port),
-        "FIRESTORE_EMULATOR_HOST": emulator.host,
-        "FIREBASE_PROJECT_ID": "image-replay",
-        "LISTENERS_SWEEP_INTERVAL_SECONDS": "0.2",
-        "LISTENERS_TOKEN_CERTS_URL": issuer.serve(),
-        "LISTENERS_ALLOWED_ORIGINS": "https://app.example.com",
-    }
-    for step in only(final, "ENV"):
-        env.update((k, v) for k, v in re.findall(r"(\w+)=(\S+)", step) if k != "PATH")
-    port = free_port()
-    command = [
-        str(port) if a == "8080" else "127.0.0.1" if a == "0.0.0.0" else a  # noqa: S104 (replaced)
-        for a in json.loads(only(final, "CMD")[0])
-    ]
-    log = replayed_image / f"service-{port}.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command, cwd=replayed_image / "app", env=env, stdout=output, stderr=subprocess.STDOUT, text=True
-        )
-    try:
-        yield Running(process, log, port, env, issuer)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        issuer.close()
-
-
-def test_image_installs_from_the_lock_and_serves_healthz(
-    replayed_image: Path, image_service: Running
-) -> None:
-    process, log, port, env = image_service.process, image_service.log, image_service.port, image_service.env
-    venv = replayed_image / "opt" / "venv"
-    # Only the runtime is in the venv: the project as a built wheel (pip records a wheel's
-    # origin as archive_info; an editable or directory install would be dir_info), no pip, no
-    # setuptools. Run from the venv so that nothing in the current folder is found instead.
-    probe = (
-        "import importlib.util as u, importlib.metadata as m; "
-        "print(u.find_spec('setuptools') is None, u.find_spec('pip') is None, "
-        "'archive_info' in (m.distribution('listeners').read_text('direct_url.json') or ''))"
-    )
-    result = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, cwd=venv
-    )
-    assert result.stdout.split() == ["True", "True", "True"], result.stdout + result.stderr
-    assert (venv / "bin" / "listeners").exists()
-
-    deadline = time.monotonic() + 60
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline and body.get("status") != "ok":
-        assert process.poll() is None, log.read_text()
-        try:
-            response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-            body = response.json() if response.status_code == 200 else {}
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    assert body.get("status") == "ok" and body.get("redis") == "ok", body
-
-    # The Dockerfile's HEALTHCHECK command, as Docker would run it inside the container.
-    _, final = dockerfile_stages()
-    healthcheck = json.loads(only(final, "HEALTHCHECK")[0].split(" CMD ", 1)[1])
-    healthcheck = [a.replace(":8080/", f":{port}/") for a in healthcheck]
-    assert subprocess.run(healthcheck, env=env, timeout=60).returncode == 0
-
-    # The operator CLI installed in the image, against the running service: healthz, /ws with a
-    # token (and with a forged one), a Redis round trip.
-    check = subprocess.run(["listeners", "config", "check"], env=env, capture_output=True, text=True)
-    assert check.returncode == 0 and "configuration ok" in check.stdout, check.stdout + check.stderr
-    smoke = [
-        *("listeners", "smoke", "--url", f"http://127.0.0.1:{port}"),
-        *("--origin", "https://app.example.com", "--timeout", "30", "--ws-wait", "30"),
-    ]
-    token = image_service.issuer.mint("smoke-user")
-    result = subprocess.run([*smoke, "--token", token, "--redis"], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    for line in ("PASS  healthz", "PASS  websocket", "auth.ok for uid 'smoke-user'", "PASS  redis"):
-        assert line in result.stdout, result.stdout
-    forged = LocalIssuer("image-replay").mint("smoke-user")  # right shape, unknown key
-    result = subprocess.run([*smoke, "--token", forged], env=env, capture_output=True, text=True)
-    assert result.returncode == 1 and "FAIL  websocket" in result.stdout and "token refused" in result.stdout
-
-    # Graceful stop: SIGTERM to PID 1 (exec-form CMD), done within ECS's stopTimeout (a product
-    # bound: ECS kills the task after it; the drain is budgeted well inside it). The lifespan
-    # leaves with status 0 once it has flushed and closed (deliver/http.py), before uvicorn's
-    # own teardown; were it to return, uvicorn would re-raise the signal instead.
-    started = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    output = log.read_text()
-    assert process.returncode in (0, -signal.SIGTERM), output
-    assert time.monotonic() - started < task_definition()["containerDefinitions"][0]["stopTimeout"]
-    assert '"service stopped"' in output and '"exiting"' in output, output
 
 
 # ------------------------------------------------------------------ task definition

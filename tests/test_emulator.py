@@ -25,7 +25,7 @@ from google.cloud.firestore_v1.types import firestore as wire
 from google.cloud.firestore_v1.types import query as query_pb
 
 from listeners.bridge import Presence
-from listeners.local.processes import FirestoreEmulator
+from listeners_testkit.processes import FirestoreEmulator
 
 from .conftest import Firebase, google_emulator_only
 

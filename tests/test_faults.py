@@ -25,9 +25,9 @@ import pytest
 from bench.faultlab import Lab
 from bench.faults import BY_NAME, Durations, Outcome, Settings, run_scenario
 
-from listeners.local import netns
-from listeners.local.processes import free_port
-from listeners.local.proxy import TcpProxy
+from listeners_testkit import netns
+from listeners_testkit.processes import free_port
+from listeners_testkit.proxy import TcpProxy
 
 pytestmark = pytest.mark.asyncio
 

@@ -36,10 +36,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import FirestoreEmulator, RedisServer
-from listeners.local.rtdb_server import RtdbStandin
 from listeners.source.rtdb import RtdbClient
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import FirestoreEmulator, RedisServer
+from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import CONTROL_TOKEN
 from tests.test_websocket import serving, ws_settings
 

@@ -44,10 +44,10 @@ from listeners.bridge import Bridge
 from listeners.cluster import CHANGES_CHANNEL, owner
 from listeners.config import Settings
 from listeners.control import resync_request
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import RedisServer
-from listeners.local.proxy import Link, TcpProxy
 from listeners.service import Service
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import RedisServer
+from listeners_testkit.proxy import Link, TcpProxy
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 from tests.test_bridge import Tab, converged, published
 from tests.test_cluster import carried

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from google.cloud import firestore
 
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
-from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, ServiceProcess
 from tests.conftest import register_online, service_env
 from tests.test_cluster import ADMIN, CONTROL, USERS, Recorder
 

@@ -25,10 +25,10 @@ from google.cloud import firestore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from listeners.local.processes import NPM, PROJECT_ROOT, FirestoreEmulator
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
 from listeners.source.snapshots import Query, Snapshot, SnapshotSource
+from listeners_testkit.processes import NPM, PROJECT_ROOT, FirestoreEmulator
 
 from .conftest import google_emulator_only
 
@@ -421,7 +421,7 @@ async def test_credentials_give_fresh_bearer_tokens_and_the_emulator_owner(
 ) -> None:
     """Tokens come from the credentials, refreshed before they expire (ServiceAccountTokens, as
     the Realtime Database client) and on the server's UNAUTHENTICATED; the emulator takes owner."""
-    from listeners.source.rtdb.tokens import ServiceAccountTokens
+    from listeners.source.access_tokens import ServiceAccountTokens
 
     from .test_rtdb import FakeCredentials
 
@@ -449,7 +449,7 @@ async def test_a_silent_connection_is_found_by_a_probe_and_replaced(
     new connections still work): the stream's probe gets no answer, the connection is replaced
     and the watch resumes, with what was written meanwhile. gRPC's own keepalive (minutes)
     would not have noticed within the test's wait."""
-    from listeners.local.proxy import TcpProxy
+    from listeners_testkit.proxy import TcpProxy
 
     port = int(emulator.host.rpartition(":")[2])
     with TcpProxy(port) as proxy:

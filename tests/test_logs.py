@@ -17,7 +17,7 @@ import uvicorn
 from websockets.asyncio.client import connect
 
 from listeners import logs
-from listeners.local.processes import free_port
+from listeners_testkit.processes import free_port
 from tests.conftest import wait_until
 from tests.test_config import ADMIN, PRIVATE_KEY
 

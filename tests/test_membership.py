@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 
 from listeners.cluster import MEMBERS_KEY, Membership
 from listeners.config import RedisSettings
-from listeners.local.processes import RedisServer
-from listeners.local.proxy import TcpProxy
 from listeners.publish.redis import RedisBroker
+from listeners_testkit.processes import RedisServer
+from listeners_testkit.proxy import TcpProxy
 
 pytestmark = pytest.mark.asyncio
 

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from google.cloud import firestore
 
+from listeners.assemble import running
 from listeners.config import FirebaseSettings, RedisSettings, Secret, Settings
-from listeners.local.processes import NPM, PROJECT_ROOT, FirestoreEmulator, RedisServer
-from listeners.service import Service, running
+from listeners.service import Service
+from listeners_testkit.processes import NPM, PROJECT_ROOT, FirestoreEmulator, RedisServer
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio

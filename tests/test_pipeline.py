@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from listeners.assemble import running
 from listeners.config import Settings
-from listeners.service import Service, running
+from listeners.service import Service
 from listeners.source.listen.protocol import TargetError
 from listeners.source.listen.source import ListenWatch
 from tests.conftest import Consumer, Firebase, iso_ago, wait_until

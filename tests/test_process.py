@@ -16,7 +16,7 @@ import httpx
 import pytest
 from google.cloud import firestore
 
-from listeners.local.processes import FirestoreEmulator, RedisServer, _Child, free_port, wait_for_port
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, _Child, free_port, wait_for_port
 from tests.test_config import ADMIN, PRIVATE_KEY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from listeners.local.processes import PROJECT_ROOT, RedisServer
-from listeners.local.proxy import TcpProxy
+from listeners_testkit.processes import PROJECT_ROOT, RedisServer
+from listeners_testkit.proxy import TcpProxy
 
 SILENCE = 0.5  # how long "no answer" is waited for; a loopback answer takes well under 1 ms
 
@@ -179,7 +179,7 @@ def test_close_stops_listening(redis_server: RedisServer) -> None:
 
 def test_command_line_proxy(redis_server: RedisServer) -> None:
     child = subprocess.Popen(
-        [sys.executable, "-m", "listeners.local.proxy", "--target", f"127.0.0.1:{redis_server.port}"],
+        [sys.executable, "-m", "listeners_testkit.proxy", "--target", f"127.0.0.1:{redis_server.port}"],
         cwd=PROJECT_ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

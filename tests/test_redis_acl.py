@@ -33,8 +33,8 @@ from listeners.bridge import Bridge
 from listeners.cluster import CHANGES_CHANNEL, MEMBERS_KEY, entry_id
 from listeners.config import REDIS_SECRET, ConfigError, RedisSettings, Secret, load_redis_settings
 from listeners.control import resync_request
-from listeners.local.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
 from listeners.publish.connection import redis_client
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
 from tests.test_deploy import cfn
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from google.cloud import firestore
 
+from listeners.assemble import running
 from listeners.config import Settings
-from listeners.service import running
 from tests.conftest import CONTROL_TOKEN, Firebase, wait_until
 from tests.test_bridge import truth
 

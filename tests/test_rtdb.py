@@ -20,11 +20,10 @@ import pytest
 from google.auth.credentials import Credentials
 
 from listeners.backoff import Backoff
-from listeners.local.rtdb_server import RtdbStandin
 from listeners.source.rtdb import (
     SCOPES,
     EventTooLarge,
-    NodeStream,
+    NodeMirror,
     RtdbClient,
     RtdbError,
     ServiceAccountTokens,
@@ -32,6 +31,7 @@ from listeners.source.rtdb import (
     SseParser,
 )
 from listeners.source.rtdb import client as client_module
+from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import wait_until
 
 FAST = Backoff(base=0.05, cap=0.5)
@@ -99,11 +99,11 @@ async def no_streams(server: RtdbStandin, ns: str | None = None, timeout: float 
             await asyncio.sleep(0.05)
 
 
-async def synced(stream: NodeStream) -> None:
+async def synced(stream: NodeMirror) -> None:
     await eventually(lambda: stream.synced)
 
 
-async def converges(stream: NodeStream, client: RtdbClient, expected: Any) -> None:
+async def converges(stream: NodeMirror, client: RtdbClient, expected: Any) -> None:
     await eventually(lambda: stream.tree == expected)
     assert await client.get(stream.path) == expected
 

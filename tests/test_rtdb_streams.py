@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+from listeners.assemble import running
 from listeners.config import Settings
-from listeners.local.auth import LocalIssuer
-from listeners.local.rtdb_server import RtdbStandin
-from listeners.service import running
 from listeners.source.rtdb import RtdbClient
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import Consumer, Firebase, wait_until
 from tests.test_rtdb import no_streams
 from tests.test_websocket import next_event, serving, ws_settings
@@ -376,7 +376,7 @@ async def test_a_chat_thread_keeps_only_its_last_messages(
 
 
 class _Stub:
-    """What MessageStream reads of its NodeStream: the children the last event touched."""
+    """What MessageStream reads of its NodeMirror: the children the last event touched."""
 
     reconnects = 0
     active = True

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from listeners.assemble import running
 from listeners.config import Settings
-from listeners.service import running
 from tests.conftest import Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from listeners.assemble import running
 from listeners.config import Settings
-from listeners.local.processes import RedisServer
-from listeners.service import Service, running
+from listeners.service import Service
+from listeners_testkit.processes import RedisServer
 from tests.conftest import Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -16,10 +16,10 @@ from listeners.bridge import Bridge
 from listeners.config import RedisSettings, Secret
 from listeners.control import verify
 from listeners.deliver.hub import Hub
-from listeners.local.processes import RedisServer
 from listeners.metrics import Metrics
 from listeners.publish.broker import MemoryBroker
 from listeners.publish.redis_subscriber import RedisSubscriber
+from listeners_testkit.processes import RedisServer
 
 pytestmark = pytest.mark.asyncio
 

@@ -18,9 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from listeners.config import RedisSettings
-from listeners.local.processes import RedisServer
 from listeners.publish import resp
 from listeners.publish.redis_subscriber import HalfOpen, RedisSubscriber
+from listeners_testkit.processes import RedisServer
 
 
 class Clock:

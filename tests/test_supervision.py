@@ -19,14 +19,14 @@ from websockets.asyncio.client import connect
 from listeners.cluster import Membership
 from listeners.config import Settings
 from listeners.control import ControlListener, resync_request
-from listeners.deliver.http import EXIT_SHUTDOWN_CUT, EXIT_TASK_FAILED
 from listeners.deliver.hub import Hub
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import RedisServer, ServiceProcess
 from listeners.metrics import Metrics
 from listeners.node import Node
+from listeners.process import EXIT_SHUTDOWN_CUT, EXIT_TASK_FAILED
 from listeners.publish.publisher import Publisher
 from listeners.supervisor import Fatal, Supervisor
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import RedisServer, ServiceProcess
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, service_env, wait_until
 from tests.test_websocket import Client, serving, ws_settings
 

@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 
 from listeners.config import Settings
 from listeners.deliver.tokens import CERTIFICATES_UNAVAILABLE, TokenRejected, TokenVerifier
-from listeners.local.auth import LocalIssuer
+from listeners_testkit.auth import LocalIssuer
 from tests.test_websocket import closed_with, next_event, serving, ws_settings
 
 

@@ -21,10 +21,11 @@ from google.cloud import firestore
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from listeners.assemble import create_app
 from listeners.config import Settings, WebSocketSettings
-from listeners.deliver.http import ProcessHooks, create_app
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import RedisServer, free_port
+from listeners.process import ProcessHooks
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import RedisServer, free_port
 from tests.conftest import Consumer, Firebase, wait_until
 
 pytestmark = pytest.mark.asyncio

@@ -18,11 +18,11 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from listeners.config import Settings
 from listeners.deliver.hub import Hub
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import RedisServer
 from listeners.metrics import Metrics
 from listeners.publish.redis import RedisBroker
 from listeners.source.rtdb import RtdbClient
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import RedisServer
 from tests.conftest import Firebase, wait_until
 from tests.test_rtdb_streams import chat_message, ns, rtdb, rtdb_settings, standin  # noqa: F401
 from tests.test_websocket import closed_with, next_event, serving

@@ -26,8 +26,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
 from listeners.envelope import Envelope
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, ServiceProcess
 from tests.conftest import service_env
 
 pytestmark = pytest.mark.asyncio

@@ -1,14 +1,19 @@
-"""listeners: Firebase changes for each online user, normalised, delivered to Redis Pub/Sub.
+"""listeners: Firebase changes for each online user, normalised, delivered to Redis Pub/Sub
+and to browsers over WebSocket.
 
 Data flow, one package per stage:
 
-    source/     Firestore watches (registry and per-user queries) behind a small interface
-    normalise/  pure functions: raw Firestore values -> the items the UI expects
-    streams/    one per user and kind: a source watch + the normaliser -> envelopes
-    publish/    the broker interface, its Redis and in-memory implementations, the publisher
-    deliver/    HTTP (health, metrics) and, later, WebSocket delivery
+    source/     Firebase behind small interfaces: Firestore watches (Listen or the SDK), the
+                Realtime Database, the registry document's shape and the stores that write it
+    normalise/  pure functions: raw Firebase values -> the items the UI expects
+    streams/    a user's ordered event streams: a source watch + the normaliser -> envelopes
+    publish/    the broker interface, Redis and in-memory brokers, the publisher, channel names
+    deliver/    HTTP (health, metrics, operator pages) and WebSocket Direct mode
+    bridge/     the consumer library for the Reflex backend (no part of the service)
 
-`node.Node` owns the per-user sessions and wires the stages together.
+`node.Node` keeps one `session.UserSession` per online user; `service.Service` is one running
+instance; `assemble` builds and connects every part (the only module that imports them all),
+and `process` holds what the process does around it (signals, watchdog, exit status).
 """
 
 from importlib.metadata import PackageNotFoundError, version

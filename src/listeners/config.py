@@ -1,11 +1,17 @@
 """Configuration from Google Secret Manager, with environment fallbacks (specification §3).
 
-For each key the first of these that is set wins (docs/configuration.md has the table):
-1. the key in its Secret Manager secret, read only when GOOGLE_PROJECT_ID is set;
-2. the environment variable of the specification's name;
-3. the documented default.
-Every problem is collected, so one `ConfigError` names every missing or invalid key.
-Values of secrets are wrapped in `Secret` so that no repr, log line or error shows them.
+Every key is declared once, on the settings field it fills, by `key(...)`: its environment
+variable, its default, its meaning, and where relevant its secret key, range, choices or rule.
+`table()` gathers them; one generic reader (`read_keys`) fills `Settings` from them, `listeners
+config check` lists them, and `listeners config doc` writes them into docs/configuration.md.
+Adding a key is adding one field with `key(...)`; the rules on several keys are `_across_keys`.
+
+For each key the first of these that is set wins:
+1. its key in its Secret Manager secret, read only when GOOGLE_PROJECT_ID is set;
+2. the environment variable;
+3. the default.
+Every problem is collected, so one `ConfigError` names every missing or invalid key, never a
+value. Values of secrets are wrapped in `Secret` so that no repr, log line or error shows them.
 """
 
 from __future__ import annotations
@@ -16,19 +22,22 @@ import json
 import os
 import secrets
 import socket
+import typing
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from listeners import secret_manager
+from listeners.secret_manager import SecretReader
 
 REDIS_SECRET = "pinnokio/listeners/redis"
 FIREBASE_SECRET = "pinnokio/listeners/firebase_admin"
 SERVICE_SECRET = "pinnokio/listeners/service_config"
+MUST_EXIST = ("redis", "aws")  # secrets that must exist once named; the others are optional
 MAX_STREAMS_PER_CONNECTION = 100  # Firestore's limit per gRPC connection
-FIRESTORE_SOURCES = ("listen", "sdk")  # the multiplexed Listen client, or the SDK's on_snapshot
 TARGETS_PER_STREAM = 500  # query targets on one Listen stream (docs/benchmarks.md)
-
-SecretReader = Callable[[str], str | None]  # None when the secret does not exist
+LOOPBACK_ONLY = "http:// only on loopback: 127.0.0.0/8, ::1, localhost"
 
 
 class Secret:
@@ -60,492 +69,57 @@ class ConfigError(Exception):
         super().__init__("invalid configuration: " + "; ".join(problems))
 
 
-@dataclass(frozen=True)
-class RedisSettings:
-    host: str
-    port: int = 6379
-    password: Secret | None = None
-    username: str = ""
-    tls: bool = False
-    db: int = 0
-    channel_prefix: str = "user:"
-    ca_file: str = ""
-    chat_channel_prefix: str = "chat:"
-    control_channel: str = "listeners:control"
-    control_token: Secret | None = None  # shared with consumers; signs their resync requests
+# ---------------------------------------------------------------- the declaration of a key
+
+REQUIRED: Any = object()  # a key's default when it has none: it must be given
 
 
 @dataclass(frozen=True)
-class FirebaseSettings:
-    project_id: str
-    admin_json: Secret | None = None  # the service account JSON; None with the emulator
-    emulator_host: str = ""
-    database_url: str = ""  # the Realtime Database; empty: no msg.* / chat.* streams
-    database_emulator_host: str = ""
-    chat_mark_read: bool = True
+class Key:
+    env: str  # the environment variable: the key's name everywhere (errors, check, doc)
+    default: Any  # REQUIRED, a value, or a function that makes one
+    doc: str  # its meaning, one line
+    secret: str = ""  # "redis.host": key `host` of the redis secret; "firebase_admin": that whole secret
+    span: tuple[float, float] | None = None  # integers and numbers: the inclusive range
+    choices: tuple[str, ...] = ()  # text: the values allowed (case ignored)
+    check: Callable[[Any], str] | None = None  # a further rule: the problem, or ""; its __doc__ says it
+    shown: str = ""  # the default as the doc shows it, when not the value itself
+    # Filled in by `table()` from the field that carries the key:
+    path: str = ""  # where it lands in Settings, e.g. "redis.port"
+    kind: str = ""  # text, integer, number, boolean, secret or list, from the field's type
+    group: str = ""  # the first line of the settings class's docstring
+
+    @property
+    def label(self) -> str:
+        """How problems name the key: its variable, and its place in a secret if it has one."""
+        if not self.secret:
+            return self.env
+        return f"{self.env} / {self.secret}" if "." in self.secret else f"{self.env} / secret {self.secret}"
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
-    allowed_origins: tuple[str, ...] = ()
-    alb_ws_path: str = "/ws"
-    heartbeat_ttl_seconds: int = 90
-    ws_url: str = ""
+def key(env: str, default: Any, doc: str, secret: str = "", **rules: Any) -> Any:
+    """A settings field declared with its key (rules: the optional fields of `Key`)."""
+    k = Key(env, default, doc, secret, **rules)
+    if default is REQUIRED:
+        return field(metadata={"key": k})
+    if callable(default):
+        return field(default_factory=default, metadata={"key": k})
+    return field(default=default, metadata={"key": k})
 
 
-@dataclass(frozen=True)
-class WebSocketSettings:
-    """Direct mode: browsers on `alb_ws_path` with Firebase ID tokens (docs/websocket.md)."""
-
-    certs_url: str = (
-        "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
-    )
-    clock_skew_seconds: float = 30.0
-    auth_timeout_seconds: float = 10.0
-    max_frame_bytes: int = 16_384
-    messages_per_second: float = 10.0
-    max_sockets_per_user: int = 10
-    max_sockets: int = 10_000  # authenticated sockets; those still authenticating have their own cap
-    queue_length: int = 1_000
-    # The outbound queue's bytes too: a socket that stops reading holds at most this much (one
-    # event larger than it still goes through, alone) before it is closed as a slow consumer.
-    queue_bytes: int = 262_144
-    presence: bool = False
-    # A socket that never authenticates costs its client nothing: a smaller cap and a shorter deadline
-    # keep a flood of them from crowding out users (docs/websocket.md).
-    max_unauthenticated_sockets: int = 1_000
-    unauthenticated_timeout_seconds: float = 5.0
-    max_threads_per_user: int = 20
-    chat_subscribes_per_second: float = 2.0  # each one is a registry write every instance reads
-    max_event_bytes: int = 8 * 1024 * 1024  # an event on Redis larger than this is not forwarded
-    admin_token: Secret | None = None  # the operations page; off without it
+def at_least_16(value: Secret) -> str:
+    """at least 16 characters"""
+    return "must be at least 16 characters" if len(value.reveal()) < 16 else ""
 
 
-def default_instance_id() -> str:
-    """Unique per process: processes sharing a host (uvicorn --workers, host networking, a
-    developer's machine) must not share an id, or each would believe it owns every user."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+def absolute_path(value: str) -> str:
+    """starts with `/`"""
+    return "" if value.startswith("/") else "must start with /"
 
 
-@dataclass(frozen=True)
-class Settings:
-    redis: RedisSettings
-    firebase: FirebaseSettings
-    service: ServiceSettings = field(default_factory=ServiceSettings)
-    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
-    aws_region: str = ""
-    google_project_id: str = ""
-    instance_id: str = field(default_factory=default_instance_id)
-    log_level: str = "INFO"
-    sweep_interval_seconds: float = 1.0
-    max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
-    firestore_source: str = "listen"
-    targets_per_stream: int = TARGETS_PER_STREAM
-    publish_queue_max: int = 10_000
-    shutdown_timeout_seconds: float = 8.0
-    # Exactly one instance is deployed: serve every user even while Redis (hence the
-    # membership that says who serves whom) cannot be reached. Off: nobody is served until the
-    # membership is established, so that no two instances ever serve one user.
-    single_instance: bool = False
-    # Issue 14: a sync after every batch of deltas, as before, for consumers not yet migrated to
-    # `seq`/`epoch`; off, deltas travel alone (a few hundred bytes instead of the whole list).
-    sync_each_change: bool = False
-    chat_history: int = 100  # messages mirrored per chat thread: the Realtime Database's limitToLast
-
-
-class _Reader:
-    """Looks keys up in a secret's JSON, then the environment; records problems."""
-
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = env
-        self.problems: list[str] = []
-
-    def secret_json(self, read: SecretReader | None, name: str, required: bool) -> dict[str, Any]:
-        if read is None:
-            return {}
-        try:
-            raw = read(name)
-        except Exception as exc:  # the reader's message names the secret, never its value
-            self.problems.append(f"secret {name}: cannot be read ({type(exc).__name__}: {exc})")
-            return {}
-        if raw is None:
-            if required:
-                self.problems.append(f"secret {name}: not found")
-            return {}
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            self.problems.append(f"secret {name}: is not valid JSON")
-            return {}
-        if not isinstance(data, dict):
-            self.problems.append(f"secret {name}: must be a JSON object")
-            return {}
-        return data
-
-    def get(self, secret: Mapping[str, Any], key: str, env_name: str) -> Any:
-        if key in secret and secret[key] is not None:
-            return secret[key]
-        value = self.env.get(env_name)
-        return value if value not in (None, "") else None
-
-    def text(self, value: Any, name: str, default: str | None = None) -> str:
-        if value is None:
-            if default is None:
-                self.problems.append(f"{name}: missing")
-                return ""
-            return default
-        if not isinstance(value, str | int) or isinstance(value, bool):
-            self.problems.append(f"{name}: must be a string")
-            return default or ""
-        return str(value)
-
-    def integer(self, value: Any, name: str, default: int, low: int, high: int) -> int:
-        if value is None:
-            return default
-        try:
-            number = int(value) if not isinstance(value, bool | float) else None
-        except ValueError:
-            number = None
-        if number is None or not low <= number <= high:
-            self.problems.append(f"{name}: must be an integer from {low} to {high}")
-            return default
-        return number
-
-    def number(self, value: Any, name: str, default: float, low: float, high: float) -> float:
-        if value is None:
-            return default
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = float("nan")
-        if not low <= number <= high:
-            self.problems.append(f"{name}: must be a number from {low} to {high}")
-            return default
-        return number
-
-    def boolean(self, value: Any, name: str, default: bool) -> bool:
-        if value is None:
-            return default
-        if isinstance(value, bool):
-            return value
-        lowered = str(value).strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        self.problems.append(f"{name}: must be true or false")
-        return default
-
-
-def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReader | None = None) -> Settings:
-    """Read and validate everything; raise `ConfigError` naming every problem at once.
-
-    `read_secret` defaults to Google Secret Manager when GOOGLE_PROJECT_ID is set.
-    """
-    env = os.environ if env is None else env
-    r = _Reader(env)
-    project = env.get("GOOGLE_PROJECT_ID", "")
-    if project and read_secret is None:
-        from listeners.secret_manager import secret_reader
-
-        try:
-            read_secret = secret_reader(
-                project,
-                env.get("GOOGLE_SERVICE_ACCOUNT_SECRET", ""),
-                env.get("GOOGLE_APPLICATION_CREDENTIALS_JSON", ""),
-            )
-        except Exception as exc:
-            raise ConfigError(
-                [f"Google Secret Manager: cannot connect ({type(exc).__name__}: {exc})"]
-            ) from None
-    if not project:
-        read_secret = None
-    elif not env.get("AWS_REGION_NAME"):
-        r.problems.append("AWS_REGION_NAME: missing (required when GOOGLE_PROJECT_ID is set)")
-
-    redis_secret = r.secret_json(read_secret, env.get("LISTENERS_REDIS_SECRET", REDIS_SECRET), required=True)
-    emulator = env.get("FIRESTORE_EMULATOR_HOST", "")
-    firebase_secret_name = env.get("LISTENERS_FIREBASE_SECRET", FIREBASE_SECRET)
-    firebase_raw: str | None = None
-    if read_secret is not None:
-        try:
-            firebase_raw = read_secret(firebase_secret_name)
-        except Exception as exc:
-            r.problems.append(f"secret {firebase_secret_name}: cannot be read ({type(exc).__name__}: {exc})")
-    firebase_raw = firebase_raw or env.get("FIREBASE_ADMIN_JSON") or None
-    service_secret = r.secret_json(
-        read_secret, env.get("LISTENERS_SERVICE_SECRET", SERVICE_SECRET), required=False
-    )
-    aws_name = env.get("AWS_SECRET_NAME", "")
-    if aws_name:
-        r.secret_json(read_secret, aws_name, required=True)  # validated now; no key of it is used yet
-
-    redis = _redis_settings(r, redis_secret)
-
-    firebase = _firebase(r, firebase_raw, emulator, env.get("FIREBASE_PROJECT_ID", ""))
-    database_url = r.text(
-        r.get(service_secret, "realtime_db_url", "FIREBASE_REALTIME_DB_URL"), "FIREBASE_REALTIME_DB_URL", ""
-    )
-    database_emulator = env.get("FIREBASE_DATABASE_EMULATOR_HOST", "")
-    if database_url and not database_url.startswith("https://") and not database_emulator:
-        r.problems.append("FIREBASE_REALTIME_DB_URL: must start with https://")
-    if database_url and not database_emulator and firebase.admin_json is None:
-        r.problems.append("FIREBASE_ADMIN_JSON: needed for FIREBASE_REALTIME_DB_URL without an emulator")
-    firebase = dataclasses.replace(
-        firebase,
-        database_url=database_url,
-        database_emulator_host=database_emulator,
-        chat_mark_read=r.boolean(
-            r.get(service_secret, "chat_mark_read", "LISTENERS_CHAT_MARK_READ"),
-            "LISTENERS_CHAT_MARK_READ",
-            True,
-        ),
-    )
-
-    origins = r.get(service_secret, "allowed_origins", "LISTENERS_ALLOWED_ORIGINS")
-    if isinstance(origins, str):
-        origins = [o.strip() for o in origins.split(",") if o.strip()]
-    if origins is not None and (
-        not isinstance(origins, list) or not all(isinstance(o, str) for o in origins)
-    ):
-        r.problems.append("allowed_origins: must be a list of strings")
-        origins = []
-    ws_path = r.text(r.get(service_secret, "alb_ws_path", "LISTENERS_WS_PATH"), "alb_ws_path", "/ws")
-    if not ws_path.startswith("/"):
-        r.problems.append("alb_ws_path: must start with /")
-    service = ServiceSettings(
-        allowed_origins=tuple(origins or ()),
-        alb_ws_path=ws_path,
-        heartbeat_ttl_seconds=r.integer(
-            r.get(service_secret, "heartbeat_ttl_seconds", "LISTENERS_HEARTBEAT_TTL_SECONDS"),
-            "heartbeat_ttl_seconds",
-            90,
-            1,
-            86_400,
-        ),
-        ws_url=env.get("ALB_WS_URL", ""),
-    )
-
-    websocket = _websocket(r, env, service_secret)
-
-    firestore_source = env.get("LISTENERS_FIRESTORE_SOURCE", "listen").strip().lower() or "listen"
-    if firestore_source not in FIRESTORE_SOURCES:
-        r.problems.append("LISTENERS_FIRESTORE_SOURCE: must be listen or sdk")
-        firestore_source = "listen"
-    log_level = env.get("LOG_LEVEL", "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        r.problems.append("LOG_LEVEL: must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    settings = Settings(
-        redis=redis,
-        firebase=firebase,
-        service=service,
-        websocket=websocket,
-        aws_region=env.get("AWS_REGION_NAME", ""),
-        google_project_id=project,
-        instance_id=env.get("LISTENERS_INSTANCE_ID") or default_instance_id(),
-        log_level=log_level,
-        sweep_interval_seconds=r.number(
-            env.get("LISTENERS_SWEEP_INTERVAL_SECONDS"),
-            "LISTENERS_SWEEP_INTERVAL_SECONDS",
-            1.0,
-            0.05,
-            5.0,
-        ),
-        max_streams_per_connection=r.integer(
-            env.get("LISTENERS_MAX_STREAMS_PER_CONNECTION"),
-            "LISTENERS_MAX_STREAMS_PER_CONNECTION",
-            MAX_STREAMS_PER_CONNECTION,
-            1,
-            MAX_STREAMS_PER_CONNECTION,
-        ),
-        firestore_source=firestore_source,
-        targets_per_stream=r.integer(
-            env.get("LISTENERS_FIRESTORE_TARGETS_PER_STREAM"),
-            "LISTENERS_FIRESTORE_TARGETS_PER_STREAM",
-            TARGETS_PER_STREAM,
-            1,
-            100_000,
-        ),
-        publish_queue_max=r.integer(
-            env.get("LISTENERS_PUBLISH_QUEUE_MAX"),
-            "LISTENERS_PUBLISH_QUEUE_MAX",
-            10_000,
-            100,
-            10_000_000,
-        ),
-        shutdown_timeout_seconds=r.number(
-            env.get("LISTENERS_SHUTDOWN_TIMEOUT_SECONDS"),
-            "LISTENERS_SHUTDOWN_TIMEOUT_SECONDS",
-            8.0,
-            0.5,
-            60.0,
-        ),
-        single_instance=r.boolean(env.get("LISTENERS_SINGLE_INSTANCE"), "LISTENERS_SINGLE_INSTANCE", False),
-        sync_each_change=r.boolean(
-            env.get("LISTENERS_SYNC_EACH_CHANGE"), "LISTENERS_SYNC_EACH_CHANGE", False
-        ),
-        chat_history=r.integer(env.get("LISTENERS_CHAT_HISTORY"), "LISTENERS_CHAT_HISTORY", 100, 1, 10_000),
-    )
-    if r.problems:
-        raise ConfigError(r.problems)
-    return settings
-
-
-def load_redis_settings(
-    env: Mapping[str, str] | None = None, read_secret: SecretReader | None = None
-) -> RedisSettings:
-    """Only the Redis part, with the same names and precedence: for consumers such as the bridge."""
-    env = os.environ if env is None else env
-    r = _Reader(env)
-    project = env.get("GOOGLE_PROJECT_ID", "")
-    if project and read_secret is None:
-        from listeners.secret_manager import secret_reader
-
-        read_secret = secret_reader(
-            project,
-            env.get("GOOGLE_SERVICE_ACCOUNT_SECRET", ""),
-            env.get("GOOGLE_APPLICATION_CREDENTIALS_JSON", ""),
-        )
-    redis_secret = r.secret_json(
-        read_secret if project else None, env.get("LISTENERS_REDIS_SECRET", REDIS_SECRET), required=True
-    )
-    redis = _redis_settings(r, redis_secret)
-    if r.problems:
-        raise ConfigError(r.problems)
-    return redis
-
-
-def _redis_settings(r: _Reader, redis_secret: Mapping[str, Any]) -> RedisSettings:
-    redis = RedisSettings(
-        host=r.text(r.get(redis_secret, "host", "LISTENERS_REDIS_HOST"), "LISTENERS_REDIS_HOST / redis.host"),
-        port=r.integer(
-            r.get(redis_secret, "port", "LISTENERS_REDIS_PORT"),
-            "LISTENERS_REDIS_PORT / redis.port",
-            6379,
-            1,
-            65535,
-        ),
-        password=_secret(r.get(redis_secret, "password", "LISTENERS_REDIS_PASSWORD")),
-        username=r.text(
-            r.get(redis_secret, "username", "LISTENERS_REDIS_USERNAME"),
-            "LISTENERS_REDIS_USERNAME / redis.username",
-            "",
-        ),
-        tls=r.boolean(
-            r.get(redis_secret, "tls", "LISTENERS_REDIS_TLS"),
-            "LISTENERS_REDIS_TLS / redis.tls",
-            False,
-        ),
-        db=r.integer(
-            r.get(redis_secret, "db", "LISTENERS_REDIS_DB"),
-            "LISTENERS_REDIS_DB / redis.db",
-            0,
-            0,
-            1023,
-        ),
-        channel_prefix=r.text(
-            r.get(redis_secret, "channel_prefix", "LISTENERS_CHANNEL_PREFIX"),
-            "LISTENERS_CHANNEL_PREFIX",
-            "user:",
-        ),
-        ca_file=r.text(
-            r.get(redis_secret, "ca_file", "LISTENERS_REDIS_CA_FILE"), "LISTENERS_REDIS_CA_FILE", ""
-        ),
-        chat_channel_prefix=r.text(
-            r.get(redis_secret, "chat_channel_prefix", "LISTENERS_CHAT_CHANNEL_PREFIX"),
-            "LISTENERS_CHAT_CHANNEL_PREFIX",
-            "chat:",
-        ),
-        control_channel=r.text(
-            r.get(redis_secret, "control_channel", "LISTENERS_CONTROL_CHANNEL"),
-            "LISTENERS_CONTROL_CHANNEL",
-            "listeners:control",
-        ),
-        control_token=_secret(r.get(redis_secret, "control_token", "LISTENERS_CONTROL_TOKEN")),
-    )
-    if redis.control_token is not None and len(redis.control_token.reveal()) < 16:
-        r.problems.append("LISTENERS_CONTROL_TOKEN / redis.control_token: must be at least 16 characters")
-    if redis.ca_file and not os.path.isfile(redis.ca_file):
-        r.problems.append("LISTENERS_REDIS_CA_FILE: no such file")
-
-    return redis
-
-
-def _websocket(r: _Reader, env: Mapping[str, str], secret: Mapping[str, Any]) -> WebSocketSettings:
-    default = WebSocketSettings()
-    admin = _secret(r.get(secret, "admin_token", "LISTENERS_ADMIN_TOKEN"))
-    if admin is not None and len(admin.reveal()) < 16:
-        r.problems.append("LISTENERS_ADMIN_TOKEN / admin_token: must be at least 16 characters")
-    certs_url = r.text(env.get("LISTENERS_TOKEN_CERTS_URL"), "LISTENERS_TOKEN_CERTS_URL", default.certs_url)
-    if not https_or_loopback(certs_url):  # whoever serves the certificates decides who signs in
-        r.problems.append(f"LISTENERS_TOKEN_CERTS_URL: must be https:// ({LOOPBACK_ONLY})")
-    return WebSocketSettings(
-        certs_url=certs_url,
-        clock_skew_seconds=r.number(
-            env.get("LISTENERS_TOKEN_CLOCK_SKEW_SECONDS"), "LISTENERS_TOKEN_CLOCK_SKEW_SECONDS", 30.0, 0, 300
-        ),
-        auth_timeout_seconds=r.number(
-            env.get("LISTENERS_WS_AUTH_TIMEOUT_SECONDS"), "LISTENERS_WS_AUTH_TIMEOUT_SECONDS", 10.0, 0.1, 120
-        ),
-        max_frame_bytes=r.integer(
-            env.get("LISTENERS_WS_MAX_FRAME_BYTES"), "LISTENERS_WS_MAX_FRAME_BYTES", 16_384, 256, 1_048_576
-        ),
-        messages_per_second=r.number(
-            env.get("LISTENERS_WS_MESSAGES_PER_SECOND"), "LISTENERS_WS_MESSAGES_PER_SECOND", 10.0, 0.1, 1000
-        ),
-        max_sockets_per_user=r.integer(
-            env.get("LISTENERS_WS_MAX_SOCKETS_PER_USER"), "LISTENERS_WS_MAX_SOCKETS_PER_USER", 10, 1, 1000
-        ),
-        max_sockets=r.integer(
-            env.get("LISTENERS_WS_MAX_SOCKETS"), "LISTENERS_WS_MAX_SOCKETS", 10_000, 1, 1_000_000
-        ),
-        queue_length=r.integer(
-            env.get("LISTENERS_WS_QUEUE_LENGTH"), "LISTENERS_WS_QUEUE_LENGTH", 1_000, 1, 1_000_000
-        ),
-        queue_bytes=r.integer(
-            env.get("LISTENERS_WS_QUEUE_BYTES"), "LISTENERS_WS_QUEUE_BYTES", 262_144, 1_024, 1 << 30
-        ),
-        presence=r.boolean(env.get("LISTENERS_WS_PRESENCE"), "LISTENERS_WS_PRESENCE", False),
-        max_unauthenticated_sockets=r.integer(
-            env.get("LISTENERS_WS_MAX_UNAUTHENTICATED_SOCKETS"),
-            "LISTENERS_WS_MAX_UNAUTHENTICATED_SOCKETS",
-            default.max_unauthenticated_sockets,
-            1,
-            1_000_000,
-        ),
-        unauthenticated_timeout_seconds=r.number(
-            env.get("LISTENERS_WS_UNAUTHENTICATED_TIMEOUT_SECONDS"),
-            "LISTENERS_WS_UNAUTHENTICATED_TIMEOUT_SECONDS",
-            default.unauthenticated_timeout_seconds,
-            0.1,
-            120,
-        ),
-        max_threads_per_user=r.integer(
-            env.get("LISTENERS_WS_MAX_THREADS_PER_USER"),
-            "LISTENERS_WS_MAX_THREADS_PER_USER",
-            default.max_threads_per_user,
-            1,
-            1_000,
-        ),
-        chat_subscribes_per_second=r.number(
-            env.get("LISTENERS_WS_CHAT_SUBSCRIBES_PER_SECOND"),
-            "LISTENERS_WS_CHAT_SUBSCRIBES_PER_SECOND",
-            default.chat_subscribes_per_second,
-            0.1,
-            100,
-        ),
-        max_event_bytes=r.integer(
-            env.get("LISTENERS_WS_MAX_EVENT_BYTES"),
-            "LISTENERS_WS_MAX_EVENT_BYTES",
-            default.max_event_bytes,
-            1_024,
-            64 * 1024 * 1024,
-        ),
-        admin_token=admin,
-    )
-
-
-LOOPBACK_ONLY = "http:// only on loopback: 127.0.0.0/8, ::1, localhost"
+def existing_file(value: str) -> str:
+    """an existing file"""
+    return "" if os.path.isfile(value) else "no such file"
 
 
 def https_or_loopback(url: str) -> bool:
@@ -565,37 +139,450 @@ def https_or_loopback(url: str) -> bool:
         return False
 
 
-def _secret(value: Any) -> Secret | None:
-    return Secret(str(value)) if value not in (None, "") else None
+def certs_url(value: str) -> str:
+    """https://, or http:// on loopback"""
+    return "" if https_or_loopback(value) else f"must be https:// ({LOOPBACK_ONLY})"
 
 
-_ADMIN_KEYS = ("type", "project_id", "private_key", "client_email", "token_uri")
+ADMIN_KEYS = ("type", "project_id", "private_key", "client_email", "token_uri")
 
 
-def _firebase(r: _Reader, raw: str | None, emulator: str, project_env: str) -> FirebaseSettings:
-    if raw is None:
-        if not emulator:
-            r.problems.append(
-                "FIREBASE_ADMIN_JSON / secret firebase_admin: missing"
-                " (required without FIRESTORE_EMULATOR_HOST)"
-            )
-        elif not project_env:
-            r.problems.append(
-                "FIREBASE_PROJECT_ID: missing (needed with the emulator when no admin JSON is given)"
-            )
-        return FirebaseSettings(project_id=project_env, emulator_host=emulator)
+def service_account(value: Secret) -> str:
+    """What is wrong with a service account's JSON, or ""."""
     try:
-        info = json.loads(raw)
+        info = json.loads(value.reveal())
     except ValueError:
-        r.problems.append("FIREBASE_ADMIN_JSON / secret firebase_admin: is not valid JSON")
-        return FirebaseSettings(project_id=project_env, emulator_host=emulator)
+        return "is not valid JSON"
     if not isinstance(info, dict):
-        r.problems.append("FIREBASE_ADMIN_JSON / secret firebase_admin: must be a JSON object")
-        return FirebaseSettings(project_id=project_env, emulator_host=emulator)
-    missing = [k for k in _ADMIN_KEYS if not isinstance(info.get(k), str) or not info.get(k)]
+        return "must be a JSON object"
+    missing = [k for k in ADMIN_KEYS if not isinstance(info.get(k), str) or not info.get(k)]
     if missing:
-        r.problems.append(f"FIREBASE_ADMIN_JSON / secret firebase_admin: missing {', '.join(missing)}")
-    elif info["type"] != "service_account":
-        r.problems.append("FIREBASE_ADMIN_JSON / secret firebase_admin: type must be service_account")
-    project = str(info.get("project_id") or project_env)
-    return FirebaseSettings(project_id=project, admin_json=Secret(raw), emulator_host=emulator)
+        return f"missing {', '.join(missing)}"
+    return "" if info["type"] == "service_account" else "type must be service_account"
+
+
+def default_instance_id() -> str:
+    """Unique per process: processes sharing a host (uvicorn --workers, host networking, a
+    developer's machine) must not share an id, or each would believe it owns every user."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+# ---------------------------------------------------------------- the table: every key, once
+# field: type = key(variable, default, meaning, its secret key, rules); docs/configuration.md shows
+# each as a row. RUF009: `key` returns a dataclasses.field, whose default is immutable.
+# fmt: off
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Redis (the bridge reads these keys too)"""
+
+    host: str = key("LISTENERS_REDIS_HOST", REQUIRED, "Redis host name", "redis.host")
+    port: int = key("LISTENERS_REDIS_PORT", 6379, "Redis port", "redis.port", span=(1, 65535))
+    password: Secret | None = key("LISTENERS_REDIS_PASSWORD", None,  # noqa: RUF009
+        "the user's password (no user: the AUTH token)", "redis.password")
+    username: str = key("LISTENERS_REDIS_USERNAME", "",
+        "the ACL user ([below](#redis-users)); unset: `default`", "redis.username")
+    tls: bool = key("LISTENERS_REDIS_TLS", False, "certificate and host name always verified", "redis.tls")
+    db: int = key("LISTENERS_REDIS_DB", 0, "keep 0 under the ACL users", "redis.db", span=(0, 1023))
+    channel_prefix: str = key("LISTENERS_CHANNEL_PREFIX", "user:",
+        "a user's channel is prefix + uid", "redis.channel_prefix")
+    ca_file: str = key("LISTENERS_REDIS_CA_FILE", "",
+        "CA bundle for TLS; unset: the system's", "redis.ca_file", check=existing_file)
+    chat_channel_prefix: str = key("LISTENERS_CHAT_CHANNEL_PREFIX", "chat:",
+        "a chat thread's channel is prefix + `{uid}:{space_code}:{thread_key}`", "redis.chat_channel_prefix")
+    control_channel: str = key("LISTENERS_CONTROL_CHANNEL", "listeners:control",
+        "consumers' resync requests", "redis.control_channel")
+    control_token: Secret | None = key("LISTENERS_CONTROL_TOKEN", None,  # noqa: RUF009
+        "signs resync requests ([bridge.md](bridge.md)); unset: they are off", "redis.control_token",
+        check=at_least_16)
+
+
+@dataclass(frozen=True)
+class FirebaseSettings:
+    """Firebase: Firestore and the Realtime Database"""
+
+    project_id: str = key("FIREBASE_PROJECT_ID", "", "Firestore project when no admin JSON gives one")
+    admin_json: Secret | None = key("FIREBASE_ADMIN_JSON", None,  # noqa: RUF009
+        "service-account JSON; required without `FIRESTORE_EMULATOR_HOST`", "firebase_admin")
+    emulator_host: str = key("FIRESTORE_EMULATOR_HOST", "", "Firestore emulator `host:port`; no credentials")
+    database_url: str = key("FIREBASE_REALTIME_DB_URL", "",
+        "`https://NAME.firebaseio.com`; unset: no `msg.*` / `chat.*`", "service_config.realtime_db_url")
+    database_emulator_host: str = key("FIREBASE_DATABASE_EMULATOR_HOST", "",
+        "Realtime Database emulator `host:port`; no credentials")
+    chat_mark_read: bool = key("LISTENERS_CHAT_MARK_READ", True,
+        "mark delivered chat messages `read: true`", "service_config.chat_mark_read")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Service"""
+
+    allowed_origins: tuple[str, ...] = key("LISTENERS_ALLOWED_ORIGINS", (),
+        "WebSocket `Origin` check; comma-separated in the environment", "service_config.allowed_origins")
+    alb_ws_path: str = key("LISTENERS_WS_PATH", "/ws",
+        "the WebSocket path", "service_config.alb_ws_path", check=absolute_path)
+    heartbeat_ttl_seconds: int = key("LISTENERS_HEARTBEAT_TTL_SECONDS", 90,
+        "registry TTL without `ttl_seconds`", "service_config.heartbeat_ttl_seconds", span=(1, 86_400))
+    ws_url: str = key("ALB_WS_URL", "", "the public WebSocket URL; informational")
+    demo_token_url: str = key("LISTENERS_DEMO_TOKEN_URL", "", "the demo's token issuer; unset: `/demo` off")
+
+
+@dataclass(frozen=True)
+class WebSocketSettings:
+    """WebSocket: Direct mode (websocket.md, security.md)"""
+
+    certs_url: str = key("LISTENERS_TOKEN_CERTS_URL",
+        "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com",
+        "ID tokens' certificates; others only for tests and the demo", check=certs_url,
+        shown="Google's securetoken certificates")
+    clock_skew_seconds: float = key("LISTENERS_TOKEN_CLOCK_SKEW_SECONDS", 30.0,
+        "clock skew allowed on ID tokens", span=(0, 300))
+    auth_timeout_seconds: float = key("LISTENERS_WS_AUTH_TIMEOUT_SECONDS", 10.0,
+        "to authenticate a socket", span=(0.1, 120))
+    max_frame_bytes: int = key("LISTENERS_WS_MAX_FRAME_BYTES", 16_384,
+        "largest frame from a client", span=(256, 1_048_576))
+    messages_per_second: float = key("LISTENERS_WS_MESSAGES_PER_SECOND", 10.0,
+        "messages a socket may send per second", span=(0.1, 1000))
+    max_sockets_per_user: int = key("LISTENERS_WS_MAX_SOCKETS_PER_USER", 10,
+        "sockets per user", span=(1, 1000))
+    max_sockets: int = key("LISTENERS_WS_MAX_SOCKETS", 10_000,
+        "authenticated sockets per process", span=(1, 1_000_000))
+    queue_length: int = key("LISTENERS_WS_QUEUE_LENGTH", 1_000,
+        "a socket's outbound queue, in messages", span=(1, 1_000_000))
+    queue_bytes: int = key("LISTENERS_WS_QUEUE_BYTES", 262_144,
+        "the same in bytes (a larger event goes alone); full: a slow consumer", span=(1_024, 1 << 30))
+    presence: bool = key("LISTENERS_WS_PRESENCE", False, "keep the registry online while a socket is open")
+    max_unauthenticated_sockets: int = key("LISTENERS_WS_MAX_UNAUTHENTICATED_SOCKETS", 1_000,
+        "sockets still authenticating, per process", span=(1, 1_000_000))
+    unauthenticated_timeout_seconds: float = key("LISTENERS_WS_UNAUTHENTICATED_TIMEOUT_SECONDS", 5.0,
+        "for a new socket's token", span=(0.1, 120))
+    max_threads_per_user: int = key("LISTENERS_WS_MAX_THREADS_PER_USER", 20,
+        "chat threads per user", span=(1, 1_000))
+    chat_subscribes_per_second: float = key("LISTENERS_WS_CHAT_SUBSCRIBES_PER_SECOND", 2.0,
+        "chat subscribes per socket (each a registry write)", span=(0.1, 100))
+    max_event_bytes: int = key("LISTENERS_WS_MAX_EVENT_BYTES", 8 << 20,
+        "larger events on Redis are not forwarded", span=(1_024, 64 << 20))
+    admin_token: Secret | None = key("LISTENERS_ADMIN_TOKEN", None,  # noqa: RUF009
+        "the operator pages `/ops`, `/v1/users/{uid}`; unset: off", "service_config.admin_token",
+        check=at_least_16)
+    deflate: str = key("LISTENERS_WS_DEFLATE", "no-context",
+        "permessage-deflate of `UVICORN_WS`: no context takeover, uvicorn's, none",
+        choices=("no-context", "context", "off"))
+    close_timeout_seconds: float = key("LISTENERS_WS_CLOSE_TIMEOUT_SECONDS", 5.0,
+        "for the client to answer a close frame, then cut (`UVICORN_WS`)", span=(0.1, 3600))
+
+
+@dataclass(frozen=True)
+class SecretNames:
+    """Secret names"""
+
+    # Each field is named after the secret it names: a key's secret "redis.host" is key `host`
+    # of the secret named by the field `redis`; "firebase_admin", that whole secret.
+
+    redis: str = key("LISTENERS_REDIS_SECRET", REDIS_SECRET, "must exist")
+    firebase_admin: str = key("LISTENERS_FIREBASE_SECRET", FIREBASE_SECRET, "may be absent")
+    service_config: str = key("LISTENERS_SERVICE_SECRET", SERVICE_SECRET, "may be absent")
+    aws: str = key("AWS_SECRET_NAME", "", "AWS parameters: if named, must exist; no key used yet")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The process, and Secret Manager"""
+
+    redis: RedisSettings
+    firebase: FirebaseSettings
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
+    aws_region: str = key("AWS_REGION_NAME", "", "AWS region; required when `GOOGLE_PROJECT_ID` is set")
+    google_project_id: str = key("GOOGLE_PROJECT_ID", "", "the secrets' project; unset: no Secret Manager")
+    google_service_account_secret: str = key("GOOGLE_SERVICE_ACCOUNT_SECRET", "",
+        "a secret holding the service account that reads the others")
+    google_credentials_json: Secret | None = key("GOOGLE_APPLICATION_CREDENTIALS_JSON", None,  # noqa: RUF009
+        "service account for Secret Manager (ECS task `secrets`)")
+    instance_id: str = key("LISTENERS_INSTANCE_ID", default_instance_id,
+        "this process's id; if set, unique per process ([below](#instance-id))",
+        shown="`{host}-{pid}-{6 random hex}`")
+    log_level: str = key("LOG_LEVEL", "INFO", "the log level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    sweep_interval_seconds: float = key("LISTENERS_SWEEP_INTERVAL_SECONDS", 1.0,
+        "expiry is noticed within TTL + this", span=(0.05, 5.0))
+    max_streams_per_connection: int = key("LISTENERS_MAX_STREAMS_PER_CONNECTION", MAX_STREAMS_PER_CONNECTION,
+        "Firestore streams per gRPC connection", span=(1, MAX_STREAMS_PER_CONNECTION))
+    firestore_source: str = key("LISTENERS_FIRESTORE_SOURCE", "listen",
+        "[below](#firestore-source)", choices=("listen", "sdk"))
+    targets_per_stream: int = key("LISTENERS_FIRESTORE_TARGETS_PER_STREAM", TARGETS_PER_STREAM,
+        "`listen` source only ([below](#targets-per-stream))", span=(1, 100_000))
+    publish_queue_max: int = key("LISTENERS_PUBLISH_QUEUE_MAX", 10_000,
+        "events beyond it are dropped, their users resynced", span=(100, 10_000_000))
+    shutdown_timeout_seconds: float = key("LISTENERS_SHUTDOWN_TIMEOUT_SECONDS", 8.0,
+        "from SIGTERM to exit", span=(0.5, 60.0))
+    single_instance: bool = key("LISTENERS_SINGLE_INSTANCE", False,
+        "true only where one instance runs ([below](#single-instance))")
+    sync_each_change: bool = key("LISTENERS_SYNC_EACH_CHANGE", False,
+        "a whole-list sync after every batch of deltas, as before issue 14")
+    chat_history: int = key("LISTENERS_CHAT_HISTORY", 100,
+        "messages mirrored per chat thread (`limitToLast`)", span=(1, 10_000))
+    secrets: SecretNames = field(default_factory=SecretNames)
+
+
+# fmt: on
+# ---------------------------------------------------------------- the reader
+
+_KINDS: dict[Any, str] = {
+    str: "text",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    Secret | None: "secret",
+    tuple[str, ...]: "list",
+}
+
+
+_TABLES: dict[type, tuple[Key, ...]] = {}
+
+
+def table(root: type = Settings) -> tuple[Key, ...]:
+    """Every key of `root` and of the settings it nests: each class's own keys first, in order."""
+    if root not in _TABLES:
+        _TABLES[root] = tuple(_keys(root, ""))
+    return _TABLES[root]
+
+
+def _keys(cls: type, prefix: str) -> Iterator[Key]:
+    hints = typing.get_type_hints(cls)
+    group = (cls.__doc__ or cls.__name__).splitlines()[0]
+    for f in dataclasses.fields(cls):
+        if "key" in f.metadata:
+            kind = _KINDS[hints[f.name]]
+            yield dataclasses.replace(f.metadata["key"], path=prefix + f.name, kind=kind, group=group)
+    for f in dataclasses.fields(cls):
+        if "key" not in f.metadata and dataclasses.is_dataclass(hints[f.name]):
+            yield from _keys(hints[f.name], f"{prefix}{f.name}.")
+
+
+@dataclass(frozen=True)
+class Value:
+    value: Any
+    source: str  # "secret <name>", "environment" or "default"
+
+
+def _parse(k: Key, raw: Any) -> tuple[Any, str]:
+    """The value of `raw` for key `k`, and the problem ("" when none)."""
+    if k.kind in ("text", "secret"):
+        if not isinstance(raw, str | int) or isinstance(raw, bool):
+            return None, "must be a string"
+        text = str(raw)
+        if k.kind == "secret":
+            return (Secret(text) if text else None), ""
+        if k.choices:
+            found = [c for c in k.choices if c.lower() == text.strip().lower()]
+            return (found[0], "") if found else (None, f"must be {_either(k.choices)}")
+        return text, ""
+    if k.kind == "boolean":
+        lowered = str(raw).strip().lower()
+        if isinstance(raw, bool) or lowered in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return raw if isinstance(raw, bool) else lowered in ("1", "true", "yes", "on"), ""
+        return None, "must be true or false"
+    if k.kind == "list":
+        if isinstance(raw, str):
+            return tuple(o.strip() for o in raw.split(",") if o.strip()), ""
+        if isinstance(raw, list) and all(isinstance(o, str) for o in raw):
+            return tuple(raw), ""
+        return None, "must be a list of strings"
+    low, high = k.span or (0, 0)
+    number: float | None
+    try:
+        if k.kind == "integer":
+            number = int(raw) if not isinstance(raw, bool | float) else None
+        else:
+            number = float(raw)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not low <= number <= high:
+        article = "an integer" if k.kind == "integer" else "a number"
+        return None, f"must be {article} from {low} to {high}"
+    return number, ""
+
+
+def _default(k: Key) -> Any:
+    if k.default is REQUIRED:
+        return ""  # reported missing; a value only to go on with the other keys
+    return k.default() if callable(k.default) else k.default
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def _fetch(read: SecretReader, name: str, whole: bool, must_exist: bool, problems: list[str]) -> Any:
+    """A secret's text (whole) or JSON object; None when absent or broken (named in problems)."""
+    try:
+        raw = read(name)
+    except Exception as exc:  # the reader's message names the secret, never its value
+        problems.append(f"secret {name}: cannot be read ({type(exc).__name__}: {exc})")
+        return None
+    if raw is None:
+        if must_exist:
+            problems.append(f"secret {name}: not found")
+        return None
+    if whole:
+        return raw or None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        problems.append(f"secret {name}: is not valid JSON")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"secret {name}: must be a JSON object")
+        return None
+    return data
+
+
+def read_keys(
+    keys: Iterable[Key], env: Mapping[str, str], read_secret: SecretReader | None = None
+) -> tuple[dict[str, Value], list[str]]:
+    """Each key's value by its variable, and the problems. The keys of the environment alone come
+    first: they say whether Secret Manager is used (GOOGLE_PROJECT_ID), how, and which secrets."""
+    keys = tuple(keys)
+    values: dict[str, Value] = {}
+    problems: list[str] = []
+
+    def take(k: Key, raw: Any, source: str) -> None:
+        value, problem = None, "missing" if k.default is REQUIRED else ""
+        if raw is not None:
+            value, problem = _parse(k, raw)
+            if not problem and k.check is not None and value is not None:
+                problem = k.check(value)
+        if problem:
+            problems.append(f"{k.label}: {problem}")
+        if raw is None or problem:
+            value, source = _default(k), "default"
+        values[k.env] = Value(value, source)
+
+    for k in keys:
+        if not k.secret:
+            take(k, env.get(k.env) or None, "environment")
+    found = _secrets(keys, {n: v.value for n, v in values.items()}, read_secret, problems)
+    for k in keys:
+        if k.secret:
+            secret, _, inside = k.secret.partition(".")
+            name, data = found.get(secret, ("", None))
+            raw = (data or {}).get(inside) if inside else data
+            if raw is not None:
+                take(k, raw, f"secret {name}")
+            else:
+                take(k, env.get(k.env) or None, "environment")
+    return values, problems
+
+
+def _secrets(
+    keys: tuple[Key, ...], given: Mapping[str, Any], read: SecretReader | None, problems: list[str]
+) -> dict[str, tuple[str, Any]]:
+    """Each secret named by a `secrets.*` key of `keys`: (its name, its JSON object, or its text
+    if read whole). Nothing without GOOGLE_PROJECT_ID, or when no key comes from a secret."""
+    if not given.get("GOOGLE_PROJECT_ID") or not any(k.secret for k in keys):
+        return {}
+    if read is None:
+        credentials = given.get("GOOGLE_APPLICATION_CREDENTIALS_JSON")
+        try:
+            read = secret_manager.connect(
+                given["GOOGLE_PROJECT_ID"],
+                given.get("GOOGLE_SERVICE_ACCOUNT_SECRET") or "",
+                credentials.reveal() if credentials else "",
+            )
+        except secret_manager.Unreachable as exc:
+            raise ConfigError([str(exc)]) from None
+    whole = {k.secret for k in keys if k.secret and "." not in k.secret}
+    found = {}
+    for k in keys:
+        secret, name = k.path.removeprefix("secrets."), given.get(k.env)
+        if k.path.startswith("secrets.") and name:
+            found[secret] = (name, _fetch(read, name, secret in whole, secret in MUST_EXIST, problems))
+    return found
+
+
+_ADMIN = "FIREBASE_ADMIN_JSON / secret firebase_admin"  # that key's label
+
+
+def _across_keys(v: Callable[[str], Any], problems: list[str]) -> dict[str, Any]:
+    """The rules on several keys; returns the values they decide, by variable."""
+    if v("GOOGLE_PROJECT_ID") and not v("AWS_REGION_NAME"):
+        problems.append("AWS_REGION_NAME: missing (required when GOOGLE_PROJECT_ID is set)")
+    admin, project = v("FIREBASE_ADMIN_JSON"), v("FIREBASE_PROJECT_ID")
+    wrong = service_account(admin) if admin is not None else ""
+    if wrong:
+        problems.append(f"{_ADMIN}: {wrong}")
+    elif admin is not None:  # a service account: its project wins
+        project = json.loads(admin.reveal())["project_id"]
+    elif not v("FIRESTORE_EMULATOR_HOST"):
+        problems.append(f"{_ADMIN}: missing (required without FIRESTORE_EMULATOR_HOST)")
+    elif not project:
+        problems.append("FIREBASE_PROJECT_ID: missing (needed with the emulator when no admin JSON is given)")
+    url = v("FIREBASE_REALTIME_DB_URL")
+    if url and not v("FIREBASE_DATABASE_EMULATOR_HOST"):
+        if not url.startswith("https://"):
+            problems.append("FIREBASE_REALTIME_DB_URL: must start with https://")
+        if admin is None:
+            problems.append("FIREBASE_ADMIN_JSON: needed for FIREBASE_REALTIME_DB_URL without an emulator")
+    return {"FIREBASE_PROJECT_ID": project}
+
+
+def _build(cls: type, values: Mapping[str, Any]) -> Any:
+    """An instance of settings class `cls`, each field from its key's value."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if "key" in f.metadata:
+            kwargs[f.name] = values[f.metadata["key"].env]
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], values)
+    return cls(**kwargs)
+
+
+def load(
+    env: Mapping[str, str] | None = None,
+    read_secret: SecretReader | None = None,
+    root: type[Settings] = Settings,
+) -> tuple[Settings, dict[str, Value]]:
+    """The settings, and each key's value and source; `ConfigError` names every problem at once.
+
+    `read_secret` defaults to Google Secret Manager when GOOGLE_PROJECT_ID is set.
+    """
+    values, problems = read_keys(table(root), os.environ if env is None else env, read_secret)
+    given = {name: v.value for name, v in values.items()}
+    given.update(_across_keys(given.__getitem__, problems))
+    if problems:
+        raise ConfigError(problems)
+    settings: Settings = _build(root, given)
+    return settings, values
+
+
+def load_settings(env: Mapping[str, str] | None = None, read_secret: SecretReader | None = None) -> Settings:
+    """Read and validate everything; raise `ConfigError` naming every problem at once."""
+    return load(env, read_secret)[0]
+
+
+def load_redis_settings(
+    env: Mapping[str, str] | None = None, read_secret: SecretReader | None = None
+) -> RedisSettings:
+    """Only the Redis keys, with the same names, precedence and Secret Manager set-up: for
+    consumers such as the bridge."""
+    wanted = ("redis.", "secrets.redis", "google_")  # google_*: where Secret Manager is
+    keys = [k for k in table() if k.path.startswith(wanted)]
+    values, problems = read_keys(keys, os.environ if env is None else env, read_secret)
+    if problems:
+        raise ConfigError(problems)
+    redis: RedisSettings = _build(RedisSettings, {name: v.value for name, v in values.items()})
+    return redis
+
+
+def read_env(names: Iterable[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Keys of the table from the environment alone (no secret), by variable: for what reads a
+    few keys outside the settings (the WebSocket protocol, the CLI). `ConfigError` if invalid."""
+    by_env = {k.env: k for k in table()}
+    keys = [dataclasses.replace(by_env[name], secret="") for name in names]
+    values, problems = read_keys(keys, os.environ if env is None else env)
+    if problems:
+        raise ConfigError(problems)
+    return {name: v.value for name, v in values.items()}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from listeners.config import RedisSettings
-from listeners.inputs import InvalidInput, parse_json, valid_key
+from listeners.inputs import InvalidInput, parse_json, valid_key, valid_uid
 from listeners.publish.broker import Broker
 from listeners.source.registry import ChatThread
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 MAX_SKEW = 60.0
 MAX_REQUEST_BYTES = 4096
 MAX_DEPTH = 4  # a request nests 3 deep: {threads: [[space_code, thread_key, mode]]}
-MAX_UID_LENGTH = 128  # Firebase's limit
 MAX_NONCE_LENGTH = 64
 # Requests remembered at once (each for about a minute). Consumers send one per (re)subscribe
 # and one every 5 s until a sync arrives; Direct mode sends at most 400 a second per worker
@@ -156,7 +155,7 @@ def verify(
         message.get("threads", []),
         message.get("nonce"),
     )
-    if message.get("type") != "resync" or not valid_key(uid, MAX_UID_LENGTH):
+    if message.get("type") != "resync" or not valid_uid(uid):
         raise InvalidRequest("not a resync request for a valid uid")
     assert isinstance(uid, str)
     ts = _seconds(ts)

@@ -3,8 +3,9 @@
 Every loop that takes input from outside (Redis messages, WebSocket frames, registry and
 notification documents, Realtime Database events, control requests) reads it through
 `parse_json` (bounded in size and depth; anything wrong is an `InvalidInput`), refuses
-identifiers that `valid_key` refuses, and writes through `encode_json`, which never raises:
-a lone surrogate or a NaN that slipped through becomes a replacement, not a dead task.
+identifiers that `valid_key` refuses (a uid: `valid_uid`), and writes through `encode_json`,
+which never raises: a lone surrogate or a NaN that slipped through becomes a replacement,
+not a dead task.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import unicodedata
 from typing import Any
 
 MAX_DEPTH = 32  # our own documents nest 3 deep; 32 leaves room without a recursion risk
+MAX_UID_LENGTH = 128  # Firebase's limit on a uid
 
 
 class InvalidInput(ValueError):
@@ -137,3 +139,10 @@ def valid_key(value: object, max_length: int = 200) -> bool:
     if any(c in value for c in ":/.#$[]"):
         return False
     return not any(unicodedata.category(c) in ("Cc", "Cs", "Cf") for c in value)
+
+
+def valid_uid(value: object) -> bool:
+    """A uid we serve: at most `MAX_UID_LENGTH` characters and a `valid_key`, so that
+    `chat:{uid}:…` and `clients/{uid}/…` mean one thing only. The registry, the control
+    channel and the WebSocket all refuse what this refuses."""
+    return valid_key(value, MAX_UID_LENGTH)

@@ -24,10 +24,11 @@ from types import TracebackType
 
 from listeners.backoff import Backoff
 from listeners.envelope import Envelope
-from listeners.inputs import clean_text, valid_key
+from listeners.inputs import MAX_UID_LENGTH, clean_text, valid_uid
 from listeners.metrics import Metrics
+from listeners.publish.channels import Channels
 from listeners.publish.publisher import Publisher
-from listeners.session import Channels, Sources, Stream, UserSession
+from listeners.session import Sources, StreamOptions, UserSession
 from listeners.source.registry import (
     REGISTRY_COLLECTION,
     ChatThread,
@@ -36,6 +37,7 @@ from listeners.source.registry import (
     parse_entry,
 )
 from listeners.source.snapshots import Query, Snapshot, SourceDoc, Watch
+from listeners.streams import UserStream
 from listeners.streams.view import Emit
 from listeners.waits import wait_event
 
@@ -49,6 +51,7 @@ REGISTRY_QUERY = Query(REGISTRY_COLLECTION, (("status", "online"),))
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
     channels: Channels = field(default_factory=Channels)
+    streams: StreamOptions = field(default_factory=StreamOptions)
     default_ttl_seconds: int = 90
     sweep_interval_seconds: float = 1.0
     close_timeout_seconds: float = 4.0
@@ -200,7 +203,7 @@ class Node:
         self._versions[doc.id] = doc.update_time
         changed.add(doc.id)
         try:
-            if not valid_key(doc.id, max_length=128):
+            if not valid_uid(doc.id):
                 # it would make `chat:{uid}:…` ambiguous, or a database path another user's
                 raise MalformedEntry("the document id is not a valid uid")
             entry = parse_entry(doc.id, doc.data, self._settings.default_ttl_seconds)
@@ -233,7 +236,8 @@ class Node:
         self._metrics.malformed_registry.inc()
         self._metrics.rejected_inputs.labels("registry").inc()
         log.warning(
-            "registry document skipped as malformed", extra={"uid": clean_text(uid)[:128], "reason": reason}
+            "registry document skipped as malformed",
+            extra={"uid": clean_text(uid)[:MAX_UID_LENGTH], "reason": reason},
         )
 
     def _reconcile(self, uid: str) -> None:
@@ -304,7 +308,9 @@ class Node:
         return emit
 
     def _attach(self, entry: RegistryEntry) -> None:
-        session = UserSession(entry, self._sources, self._emit_to, self._settings.channels)
+        session = UserSession(
+            entry, self._sources, self._settings.streams, self._emit_to, self._settings.channels
+        )
         self.sessions[entry.uid] = session
         session.start()
         self._metrics.attaches.inc()
@@ -394,7 +400,7 @@ class Node:
         self._metrics.open_streams.set(self._source.open_streams)
         self._metrics.firestore_connections.set(self._source.connections)
 
-    def _health_checks(self, mono: float) -> list[tuple[UserSession, Stream]]:
+    def _health_checks(self, mono: float) -> list[tuple[UserSession, UserStream]]:
         """The next `health_checks_per_sweep` users' streams that are due a restart. A round
         covers every user once; the failed-streams gauge is set at the end of each round."""
         if not self._health_round:

@@ -1,4 +1,4 @@
-"""Google Secret Manager access (specification §3).
+"""Google Secret Manager access (specification §3): its set-up, and the reader of secrets.
 
 Secret Manager ids allow only letters, digits, `-` and `_`, while the specification names
 secrets like `pinnokio/listeners/redis`; a name is mapped to its id by replacing every
@@ -9,11 +9,16 @@ secrets like `pinnokio/listeners/redis`; a name is mapped to its id by replacing
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from listeners.config import SecretReader
+SecretReader = Callable[[str], str | None]  # a secret's text by name; None when it does not exist
 
 _SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+
+
+class Unreachable(Exception):
+    """Secret Manager cannot be set up; the message names the cause, never a secret's value."""
 
 
 def secret_id(name: str) -> str:
@@ -24,6 +29,14 @@ def secret_path(project: str, name: str) -> str:
     if name.startswith("projects/"):
         return name
     return f"projects/{project}/secrets/{secret_id(name)}/versions/latest"
+
+
+def connect(project: str, service_account_secret: str = "", credentials_json: str = "") -> SecretReader:
+    """The one set-up of Secret Manager, for every loader: `secret_reader`, or `Unreachable`."""
+    try:
+        return secret_reader(project, service_account_secret, credentials_json)
+    except Exception as exc:
+        raise Unreachable(f"Google Secret Manager: cannot connect ({type(exc).__name__}: {exc})") from None
 
 
 def secret_reader(project: str, service_account_secret: str = "", credentials_json: str = "") -> SecretReader:

@@ -1,6 +1,7 @@
 """Everything the node holds for one online user, in one place: the registry entry, the
 user's streams (notifications; direct messages when the Realtime Database is configured)
-and the chat threads the user has open."""
+and the chat threads the user has open. Every session draws on the same `Sources` and
+`StreamOptions`."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
+from listeners.publish.channels import Channels
 from listeners.source.registry import ChatThread, RegistryEntry
 from listeners.source.rtdb import RtdbClient
 from listeners.source.snapshots import SnapshotSource
+from listeners.streams import UserStream
 from listeners.streams.chat import DEFAULT_HISTORY, ChatStream
 from listeners.streams.messages import MessageStream
 from listeners.streams.notifications import NotificationStream
@@ -21,33 +23,20 @@ from listeners.streams.view import DEFAULT_PUBLISHING, Emit, Publishing
 log = logging.getLogger(__name__)
 
 
-class Stream(Protocol):
-    kind: str
+@dataclass(frozen=True)
+class Sources:
+    """Where a user's changes come from: Firestore, and the Realtime Database when configured."""
 
-    def start(self) -> None: ...
-
-    @property
-    def healthy(self) -> bool: ...
-
-    def restart_due(self, now: float) -> bool: ...
-
-    async def restart(self, now: float) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def set_companies(self, companies: frozenset[str]) -> None: ...
-
-    def resync(self) -> None: ...
-
-    def rebase(self) -> None: ...
+    firestore: SnapshotSource
+    rtdb: RtdbClient | None = None
 
 
 @dataclass(frozen=True)
-class Sources:
-    firestore: SnapshotSource
-    rtdb: RtdbClient | None = None
-    chat_mark_read: bool = True
+class StreamOptions:
+    """How the user's streams behave, the same for every user."""
+
     publishing: Publishing = DEFAULT_PUBLISHING
+    chat_mark_read: bool = True
     chat_history: int = DEFAULT_HISTORY  # messages mirrored per chat thread (limitToLast)
 
 
@@ -55,16 +44,24 @@ EmitTo = Callable[[str], Emit]  # channel -> emit on it
 
 
 class UserSession:
-    def __init__(self, entry: RegistryEntry, sources: Sources, emit_to: EmitTo, channels: Channels) -> None:
+    def __init__(
+        self,
+        entry: RegistryEntry,
+        sources: Sources,
+        options: StreamOptions,
+        emit_to: EmitTo,
+        channels: Channels,
+    ) -> None:
         self.uid = entry.uid
         self.entry = entry
         self._sources = sources
+        self._options = options
         self._emit_to = emit_to
         self._channels = channels
         emit = emit_to(channels.user(entry.uid))
         companies = entry.authorized_companies_ids
-        publishing = sources.publishing
-        self.streams: list[Stream] = [
+        publishing = options.publishing
+        self.streams: list[UserStream] = [
             NotificationStream(entry.uid, companies, sources.firestore, emit, publishing)
         ]
         if sources.rtdb is not None:
@@ -73,7 +70,7 @@ class UserSession:
         self._closing: set[asyncio.Task[None]] = set()
         self._refused: set[ChatThread] = set()
 
-    def all_streams(self) -> list[Stream]:
+    def all_streams(self) -> list[UserStream]:
         return [*self.streams, *self.threads.values()]
 
     def start(self) -> None:
@@ -123,9 +120,9 @@ class UserSession:
                 thread,
                 self._sources.rtdb,
                 emit,
-                mark_read=self._sources.chat_mark_read,
-                history=self._sources.chat_history,
-                publishing=self._sources.publishing,
+                mark_read=self._options.chat_mark_read,
+                history=self._options.chat_history,
+                publishing=self._options.publishing,
             )
             self.threads[thread] = chat
             chat.start()
@@ -138,7 +135,7 @@ class UserSession:
             return "space_code is not in authorized_companies_ids"
         return ""
 
-    def _spawn_close(self, stream: Stream) -> None:
+    def _spawn_close(self, stream: UserStream) -> None:
         task = asyncio.create_task(stream.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -147,17 +144,3 @@ class UserSession:
         streams = self.all_streams()
         self.threads.clear()
         await asyncio.gather(*(s.close() for s in streams), *self._closing, return_exceptions=True)
-
-
-@dataclass(frozen=True)
-class Channels:
-    """Redis channel names: `{prefix}{uid}` and `{chat_prefix}{uid}:{space_code}:{thread_key}`."""
-
-    prefix: str = "user:"
-    chat_prefix: str = "chat:"
-
-    def user(self, uid: str) -> str:
-        return f"{self.prefix}{uid}"
-
-    def chat(self, uid: str, thread: ChatThread) -> str:
-        return f"{self.chat_prefix}{uid}:{thread.space_code}:{thread.thread_key}"

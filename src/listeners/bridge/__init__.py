@@ -4,7 +4,8 @@
   (resync on every (re)subscribe and every gap in `seq`, events older than the last sync and
   duplicates dropped, reconnect with backoff; bridge.ordering holds the rules).
 - `reducers`: event stream -> the lists the UI holds.
-- `Presence`: the registry document of an online user, reference-counted, heartbeated.
+- `Presence`: the registry document of an online user, reference-counted, heartbeated
+  (written through source.stores.RegistryStore, which the service's Direct mode shares).
 
 Light on purpose: redis and the standard library (plus google-cloud-firestore for Presence).
 """

@@ -30,6 +30,7 @@ from listeners.control import resync_request
 from listeners.events import KNOWN_TYPES
 from listeners.inputs import InvalidInput, parse_json
 from listeners.publish.broker import Broker, BrokerUnavailable
+from listeners.publish.channels import Channels
 from listeners.publish.redis import RedisBroker
 from listeners.source.registry import ChatThread
 from listeners.waits import wait_event
@@ -131,6 +132,7 @@ class Bridge:
         dedup_size: int = 4096,
     ) -> None:
         self._settings = settings
+        self._channels = Channels.of(settings)
         self._broker = broker or RedisBroker(settings)
         self._resync_retry = resync_retry_seconds
         self._dedup_size = dedup_size
@@ -140,8 +142,7 @@ class Bridge:
         self._task: asyncio.Task[None] | None = None
 
     def channels(self, uid: str, threads: Sequence[ChatThread] = ()) -> list[str]:
-        prefix, chat = self._settings.channel_prefix, self._settings.chat_channel_prefix
-        return [f"{prefix}{uid}", *(f"{chat}{uid}:{t.space_code}:{t.thread_key}" for t in threads)]
+        return self._channels.of_user(uid, threads)
 
     async def events(self, uid: str, threads: Sequence[ChatThread] = ()) -> AsyncIterator[dict[str, Any]]:
         """Every event of this user (and these chat threads), for as long as it is iterated.

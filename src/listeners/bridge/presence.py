@@ -1,4 +1,5 @@
-"""The registry document of an online user, as the Reflex backend keeps it (specification §4).
+"""The registry document of an online user, as the Reflex backend keeps it (specification §4);
+the writes are source.stores.RegistryStore's, and Direct mode's presence is this one too.
 
 Reference-counted per user: every tab or session enters `online(uid)`; the first writes
 `status: "online"` and starts a heartbeat every 30 s, the last to leave writes `offline`
@@ -20,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from listeners.backoff import Backoff
-from listeners.source.registry import REGISTRY_COLLECTION, ChatThread
+from listeners.source.registry import ChatThread
+from listeners.source.stores import RegistryStore
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class Presence:
         heartbeat_seconds: float = 30.0,
         instance_id: str | None = None,
     ) -> None:
-        self._db = db
+        self._store = RegistryStore(db)
         self._ttl = ttl_seconds
         self._every = heartbeat_seconds
         self._instance_id = instance_id or socket.gethostname()
@@ -95,31 +97,19 @@ class Presence:
         user.threads = list(threads)
         await self._write(uid, user)
 
-    def _document(self, user: _User) -> dict[str, Any]:
-        from google.cloud import firestore
-
-        document: dict[str, Any] = {
-            "status": "online",
-            "heartbeat_at": firestore.SERVER_TIMESTAMP,
-            "ttl_seconds": self._ttl,
-            "instance_id": self._instance_id,
-        }
-        if user.companies is not None:
-            document["authorized_companies_ids"] = user.companies
-        if user.threads is not None:
-            document["chat_threads"] = [
-                {"space_code": t.space_code, "thread_key": t.thread_key, "mode": t.mode} for t in user.threads
-            ]
-        return document
-
     async def _write(self, uid: str, user: _User) -> bool:
         try:
-            document = self._db.collection(REGISTRY_COLLECTION).document(uid)
-            result = await document.set(self._document(user), merge=True)
+            update_time = await self._store.write_online(
+                uid,
+                ttl_seconds=self._ttl,
+                instance_id=self._instance_id,
+                companies=user.companies,
+                threads=user.threads,
+            )
         except Exception as exc:  # never into the page: the heartbeat loop retries
             log.warning("presence write failed", extra={"uid": uid, "reason": f"{type(exc).__name__}: {exc}"})
             return False
-        user.last_write = result.update_time
+        user.last_write = update_time
         user.written.set()
         return True
 
@@ -140,9 +130,7 @@ class Presence:
                 await user.heartbeat
         if user.last_write is None:
             return
-        document = self._db.collection(REGISTRY_COLLECTION).document(uid)
         try:
-            option = self._db.write_option(last_update_time=user.last_write)
-            await document.update({"status": "offline"}, option=option)
+            await self._store.write_offline(uid, unchanged_since=user.last_write)
         except Exception as exc:  # best effort: expiry catches what this misses
             log.info("presence offline write skipped", extra={"uid": uid, "reason": type(exc).__name__})

@@ -16,9 +16,7 @@ is served whether the pages are on or not, to any origin (public code, no creden
 
 from __future__ import annotations
 
-import hmac
 import os
-import time
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,14 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from listeners import __version__
 from listeners.config import Settings
+from listeners.deliver.admin import bearer_matches
+from listeners.deliver.ports import Instance
 from listeners.deliver.websocket import Gateway
-from listeners.service import Service
 
-DEMO_TOKEN_URL_ENV = "LISTENERS_DEMO_TOKEN_URL"
-MAX_UIDS = 200  # online users listed by name; the count is always exact
-MAX_RECENT = 50  # last events shown
 CLIENT_MODULE = "listeners-client.js"
 
 _MEDIA = {".html": "text/html", ".css": "text/css", ".js": "text/javascript"}
@@ -67,74 +62,22 @@ def _file_response(files: dict[str, bytes], name: str, csp: str) -> Response:
     return Response(files[name], media_type=media, headers=_headers(csp))
 
 
-def bearer_matches(request: Request, expected: str) -> bool:
-    """`Authorization: Bearer <token>`, compared in constant time."""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(given.strip().encode(), expected.encode())
-
-
-def _total(samples: Any) -> float:
-    return float(
-        sum(s.value for metric in samples.collect() for s in metric.samples if s.name.endswith("_total"))
-    )
-
-
-def operations_state(service: Service, gateway: Gateway | None, now: float | None = None) -> dict[str, Any]:
-    """What the operations page shows: counts and identifiers, never a payload."""
-    node, publisher, metrics = service.node, service.publisher, service.metrics
-    uids = sorted(node.sessions)
-    streams = [s for session in node.sessions.values() for s in session.all_streams()]
-    events = {
-        s.labels["type"]: s.value
-        for metric in metrics.events.collect()
-        for s in metric.samples
-        if s.name.endswith("_total")
-    }
-    recent = list(publisher.recent)[-MAX_RECENT:]
+def websocket_state(gateway: Gateway | None) -> dict[str, Any] | None:
+    """This process's sockets, for the operations page (None without Direct mode)."""
+    if gateway is None:
+        return None
     return {
-        "instance_id": service.settings.instance_id,
-        "version": __version__,
-        "status": service.health()["status"],
-        "time": time.time() if now is None else now,
-        "redis": "up" if publisher.up else "down",
-        "registry": "up" if node.registry_healthy else "down",
-        "users": {"count": len(uids), "uids": uids[:MAX_UIDS], "truncated": len(uids) > MAX_UIDS},
-        "streams": {
-            "attached": len(streams),
-            "failed": sum(not s.healthy for s in streams),
-            "firestore_open": service.source.open_streams,
-            "rtdb_open": service.rtdb.open_streams if service.rtdb is not None else 0,
-            "restarts": _total(metrics.stream_restarts),
-        },
-        "events": events,
-        "publish": {"queued": publisher.queued, "failures": _total(metrics.publish_failures)},
-        "websocket": None
-        if gateway is None
-        else {
-            "sockets": gateway.count,
-            "users": len(gateway.sockets),
-            "hub_connected": gateway.services.hub.connected,
-            "hub_channels": gateway.services.hub.channels,
-        },
-        # Field by field: `recent` holds identifiers only, and this keeps it that way.
-        "recent": [
-            {
-                "at": e.get("at", 0),
-                "uid": e.get("uid", ""),
-                "type": e.get("type", ""),
-                "doc_id": e.get("doc_id", ""),
-            }
-            for e in reversed(recent)
-        ],
+        "sockets": gateway.count,
+        "users": len(gateway.sockets),
+        "hub_connected": gateway.services.hub.connected,
+        "hub_channels": gateway.services.hub.channels,
     }
 
 
 def routes(settings: Settings, demo_token_url: str | None = None) -> list[BaseRoute]:
     """The pages' routes; none for a page that is off."""
     admin = settings.websocket.admin_token
-    token_url = os.environ.get(DEMO_TOKEN_URL_ENV, "") if demo_token_url is None else demo_token_url
+    token_url = settings.service.demo_token_url if demo_token_url is None else demo_token_url
     found: list[BaseRoute] = []
     files: dict[str, bytes] = {CLIENT_MODULE: _static(CLIENT_MODULE)}
 
@@ -151,11 +94,11 @@ def routes(settings: Settings, demo_token_url: str | None = None) -> list[BaseRo
                     status_code=401,
                     headers={"WWW-Authenticate": "Bearer", **_NO_STORE},
                 )
-            service: Service | None = getattr(request.app.state, "service", None)
+            service: Instance | None = getattr(request.app.state, "service", None)
             if service is None:
                 return JSONResponse({"status": "starting"}, status_code=503, headers=_NO_STORE)
             gateway: Gateway | None = getattr(request.app.state, "gateway", None)
-            return JSONResponse(operations_state(service, gateway), headers=_NO_STORE)
+            return JSONResponse(service.operations(websocket_state(gateway)), headers=_NO_STORE)
 
         found += [Route("/ops", ops), Route("/ops/state", ops_state)]
 

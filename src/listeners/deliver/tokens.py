@@ -29,6 +29,7 @@ from google.auth import crypt
 
 from listeners.backoff import Backoff
 from listeners.config import LOOPBACK_ONLY, https_or_loopback
+from listeners.inputs import MAX_UID_LENGTH
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 MAX_TOKEN_BYTES = 8192
@@ -147,7 +148,9 @@ class TokenVerifier:
         if iat - self._skew > now or auth_time - self._skew > now:
             raise TokenRejected("issued in the future", NOT_YET_VALID)
         uid = claims.get("sub")
-        if not isinstance(uid, str) or not uid or len(uid) > 128:
+        # Only Firebase's own rule here (4010); whether the uid is usable as a key is the
+        # gateway's check (inputs.valid_uid), with its own close code (4012).
+        if not isinstance(uid, str) or not uid or len(uid) > MAX_UID_LENGTH:
             raise TokenRejected("no subject", NO_SUBJECT)
         return VerifiedToken(uid=uid, expires_at=float(exp), claims=claims)
 

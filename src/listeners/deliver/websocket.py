@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -26,11 +26,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from listeners.config import WebSocketSettings
 from listeners.deliver.hub import Hub
+from listeners.deliver.ports import Entries, Notifications, Presence, RegistryWrites, Resync
+from listeners.deliver.threads import RegistryThreads
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
-from listeners.inputs import InvalidInput, encode_json, parse_json, valid_key
+from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
 from listeners.metrics import Metrics
-from listeners.session import Channels
-from listeners.source.registry import CHAT_MODES, ChatThread, RegistryEntry, valid_thread_part
+from listeners.publish.channels import Channels
+from listeners.source.registry import ChatThread, InvalidThread
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ SLOW_CONSUMER = 4014
 RATE_LIMITED = 4015
 UID_CHANGED = 4017
 
-MAX_UID_LENGTH = 128  # Firebase's own limit; tokens.py refuses longer ones as 4010
 HUB_CONFIRM_SECONDS = 5.0  # Redis answers a SUBSCRIBE in well under a second when it is up
 OPEN_THREAD_SECONDS = 15.0  # the registry write (a read and a conditional write, retried)
 CLOSE_SECONDS = 10.0  # for our close frame to be written (deliver.wsprotocol: at once)
@@ -68,18 +69,18 @@ class DirectSend(Protocol):
 
 @dataclass
 class Services:
-    """What the gateway needs from the rest of the instance."""
+    """What the gateway needs: its own parts (the hub, the token verifier, channel names) and
+    the rest of the instance, through deliver.ports."""
 
     hub: Hub
     verifier: TokenVerifier
     channels: Channels
     metrics: Metrics
-    entry: Callable[[str], RegistryEntry | None]  # the user's registry entry, if known
-    resync: Callable[[str, tuple[ChatThread, ...]], Coroutine[Any, Any, None]]
-    mark_read: Callable[[str, str], Awaitable[bool]]  # (uid, doc_id) -> written
-    open_thread: Callable[[str, ChatThread], Awaitable[bool]]  # -> written to the registry
-    close_thread: Callable[[str, ChatThread], Awaitable[None]]
-    presence: Callable[[str], contextlib.AbstractAsyncContextManager[None]] | None = None
+    entries: Entries
+    resync: Resync
+    notifications: Notifications
+    registry: RegistryWrites
+    presence: Presence | None = None
     chat: bool = True  # False without a Realtime Database: no thread could ever be served
 
 
@@ -93,6 +94,12 @@ class Gateway:
     count: int = 0  # every socket past the Origin check, authenticated or not yet
     unauthenticated: int = 0  # accepted, token not verified yet (their own, smaller cap)
     authenticated: int = 0  # verified; `max_sockets` caps these
+    registry_threads: RegistryThreads = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.registry_threads = RegistryThreads(
+            self.services.registry, self.services.presence, self.threads_of
+        )
 
     def origin_allowed(self, websocket: WebSocket) -> bool:
         """No Origin (not a browser), a listed origin, or the page's own origin."""
@@ -185,7 +192,7 @@ class Connection:
             gateway.unauthenticated -= 1
         if verified is None:
             return
-        if not valid_key(verified.uid, max_length=MAX_UID_LENGTH):
+        if not valid_uid(verified.uid):
             # `chat:{uid}:{space}:{thread}` and `clients/{uid}/…` must mean one thing only
             self.services.metrics.rejected_inputs.labels(source="websocket").inc()
             log.warning("websocket refused: uid", extra={"reason": "the uid is not a valid key"})
@@ -206,7 +213,7 @@ class Connection:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.services.presence is not None:
-                    await stack.enter_async_context(self.services.presence(self.uid))
+                    await stack.enter_async_context(self.services.presence.online(self.uid))
                 await self._run()
         finally:
             gateway.authenticated -= 1
@@ -344,7 +351,7 @@ class Connection:
             if not isinstance(doc_id, str) or not doc_id or "/" in doc_id or len(doc_id) > 200:
                 await self._send({"type": "error", "reason": "notif.read needs a doc_id"})
                 return
-            written = await self.services.mark_read(self.uid, doc_id)
+            written = await self.services.notifications.mark_read(self.uid, doc_id)
             await self._send({"type": "notif.read.ok" if written else "notif.read.failed", "doc_id": doc_id})
         elif kind in ("chat.subscribe", "chat.unsubscribe"):
             thread = _thread(message)
@@ -357,7 +364,7 @@ class Connection:
                 await self._subscribe_thread(thread)
             else:
                 await self._unsubscribe_thread(thread)
-                await self._send({"type": "chat.unsubscribed", **_fields(thread)})
+                await self._send({"type": "chat.unsubscribed", **thread.to_fields()})
         else:
             await self._send({"type": "error", "reason": "unknown message type"})
 
@@ -386,7 +393,7 @@ class Connection:
             # One meaning for clients: after `chat.refused` the socket does not have the thread
             # (it may have had it before the user lost the company).
             await self._unsubscribe_thread(thread)
-            await self._send({"type": "chat.refused", "reason": refusal, **_fields(thread)})
+            await self._send({"type": "chat.refused", "reason": refusal, **thread.to_fields()})
             return
         if thread not in self.threads:
             failure = await self._open(thread)
@@ -395,9 +402,9 @@ class Connection:
                     "chat thread not opened",
                     extra={"uid": self.uid, "space_code": thread.space_code, "reason": failure},
                 )
-                await self._send({"type": "chat.refused", "reason": failure, **_fields(thread)})
+                await self._send({"type": "chat.refused", "reason": failure, **thread.to_fields()})
                 return
-        await self._send({"type": "chat.subscribed", **_fields(thread)})
+        await self._send({"type": "chat.subscribed", **thread.to_fields()})
         for text in self._held.pop(thread, []):
             self._deliver(text)
         await self.services.resync(self.uid, (thread,))
@@ -409,7 +416,7 @@ class Connection:
             return "too many chat.subscribe messages; retry later"
         if not self.services.chat:
             return "chat is not available (no Realtime Database)"
-        entry = self.services.entry(self.uid)
+        entry = self.services.entries.entry(self.uid)
         if entry is None or thread.space_code not in entry.authorized_companies_ids:
             return "not an authorised company"
         mine = self.gateway.threads_of(self.uid)
@@ -440,7 +447,7 @@ class Connection:
         if thread not in self.gateway.threads_of(self.uid):
             # A write that landed late is undone, and presence forgets the thread instead of
             # writing it at its next heartbeat.
-            await self.services.close_thread(self.uid, thread)
+            await self.gateway.registry_threads.close(self.uid, thread)
         return "the thread could not be written to the registry; retry later"
 
     def _thread_sink(self, thread: ChatThread) -> Callable[[str], None]:
@@ -459,7 +466,7 @@ class Connection:
     async def _written(self, thread: ChatThread) -> bool:
         try:
             async with asyncio.timeout(OPEN_THREAD_SECONDS):
-                return await self.services.open_thread(self.uid, thread)
+                return await self.gateway.registry_threads.open(self.uid, thread)
         except TimeoutError:
             return False
 
@@ -471,7 +478,7 @@ class Connection:
         sink = self._thread_sinks.pop(thread)
         await self.services.hub.unsubscribe(self.services.channels.chat(self.uid, thread), sink)
         if thread not in self.gateway.threads_of(self.uid):
-            await self.services.close_thread(self.uid, thread)
+            await self.gateway.registry_threads.close(self.uid, thread)
 
     # -- outbound ----------------------------------------------------------------
 
@@ -568,13 +575,7 @@ class TokenBucket:
 
 
 def _thread(message: dict[str, Any]) -> ChatThread | None:
-    fields = [message.get(k) for k in ("space_code", "thread_key", "mode")]
-    if not all(valid_thread_part(f) for f in fields):
+    try:
+        return ChatThread.from_fields(message)
+    except InvalidThread:
         return None
-    if fields[2] not in CHAT_MODES:
-        return None
-    return ChatThread(str(fields[0]), str(fields[1]), str(fields[2]))
-
-
-def _fields(thread: ChatThread) -> dict[str, str]:
-    return {"space_code": thread.space_code, "thread_key": thread.thread_key, "mode": thread.mode}

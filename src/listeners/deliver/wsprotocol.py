@@ -35,9 +35,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from uvicorn.config import Config
@@ -48,18 +48,17 @@ from websockets.exceptions import InvalidState
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.server import ServerProtocol
 
-DEFLATE_MODES = ("no-context", "context", "off")
+from listeners.config import ConfigError, WebSocketSettings, read_env
+
 WINDOW_BITS = 12  # uvicorn's own choice; 9 is zlib's least for raw deflate
 MEM_LEVEL = 5
 SEND_BUFFER_BYTES = 65_536  # the kernel doubles it; 128 KiB drains at 100 MB/s over a 1 ms path
-CLOSE_SECONDS = 5.0  # for the client to answer our close frame, then the connection is cut
+CLOSE_SECONDS: float = WebSocketSettings.close_timeout_seconds  # the default (configuration's table)
 SEND_EXTENSION = "listeners.send"
 
 
-def deflate_mode(env: dict[str, str] | None = None) -> str:
-    mode = (env if env is not None else os.environ).get("LISTENERS_WS_DEFLATE", "no-context").strip()
-    if mode not in DEFLATE_MODES:
-        raise ValueError(f"LISTENERS_WS_DEFLATE: one of {', '.join(DEFLATE_MODES)}, not {mode[:40]!r}")
+def deflate_mode(env: Mapping[str, str] | None = None) -> str:
+    mode: str = _read(env)["LISTENERS_WS_DEFLATE"]
     return mode
 
 
@@ -76,19 +75,34 @@ def deflate_factory(mode: str) -> ServerPerMessageDeflateFactory | None:
     )
 
 
-def close_seconds(env: dict[str, str] | None = None) -> float:
-    raw = (env if env is not None else os.environ).get("LISTENERS_WS_CLOSE_TIMEOUT_SECONDS", "")
-    if not raw.strip():
-        return CLOSE_SECONDS
-    value = float(raw)  # ValueError: the worker stops before it listens
-    if not 0.1 <= value <= 3600:
-        raise ValueError(f"LISTENERS_WS_CLOSE_TIMEOUT_SECONDS: between 0.1 and 3600, not {value}")
-    return value
+def close_seconds(env: Mapping[str, str] | None = None) -> float:
+    seconds: float = _read(env)["LISTENERS_WS_CLOSE_TIMEOUT_SECONDS"]
+    return seconds
 
 
-# Read once, at import: a bad value stops the worker before it listens.
-MODE = deflate_mode()
-CLOSE_TIMEOUT = close_seconds()
+def _read(env: Mapping[str, str] | None) -> dict[str, Any]:
+    """The two keys, through the configuration's table (its names, defaults and ranges); the
+    worker's `load_settings` has checked them before it listened, with every other key."""
+    try:
+        return read_env(("LISTENERS_WS_DEFLATE", "LISTENERS_WS_CLOSE_TIMEOUT_SECONDS"), env)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+_options_set: list[tuple[str, float]] = []  # the process's values, set once
+
+
+def configure(deflate: str, close_timeout_seconds: float) -> None:
+    """The values of `Settings.websocket`, handed over when the application is made."""
+    _options_set[:] = [(deflate, close_timeout_seconds)]
+
+
+def _options() -> tuple[str, float]:
+    """As configured; a protocol used without the application reads the table once."""
+    if not _options_set:
+        values = _read(None)
+        configure(values["LISTENERS_WS_DEFLATE"], values["LISTENERS_WS_CLOSE_TIMEOUT_SECONDS"])
+    return _options_set[0]
 
 
 class Inbox:
@@ -163,13 +177,13 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         _loop: Any = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        factory = deflate_factory(MODE) if config.ws_per_message_deflate else None
+        mode, self.close_timeout = _options()
+        factory = deflate_factory(mode) if config.ws_per_message_deflate else None
         self.conn = ServerProtocol(
             extensions=[factory] if factory is not None else [],
             max_size=config.ws_max_size,
             logger=logging.getLogger("uvicorn.error"),
         )
-        self.close_timeout = CLOSE_TIMEOUT
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
 

@@ -1,1 +1,2 @@
-"""Where envelopes go: a small `Broker` interface, Redis and in-memory brokers, the publisher."""
+"""Where envelopes go: a small `Broker` interface, Redis and in-memory brokers, the publisher,
+and the channel names (`channels`) every publisher and subscriber uses."""

@@ -1,1 +1,3 @@
-"""Where changes come from: Firestore watches behind the `SnapshotSource` interface."""
+"""Where changes come from, and the documents written back: Firestore watches behind the
+`SnapshotSource` interface, the Realtime Database client, the registry document's shape
+(`registry`) and the stores that write documents (`stores`)."""

@@ -21,11 +21,10 @@ from google.auth.credentials import Credentials
 from google.cloud import firestore
 from google.cloud.firestore_v1 import base_client
 
+from listeners.config import MAX_STREAMS_PER_CONNECTION as FIRESTORE_STREAM_LIMIT
 from listeners.source.snapshots import Query, Snapshot, SnapshotHandler, SourceDoc
 
 log = logging.getLogger(__name__)
-
-FIRESTORE_STREAM_LIMIT = 100
 
 
 class _DedicatedConnectionClient(firestore.Client):

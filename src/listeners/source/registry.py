@@ -1,4 +1,6 @@
-"""The online registry, Firestore `listeners_registry/{uid}` (specification §4).
+"""The online registry, Firestore `listeners_registry/{uid}` (specification §4): the
+document's shape, read (`parse_entry`) and written (`online_fields`, `offline_fields`,
+`ChatThread.to_fields`). The writes themselves are `source.stores.RegistryStore`'s.
 
 A user is online while `status == "online"` and `now - heartbeat_at <= ttl_seconds`.
 Expiry is logical: nothing changes in Firestore when it happens, so the node sweeps.
@@ -7,7 +9,7 @@ Expiry is logical: nothing changes in Firestore when it happens, so the node swe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,12 +26,17 @@ MAX_HEARTBEAT_AHEAD = timedelta(minutes=5)  # clock skew between writers; later 
 _STATUSES = ("online", "offline")
 
 
-def valid_thread_part(value: Any) -> bool:
-    """A thread's parts are Realtime Database keys and parts of a channel name (inputs.valid_key)."""
-    return valid_key(value)
-
-
 CHAT_MODES = frozenset({"job_chats", "chats", "active_chats"})
+CHAT_THREADS = "chat_threads"  # the optional field the chat threads are listed in
+_THREAD_FIELDS = ("space_code", "thread_key", "mode")
+
+
+class InvalidThread(ValueError):
+    """Not a chat thread: `bad_mode` when only the mode is not one of `CHAT_MODES`."""
+
+    def __init__(self, bad_mode: bool) -> None:
+        super().__init__("mode" if bad_mode else "keys")
+        self.bad_mode = bad_mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,21 @@ class ChatThread:
     space_code: str
     thread_key: str
     mode: str
+
+    @classmethod
+    def from_fields(cls, item: object) -> ChatThread:
+        """From `{space_code, thread_key, mode}` (a registry entry's, a WebSocket message's), or
+        InvalidThread. The parts are Realtime Database keys and parts of a channel name."""
+        values = [item.get(k) if isinstance(item, Mapping) else None for k in _THREAD_FIELDS]
+        if not all(valid_key(v) for v in values):
+            raise InvalidThread(bad_mode=False)
+        if values[2] not in CHAT_MODES:
+            raise InvalidThread(bad_mode=True)
+        return cls(str(values[0]), str(values[1]), str(values[2]))
+
+    def to_fields(self) -> dict[str, str]:
+        """`{space_code, thread_key, mode}`: as the registry lists it and the WebSocket names it."""
+        return {"space_code": self.space_code, "thread_key": self.thread_key, "mode": self.mode}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +113,7 @@ def parse_entry(uid: str, data: Mapping[str, Any], default_ttl: int) -> Registry
     if not isinstance(instance_id, str):
         problems.append(f"instance_id must be a string (got {_describe(instance_id)})")
 
-    threads = _chat_threads(data.get("chat_threads") or [], problems)
+    threads = _chat_threads(data.get(CHAT_THREADS) or [], problems)
 
     if problems:
         raise MalformedEntry("; ".join(problems))
@@ -115,16 +137,46 @@ def _chat_threads(value: Any, problems: list[str]) -> frozenset[ChatThread]:
         return frozenset()
     threads = set()
     for n, item in enumerate(value):
-        fields = [
-            item.get(k) if isinstance(item, Mapping) else None for k in ("space_code", "thread_key", "mode")
-        ]
-        if not all(valid_thread_part(f) for f in fields):
-            problems.append(f"chat_threads[{n}] needs space_code, thread_key and mode as database keys")
-        elif fields[2] not in CHAT_MODES:
-            problems.append(f"chat_threads[{n}].mode must be one of {', '.join(sorted(CHAT_MODES))}")
-        else:
-            threads.add(ChatThread(str(fields[0]), str(fields[1]), str(fields[2])))
+        try:
+            threads.add(ChatThread.from_fields(item))
+        except InvalidThread as exc:
+            if exc.bad_mode:
+                problems.append(f"chat_threads[{n}].mode must be one of {', '.join(sorted(CHAT_MODES))}")
+            else:
+                problems.append(f"chat_threads[{n}] needs space_code, thread_key and mode as database keys")
     return frozenset(threads)
+
+
+def listed_threads(data: Mapping[str, Any] | None) -> list[Any]:
+    """The `chat_threads` of a document as they are written, none dropped (a read-modify-write
+    must keep the entries it cannot read)."""
+    return list((data or {}).get(CHAT_THREADS) or [])
+
+
+def online_fields(
+    heartbeat_at: object,
+    ttl_seconds: int,
+    instance_id: str,
+    companies: Iterable[str] | None = None,
+    threads: Iterable[ChatThread] | None = None,
+) -> dict[str, Any]:
+    """An online user's fields, merged into the document by presence. `heartbeat_at` is the
+    writer's (Firestore's SERVER_TIMESTAMP); fields given as None are left as they are."""
+    fields: dict[str, Any] = {
+        "status": "online",
+        "heartbeat_at": heartbeat_at,
+        "ttl_seconds": ttl_seconds,
+        "instance_id": instance_id,
+    }
+    if companies is not None:
+        fields["authorized_companies_ids"] = list(companies)
+    if threads is not None:
+        fields[CHAT_THREADS] = [t.to_fields() for t in threads]
+    return fields
+
+
+def offline_fields() -> dict[str, Any]:
+    return {"status": "offline"}
 
 
 def _describe(value: Any) -> str:

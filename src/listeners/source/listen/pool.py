@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from listeners.source.listen import wire
 from listeners.source.listen.stream import ListenStream, Metadata
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ class ListenPool:
 
 def open_listen(channel: grpc.aio.Channel) -> Callable[[Any, Any], Any]:
     """The Listen stream-stream method on `channel`, in raw protobuf messages."""
-    from listeners.source.listen import wire
-
     method = channel.stream_stream(
         wire.LISTEN_METHOD,
         request_serializer=wire.ListenRequest.SerializeToString,

@@ -16,7 +16,10 @@ from urllib.parse import quote
 
 import grpc
 
+from listeners.config import MAX_STREAMS_PER_CONNECTION as FIRESTORE_STREAM_LIMIT
+from listeners.config import TARGETS_PER_STREAM
 from listeners.metrics import Metrics
+from listeners.source.access_tokens import ServiceAccountTokens, emulator_token
 from listeners.source.listen.pool import Connection, ListenPool
 from listeners.source.listen.protocol import TargetError, query_target
 from listeners.source.listen.status import ListenStatus
@@ -26,17 +29,12 @@ from listeners.source.listen.stream import (
     ListenStream,
     Metadata,
     Sleep,
-    deliver_safely,
 )
 from listeners.source.snapshots import Query, Snapshot, SnapshotHandler
 
 log = logging.getLogger(__name__)
 
 FIRESTORE_HOST = "firestore.googleapis.com:443"
-FIRESTORE_STREAM_LIMIT = 100
-# Measured on Google's emulator (docs/benchmarks.md): one stream kept 10,000 targets with
-# millisecond latency; a bound keeps a stream's reconnect (every target re-listened) small.
-TARGETS_PER_STREAM = 500
 SCOPES = ("https://www.googleapis.com/auth/datastore",)
 _CHANNEL_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),  # a connection per channel: the stream limit is per connection
@@ -51,11 +49,9 @@ _CHANNEL_OPTIONS = [
 Tokens = Callable[..., Awaitable[str]]  # tokens(refresh=bool) -> access token
 
 
-async def emulator_token(*, refresh: bool = False) -> str:
-    return "owner"  # what the Firebase emulators take as an administrator's token
-
-
 class ListenWatch:
+    """One query target on a shared stream; the stream's `Watcher`."""
+
     def __init__(self, stream: ListenStream, on_snapshot: SnapshotHandler, query: Query) -> None:
         self._stream = stream
         self._on_snapshot = on_snapshot
@@ -87,6 +83,13 @@ class ListenWatch:
             "firestore target failed",
             extra={"collection": self.query.collection, "reason": f"{error.code}: {error.message}"},
         )
+
+
+def deliver_safely(handler: SnapshotHandler, snapshot: Snapshot) -> None:
+    try:
+        handler(snapshot)
+    except Exception:  # one watch's handler must not break the stream of every other
+        log.exception("snapshot handler failed")
 
 
 class ListenSource:
@@ -177,14 +180,10 @@ class ListenSource:
 
 
 def _credential_tokens(credentials: Any) -> Tokens:
-    """Access tokens refreshed before they expire, from the given credentials or the
-    environment's (Application Default Credentials)."""
-    from listeners.source.rtdb.tokens import ServiceAccountTokens
-
+    """Access tokens refreshed before they expire, from the given credentials (given Firestore's
+    scopes if they require scopes) or the environment's (Application Default Credentials)."""
     if credentials is None:
         import google.auth
 
         credentials, _ = google.auth.default(scopes=list(SCOPES))
-    elif getattr(credentials, "requires_scopes", False):
-        credentials = credentials.with_scopes(list(SCOPES))
-    return ServiceAccountTokens(credentials)
+    return ServiceAccountTokens(credentials, scopes=SCOPES)

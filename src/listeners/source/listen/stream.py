@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from typing import Any, Protocol
 
 import grpc
 
@@ -31,9 +31,6 @@ from listeners.source.listen.protocol import ListenState, TargetError
 from listeners.source.listen.status import ListenStatus
 from listeners.source.snapshots import Snapshot
 from listeners.waits import wait_event
-
-if TYPE_CHECKING:
-    from listeners.source.listen.source import ListenWatch
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +62,10 @@ MetadataFactory = Callable[[bool], Awaitable[Metadata]]  # argument: force a tok
 Sleep = Callable[[float], Awaitable[None]]
 
 
+# What a stream needs of the objects around it, as protocols: the stream sits below the pool
+# and the source that hold it, and imports neither.
+
+
 class Link(Protocol):
     """The connection a stream's calls go over (`pool.Connection`)."""
 
@@ -75,6 +76,17 @@ class Link(Protocol):
 
     def replace(self, generation: int) -> None:
         """The connection of that generation is dead: make a new one."""
+
+
+class Watcher(Hashable, Protocol):
+    """Who a target is for (`source.ListenWatch`): the stream's state knows the target by it,
+    and it is told the target's outcomes, on the loop, inside the stream's task."""
+
+    def deliver(self, snapshot: Snapshot) -> None:
+        """The target's result set changed (or is read for the first time)."""
+
+    def failed(self, error: TargetError) -> None:
+        """The server removed the target with its own error: nothing more comes for it."""
 
 
 class ListenStream:
@@ -92,7 +104,7 @@ class ListenStream:
         slow: Backoff = SLOW_RECONNECT,
         sleep: Sleep = asyncio.sleep,  # between attempts (tests: record the delay, go on)
     ) -> None:
-        self.state: ListenState[ListenWatch] = ListenState(database)
+        self.state: ListenState[Watcher] = ListenState(database)
         self.capacity = capacity
         self.restarts = 0  # calls that ended and were replaced
         self.responses = 0
@@ -127,14 +139,14 @@ class ListenStream:
     def open(self) -> bool:
         return self._call is not None
 
-    def add(self, watch: ListenWatch, target: Any) -> None:
+    def add(self, watch: Watcher, target: Any) -> None:
         self._all_current.clear()
         self._send(self.state.add(watch, target))
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="firestore-listen")
 
-    def remove(self, watch: ListenWatch) -> None:
+    def remove(self, watch: Watcher) -> None:
         request = self.state.remove(watch)
         if request is not None:
             self._send(request)
@@ -282,11 +294,4 @@ def probe_request(database: str, target_id: int) -> Any:
     return wire.ListenRequest(database=database, add_target=target)
 
 
-def deliver_safely(handler: Callable[[Snapshot], None], snapshot: Snapshot) -> None:
-    try:
-        handler(snapshot)
-    except Exception:  # one watch's handler must not break the stream of every other
-        log.exception("snapshot handler failed")
-
-
-__all__ = ["Link", "ListenStream", "Metadata", "MetadataFactory", "TargetError", "deliver_safely"]
+__all__ = ["Link", "ListenStream", "Metadata", "MetadataFactory", "TargetError", "Watcher"]

@@ -1,5 +1,9 @@
 """REST calls against one database: URLs, the access token, redirects, and error bodies.
 
+`RtdbClient.stream()` makes a `NodeMirror` (`mirror.py`) and gives it what it needs
+(`mirror.MirrorClient`): a token, its event stream opened on one of the client's connection
+pools, a turn among the mirrors connecting, and forgetting it once it is closed.
+
 The access token travels in the `Authorization: Bearer` header, not in the documented
 `access_token` query parameter, so it never appears in a URL that httpx logs at INFO.
 Redirects (the server may move a stream to another machine with a 307) are followed here
@@ -13,53 +17,22 @@ import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, quote, urljoin, urlsplit, urlunsplit
 
 import httpx
 
 from listeners.backoff import Backoff
+from listeners.source.access_tokens import TokenProvider
+from listeners.source.rtdb.errors import RtdbError, read_error
+from listeners.source.rtdb.mirror import DEFAULT_IDLE_TIMEOUT, ChangeHandler, FailureHandler, NodeMirror
 from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES
-from listeners.source.rtdb.tokens import TokenProvider
 from listeners.source.rtdb.tree import Json, split_path
 
-if TYPE_CHECKING:  # stream.py imports this module; `stream()` imports it back when called
-    from listeners.source.rtdb.stream import ChangeHandler, FailureHandler, NodeStream
-
-# The default of `stream()` and `NodeStream`, kept here because `stream()` needs it at import.
-DEFAULT_IDLE_TIMEOUT = 45.0  # the server sends keep-alive about every 30 s
 _MAX_REDIRECTS = 5
-_MAX_ERROR_BODY = 64 * 1024
 _TOKEN_HOST_SUFFIXES = (".firebaseio.com", ".firebasedatabase.app")
 
 _NO_BODY: Any = object()
-
-
-class RtdbError(Exception):
-    """The server answered with an error status; `message` is its `{"error": ...}` text."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
-
-
-async def _error(response: httpx.Response) -> RtdbError:
-    body = bytearray()
-    try:
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > _MAX_ERROR_BODY:
-                break
-    except (httpx.HTTPError, OSError):
-        pass
-    text = body[:_MAX_ERROR_BODY].decode("utf-8", errors="replace")
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    message = parsed["error"] if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) else text
-    return RtdbError(response.status_code, message or response.reason_phrase)
 
 
 STREAMS_PER_POOL = 100
@@ -113,13 +86,13 @@ class RtdbClient:
         self._timeout = timeout
         self._own_http = http is None
         self._http = http or _http_client(timeout)
-        self._streams: set[NodeStream] = set()
+        self._streams: set[NodeMirror] = set()
         # Each stream holds a connection for its lifetime (HTTP/1.1: the REST API streams one
         # location per request). httpcore scans its whole pool on every request and response,
         # so 10,000 streams in one pool cost O(streams) per event, O(streams²) to start them:
         # streams are spread over pools of at most STREAMS_PER_POOL connections each.
         self._stream_pools: list[_StreamPool] = []
-        self._pool_of: dict[NodeStream, _StreamPool] = {}
+        self._pool_of: dict[NodeMirror, _StreamPool] = {}
         self.connecting = asyncio.Semaphore(max_connecting)
 
     def url(self, keys: Sequence[str]) -> str:
@@ -166,14 +139,13 @@ class RtdbClient:
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         backoff: Backoff | None = None,
         query: Mapping[str, str] | None = None,
-    ) -> NodeStream:
-        """Start mirroring `path`; close the returned stream (or the client) to stop.
+    ) -> NodeMirror:
+        """Start mirroring `path` over a streaming request; close the returned mirror (or the
+        client) to stop.
 
         `query`: REST query parameters, values JSON-encoded as the REST API wants them, e.g.
         `{"orderBy": '"$key"', "limitToLast": "100"}`: the mirror then holds the query's window."""
-        from listeners.source.rtdb.stream import NodeStream  # here: stream.py imports this module
-
-        stream = NodeStream(
+        stream = NodeMirror(
             self,
             path,
             on_change,
@@ -194,13 +166,28 @@ class RtdbClient:
         stream.start()
         return stream
 
-    def stream_http(self, stream: NodeStream) -> httpx.AsyncClient:
-        """The HTTP client (connection pool) this stream connects through."""
+    def stream_http(self, stream: NodeMirror) -> httpx.AsyncClient:
+        """The HTTP client (connection pool) this mirror connects through."""
         pool = self._pool_of.get(stream)
         return self._http if pool is None else pool.http
 
-    def forget(self, stream: NodeStream) -> None:
-        """The stream is closed or failed for good: its place in a pool is free."""
+    async def open_event_stream(
+        self, mirror: NodeMirror, keys: Sequence[str], query: Mapping[str, str], *, token: str | None
+    ) -> httpx.Response:
+        """The node's `text/event-stream` GET, on the mirror's connection pool, redirects
+        followed: the response open, its status not yet looked at (`mirror.MirrorClient`)."""
+        return await self._send(
+            "GET",
+            keys,
+            token=token,
+            headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
+            params=query,
+            stream=True,
+            http=self.stream_http(mirror),
+        )
+
+    def forget(self, stream: NodeMirror) -> None:
+        """The mirror is closed or failed for good: its place in a pool is free."""
         self._streams.discard(stream)
         pool = self._pool_of.pop(stream, None)
         if pool is not None:
@@ -215,7 +202,8 @@ class RtdbClient:
         if self._own_http:
             await asyncio.gather(self._http.aclose(), *(pool.http.aclose() for pool in self._stream_pools))
 
-    async def _token(self, *, refresh: bool = False) -> str | None:
+    async def token(self, *, refresh: bool = False) -> str | None:
+        """The access token for the next request; None without a token provider."""
         if self._tokens is None:
             return None
         return await self._tokens(refresh=refresh)
@@ -226,17 +214,17 @@ class RtdbClient:
         keys = split_path(path)
         content = None if body is _NO_BODY else _encode(body)
         headers = {"Content-Type": "application/json"} if content is not None else {}
-        token = await self._token()
+        token = await self.token()
         response = await self._send(
             method, keys, token=token, params=params, headers=headers, content=content
         )
         if response.status_code == 401 and self._tokens is not None:
-            token = await self._token(refresh=True)
+            token = await self.token(refresh=True)
             response = await self._send(
                 method, keys, token=token, params=params, headers=headers, content=content
             )
         if not response.is_success:
-            raise await _error(response)
+            raise await read_error(response)
         return response
 
     def _may_carry_token(self, url: httpx.URL) -> bool:
@@ -259,7 +247,7 @@ class RtdbClient:
         url = httpx.URL(self.url(keys))
         query = {"ns": self.namespace} if self.namespace else {}
         url = url.copy_merge_params({**query, **(params or {})})
-        # a stream has no read timeout of its own: NodeStream's idle deadline covers it
+        # a stream has no read timeout of its own: NodeMirror's idle deadline covers it
         timeout = httpx.Timeout(self._timeout, read=None) if stream else httpx.USE_CLIENT_DEFAULT
         for _ in range(_MAX_REDIRECTS + 1):
             request_headers = dict(headers or {})

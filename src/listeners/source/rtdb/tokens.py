@@ -1,13 +1,9 @@
-"""OAuth2 access tokens for the REST API: the `TokenProvider` interface and service accounts."""
+"""The REST API's access tokens: the shared `ServiceAccountTokens` with the database's scopes."""
 
 from __future__ import annotations
 
-import asyncio
-import math
-import time
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from listeners.source import access_tokens
+from listeners.source.access_tokens import TokenProvider
 
 # The scopes the REST API asks of a Google OAuth2 access token (docs: database/rest/auth).
 SCOPES = (
@@ -16,87 +12,10 @@ SCOPES = (
 )
 
 
-class TokenProvider(Protocol):
-    """An OAuth2 access token for the next request, or None for unauthenticated requests.
+class ServiceAccountTokens(access_tokens.ServiceAccountTokens):
+    """`access_tokens.ServiceAccountTokens` asking the REST API's `SCOPES` unless told others."""
 
-    `refresh=True` means the server rejected the last token: get a new one.
-    """
-
-    async def __call__(self, *, refresh: bool = False) -> str | None: ...
+    default_scopes = SCOPES
 
 
-class ServiceAccountTokens:
-    """Google OAuth2 access tokens from service-account credentials, refreshed before expiry.
-
-    google-auth refreshes with a blocking HTTPS call to the token endpoint; it runs in a
-    worker thread so the loop never waits on it. A lock makes concurrent callers share one
-    refresh, and forced refreshes within `min_refresh_interval` of the last one reuse its
-    token: when the server revokes a token, every stream asks for a new one at once.
-    """
-
-    def __init__(
-        self,
-        credentials: Any,
-        *,
-        refresh_margin: float = 300.0,
-        min_refresh_interval: float = 5.0,
-        request_factory: Callable[[], Any] | None = None,
-    ) -> None:
-        if getattr(credentials, "requires_scopes", False):
-            credentials = credentials.with_scopes(list(SCOPES))
-        self.credentials = credentials
-        self.refresh_margin = refresh_margin
-        self.min_refresh_interval = min_refresh_interval
-        self.refreshes = 0
-        self._request_factory = request_factory
-        self._lock = asyncio.Lock()
-        self._last_refresh = -math.inf
-
-    @classmethod
-    def from_service_account_info(cls, info: Mapping[str, Any], **kwargs: Any) -> ServiceAccountTokens:
-        from google.oauth2 import service_account
-
-        credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
-            dict(info), scopes=list(SCOPES)
-        )
-        return cls(credentials, **kwargs)
-
-    @classmethod
-    def from_service_account_file(cls, path: str, **kwargs: Any) -> ServiceAccountTokens:
-        from google.oauth2 import service_account
-
-        credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
-            path, scopes=list(SCOPES)
-        )
-        return cls(credentials, **kwargs)
-
-    async def __call__(self, *, refresh: bool = False) -> str:
-        async with self._lock:
-            recent = time.monotonic() - self._last_refresh < self.min_refresh_interval
-            if self._expiring() or (refresh and not recent):
-                await asyncio.to_thread(self._refresh_blocking)
-                self._last_refresh = time.monotonic()
-                self.refreshes += 1
-            token = self.credentials.token
-            if not token:
-                raise RuntimeError("the credentials produced no access token")
-            return str(token)
-
-    def _expiring(self) -> bool:
-        if not self.credentials.token:
-            return True
-        expiry = self.credentials.expiry
-        if expiry is None:
-            return False
-        # google-auth keeps expiry as a naive UTC datetime
-        now = datetime.now(UTC) if expiry.tzinfo is not None else datetime.now(UTC).replace(tzinfo=None)
-        return bool((expiry - now).total_seconds() <= self.refresh_margin)
-
-    def _refresh_blocking(self) -> None:
-        if self._request_factory is not None:
-            request = self._request_factory()
-        else:
-            from google.auth.transport.requests import Request
-
-            request = Request()
-        self.credentials.refresh(request)
+__all__ = ["SCOPES", "ServiceAccountTokens", "TokenProvider"]

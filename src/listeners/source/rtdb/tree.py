@@ -11,14 +11,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from listeners.source.rtdb.errors import ProtocolError
+
 _FORBIDDEN_KEY_CHARS = re.compile(r"[.#$\[\]\x00-\x1f\x7f]")
 
 Json = Any
-
-
-# Here because `apply_event` raises it; NodeStream raises it too, and reconnects on it.
-class _ProtocolError(Exception):
-    """The server sent something this protocol does not allow; reconnect."""
 
 
 def split_path(path: str) -> tuple[str, ...]:
@@ -124,7 +121,7 @@ def apply_event(tree: Json, kind: str, path: str, data: Json) -> Json:
         editor.write(keys, data)
     elif kind == "patch":
         if not isinstance(data, dict):
-            raise _ProtocolError(f"patch data is not an object: {type(data).__name__}")
+            raise ProtocolError(f"patch data is not an object: {type(data).__name__}")
         for child_path, value in data.items():  # a child path may be several keys deep
             editor.write(keys + _event_keys(child_path), value)
     else:

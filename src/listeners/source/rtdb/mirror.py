@@ -1,9 +1,14 @@
-"""`NodeStream`: a live mirror of one node, kept by one task over the REST streaming protocol.
+"""`NodeMirror`: a live mirror of one node, kept by one task over the REST streaming protocol
+(one long-lived `text/event-stream` request, made again after a failure).
 
-A stream the server cancels (the rules no longer allow the read), and a stream whose single
-event exceeds `max_event_bytes`, fail for good: retrying would get the same answer.
+A mirror whose stream the server cancels (the rules no longer allow the read), and one whose
+single event exceeds `max_event_bytes`, fail for good: retrying would get the same answer.
 Everything else (end of stream, resets, idle timeout, 5xx, `auth_revoked`) reconnects with
 backoff, and the server's first `put` at "/" replaces the mirror.
+
+A mirror needs of the client that made it only what `MirrorClient` names (a token, its
+event stream opened, a turn to connect, to be forgotten): the client imports this module to
+make mirrors, and this module imports nothing of the client.
 """
 
 from __future__ import annotations
@@ -11,29 +16,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
 
 import httpx
 
 from listeners.backoff import Backoff
 from listeners.inputs import InvalidInput, parse_json
-from listeners.source.rtdb.client import DEFAULT_IDLE_TIMEOUT, RtdbClient, RtdbError, _error
+from listeners.source.rtdb.errors import ProtocolError, RtdbError, read_error
 from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SseEvent, SseParser
-from listeners.source.rtdb.tree import Json, _ProtocolError, apply_event, split_path
+from listeners.source.rtdb.tree import Json, apply_event, split_path
 
 # The logger of the module before it became a package: the JSON logs' "logger" field stays the same.
 log = logging.getLogger("listeners.source.rtdb")
 
-_MAX_UNAUTHORIZED = 3  # 401s in a row, each after a fresh token, before a stream gives up
+_MAX_UNAUTHORIZED = 3  # 401s in a row, each after a fresh token, before a mirror gives up
 _RETRY_STATUSES = frozenset({408, 423, 429})  # and every 5xx
 _CLOSE_WAIT = 5.0
+DEFAULT_IDLE_TIMEOUT = 45.0  # the server sends keep-alive about every 30 s
 
 ChangeHandler = Callable[[Json], None]
 FailureHandler = Callable[[str], None]
 
 
 class _Fatal(Exception):
-    """Stop the stream: reconnecting would get the same answer."""
+    """Stop the mirror: reconnecting would get the same answer."""
 
 
 class _Retry(Exception):
@@ -46,18 +53,38 @@ class _StreamEnded(Exception):
     pass
 
 
-class NodeStream:
+class MirrorClient(Protocol):
+    """What a mirror needs of the client that made it (`RtdbClient`)."""
+
+    @property
+    def connecting(self) -> asyncio.Semaphore:
+        """Turns among the mirrors between their request and the server's first full read."""
+
+    async def token(self, *, refresh: bool = False) -> str | None:
+        """The access token for the next request; None: unauthenticated."""
+
+    async def open_event_stream(
+        self, mirror: NodeMirror, keys: Sequence[str], query: Mapping[str, str], *, token: str | None
+    ) -> httpx.Response:
+        """The node's `text/event-stream` GET, on the mirror's connection pool, redirects
+        followed: the response open, its status not yet looked at."""
+
+    def forget(self, mirror: NodeMirror) -> None:
+        """The mirror is closed or failed for good."""
+
+
+class NodeMirror:
     """A live mirror of one node, fed by the REST streaming protocol.
 
     `on_change(tree)` runs on the loop after every `put` and `patch`, with the whole node
     (None when it does not exist). After a reconnect the server's first `put` at "/" is a
     full read, so `on_change` then gets a fresh full tree. Exceptions from the callbacks
-    are logged and do not stop the stream.
+    are logged and do not stop the mirror.
     """
 
     def __init__(
         self,
-        client: RtdbClient,
+        client: MirrorClient,
         path: str,
         on_change: ChangeHandler,
         *,
@@ -103,7 +130,7 @@ class NodeStream:
 
     @property
     def active(self) -> bool:
-        """False once closed or failed; a reconnecting stream is still active."""
+        """False once closed or failed; a reconnecting mirror is still active."""
         return not self._closed and not self._failed
 
     @property
@@ -112,7 +139,7 @@ class NodeStream:
 
     @property
     def reason(self) -> str | None:
-        """Why the stream failed, or None."""
+        """Why the mirror failed, or None."""
         return self._reason
 
     @property
@@ -121,7 +148,7 @@ class NodeStream:
         return self._synced
 
     async def close(self) -> None:
-        """Stop the stream and drop its connection; returns promptly, never hangs the loop."""
+        """Stop the mirror and drop its connection; returns promptly, never hangs the loop."""
         self._closed = True
         self._client.forget(self)
         task = self._task
@@ -155,7 +182,7 @@ class NodeStream:
                     why = str(exc)
                 except TimeoutError:
                     why = f"no event for {self._idle_timeout:g}s"
-                except (_StreamEnded, _ProtocolError) as exc:
+                except (_StreamEnded, ProtocolError) as exc:
                     why = str(exc)
                 except (httpx.HTTPError, OSError) as exc:
                     why = f"{type(exc).__name__}: {exc}"
@@ -167,7 +194,7 @@ class NodeStream:
                 self.reconnects += 1
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug here must not look like a healthy stream
+        except Exception as exc:  # a bug here must not look like a healthy mirror
             log.exception("rtdb stream %s: internal error", self.path)
             self._fail(f"internal error: {exc!r}")
         finally:
@@ -175,33 +202,25 @@ class NodeStream:
 
     async def _connect_once(self) -> None:
         try:
-            token = await self._client._token(refresh=self._refresh_token)
+            token = await self._client.token(refresh=self._refresh_token)
         except Exception as exc:
             raise _Retry(f"the token provider failed: {exc!r}") from exc
         self._refresh_token = False
         parser = SseParser(self._max_event_bytes)
         loop = asyncio.get_running_loop()
-        # A turn among the streams connecting (`MAX_CONNECTING`), held until the full read
+        # A turn among the mirrors connecting (`MAX_CONNECTING`), held until the full read
         # (given back in `_apply`) or the end of this attempt; waited for outside the idle
         # deadline, which is about the server, not about us.
         await self._client.connecting.acquire()
         try:
             async with asyncio.timeout(self._idle_timeout) as idle:
-                response = await self._client._send(
-                    "GET",
-                    self._keys,
-                    token=token,
-                    headers={"Accept": "text/event-stream", "Cache-Control": "no-cache"},
-                    params=self._query,
-                    stream=True,
-                    http=self._client.stream_http(self),
-                )
+                response = await self._client.open_event_stream(self, self._keys, self._query, token=token)
                 try:
                     if response.status_code != 200:
-                        raise await _error(response)
+                        raise await read_error(response)
                     content_type = response.headers.get("content-type", "")
                     if not content_type.startswith("text/event-stream"):
-                        raise _ProtocolError(f"expected text/event-stream, got {content_type!r}")
+                        raise ProtocolError(f"expected text/event-stream, got {content_type!r}")
                     async for chunk in response.aiter_bytes():
                         for event in parser.feed(chunk):
                             idle.reschedule(loop.time() + self._idle_timeout)  # keep-alive included
@@ -223,13 +242,13 @@ class NodeStream:
                     event.data, max_bytes=self._max_event_bytes, max_depth=64, allow_surrogates=True
                 )
             except InvalidInput as exc:
-                raise _ProtocolError(f"{kind} data refused: {exc}") from None
+                raise ProtocolError(f"{kind} data refused: {exc}") from None
             if (
                 not isinstance(message, dict)
                 or not isinstance(message.get("path"), str)
                 or "data" not in message
             ):
-                raise _ProtocolError(f"{kind} data lacks path and data")
+                raise ProtocolError(f"{kind} data lacks path and data")
             self._tree = apply_event(self._tree, kind, message["path"], message["data"])
             # the first event of a connection is the full read: the whole node
             self.last_changed = _children(kind, message["path"], message["data"]) if self._synced else None

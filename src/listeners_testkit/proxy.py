@@ -426,7 +426,7 @@ class ProxyProcess:
         self._process: subprocess.Popen[str] | None = None
 
     def start(self) -> Self:
-        command = [sys.executable, "-m", "listeners.local.proxy", "--target", "{}:{}".format(*self.target)]
+        command = [sys.executable, "-m", "listeners_testkit.proxy", "--target", "{}:{}".format(*self.target)]
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
@@ -482,10 +482,10 @@ class ProxyProcess:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m listeners.local.proxy --listen PORT --target HOST:PORT`, controlled by lines
+    """`python -m listeners_testkit.proxy --listen PORT --target HOST:PORT`, controlled by lines
     on stdin: freeze, blackhole, thaw, reset, stats, `shape DELAY LOSS`. Each answers one line
     on stdout; the end of stdin closes the proxy."""
-    parser = argparse.ArgumentParser(prog="python -m listeners.local.proxy", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m listeners_testkit.proxy", description=main.__doc__)
     parser.add_argument("--listen", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
     parser.add_argument("--target", required=True, help="HOST:PORT to forward to")
     args = parser.parse_args(argv)

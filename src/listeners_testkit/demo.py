@@ -1,6 +1,6 @@
 """The embedded default: local Redis, the Firestore emulator, the service and a demo writer.
 
-    python -m listeners.local.demo [--port 8080] [--duration SECONDS]
+    python -m listeners_testkit.demo [--port 8080] [--duration SECONDS]
 
 Redis is a private redis-server on a free port unless LISTENERS_REDIS_HOST is set; the
 Realtime Database is the local stand-in. The writer brings three users online, then keeps
@@ -27,9 +27,9 @@ from contextlib import ExitStack, suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from listeners.local.auth import LocalIssuer
-from listeners.local.processes import FirestoreEmulator, RedisServer, ServiceProcess, free_port
-from listeners.local.rtdb_server import RtdbStandin
+from listeners_testkit.auth import LocalIssuer
+from listeners_testkit.processes import FirestoreEmulator, RedisServer, ServiceProcess, free_port
+from listeners_testkit.rtdb_server import RtdbStandin
 
 PROJECT = "demo-listeners"
 USERS = {"demo-alice": ["acme"], "demo-bob": [], "demo-carol": ["acme", "globex"]}

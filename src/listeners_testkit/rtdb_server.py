@@ -1,40 +1,9 @@
 """A local stand-in for the Firebase Realtime Database REST API, streaming included.
 
-Run it as `python -m listeners.local.rtdb_server --port N [--keepalive S] [--token T]`, or
+Run it as `python -m listeners_testkit.rtdb_server --port N [--keepalive S] [--token T]`, or
 from tests through `RtdbStandin`, a child process that can be stopped and started again on
-the same port. It implements the documented wire protocol, from these pages:
-
-- https://firebase.google.com/docs/reference/rest/database
-  `.json` suffix on every URL; GET, PUT, POST (push: `{"name": <push id>}`), PATCH
-  (named children written, others kept; keys may be paths), DELETE; `print=silent`
-  answers 204; `shallow=true`; `X-HTTP-Method-Override`; errors as `{"error": "..."}`.
-- https://firebase.google.com/docs/database/rest/retrieve-data (Streaming from the REST API)
-  and https://firebase.blog/posts/2014/03/announcing-streaming-for-firebase-rest
-  `Accept: text/event-stream` opens an EventSource stream of `event: <name>` /
-  `data: <json>` messages. `put` and `patch` carry `{"path": ..., "data": ...}` with the
-  path relative to the stream's location; the first event is a `put` at "/" with the whole
-  node; `keep-alive` (data null) about every 30 s; `cancel` (data null) when the rules no
-  longer allow the read; `auth_revoked` when the credential is no longer valid. The
-  server closes the connection after `cancel` and `auth_revoked`.
-- https://firebase.google.com/docs/database/rest/auth
-  Google OAuth2 access tokens (scopes `firebase.database` and `userinfo.email`) in the
-  `access_token` query parameter; also accepted here: `auth=` and
-  `Authorization: Bearer`. An unauthenticated request gets 401 when a token is required.
-- https://firebase.google.com/docs/emulator-suite/connect_rtdb and
-  https://github.com/firebase/firebase-tools/pull/1413
-  the emulator picks the database by the `ns` query parameter and has a default
-  namespace when it is absent.
-- https://firebase.blog/posts/2014/04/best-practices-arrays-in-firebase
-  arrays are stored as objects with integer keys and read back as arrays when all keys
-  are integers and more than half of the keys from 0 to the largest have values.
-
-- https://firebase.google.com/docs/database/rest/retrieve-data#section-rest-filtering
-  queries: `orderBy` (`"$key"`, `"$value"` or a child key, JSON-quoted) is required with
-  `limitToFirst` / `limitToLast` / `startAt` / `endAt` / `equalTo` (400 otherwise); keys that
-  are 32-bit integers sort first, numerically, then strings; by value or child: null, false,
-  true, numbers, strings, objects, ties by key. A GET answers the matching children as an
-  object. A stream with a query keeps the query's window: each write sends a `put` at
-  "/<child>" for every child that entered, changed in, or left (null) the window.
+the same port. It implements the wire protocol described in `listeners.source.rtdb`
+(the client's package), with the choices noted there.
 
 Not implemented: security rules (beyond the test hook that denies a path), ETags, server
 values, streaming with `shallow`, `startAfter` / `endBefore`.
@@ -73,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from listeners.local.processes import _Child
+from listeners_testkit.processes import _Child
 
 DEFAULT_NAMESPACE = "default"
 _FORBIDDEN_KEY_CHARS = frozenset(".#$[]/")
@@ -717,7 +686,7 @@ class RtdbStandin(_Child):
         self.token = token
 
     def command(self) -> list[str]:
-        command = [sys.executable, "-m", "listeners.local.rtdb_server", "--port", str(self.port)]
+        command = [sys.executable, "-m", "listeners_testkit.rtdb_server", "--port", str(self.port)]
         command += ["--keepalive", str(self.keepalive)]
         if self.token is not None:
             command += ["--token", self.token]

@@ -1,0 +1,292 @@
+"""The composition root: the one module that builds the parts of an instance from its
+settings and connects them. `create_app` is what the container runs (app/main.py).
+
+- `running`: the service (broker, publisher, Firestore source, Realtime Database client,
+  node, control listener, membership, supervisor), started (`Service.run`);
+- `direct_mode`: WebSocket Direct mode on a running service (hub, token verifier, resync
+  requests, the registry and notification stores, presence, the gateway);
+- `create_app`: the HTTP application, whose lifespan runs both inside the process's
+  lifetime (listeners.process: signals, watchdog, exit status).
+
+Why a module of its own rather than service.py: building needs every package (source,
+publish, deliver, bridge), and nothing may import it back. Service stays what runs; deliver/
+receives Protocols (deliver.ports) and never reaches up here. The service-account JSON is
+parsed once, by `ServiceAccount`, for every Google client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from starlette.applications import Starlette
+
+from listeners.bridge.presence import Presence
+from listeners.cluster import Membership
+from listeners.config import FirebaseSettings, Settings
+from listeners.control import ControlListener, ResyncRequest, resync_request
+from listeners.deliver import http, wsprotocol
+from listeners.deliver.batch import Resyncs
+from listeners.deliver.hub import Hub
+from listeners.deliver.tokens import TokenVerifier
+from listeners.deliver.websocket import Gateway, Services
+from listeners.metrics import Metrics
+from listeners.node import Node, NodeSettings
+from listeners.process import THIS_PROCESS, Lifetime, ProcessHooks
+from listeners.publish.broker import Broker
+from listeners.publish.channels import Channels
+from listeners.publish.publisher import Publisher
+from listeners.publish.redis import RedisBroker
+from listeners.service import HANDOVER_SECONDS, Service
+from listeners.session import Sources, StreamOptions
+from listeners.source.access_tokens import emulator_token
+from listeners.source.firestore import FirestoreSource
+from listeners.source.listen import ListenSource
+from listeners.source.registry import ChatThread
+from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
+from listeners.source.snapshots import SnapshotSource
+from listeners.source.stores import NotificationStore, RegistryStore
+from listeners.streams.view import Publishing
+from listeners.supervisor import Supervisor
+
+_FIRESTORE_SCOPES = ["https://www.googleapis.com/auth/datastore"]
+
+
+# -- Google clients -------------------------------------------------------------
+
+
+class ServiceAccount:
+    """`FIREBASE_ADMIN_JSON`, parsed on first use and once, for every client that needs it."""
+
+    def __init__(self, firebase: FirebaseSettings) -> None:
+        self._secret = firebase.admin_json
+        self._info: dict[str, Any] | None = None
+
+    def info(self) -> dict[str, Any] | None:
+        if self._secret is None:
+            return None
+        if self._info is None:
+            self._info = json.loads(self._secret.reveal())
+        return self._info
+
+    def credentials(self, scopes: list[str] | None = None) -> Any:
+        info = self.info()
+        if info is None:
+            return None
+        from google.oauth2 import service_account
+
+        return service_account.Credentials.from_service_account_info(info, scopes=scopes)  # type: ignore[no-untyped-call]
+
+
+def firestore_source(
+    settings: Settings, account: ServiceAccount, metrics: Metrics | None = None
+) -> SnapshotSource:
+    firebase = settings.firebase
+    credentials = None if firebase.emulator_host else account.credentials(_FIRESTORE_SCOPES)
+    if settings.firestore_source == "listen":
+        return ListenSource(
+            firebase.project_id,
+            emulator_host=firebase.emulator_host or None,
+            credentials=credentials,
+            max_streams_per_connection=settings.max_streams_per_connection,
+            targets_per_stream=settings.targets_per_stream,
+            metrics=metrics,
+        )
+    return FirestoreSource(
+        firebase.project_id, credentials, max_streams_per_connection=settings.max_streams_per_connection
+    )
+
+
+def firestore_client(firebase: FirebaseSettings, account: ServiceAccount) -> Any:
+    """Direct mode's Firestore writes (google.cloud.firestore.AsyncClient)."""
+    from google.cloud import firestore
+
+    credentials = None if firebase.emulator_host else account.credentials()
+    return firestore.AsyncClient(project=firebase.project_id, credentials=credentials)
+
+
+def rtdb_client(firebase: FirebaseSettings, account: ServiceAccount) -> RtdbClient | None:
+    """The Realtime Database client, or None when no database is configured."""
+    if firebase.database_emulator_host:
+        namespace = rtdb_namespace(firebase.database_url, firebase.project_id)
+        return RtdbClient(
+            f"http://{firebase.database_emulator_host}", namespace=namespace, tokens=emulator_token
+        )
+    info = account.info()
+    if firebase.database_url and info is not None:
+        return RtdbClient(firebase.database_url, tokens=ServiceAccountTokens.from_service_account_info(info))
+    return None
+
+
+def rtdb_namespace(url: str, project_id: str) -> str:
+    """`https://NAME.firebaseio.com` (or `?ns=NAME`) -> NAME; default `{project}-default-rtdb`."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    if "ns" in query:
+        return query["ns"]
+    if parts.hostname:
+        return parts.hostname.split(".")[0]
+    return f"{project_id}-default-rtdb"
+
+
+# -- the service ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings,
+    *,
+    broker: Broker | None = None,
+    source: SnapshotSource | None = None,
+    rtdb: RtdbClient | None = None,
+    account: ServiceAccount | None = None,
+    on_fatal: Callable[[str], None] = lambda reason: None,
+    process_exits: bool = False,
+) -> AsyncIterator[Service]:
+    """The whole service, started; on exit it stops the listeners, then flushes what is queued.
+
+    `on_fatal(reason)` is called when a task cannot be kept alive (after `service.failed` is
+    set): the application then stops the process with a non-zero status (listeners.process).
+    `process_exits`: see `Service.run`.
+    """
+    account = account or ServiceAccount(settings.firebase)
+    metrics = Metrics()
+    broker = broker or RedisBroker(settings.redis, metrics)
+    source = source or firestore_source(settings, account, metrics)
+    rtdb = rtdb or rtdb_client(settings.firebase, account)
+    membership = Membership(settings.redis, settings.instance_id, broker=broker)
+    publisher = Publisher(broker, metrics, max_queue=settings.publish_queue_max)
+    node = Node(
+        NodeSettings(
+            channels=Channels.of(settings.redis),
+            default_ttl_seconds=settings.service.heartbeat_ttl_seconds,
+            sweep_interval_seconds=settings.sweep_interval_seconds,
+            close_timeout_seconds=settings.shutdown_timeout_seconds / 4,
+            handover_seconds=HANDOVER_SECONDS,
+            streams=StreamOptions(
+                Publishing(settings.instance_id, settings.sync_each_change),
+                chat_mark_read=settings.firebase.chat_mark_read,
+                chat_history=settings.chat_history,
+            ),
+        ),
+        Sources(source, rtdb),
+        publisher,
+        metrics,
+        owns=(lambda uid: membership.conflict is None) if settings.single_instance else membership.owns,
+        members=lambda: len(membership.members),
+    )
+    metrics.instance.labels(settings.instance_id).set(1)
+    publisher.resync = node.resync
+    membership.on_change(node.rebalance)
+
+    def on_resync(request: ResyncRequest) -> None:
+        node.resync_user(request.uid, request.threads)
+
+    def fail(reason: str) -> None:
+        service.fail(reason)
+        on_fatal(reason)
+
+    control = ControlListener(broker, settings.redis, on_resync, metrics)
+    supervisor = Supervisor(metrics, fail)
+    service = Service(
+        settings, metrics, publisher, source, node, control, membership, broker, supervisor, rtdb
+    )
+    async with service.run(process_exits=process_exits):
+        yield service
+
+
+# -- Direct mode ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def direct_mode(service: Service, account: ServiceAccount | None = None) -> AsyncIterator[Gateway]:
+    """WebSocket Direct mode on a running service, until the block ends."""
+    settings = service.settings
+    redis = settings.redis
+    account = account or ServiceAccount(settings.firebase)
+    hub = Hub(
+        service.broker,
+        settings.instance_id,
+        service.metrics,
+        max_message_bytes=settings.websocket.max_event_bytes,
+    )
+    verifier = TokenVerifier(
+        settings.firebase.project_id,
+        certs_url=settings.websocket.certs_url,
+        clock_skew_seconds=settings.websocket.clock_skew_seconds,
+    )
+    token = redis.control_token
+    # Coalesced per user, in pipelines, paced: a reconnect storm costs one connection and
+    # stays under what the control listeners remember (deliver.batch).
+    resyncs = (
+        Resyncs(
+            service.broker,
+            redis.control_channel,
+            lambda uid, threads: resync_request(token.reveal(), uid, threads),
+        )
+        if token is not None
+        else None
+    )
+    db = firestore_client(settings.firebase, account)
+    ttl = settings.service.heartbeat_ttl_seconds
+    presence = Presence(db, ttl_seconds=ttl) if settings.websocket.presence else None
+
+    async def resync(uid: str, threads: tuple[ChatThread, ...]) -> None:
+        if resyncs is None:  # no control channel: only a user served here can be resynced
+            service.node.resync_user(uid, threads)
+            return
+        resyncs.request(uid, threads)
+
+    gateway = Gateway(
+        settings.websocket,
+        settings.service.allowed_origins,
+        Services(
+            hub=hub,
+            verifier=verifier,
+            channels=Channels.of(redis),
+            metrics=service.metrics,
+            entries=service.node,
+            resync=resync,
+            notifications=NotificationStore(db),
+            registry=RegistryStore(db),
+            presence=presence,
+            chat=service.rtdb is not None,
+        ),
+    )
+    service.supervisor.start("hub", hub.run)
+    try:
+        yield gateway
+    finally:
+        await gateway.close_all()
+        await service.supervisor.stop(["hub"], settings.shutdown_timeout_seconds / 4)
+        if resyncs is not None:
+            await resyncs.aclose()
+        await verifier.aclose()
+        db.close()
+
+
+# -- the application ------------------------------------------------------------
+
+
+def create_app(settings: Settings, *, process: ProcessHooks = THIS_PROCESS) -> Starlette:
+    wsprotocol.configure(settings.websocket.deflate, settings.websocket.close_timeout_seconds)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        lifetime = Lifetime(process, settings.shutdown_timeout_seconds)
+        account = ServiceAccount(settings.firebase)
+        async with (
+            running(settings, account=account, on_fatal=process.stop, process_exits=process.exits) as service,
+            direct_mode(service, account) as gateway,
+        ):
+            app.state.service = service
+            app.state.gateway = gateway
+            with lifetime.stopping_on_signal(service.begin_stop):
+                yield
+            service.stopping = True
+        lifetime.exit(service.failed)
+
+    return http.application(settings, lifespan)
