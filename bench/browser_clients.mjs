@@ -18,10 +18,12 @@
 //                        "synced": [family], "status": s}}, "seen": {"uid/doc_id": ms},
 //                        "duplicates": n, "duplicate_examples": [...], "wire_duplicates": n,
 //                        "connects": n, "events": n, "positions": n, "position_gaps": n,
-//                        "position_gap_examples": [...], "positions_applied": n}
+//                        "position_gap_examples": [...], "positions_applied": n,
+//                        "position_delays": [s]}
 //     (positions: the tail position events received (`*.position`: where a stream stands after
 //     it has been quiet, never a change), those the client's order rules found ahead of what
-//     it held (a gap: its last events were lost), and those handed to onChange (must be 0))
+//     it held (a gap: its last events were lost), those handed to onChange (must be 0), and
+//     for those received since the previous "state", the seconds since their stream's last event)
 //     ("seen": items first seen since the previous "state", with Date.now() of the sighting)
 //   {"cmd": "stop"}  -> {"stopped": n}, then the process exits.
 // The WebSocket is the `ws` package's (package.json), which has the browsers' API. Node 20's
@@ -34,7 +36,7 @@ import { pathToFileURL } from "node:url";
 import WebSocket from "ws";
 
 const config = JSON.parse(process.argv[2]);
-const { ListenersClient, streamOf } = await import(pathToFileURL(config.module).href);
+const { ListenersClient, streamOf, EVENT_TYPES } = await import(pathToFileURL(config.module).href);
 
 let next = 0;
 let connects = 0;
@@ -66,6 +68,7 @@ const duplicateExamples = [];
 let positions = 0;
 let positionGaps = 0;
 let positionsApplied = 0;
+let positionDelays = []; // seconds from a stream's last event to its position, since the last "state"
 const positionGapExamples = [];
 const isPosition = (event) => String(event && event.type).endsWith(".position");
 
@@ -78,7 +81,15 @@ function sighting(uid, item) {
 }
 
 for (const uid of config.uids) {
-  const user = { synced: new Set(), applied: new Map(), sinceSync: new Map(), wire: new Set(), status: "new", trail: [] };
+  const user = {
+    synced: new Set(),
+    applied: new Map(),
+    sinceSync: new Map(),
+    wire: new Set(),
+    lastEvent: new Map(), // stream -> Date.now() of its last event received
+    status: "new",
+    trail: [],
+  };
   user.client = new ListenersClient({
     url: config.urls[0],
     token: () => token(uid),
@@ -94,8 +105,11 @@ for (const uid of config.uids) {
       if (typeof id !== "string") return;
       if (isPosition(message)) {
         positions += 1; // its id is the same for the same position: never a re-delivery
+        const last = user.lastEvent.get(streamOf(message));
+        if (last !== undefined) positionDelays.push((Date.now() - last) / 1000);
         return;
       }
+      if (EVENT_TYPES.includes(message.type)) user.lastEvent.set(streamOf(message), Date.now());
       if (user.wire.has(id) && !String(message.type).endsWith(".sync")) wireDuplicates += 1;
       user.wire.add(id);
     },
@@ -160,6 +174,8 @@ function state() {
   }
   const seen = fresh;
   fresh = {};
+  const delays = positionDelays;
+  positionDelays = [];
   return {
     users: out,
     seen,
@@ -173,6 +189,7 @@ function state() {
     position_gaps: positionGaps,
     position_gap_examples: positionGapExamples,
     positions_applied: positionsApplied,
+    position_delays: delays,
   };
 }
 

@@ -73,6 +73,7 @@ class Browsers:
         self.position_gaps = 0  # ... ahead of what the client held: it asked for a resync
         self.position_gap_examples: list[str] = []
         self.positions_applied = 0  # handed on as a change: must stay 0
+        self.position_delays: list[float] = []  # seconds from a stream's last event to its position
         self.error = ""
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -135,6 +136,7 @@ class Browsers:
         self.positions, self.position_gaps = int(answer["positions"]), int(answer["position_gaps"])
         self.position_gap_examples = list(answer["position_gap_examples"])
         self.positions_applied = int(answer["positions_applied"])
+        self.position_delays += [float(x) for x in answer["position_delays"]]
 
     async def _poll(self) -> None:
         while True:

@@ -345,9 +345,19 @@ class Positions:
     gaps: int = 0
     gap_examples: list[str] = field(default_factory=list)  # the first few
     applied: int = 0  # handed on as a change: must stay 0
+    # Seconds from the receipt of a stream's last event to the receipt of its position (the
+    # service sends it once the stream has been quiet about 2 s): how late a lost tail is seen.
+    delays: list[float] = field(default_factory=list)
+    last_event: dict[tuple[str, str], float] = field(default_factory=dict)  # (uid, stream) -> when
+
+    def event(self, uid: str, event: Mapping[str, Any]) -> None:
+        self.last_event[(uid, stream_of(event))] = time.monotonic()
 
     def count(self, uid: str, event: dict[str, Any], gap: bool, held: Any) -> None:
         self.seen += 1
+        last = self.last_event.get((uid, stream_of(event)))
+        if last is not None:
+            self.delays.append(time.monotonic() - last)
         if gap:
             self.gaps += 1
             if len(self.gap_examples) < 5:
@@ -376,6 +386,7 @@ class _RecordingBridge(Bridge):
 
         def admit_counting(event: Mapping[str, Any]) -> Verdict:
             if not is_position(event):
+                self.positions.event(reader.uid, event)
                 return admit(event)
             held = ordering.position(stream_of(event))
             verdict = admit(event)

@@ -272,6 +272,9 @@ class Outcome:
     browser_position_gaps: int = 0
     browser_positions_applied: int = 0
     position_gap_examples: list[str] = field(default_factory=list)
+    # seconds from the receipt of a stream's last event to the receipt of its position
+    position_delays: list[float] = field(default_factory=list)
+    browser_position_delays: list[float] = field(default_factory=list)
     service_errors: Counter[str] = field(default_factory=Counter)  # tasks that died, in the logs
     worst_ms: float = float("nan")
     ops: Counter[str] = field(default_factory=Counter)
@@ -430,9 +433,11 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         out.positions, out.position_gaps = positions.seen, positions.gaps
         out.positions_applied = positions.applied
         out.position_gap_examples = list(positions.gap_examples)
+        out.position_delays = list(positions.delays)
         if browsers is not None:
             out.browser_positions, out.browser_position_gaps = browsers.positions, browsers.position_gaps
             out.browser_positions_applied = browsers.positions_applied
+            out.browser_position_delays = list(browsers.position_delays)
             out.position_gap_examples += [f"browser: {e}" for e in browsers.position_gap_examples]
             out.browser_duplicates = browsers.duplicates
             out.browser_wire_duplicates = browsers.wire_duplicates
@@ -467,7 +472,8 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         + (f"{browsers.events} events applied, {browsers.connects} sockets)" if browsers else ")")
         + f"; positions {out.positions}/{out.browser_positions}, showing a gap "
         f"{out.position_gaps}/{out.browser_position_gaps}, applied as changes "
-        f"{out.positions_applied}/{out.browser_positions_applied} (bridge/browsers)"
+        f"{out.positions_applied}/{out.browser_positions_applied}, after the last event "
+        f"{_delays(out.position_delays)} / {_delays(out.browser_position_delays)} s (bridge/browsers)"
         + (f" ({out.position_gap_examples})" if out.position_gap_examples else "")
         + (f"; in the service logs: {dict(out.service_errors)}" if out.service_errors else "")
         + (f", ERROR {out.error}" if out.error else "")
@@ -542,6 +548,14 @@ def service_errors(path: Path) -> Counter[str]:
     return found
 
 
+def _delays(values: list[float]) -> str:
+    """Median and greatest, "-" when there are none."""
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[len(ordered) // 2]:.1f} ({ordered[-1]:.0f})"
+
+
 def _s(value: float | None) -> str:
     return "not noticed" if value is None else f"{value:.1f}"
 
@@ -571,8 +585,10 @@ def render(
         "",
         "| scenario | fault | detect s | noticed by | recover s | lost | duplicates "
         "| browsers: lost | browsers: duplicates | positions: bridge / browsers "
-        "| positions showing a gap: bridge / browsers | worst latency ms | converged s | writes |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| positions showing a gap: bridge / browsers "
+        "| position after the last event s, median (max): bridge / browsers "
+        "| worst latency ms | converged s | writes |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for o in outcomes:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(o.ops.items()))
@@ -591,6 +607,7 @@ def render(
             f"| {browser_lost} | {browser_dups} "
             f"| {o.positions} / {'-' if not o.browsers else o.browser_positions} "
             f"| {o.position_gaps} / {'-' if not o.browsers else o.browser_position_gaps} "
+            f"| {_delays(o.position_delays)} / {_delays(o.browser_position_delays)} "
             f"| {o.worst_ms:.0f} "
             f"| {'never' if o.converged_s is None else f'{o.converged_s:.1f}'} | {ops} |"
         )
