@@ -17,7 +17,13 @@
 //   {"cmd": "state", "urls": [...]} -> {"users": {uid: {"notif": {doc_id: status}, "msg": [doc_id],
 //                        "synced": [family], "status": s}}, "seen": {"uid/doc_id": ms},
 //                        "duplicates": n, "duplicate_examples": [...], "wire_duplicates": n,
-//                        "connects": n, "events": n}
+//                        "connects": n, "events": n, "positions": n, "position_gaps": n,
+//                        "position_gap_examples": [...], "positions_applied": n,
+//                        "position_delays": [s]}
+//     (positions: the tail position events received (`*.position`: where a stream stands after
+//     it has been quiet, never a change), those the client's order rules found ahead of what
+//     it held (a gap: its last events were lost), those handed to onChange (must be 0), and
+//     for those received since the previous "state", the seconds since their stream's last event)
 //     ("seen": items first seen since the previous "state", with Date.now() of the sighting)
 //   {"cmd": "stop"}  -> {"stopped": n}, then the process exits.
 // The WebSocket is the `ws` package's (package.json), which has the browsers' API. Node 20's
@@ -30,7 +36,7 @@ import { pathToFileURL } from "node:url";
 import WebSocket from "ws";
 
 const config = JSON.parse(process.argv[2]);
-const { ListenersClient } = await import(pathToFileURL(config.module).href);
+const { ListenersClient, streamOf, EVENT_TYPES } = await import(pathToFileURL(config.module).href);
 
 let next = 0;
 let connects = 0;
@@ -59,6 +65,12 @@ let reapplied = 0; // seen before a sync that replaced the state, and applied to
 let wireDuplicates = 0;
 let events = 0;
 const duplicateExamples = [];
+let positions = 0;
+let positionGaps = 0;
+let positionsApplied = 0;
+let positionDelays = []; // seconds from a stream's last event to its position, since the last "state"
+const positionGapExamples = [];
+const isPosition = (event) => String(event && event.type).endsWith(".position");
 
 function sighting(uid, item) {
   if (!item || typeof item !== "object" || !("doc_id" in item)) return;
@@ -69,7 +81,15 @@ function sighting(uid, item) {
 }
 
 for (const uid of config.uids) {
-  const user = { synced: new Set(), applied: new Map(), sinceSync: new Map(), wire: new Set(), status: "new", trail: [] };
+  const user = {
+    synced: new Set(),
+    applied: new Map(),
+    sinceSync: new Map(),
+    wire: new Set(),
+    lastEvent: new Map(), // stream -> Date.now() of its last event received
+    status: "new",
+    trail: [],
+  };
   user.client = new ListenersClient({
     url: config.urls[0],
     token: () => token(uid),
@@ -83,10 +103,21 @@ for (const uid of config.uids) {
       // drops is counted apart from one it applies
       const id = message && message.event_id;
       if (typeof id !== "string") return;
+      if (isPosition(message)) {
+        positions += 1; // its id is the same for the same position: never a re-delivery
+        const last = user.lastEvent.get(streamOf(message));
+        if (last !== undefined) positionDelays.push((Date.now() - last) / 1000);
+        return;
+      }
+      if (EVENT_TYPES.includes(message.type)) user.lastEvent.set(streamOf(message), Date.now());
       if (user.wire.has(id) && !String(message.type).endsWith(".sync")) wireDuplicates += 1;
       user.wire.add(id);
     },
     onChange: (_state, event) => {
+      if (isPosition(event)) {
+        positionsApplied += 1; // never a change: neither delivered nor a duplicate
+        return;
+      }
       events += 1;
       const family = event.type.split(".")[0];
       const seen = `${event.type} ${event.epoch ?? ""}:${event.seq ?? ""} ${String(event.event_id).slice(0, 24)}`;
@@ -113,6 +144,22 @@ for (const uid of config.uids) {
       user.trail = [...user.trail.slice(-7), seen];
     },
   });
+  // The order rules' verdict on each position: "gap" when it is ahead of what the client holds.
+  const ordering = user.client.follower.ordering;
+  const admit = ordering.admit.bind(ordering);
+  ordering.admit = (event) => {
+    if (!isPosition(event)) return admit(event);
+    const held = ordering.positions.get(streamOf(event));
+    const verdict = admit(event);
+    if (verdict === "gap") {
+      positionGaps += 1;
+      if (positionGapExamples.length < 5) {
+        const holding = held ? `${held.epoch}:${held.seq}` : "nothing";
+        positionGapExamples.push(`${uid}: ${event.type} ${event.epoch}:${event.seq} while holding ${holding}`);
+      }
+    }
+    return verdict;
+  };
   users.set(uid, user);
 }
 for (const user of users.values()) user.client.start();
@@ -127,6 +174,8 @@ function state() {
   }
   const seen = fresh;
   fresh = {};
+  const delays = positionDelays;
+  positionDelays = [];
   return {
     users: out,
     seen,
@@ -136,6 +185,11 @@ function state() {
     wire_duplicates: wireDuplicates,
     connects,
     events,
+    positions,
+    position_gaps: positionGaps,
+    position_gap_examples: positionGapExamples,
+    positions_applied: positionsApplied,
+    position_delays: delays,
   };
 }
 

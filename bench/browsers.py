@@ -11,6 +11,8 @@ What it compares: unread notifications and direct messages (the lists a page sho
 threads are not subscribed (a `chat.subscribe` over a socket writes the registry, which the
 lab writes itself). Duplicates: an event the client applied twice (its order rules drop a
 re-delivery with the same event id; one that passes them would show twice in a page).
+Tail positions (`*.position`): counted, with those the client's order rules found ahead of
+what it held (a gap), never as a change or a duplicate.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ class Browsers:
         self.wire_duplicates = 0  # re-deliveries the client's order rules dropped
         self.connects = 0
         self.events = 0
+        self.positions = 0  # tail positions received
+        self.position_gaps = 0  # ... ahead of what the client held: it asked for a resync
+        self.position_gap_examples: list[str] = []
+        self.positions_applied = 0  # handed on as a change: must stay 0
+        self.position_delays: list[float] = []  # seconds from a stream's last event to its position
         self.error = ""
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -126,6 +133,10 @@ class Browsers:
         self.duplicate_examples = list(answer["duplicate_examples"])
         self.wire_duplicates = int(answer["wire_duplicates"])
         self.connects, self.events = int(answer["connects"]), int(answer["events"])
+        self.positions, self.position_gaps = int(answer["positions"]), int(answer["position_gaps"])
+        self.position_gap_examples = list(answer["position_gap_examples"])
+        self.positions_applied = int(answer["positions_applied"])
+        self.position_delays += [float(x) for x in answer["position_delays"]]
 
     async def _poll(self) -> None:
         while True:

@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -54,15 +54,18 @@ from bench.cluster import ADMIN_TOKEN, CONTROL_TOKEN, Instance
 from bench.latency import notification_data
 from bench.rtdb import message as dm_message
 from listeners.bridge import Bridge
+from listeners.bridge.consumer import _Reader
+from listeners.bridge.ordering import Verdict
 from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
+from listeners.events import POSITION_TYPES, stream_of
 from listeners.source.registry import ChatThread
 from listeners_testkit import netns
 from listeners_testkit.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
 from listeners_testkit.proxy import ProxyProcess
 from listeners_testkit.rtdb_server import RtdbStandin
 
-__all__ = ["ADMIN_TOKEN", "Consumer", "Lab", "Monitor", "Writer", "log"]
+__all__ = ["ADMIN_TOKEN", "Consumer", "Lab", "Monitor", "Positions", "Writer", "is_position", "log"]
 
 
 def log(text: str) -> None:
@@ -115,17 +118,22 @@ class _Standin(RtdbStandin):
 
 @dataclass
 class Dependency:
-    """One dependency: its process, its namespace (or None), the proxy in front of it."""
+    """One dependency: its process, its namespace (or None), and two proxies in front of it:
+    `proxy`, which the consumers, the writers and the truth reader use, and `service_proxy`,
+    the service instances' own link, so that a fault can hit the services' link alone (a
+    half-open that only the service's connections see, as when a NAT in front of it drops its
+    connection state)."""
 
     name: str
     child: _Child
     ns: netns.Namespace | None
     proxy: ProxyProcess
+    service_proxy: ProxyProcess
     netem: bool
 
     @property
     def port(self) -> int:
-        """Where clients connect: the proxy, on 127.0.0.1."""
+        """Where the consumers and writers connect: their proxy, on 127.0.0.1."""
         return self.proxy.port
 
     @property
@@ -133,32 +141,64 @@ class Dependency:
         return f"127.0.0.1:{self.proxy.port}"
 
     @property
+    def service_port(self) -> int:
+        """Where the service instances connect: their own proxy, on 127.0.0.1."""
+        return self.service_proxy.port
+
+    @property
+    def service_address(self) -> str:
+        return f"127.0.0.1:{self.service_proxy.port}"
+
+    @property
+    def proxies(self) -> tuple[ProxyProcess, ProxyProcess]:
+        return self.proxy, self.service_proxy
+
+    @property
     def mechanism(self) -> str:
         return "netns" if self.ns else "proxy"
 
     def blackhole(self) -> str:
+        """The whole path dead, for everyone."""
         if self.ns is not None:
             self.ns.blackhole()
             return "veth down in a netns"
-        self.proxy.blackhole()
+        for proxy in self.proxies:
+            proxy.blackhole()
         return "proxy blackhole"
 
     def cut(self) -> str:
-        self.proxy.reset()
+        for proxy in self.proxies:
+            proxy.reset()
         return "proxy RST + " + self.blackhole()
+
+    def halfopen_service(self) -> str:
+        """The services' link alone goes half-open: every connection on it frozen (bytes
+        accepted, nothing forwarded either way, nothing closed), new ones accepted and held.
+        The consumers' and writers' link keeps working."""
+        self.service_proxy.blackhole()
+        return "the service's link half-open (its proxy: connections frozen, new ones held)"
+
+    def reset_service(self) -> int:
+        """Every connection on the services' link reset (RST to both ends: SO_LINGER 0), then
+        the link forwards again; how many were reset."""
+        reset = self.service_proxy.reset()
+        self.service_proxy.thaw()
+        return reset
 
     def shape(self, delay: float, loss: float) -> str:
         if self.ns is not None and self.netem:
             self.ns.shape(delay * 1000, loss * 100)
             return "tc netem"
-        self.proxy.shape(delay, loss)
+        for proxy in self.proxies:
+            proxy.shape(delay, loss)
         return "proxy shaping (no netem in this kernel)" if self.ns else "proxy shaping"
 
     def heal(self) -> None:
         if self.ns is not None:
             self.ns.heal()
-        self.proxy.thaw()
-        self.proxy.shape(0.0, 0.0)
+        for proxy in self.proxies:
+            proxy.thaw()
+            proxy.shape(0.0, 0.0)
 
     def stop(self) -> None:
         self.child.stop()
@@ -187,15 +227,20 @@ class Lab:
 
     def _add(self, name: str, make: Callable[[netns.Namespace | None], _Child]) -> Dependency:
         ns = netns.Namespace.create(name) if self.use_netns else None
+        proxies: list[ProxyProcess] = []
         try:
             child = make(ns)
             child.start()
-            proxy = ProxyProcess(child.port, child.listen_host).start()
+            for _ in range(2):  # the consumers' and writers' link, and the services' own
+                proxies.append(ProxyProcess(child.port, child.listen_host).start())
         except BaseException:
+            for made in proxies:
+                with contextlib.suppress(Exception):
+                    made.close()
             if ns is not None:
                 ns.close()
             raise
-        dependency = Dependency(name, child, ns, proxy, self.netem)
+        dependency = Dependency(name, child, ns, proxies[0], proxies[1], self.netem)
         self.dependencies.append(dependency)
         return dependency
 
@@ -225,8 +270,9 @@ class Lab:
         elif hasattr(self, "_saved_emulator_host"):
             os.environ.pop("FIRESTORE_EMULATOR_HOST", None)
         for dependency in reversed(self.dependencies):
-            with contextlib.suppress(Exception):
-                dependency.proxy.close()
+            for proxy in dependency.proxies:
+                with contextlib.suppress(Exception):
+                    proxy.close()
             with contextlib.suppress(Exception):
                 dependency.child.stop()
             dependency.child.cleanup()
@@ -237,10 +283,10 @@ class Lab:
     def describe(self) -> str:
         links = (
             "each dependency in its own network namespace (veth pair, 10.215.0.0/16), behind a "
-            "TCP proxy on loopback (a process each)"
+            "TCP proxy on loopback (a process each; the services have proxies of their own)"
             if self.use_netns
-            else "each dependency behind a TCP proxy on loopback (a process each; no namespaces: "
-            f"{self.why_no_netns})"
+            else "each dependency behind a TCP proxy on loopback (a process each; the services have "
+            f"proxies of their own; no namespaces: {self.why_no_netns})"
         )
         shaping = "tc netem" if self.netem else "the proxy's shaping (this kernel has no netem)"
         return f"{links}; latency and loss by {shaping}; {FirestoreEmulator.describe(self.kind)}"
@@ -253,7 +299,7 @@ class Lab:
 
     def service_env(self, rtdb_ns: str) -> dict[str, str]:
         env = {
-            "FIREBASE_DATABASE_EMULATOR_HOST": self.rtdb.address,
+            "FIREBASE_DATABASE_EMULATOR_HOST": self.rtdb.service_address,
             "FIREBASE_REALTIME_DB_URL": f"https://{rtdb_ns}.firebaseio.com",
             "LISTENERS_FIRESTORE_TARGETS_PER_STREAM": str(1 if self.kind == NPM else TARGETS_PER_STREAM),
         }
@@ -261,7 +307,9 @@ class Lab:
 
     def instance(self, instance_id: str, project: str, rtdb_ns: str, logs: Path, **extra: str) -> Instance:
         env = {**self.service_env(rtdb_ns), **extra}
-        return Instance(instance_id, self.redis.port, self.firestore.address, project, logs, env)
+        return Instance(
+            instance_id, self.redis.service_port, self.firestore.service_address, project, logs, env
+        )
 
     def redis_settings(self) -> RedisSettings:
         return RedisSettings(host="127.0.0.1", port=self.redis.port, control_token=Secret(CONTROL_TOKEN))
@@ -282,16 +330,71 @@ class UserView:
     trail: list[str] = field(default_factory=list)  # the last events, to explain a duplicate
 
 
+def is_position(event: Any) -> bool:
+    """A tail position (`notif.position`, `msg.position`, `chat.position`): where a stream
+    stands after it has been quiet, never a change (docs/events.md)."""
+    return isinstance(event, Mapping) and event.get("type") in POSITION_TYPES
+
+
+@dataclass
+class Positions:
+    """The tail positions one consumer was given, and those that showed it a gap: a position
+    ahead of what it held, because the stream's last events never reached it."""
+
+    seen: int = 0
+    gaps: int = 0
+    gap_examples: list[str] = field(default_factory=list)  # the first few
+    applied: int = 0  # handed on as a change: must stay 0
+    # Seconds from the receipt of a stream's last event to the receipt of its position (the
+    # service sends it once the stream has been quiet about 2 s): how late a lost tail is seen.
+    delays: list[float] = field(default_factory=list)
+    last_event: dict[tuple[str, str], float] = field(default_factory=dict)  # (uid, stream) -> when
+
+    def event(self, uid: str, event: Mapping[str, Any]) -> None:
+        self.last_event[(uid, stream_of(event))] = time.monotonic()
+
+    def count(self, uid: str, event: dict[str, Any], gap: bool, held: Any) -> None:
+        self.seen += 1
+        last = self.last_event.get((uid, stream_of(event)))
+        if last is not None:
+            self.delays.append(time.monotonic() - last)
+        if gap:
+            self.gaps += 1
+            if len(self.gap_examples) < 5:
+                self.gap_examples.append(
+                    f"{uid}: {event.get('type')} {event.get('epoch')}:{event.get('seq')} while holding {held}"
+                )
+
+
 class _RecordingBridge(Bridge):
-    """The bridge, noting when its connection was (re)made."""
+    """The bridge, noting when its connection was (re)made, and the tail positions its order
+    rules saw (never handed on: they are not changes)."""
 
     def __init__(self, settings: RedisSettings) -> None:
         super().__init__(settings)
         self.connects: list[float] = []
+        self.positions = Positions()
 
     def _on_connect(self, reconnected: bool) -> None:
         self.connects.append(time.monotonic())
         super()._on_connect(reconnected)
+
+    async def _join(self, reader: _Reader) -> None:
+        # Every event of this reader goes through its ordering's verdict: count positions there.
+        ordering = reader.follower.ordering
+        admit = ordering.admit
+
+        def admit_counting(event: Mapping[str, Any]) -> Verdict:
+            if not is_position(event):
+                self.positions.event(reader.uid, event)
+                return admit(event)
+            held = ordering.position(stream_of(event))
+            verdict = admit(event)
+            self.positions.count(reader.uid, dict(event), verdict is Verdict.GAP, held)
+            return verdict
+
+        ordering.admit = admit_counting  # type: ignore[method-assign]
+        await super()._join(reader)
 
 
 class Consumer:
@@ -322,6 +425,9 @@ class Consumer:
         async for event in self.bridge.events(uid, threads):
             now = time.monotonic()
             kind, payload = event["type"], event["payload"]
+            if is_position(event):  # never a change: neither delivered nor a duplicate
+                self.bridge.positions.applied += 1
+                continue
             self.events[kind] += 1
             family = kind.split(".")[0]
             sighting = f"{kind} {event.get('epoch', '')}:{event.get('seq', '')} {event['event_id'][:24]}"
@@ -362,6 +468,10 @@ class Consumer:
             view.messages.apply(event)
             view.chat.apply(event)
             self.changed.set()
+
+    @property
+    def positions(self) -> Positions:
+        return self.bridge.positions
 
     def ready(self) -> int:
         return sum(

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -68,10 +69,20 @@ SECTION = "## Faults under load (`bench/faults.py`)"
 class Durations:
     fault: float = 30.0  # a blackhole, a cut, a slow link
     lossy: float = 60.0  # latency and loss on Firestore
+    # The services' link to Redis half-open before every connection on it is reset; and Redis
+    # and Firestore together. Each longer than the 6 s within which a dead Redis connection
+    # is noticed, so that the reset finds the service reconnecting into the frozen link.
+    halfopen: float = 20.0
+    halfopen_both: float = 40.0
     before: float = 10.0  # writes before the fault
     after: float = 10.0  # writes after recovery
     recover_timeout: float = 180.0
     converge_timeout: float = 180.0
+
+    @property
+    def longest(self) -> float:
+        """The longest fault."""
+        return max(self.fault, self.lossy, self.halfopen, self.halfopen_both)
 
 
 @dataclass
@@ -150,6 +161,28 @@ async def firestore_lossy(r: Run) -> None:
     r.heal()
 
 
+async def redis_halfopen_reset(r: Run) -> None:
+    r.begin()
+    how = r.lab.redis.halfopen_service()
+    await asyncio.sleep(r.d.halfopen)
+    reset = r.lab.redis.reset_service()
+    r.how = f"Redis: {how}, {r.d.halfopen:g} s; then its {reset} connections reset (RST both ends)"
+    r.heal()
+
+
+async def redis_firestore_halfopen(r: Run) -> None:
+    r.begin()
+    how = r.lab.redis.halfopen_service()
+    r.lab.firestore.halfopen_service()
+    await asyncio.sleep(r.d.halfopen_both)
+    reset = r.lab.redis.reset_service(), r.lab.firestore.reset_service()
+    r.how = (
+        f"Redis and Firestore: {how}, {r.d.halfopen_both:g} s; then their {reset[0]} and "
+        f"{reset[1]} connections reset (RST both ends)"
+    )
+    r.heal()
+
+
 async def _served_by_survivors(r: Run, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while r.monitor.total_listeners() != len(r.uids) and time.monotonic() < deadline:
@@ -194,6 +227,12 @@ SCENARIOS = [
     Scenario("rtdb-cut", "Realtime Database cut", rtdb_cut),
     Scenario("rtdb-slow", "Realtime Database slowed", rtdb_slow),
     Scenario("firestore-lossy", "Firestore: 200 ms latency, 2 % loss", firestore_lossy),
+    Scenario("redis-halfopen-reset", "Redis half-open for the service, then reset", redis_halfopen_reset),
+    Scenario(
+        "redis-firestore-halfopen",
+        "Redis and Firestore half-open for the service, then reset",
+        redis_firestore_halfopen,
+    ),
     Scenario("kill-and-sigterm", "3 instances: kill -9 one, SIGTERM another", kill_then_sigterm, 3),
     Scenario(
         "redis-blackhole-takeover",
@@ -224,6 +263,19 @@ class Outcome:
     browser_extra: int = -1
     browser_duplicates: int = 0
     browser_wire_duplicates: int = 0  # re-deliveries the client's order rules dropped
+    # Tail positions (`*.position`) each consumer got, those that showed it a gap (its last
+    # events lost: it asked for a resync), and those handed on as a change (must be 0).
+    positions: int = 0
+    position_gaps: int = 0
+    positions_applied: int = 0
+    browser_positions: int = 0
+    browser_position_gaps: int = 0
+    browser_positions_applied: int = 0
+    position_gap_examples: list[str] = field(default_factory=list)
+    # seconds from the receipt of a stream's last event to the receipt of its position
+    position_delays: list[float] = field(default_factory=list)
+    browser_position_delays: list[float] = field(default_factory=list)
+    service_errors: Counter[str] = field(default_factory=Counter)  # tasks that died, in the logs
     worst_ms: float = float("nan")
     ops: Counter[str] = field(default_factory=Counter)
     failed_writes: int = 0
@@ -249,6 +301,8 @@ class Outcome:
             and self.duplicates == 0
             and self.browser_lost == 0
             and self.browser_duplicates == 0
+            and self.positions_applied == 0
+            and self.browser_positions_applied == 0
         )
 
 
@@ -375,7 +429,16 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         out.duplicates = consumer.duplicates
         out.reapplied = consumer.reapplied
         out.examples += consumer.duplicate_examples
+        positions = consumer.positions
+        out.positions, out.position_gaps = positions.seen, positions.gaps
+        out.positions_applied = positions.applied
+        out.position_gap_examples = list(positions.gap_examples)
+        out.position_delays = list(positions.delays)
         if browsers is not None:
+            out.browser_positions, out.browser_position_gaps = browsers.positions, browsers.position_gaps
+            out.browser_positions_applied = browsers.positions_applied
+            out.browser_position_delays = list(browsers.position_delays)
+            out.position_gap_examples += [f"browser: {e}" for e in browsers.position_gap_examples]
             out.browser_duplicates = browsers.duplicates
             out.browser_wire_duplicates = browsers.wire_duplicates
             out.reapplied += browsers.reapplied
@@ -393,6 +456,10 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
             writing.cancel()
             await asyncio.gather(writing, return_exceptions=True)
         await stop_run(writer, consumer, monitor, instances, http, db, browsers)
+        for instance in instances:
+            out.service_errors.update(
+                {f"{instance.id}: {k}": v for k, v in service_errors(instance.log_path).items()}
+            )
         for dependency in lab.dependencies:  # a failed scenario must not leave a fault behind
             dependency.heal()
             if dependency.child.process is None:
@@ -403,6 +470,12 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         f"{out.browsers} browsers: lost {out.browser_lost}, duplicates {out.browser_duplicates} "
         f"(dropped by the client: {out.browser_wire_duplicates}; "
         + (f"{browsers.events} events applied, {browsers.connects} sockets)" if browsers else ")")
+        + f"; positions {out.positions}/{out.browser_positions}, showing a gap "
+        f"{out.position_gaps}/{out.browser_position_gaps}, applied as changes "
+        f"{out.positions_applied}/{out.browser_positions_applied}, after the last event "
+        f"{_delays(out.position_delays)} / {_delays(out.browser_position_delays)} s (bridge/browsers)"
+        + (f" ({out.position_gap_examples})" if out.position_gap_examples else "")
+        + (f"; in the service logs: {dict(out.service_errors)}" if out.service_errors else "")
         + (f", ERROR {out.error}" if out.error else "")
         + (f", e.g. {out.examples}" if out.examples else "")
     )
@@ -447,6 +520,42 @@ def first_sign(path: Path, since: float) -> tuple[float, str] | None:
     return None
 
 
+def service_errors(path: Path) -> Counter[str]:
+    """What a service's log says went wrong inside it, not in its dependencies: each task that
+    died (the supervisor restarted it) and each task whose exception nobody retrieved, by
+    task and reason."""
+    found: Counter[str] = Counter()
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        message = str(entry.get("message", ""))
+        reason = str(entry.get("reason") or entry.get("error") or "")
+        # the address of a transport differs each time: keep what names the failure
+        reason = re.sub(r"<[^<>]*>", "<…>", reason)[:120]
+        if message.startswith("task died"):
+            found[f"task {entry.get('task')} died: {reason}"] += 1
+        elif message.startswith("Task exception was never retrieved"):
+            task = message.split("name='", 1)[1].split("'", 1)[0] if "name='" in message else "?"
+            found[f"task {task} failed unseen: {reason}"] += 1
+    return found
+
+
+def _delays(values: list[float]) -> str:
+    """Median and greatest, "-" when there are none."""
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[len(ordered) // 2]:.1f} ({ordered[-1]:.0f})"
+
+
 def _s(value: float | None) -> str:
     return "not noticed" if value is None else f"{value:.1f}"
 
@@ -475,8 +584,11 @@ def render(
         f"Load average at the start: {load}.",
         "",
         "| scenario | fault | detect s | noticed by | recover s | lost | duplicates "
-        "| browsers: lost | browsers: duplicates | worst latency ms | converged s | writes |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| browsers: lost | browsers: duplicates | positions: bridge / browsers "
+        "| positions showing a gap: bridge / browsers "
+        "| position after the last event s, median (max): bridge / browsers "
+        "| worst latency ms | converged s | writes |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for o in outcomes:
         ops = ", ".join(f"{k} {v}" for k, v in sorted(o.ops.items()))
@@ -492,7 +604,11 @@ def render(
             f"| {'never' if o.recovered_s is None else f'{o.recovered_s:.1f}'} | {lost} | {o.duplicates}"
             + (f" ({o.reapplied} re-applied after a sync)" if o.reapplied else "")
             + " "
-            f"| {browser_lost} | {browser_dups} | {o.worst_ms:.0f} "
+            f"| {browser_lost} | {browser_dups} "
+            f"| {o.positions} / {'-' if not o.browsers else o.browser_positions} "
+            f"| {o.position_gaps} / {'-' if not o.browsers else o.browser_position_gaps} "
+            f"| {_delays(o.position_delays)} / {_delays(o.browser_position_delays)} "
+            f"| {o.worst_ms:.0f} "
             f"| {'never' if o.converged_s is None else f'{o.converged_s:.1f}'} | {ops} |"
         )
     failed = [o for o in outcomes if not o.ok]
@@ -502,8 +618,21 @@ def render(
             "did not converge"
             if o.lost != 0 or o.browser_lost != 0
             else f"{o.duplicates} duplicate(s) in the bridge, {o.browser_duplicates} in the browsers"
+            if o.duplicates or o.browser_duplicates
+            else f"tail positions handed on as changes: {o.positions_applied} by the bridge, "
+            f"{o.browser_positions_applied} by the browsers"
         )
         lines.append(f"- **{o.scenario.title}**: {what}; {'; '.join(o.examples)}")
+    for o in outcomes:
+        if o.position_gap_examples:
+            lines.append(
+                f"- {o.scenario.title}: a tail position showed a gap (its stream's last events "
+                f"lost; a resync followed) {o.position_gaps} time(s) in the bridge, "
+                f"{o.browser_position_gaps} in the browsers; e.g. {'; '.join(o.position_gap_examples[:3])}"
+            )
+        if o.service_errors:
+            died = "; ".join(f"{k} ({v}x)" for k, v in sorted(o.service_errors.items()))
+            lines.append(f"- {o.scenario.title}: in the service logs: {died}")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -538,6 +667,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dm-rate", type=float, default=5.0)
     parser.add_argument("--fault", type=float, default=30.0, help="seconds of a blackhole, cut or slow link")
     parser.add_argument("--lossy", type=float, default=60.0, help="seconds of latency and loss")
+    parser.add_argument(
+        "--halfopen", type=float, default=20.0, help="seconds the service's Redis link is half-open"
+    )
+    parser.add_argument(
+        "--halfopen-both",
+        type=float,
+        default=40.0,
+        help="seconds the service's Redis and Firestore links are half-open together",
+    )
     parser.add_argument("--before", type=float, default=10.0, help="seconds of writes before the fault")
     parser.add_argument("--after", type=float, default=10.0, help="seconds of writes after recovery")
     parser.add_argument(
@@ -553,7 +691,14 @@ def main(argv: list[str] | None = None) -> None:
         notif_rate=args.notif_rate,
         dm_rate=args.dm_rate,
         browsers=args.browsers,
-        durations=Durations(fault=args.fault, lossy=args.lossy, before=args.before, after=args.after),
+        durations=Durations(
+            fault=args.fault,
+            lossy=args.lossy,
+            halfopen=args.halfopen,
+            halfopen_both=args.halfopen_both,
+            before=args.before,
+            after=args.after,
+        ),
     )
     chosen = [BY_NAME[name] for name in args.scenarios.split(",") if name]
     signal.signal(signal.SIGTERM, _terminate)

@@ -67,9 +67,13 @@ DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 FIGURE = PROJECT_ROOT / "docs" / "soak.png"
 START, END = "<!-- bench.soak:start -->", "<!-- bench.soak:end -->"
 SECTION = "## Soak (`bench/soak.py`)"
+# In turn, one every `fault_every`: a 30-minute run with one every 5 minutes has five (the
+# sixth would end after the writes), so the first five are those the soak at 1,000 users sees.
 FAULTS = [
     "redis-blackhole",
+    "redis-halfopen-reset",
     "rtdb-cut",
+    "redis-firestore-halfopen",
     "firestore-lossy",
     "redis-restart",
     "rtdb-slow",
@@ -314,7 +318,7 @@ async def run_soak(lab: Lab, s: Settings, logs: Path) -> Soak:
         n = 0
         while True:
             next_fault = began + (n + 1) * s.fault_every
-            if next_fault + s.durations.lossy > began + s.seconds:
+            if next_fault + s.durations.longest > began + s.seconds:
                 break
             await asyncio.sleep(max(0.0, next_fault - time.monotonic()))
             if instance.service.process.poll() is not None:
@@ -596,6 +600,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault-every", type=float, default=5.0, help="minutes")
     parser.add_argument("--fault", type=float, default=30.0, help="seconds of a blackhole, cut or slow link")
     parser.add_argument("--lossy", type=float, default=60.0, help="seconds of latency and loss")
+    parser.add_argument(
+        "--halfopen", type=float, default=20.0, help="seconds the service's Redis link is half-open"
+    )
+    parser.add_argument(
+        "--halfopen-both",
+        type=float,
+        default=40.0,
+        help="seconds the service's Redis and Firestore links are half-open together",
+    )
     parser.add_argument("--notif-rate", type=float, default=10.0)
     parser.add_argument("--dm-rate", type=float, default=5.0)
     parser.add_argument("--chat-rate", type=float, default=2.0)
@@ -621,7 +634,9 @@ def main(argv: list[str] | None = None) -> None:
         chat_users=min(args.chat_users, args.users),
         faults=[name for name in args.faults.split(",") if name],
         freeze_gc=not args.no_gc_freeze,
-        durations=Durations(fault=args.fault, lossy=args.lossy),
+        durations=Durations(
+            fault=args.fault, lossy=args.lossy, halfopen=args.halfopen, halfopen_both=args.halfopen_both
+        ),
     )
     signal.signal(signal.SIGTERM, _terminate)
     started, began = datetime.now(UTC), time.monotonic()

@@ -40,12 +40,21 @@ CI = Settings(
     browsers=CI_USERS,  # every user also followed by the browser client module
     ready_timeout=180.0,
     # A blackhole must outlast the 6 s within which a dead Redis connection is noticed.
-    durations=Durations(fault=7.0, lossy=5.0, before=1.0, after=1.0),
+    # The half-opens then reset: longer, so that the reset finds the service reconnecting.
+    durations=Durations(fault=7.0, lossy=5.0, halfopen=10.0, halfopen_both=12.0, before=1.0, after=1.0),
 )
 NETNS, WHY_NOT = netns.available()
 # Faults on a dead connection must be noticed; the others (a slow link, a restart seen as a
 # closed connection by the service itself) are noticed or not, both fine.
-MUST_NOTICE = {"redis-blackhole", "redis-restart", "rtdb-cut", "kill-and-sigterm", "redis-blackhole-takeover"}
+MUST_NOTICE = {
+    "redis-blackhole",
+    "redis-restart",
+    "rtdb-cut",
+    "redis-halfopen-reset",
+    "redis-firestore-halfopen",
+    "kill-and-sigterm",
+    "redis-blackhole-takeover",
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +72,8 @@ def check(outcome: Outcome) -> None:
     assert outcome.browsers == CI_USERS
     assert outcome.browser_lost == 0, [e for e in outcome.examples if e.startswith("browser")]
     assert outcome.browser_duplicates == 0, outcome.examples
+    # a tail position is never a change (docs/events.md): neither applied nor a duplicate
+    assert outcome.positions_applied == 0 and outcome.browser_positions_applied == 0
     assert sum(outcome.ops.values()) > 0 and outcome.failed_writes == 0
     if outcome.scenario.name in MUST_NOTICE:
         assert outcome.detected_s is not None, "the fault was never noticed"
@@ -75,7 +86,18 @@ async def test_scenario_converges_with_nothing_lost(
 ) -> None:
     outcome = await run_scenario(lab, BY_NAME[name], CI, tmp_path)
     record_property("lab", lab.describe())
-    for key in ("detected_s", "recovered_s", "converged_s", "worst_ms", "lost", "duplicates"):
+    for key in (
+        "detected_s",
+        "recovered_s",
+        "converged_s",
+        "worst_ms",
+        "lost",
+        "duplicates",
+        "positions",
+        "position_gaps",
+        "browser_positions",
+        "browser_position_gaps",
+    ):
         record_property(key, getattr(outcome, key))
     check(outcome)
 
