@@ -82,6 +82,7 @@ SECTION = "## Tail positions"
 QUIET = 2.0  # seconds of quiet that end a burst, as the service's tails (publish/tails.py)
 BIN = 30.0  # seconds per row of the time series
 POSITION = ".position"
+MIX_THREADS = 32  # the mix's writes in flight at most
 
 
 def log(text: str) -> None:
@@ -199,7 +200,11 @@ class Tally:
 class Mix:
     """Notification writes at `rate` per second (changed between phases) on random users; each
     makes one event: an add (half, and whenever the user holds nothing unread), a mark-read or a
-    delete of an unread notification the user holds, never one with a write in flight."""
+    delete of an unread notification the user holds, never one with a write in flight.
+
+    At most `MIX_THREADS` writes are in flight: when the emulator answers slower than that
+    allows, a write is skipped (counted), not queued, so the rate achieved is what was written
+    (and the drops' own writes never wait behind a queue)."""
 
     def __init__(self, db: firestore.Client, uids: list[str], seed: int, pool: ThreadPoolExecutor) -> None:
         self.db, self.uids, self.pool = db, uids, pool
@@ -209,6 +214,8 @@ class Mix:
         self.busy: set[str] = set()
         self.ops: Counter[str] = Counter()
         self.errors = 0
+        self.skipped = 0  # ticks with every thread busy
+        self.written: list[tuple[float, float]] = []  # (done at, seconds the write took)
         self.sent: dict[str, float] = {}
         self.numbers = itertools.count()
         self.inflight: set[asyncio.Future[None]] = set()
@@ -229,6 +236,9 @@ class Mix:
             self._one()
 
     def _one(self) -> None:
+        if len(self.inflight) >= MIX_THREADS:
+            self.skipped += 1
+            return
         uid = self.rng.choice(self.uids)
         held = sorted(self.unread[uid] - self.busy)
         roll = self.rng.random()
@@ -250,6 +260,7 @@ class Mix:
         self.busy.add(doc_id)
 
         def work() -> None:
+            began = time.monotonic()
             try:
                 if call() is False:
                     self.errors += 1
@@ -257,6 +268,8 @@ class Mix:
                 self.errors += 1
             finally:
                 self.busy.discard(doc_id)
+                now = time.monotonic()
+                self.written.append((now, now - began))
 
         future = asyncio.get_running_loop().run_in_executor(self.pool, work)
         self.inflight.add(future)
@@ -376,6 +389,8 @@ class Phase:
     ops: Counter[str] = field(default_factory=Counter)  # writes submitted in the window
     metric_positions: float = float("nan")  # listeners_tail_positions_total over the window
     service_cpu: float = float("nan")  # % of a core over the window
+    skipped: int = 0  # writes of the mix skipped in the window: every thread was busy
+    write_s: list[float] = field(default_factory=list)  # sorted: seconds each write of the window took
     drops: list[Drop] = field(default_factory=list)
 
 
@@ -455,7 +470,8 @@ async def run_phases(r: Run, args: argparse.Namespace, redis_port: int, emulator
     reserved = set(droppers)
     loop = asyncio.get_running_loop()
     db = firestore.Client(project=project)
-    pool = ThreadPoolExecutor(16, thread_name_prefix="tails-write")
+    pool = ThreadPoolExecutor(MIX_THREADS, thread_name_prefix="tails-mix")
+    own = ThreadPoolExecutor(8, thread_name_prefix="tails-write")  # set-up, drops: never behind the mix
     client = aioredis.Redis(host="127.0.0.1", port=redis_port)
     tally = r.tally = Tally(client)
     mix = Mix(db, [u for u in uids if u not in reserved], args.seed, pool)
@@ -463,10 +479,11 @@ async def run_phases(r: Run, args: argparse.Namespace, redis_port: int, emulator
     bridge = LossyBridge(settings)
     consumer = Consumer(bridge, droppers)
     service: BenchService | None = None
+    progress: asyncio.Task[None] | None = None
     unread: dict[str, set[str]] = {uid: set() for uid in uids}
     try:
-        await loop.run_in_executor(pool, registry_batch, db, uids)
-        await loop.run_in_executor(pool, prefill, db, uids, unread)
+        await loop.run_in_executor(own, registry_batch, db, uids)
+        await loop.run_in_executor(own, prefill, db, uids, unread)
         for uid in mix.uids:
             mix.unread[uid] = set(unread[uid])
         await tally.start()
@@ -495,16 +512,17 @@ async def run_phases(r: Run, args: argparse.Namespace, redis_port: int, emulator
             await asyncio.sleep(0.2)
         mix.start()
         r.first_write = time.monotonic()
+        progress = asyncio.create_task(report_progress(tally, mix))
         numbers = itertools.count()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.port}") as http:
             for index, phase in enumerate(r.phases):
                 mine = droppers[index * args.drops : (index + 1) * args.drops]
-                await run_phase(r, phase, index, mine, unread, mix, db, pool, bridge, http, ps, numbers, args)
+                await run_phase(r, phase, index, mine, unread, mix, db, own, bridge, http, ps, numbers, args)
             r.metric_total = await metric(http, "listeners_tail_positions_total")
         r.positions_total = len(tally.positions)
         await mix.stop()
         r.write_errors, r.ops = mix.errors, mix.ops
-        truth = await loop.run_in_executor(pool, unread_of, db, droppers)
+        truth = await loop.run_in_executor(own, unread_of, db, droppers)
         r.mismatches = [
             f"{uid}: consumer {sorted(consumer.held(uid))}, Firestore {sorted(truth[uid])}"
             for uid in droppers
@@ -517,9 +535,26 @@ async def run_phases(r: Run, args: argparse.Namespace, redis_port: int, emulator
             service.stop_timed()
         await tally.stop()
         await client.aclose()
+        if progress is not None:
+            progress.cancel()
         pool.shutdown(wait=False, cancel_futures=True)
+        own.shutdown(wait=False, cancel_futures=True)
         db.close()
         r.problems = log_problems(r.log_path) if r.log_path.exists() else []
+
+
+async def report_progress(tally: Tally, mix: Mix, every: float = 30.0) -> None:
+    """A line every `every` seconds: writes done, events and positions that arrived, waits."""
+    while True:
+        await asyncio.sleep(every)
+        now = time.monotonic()
+        w = window(tally, now - every, now)
+        done = [took for at, took in mix.written if at >= now - every]
+        log(
+            f"last {every:g} s: {len(done) / every:.1f} writes/s (p50 {percentile(sorted(done), 50):.2f} s, "
+            f"{mix.skipped} skipped so far), {w.events / every:.1f} events/s, "
+            f"{w.positions / every:.1f} positions/s, wait p50 {percentile(w.waits, 50):.1f} s"
+        )
 
 
 async def run_phase(
@@ -544,6 +579,7 @@ async def run_phase(
     await asyncio.sleep(phase.warmup)
     before = await metric(http, "listeners_tail_positions_total")
     phase.ops_before = Counter(mix.ops)
+    skipped_before = mix.skipped
     ps.cpu_percent(None)
     phase.window_start = time.monotonic()
     log(f"phase {index + 1}: window of {phase.window:g} s, {len(droppers)} drops")
@@ -562,6 +598,8 @@ async def run_phase(
     phase.metric_positions = await metric(http, "listeners_tail_positions_total") - before
     phase.ops = Counter(mix.ops)
     phase.ops.subtract(phase.ops_before)
+    phase.skipped = mix.skipped - skipped_before
+    phase.write_s = sorted(took for at, took in mix.written if phase.window_start <= at < phase.window_end)
     await asyncio.gather(*writing)
     deadline = phase.window_end + args.heal_timeout
     last_note = 0.0
@@ -670,7 +708,7 @@ def render(r: Run, command: str, code: str, started: datetime, elapsed: float) -
             continue
         w = window(tally, phase.window_start, phase.window_end)
         s = w.seconds
-        achieved = sum(phase.ops.values()) / s
+        achieved = len(phase.write_s) / s
         more = sum(n for k, n in w.burst_positions.items() if k >= 2)
         healed = sorted(d.heal_s for d in phase.drops if d.healed_at == d.healed_at)
         waits = " / ".join(fmt(percentile(w.waits, q)) for q in (50, 99, 100))
@@ -698,7 +736,9 @@ def render(r: Run, command: str, code: str, started: datetime, elapsed: float) -
         by = Counter(d.healed_by for d in dropped if d.healed_by)
         lines.append(
             f"- phase {n}, {phase.rate:g} writes/s (warm-up {phase.warmup:g} s, then the window): messages "
-            f"in the window {types}; mean bytes {mean}; writes {dict(phase.ops)}; lost events "
+            f"in the window {types}; mean bytes {mean}; writes {dict(phase.ops)}, each took p50 "
+            f"{fmt(percentile(phase.write_s, 50), 2)} s, p99 {fmt(percentile(phase.write_s, 99), 2)} s, "
+            f"{phase.skipped:,} skipped ({MIX_THREADS} in flight already); lost events "
             f"{len(dropped)} of {len(phase.drops)} (bursts of 1 to 3); lost → position p50 "
             f"{fmt(percentile(to_position, 50))} s, max {fmt(percentile(to_position, 100))} s; "
             f"position → list equal again p50 {fmt(percentile(to_heal, 50), 2)} s, "
