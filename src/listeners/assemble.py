@@ -29,6 +29,7 @@ from listeners.cluster import Membership
 from listeners.config import FirebaseSettings, Settings
 from listeners.control import ControlListener, ResyncRequest, resync_request
 from listeners.deliver import http, wsprotocol
+from listeners.deliver.admission import ADMISSION_STATE
 from listeners.deliver.batch import Resyncs
 from listeners.deliver.hub import Hub
 from listeners.deliver.tokens import TokenVerifier
@@ -255,6 +256,7 @@ async def direct_mode(service: Service, account: ServiceAccount | None = None) -
             presence=presence,
             chat=service.rtdb is not None,
         ),
+        path=settings.service.alb_ws_path,
     )
     service.supervisor.start("hub", hub.run)
     try:
@@ -275,7 +277,7 @@ def create_app(settings: Settings, *, process: ProcessHooks = THIS_PROCESS) -> S
     wsprotocol.configure(settings.websocket.deflate, settings.websocket.close_timeout_seconds)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         lifetime = Lifetime(process, settings.shutdown_timeout_seconds)
         account = ServiceAccount(settings.firebase)
         async with (
@@ -285,7 +287,8 @@ def create_app(settings: Settings, *, process: ProcessHooks = THIS_PROCESS) -> S
             app.state.service = service
             app.state.gateway = gateway
             with lifetime.stopping_on_signal(service.begin_stop):
-                yield
+                # The lifespan state reaches deliver.wsprotocol: its refusals before the handshake.
+                yield {ADMISSION_STATE: gateway.admission}
             service.stopping = True
         lifetime.exit(service.failed)
 

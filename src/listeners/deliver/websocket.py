@@ -22,9 +22,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from listeners.config import WebSocketSettings
+from listeners.deliver.admission import TICKET_EXTENSION, Admission, Refusal, Ticket, carries_token
 from listeners.deliver.hub import Hub
 from listeners.deliver.ports import Entries, Notifications, Presence, RegistryWrites, Resync
 from listeners.deliver.threads import RegistryThreads
@@ -94,11 +96,17 @@ class Gateway:
     count: int = 0  # every socket past the Origin check, authenticated or not yet
     unauthenticated: int = 0  # accepted, token not verified yet (their own, smaller cap)
     authenticated: int = 0  # verified; `max_sockets` caps these
+    path: str = "/ws"  # where deliver.wsprotocol applies `admission` before the handshake
     registry_threads: RegistryThreads = field(init=False)
+    admission: Admission = field(init=False)  # the refusals before the upgrade (deliver.admission)
 
     def __post_init__(self) -> None:
         self.registry_threads = RegistryThreads(
             self.services.registry, self.services.presence, self.threads_of
+        )
+        refusals = self.services.metrics.ws_refusals
+        self.admission = Admission(
+            self.settings, self, lambda reason: refusals.labels(reason=reason).inc(), self.path
         )
 
     def origin_allowed(self, websocket: WebSocket) -> bool:
@@ -113,17 +121,49 @@ class Gateway:
         return {t for c in self.sockets.get(uid, ()) for t in c.threads}
 
     async def endpoint(self, websocket: WebSocket) -> None:
-        if not self.origin_allowed(websocket):
-            log.warning(
-                "websocket refused: origin", extra={"origin": websocket.headers.get("origin", "")[:100]}
-            )
-            await websocket.close(code=ORIGIN_REFUSED)
-            return
-        self.count += 1
+        ticket = websocket.scope.get("extensions", {}).get(TICKET_EXTENSION)
         try:
-            await Connection(self, websocket).serve()
+            if not self.origin_allowed(websocket):
+                log.warning(
+                    "websocket refused: origin", extra={"origin": websocket.headers.get("origin", "")[:100]}
+                )
+                await websocket.close(code=ORIGIN_REFUSED)
+                return
+            if ticket is None:  # not admitted by deliver.wsprotocol (another server): here
+                ticket = await self._admit(websocket)
+                if ticket is None:
+                    return
+            self.count += 1
+            try:
+                await Connection(self, websocket, ticket).serve()
+            finally:
+                self.count -= 1
         finally:
-            self.count -= 1
+            if ticket is not None:
+                ticket.release()
+
+    async def _admit(self, websocket: WebSocket) -> Ticket | None:
+        """deliver.admission before `websocket.accept`: a refusal is an HTTP status where the
+        server offers the ASGI `websocket.http.response` extension, else a close (HTTP 403)."""
+        headers = websocket.headers
+        client = websocket.client
+        verdict = self.admission.admit(
+            client.host if client else "",
+            ",".join(headers.getlist("x-forwarded-for")) or None,
+            headers.get("origin"),
+            carries_token(
+                websocket.scope.get("query_string", b"").decode("latin-1"),
+                ",".join(headers.getlist("sec-websocket-protocol")),
+            ),
+        )
+        if isinstance(verdict, Refusal):
+            if "websocket.http.response" in websocket.scope.get("extensions", {}):
+                response = PlainTextResponse(verdict.text, verdict.status, dict(verdict.headers()))
+                await websocket.send_denial_response(response)
+            else:
+                await websocket.close(code=INSTANCE_FULL if verdict.status == 503 else RATE_LIMITED)
+            return None
+        return verdict
 
     async def close_all(self) -> None:
         self.closing = True
@@ -132,9 +172,10 @@ class Gateway:
 
 
 class Connection:
-    def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, websocket: WebSocket, ticket: Ticket | None = None) -> None:
         self.gateway = gateway
         self.websocket = websocket
+        self._ticket = ticket  # deliver.admission's, released once the token is settled
         self.settings = gateway.settings
         self.services = gateway.services
         self.uid = ""
@@ -190,6 +231,8 @@ class Connection:
             verified = await self._authenticate(token)
         finally:
             gateway.unauthenticated -= 1
+            if self._ticket is not None:
+                self._ticket.release()
         if verified is None:
             return
         if not valid_uid(verified.uid):
