@@ -248,6 +248,13 @@ class WebSocketSettings:
         shown="Google's securetoken certificates")
     clock_skew_seconds: float = key("LISTENERS_TOKEN_CLOCK_SKEW_SECONDS", 30.0,
         "clock skew allowed on ID tokens", span=(0, 300))
+    check_revoked: bool = key("LISTENERS_TOKEN_CHECK_REVOKED", False,
+        "check ID tokens for revocation at connect and `auth.refresh` (Identity Toolkit "
+        "`accounts:lookup`, as `verify_id_token(check_revoked=True)`); closes with 4016")
+    revocation_url: str = key("LISTENERS_TOKEN_REVOCATION_URL", "https://identitytoolkit.googleapis.com/v1",
+        "the Identity Toolkit API; others only for tests", check=certs_url, shown="Identity Toolkit v1")
+    revocation_ttl_seconds: float = key("LISTENERS_TOKEN_REVOCATION_TTL_SECONDS", 300.0,
+        "a user's revocation state is cached this long (a revocation is seen within it)", span=(1, 3600))
     auth_timeout_seconds: float = key("LISTENERS_WS_AUTH_TIMEOUT_SECONDS", 10.0,
         "to authenticate a socket", span=(0.1, 120))
     max_frame_bytes: int = key("LISTENERS_WS_MAX_FRAME_BYTES", 16_384,

@@ -29,6 +29,7 @@ from listeners.config import WebSocketSettings
 from listeners.deliver.admission import TICKET_EXTENSION, Admission, Refusal, Ticket, carries_token
 from listeners.deliver.hub import Hub
 from listeners.deliver.ports import Entries, Notifications, Presence, RegistryWrites, Resync
+from listeners.deliver.revocation import TOKEN_REVOKED, RevocationCheck
 from listeners.deliver.threads import RegistryThreads
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
 from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
@@ -83,6 +84,7 @@ class Services:
     notifications: Notifications
     registry: RegistryWrites
     presence: Presence | None = None
+    revocation: RevocationCheck | None = None  # LISTENERS_TOKEN_CHECK_REVOKED
     chat: bool = True  # False without a Realtime Database: no thread could ever be served
 
 
@@ -291,7 +293,7 @@ class Connection:
                 return None
         try:
             async with asyncio.timeout(self.settings.auth_timeout_seconds):
-                return await self.services.verifier.verify(token)
+                return await self._verified(token)
         except TimeoutError:
             await self.close(NO_TOKEN, "token could not be verified in time")
             return None
@@ -299,6 +301,13 @@ class Connection:
             log.warning("websocket refused: token", extra={"reason": exc.reason, "code": exc.code})
             await self.close(exc.code, exc.reason)
             return None
+
+    async def _verified(self, token: str) -> VerifiedToken:
+        """The token verified, and not revoked when that is checked (TokenRejected otherwise)."""
+        verified = await self.services.verifier.verify(token)
+        if self.services.revocation is not None:
+            await self.services.revocation.check(verified.uid, float(verified.claims["iat"]))
+        return verified
 
     async def _run(self) -> None:
         user_channel = self.services.channels.user(self.uid)
@@ -416,8 +425,12 @@ class Connection:
             await self._send({"type": "error", "reason": "auth.refresh needs a token"})
             return
         try:
-            verified = await self.services.verifier.verify(token)
+            verified = await self._verified(token)
         except TokenRejected as exc:
+            if exc.code == TOKEN_REVOKED:  # the user's session is revoked: the old token too
+                log.warning("websocket closed: token revoked", extra={"uid": self.uid})
+                await self.close(TOKEN_REVOKED, exc.reason)
+                return
             await self._send({"type": "auth.refused", "reason": exc.reason, "code": exc.code})
             return
         if verified.uid != self.uid:
