@@ -12,11 +12,13 @@ import dataclasses
 import os
 import urllib.parse
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from listeners.config import Settings
+from listeners.config import Settings, WebSocketSettings
+from listeners.deliver.admission import Admission, Refusal, Ticket
 from listeners.deliver.clients import client_address, networks
 from listeners.deliver.wsprotocol import DirectWebSocketProtocol
 from listeners.metrics import Metrics
@@ -199,3 +201,20 @@ async def test_client_address_is_the_right_most_untrusted_hop() -> None:
     assert client_address("2001:db8::1", None, ()) == "2001:db8::/64"
     assert client_address("::ffff:192.0.2.1", None, ()) == "192.0.2.1"
     assert client_address("10.0.3.4", "[2001:db8::5]:443", alb) == "2001:db8::/64"
+
+
+async def test_addresses_remembered_are_bounded_and_tickets_release_once() -> None:
+    settings = WebSocketSettings(tracked_addresses=100, max_unauthenticated_per_address=1)
+    admission = Admission(settings, SimpleNamespace(closing=False, authenticated=0))
+    for i in range(1000):
+        ticket = admission.admit(f"198.51.{i // 256}.{i % 256}", None, None, True)
+        assert isinstance(ticket, Ticket)
+        ticket.release()
+        ticket.release()  # idempotent: the gateway and the protocol may both release it
+    assert admission.tracked <= 100 and admission.pending == 0
+    held = admission.admit("203.0.113.1", None, None, True)
+    refusal = admission.admit("203.0.113.1", None, None, True)
+    assert isinstance(held, Ticket) and isinstance(refusal, Refusal)
+    assert (refusal.status, refusal.reason) == (429, "address_unauthenticated")
+    held.release()
+    assert isinstance(admission.admit("203.0.113.1", None, None, True), Ticket)
