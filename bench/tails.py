@@ -75,7 +75,7 @@ from bench.latency import (
 from listeners.bridge import Bridge, Notifications
 from listeners.bridge.consumer import _Reader
 from listeners.config import RedisSettings, Secret
-from listeners.local.processes import PROJECT_ROOT, RedisServer, emulator_env, wait_for_port
+from listeners_testkit.processes import PROJECT_ROOT, RedisServer, emulator_env, wait_for_port
 
 START, END = "<!-- bench.tails:start -->", "<!-- bench.tails:end -->"
 SECTION = "## Tail positions"

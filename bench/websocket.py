@@ -502,6 +502,10 @@ def service_env(
         "FIREBASE_PROJECT_ID": project,
         "LISTENERS_TOKEN_CERTS_URL": certs_url,
         "LISTENERS_WS_MAX_SOCKETS": str(sockets + 100),
+        # Every client connects from 127.0.0.1: the per-address limits (issue 28) lifted.
+        "LISTENERS_WS_HANDSHAKE_BURST_PER_ADDRESS": str(sockets + 100),
+        "LISTENERS_WS_HANDSHAKES_PER_SECOND_PER_ADDRESS": "10000",
+        "LISTENERS_WS_MAX_UNAUTHENTICATED_PER_ADDRESS": str(sockets + 100),
         # As in production: each new socket asks for a resync over the control channel.
         "LISTENERS_CONTROL_TOKEN": uuid.uuid4().hex,
         "LOG_LEVEL": "WARNING",

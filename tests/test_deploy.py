@@ -192,6 +192,7 @@ OUTPUTS = {
     "GoogleProjectId": "pinnokio-prod",
     "WebSocketUrl": "wss://listeners.example.com/ws",
     "AlbDnsName": "listeners-123.us-east-1.elb.amazonaws.com",
+    "TrustedProxyCidrs": "10.0.0.0/16",
 }
 
 
@@ -392,6 +393,29 @@ def test_infrastructure_matches_section_7() -> None:
     assert (target["HealthCheckPath"], target["Port"], target["TargetType"]) == ("/healthz", 8080, "ip")
     assert infra["LogGroup"]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
     assert "Policies" not in infra["TaskRole"]["Properties"]  # the task itself needs no AWS API
+
+
+def test_waf_rate_limits_websocket_upgrades_and_requests_at_the_alb() -> None:
+    infra = cfn(ROOT / "deploy" / "cloudformation" / "infra.yaml")["Resources"]
+    acl = infra["WebAcl"]["Properties"]
+    assert acl["Scope"] == "REGIONAL" and acl["DefaultAction"] == {"Allow": {}}
+    rules = {r["Name"]: r for r in acl["Rules"]}
+    upgrades = rules["websocket-upgrades-per-ip"]["Statement"]["RateBasedStatement"]
+    assert upgrades["AggregateKeyType"] == "IP" and upgrades["Limit"] == {"Ref": "WafWebSocketLimit"}
+    match = upgrades["ScopeDownStatement"]["ByteMatchStatement"]
+    assert (match["SearchString"], match["PositionalConstraint"]) == ("/ws", "STARTS_WITH")
+    every = rules["requests-per-ip"]["Statement"]["RateBasedStatement"]
+    assert every["Limit"] == {"Ref": "WafHttpLimit"} and "ScopeDownStatement" not in every
+    for name in ("websocket-upgrades-per-ip", "requests-per-ip"):
+        assert rules[name]["Action"]["Block"]["CustomResponse"]["ResponseCode"] == 429
+    association = infra["WebAclAssociation"]["Properties"]
+    assert association == {
+        "ResourceArn": {"Ref": "LoadBalancer"},
+        "WebACLArn": {"Fn::GetAtt": ["WebAcl", "Arn"]},
+    }
+    # the tasks count callers behind the ALB by X-Forwarded-For, trusting the VPC's hops
+    env = {e["name"]: e["value"] for e in task_definition()["containerDefinitions"][0]["environment"]}
+    assert env["LISTENERS_TRUSTED_PROXY_CIDRS"] == OUTPUTS["TrustedProxyCidrs"]
 
 
 def test_redis_users_log_in_with_their_own_generated_passwords() -> None:

@@ -161,7 +161,11 @@ class Harness:
             sweep_interval_seconds=0.2,
             instance_id="fuzz",
         )
-        return ws_settings(base, self.certs_url)
+        # Every example connects from 127.0.0.1, half of them without a token in the upgrade.
+        return ws_settings(
+            base, self.certs_url, first_message_auth_origins=("*",),
+            handshakes_per_second_per_address=10_000, handshake_burst_per_address=1_000_000,
+        )  # fmt: skip
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()

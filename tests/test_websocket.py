@@ -162,7 +162,10 @@ async def test_events_of_the_token_user_only(
 async def test_token_in_the_subprotocol_or_a_first_message(
     settings: Settings, issuer_and_url: Any, wss: Settings, fb: Firebase, issuer: LocalIssuer
 ) -> None:
-    async with serving(wss) as (url, _):
+    first_message = dataclasses.replace(
+        wss, websocket=dataclasses.replace(wss.websocket, first_message_auth_origins=("*",))
+    )
+    async with serving(first_message) as (url, _):
         await fb.online("yan")
         async with connect(url, subprotocols=["bearer", issuer.mint("yan")]) as ws:  # type: ignore[list-item]
             assert ws.subprotocol == "bearer"
@@ -171,7 +174,9 @@ async def test_token_in_the_subprotocol_or_a_first_message(
             await ws.send(json.dumps({"type": "auth", "token": issuer.mint("yan")}))
             await next_event(ws, "notif.sync")
     auth_timeout = 1.0  # short, as no token is verified on this server
-    impatient = ws_settings(settings, issuer_and_url[1], auth_timeout_seconds=auth_timeout)
+    impatient = ws_settings(
+        settings, issuer_and_url[1], auth_timeout_seconds=auth_timeout, first_message_auth_origins=("*",)
+    )
     async with serving(impatient) as (url, _):
         started = time.monotonic()
         async with connect(url) as ws:  # nothing sent: closed when the auth timeout passes

@@ -29,8 +29,11 @@ from listeners.cluster import Membership
 from listeners.config import FirebaseSettings, Settings
 from listeners.control import ControlListener, ResyncRequest, resync_request
 from listeners.deliver import http, wsprotocol
+from listeners.deliver.admission import ADMISSION_STATE
 from listeners.deliver.batch import Resyncs
 from listeners.deliver.hub import Hub
+from listeners.deliver.revocation import SCOPES as REVOCATION_SCOPES
+from listeners.deliver.revocation import RevocationCheck
 from listeners.deliver.tokens import TokenVerifier
 from listeners.deliver.websocket import Gateway, Services
 from listeners.metrics import Metrics
@@ -42,6 +45,7 @@ from listeners.publish.publisher import Publisher
 from listeners.publish.redis import RedisBroker
 from listeners.service import HANDOVER_SECONDS, Service
 from listeners.session import Sources, StreamOptions
+from listeners.source import access_tokens
 from listeners.source.access_tokens import emulator_token
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
@@ -97,6 +101,20 @@ def firestore_source(
         )
     return FirestoreSource(
         firebase.project_id, credentials, max_streams_per_connection=settings.max_streams_per_connection
+    )
+
+
+def revocation_check(settings: Settings, account: ServiceAccount) -> RevocationCheck | None:
+    """LISTENERS_TOKEN_CHECK_REVOKED: Identity Toolkit lookups with the service account's tokens."""
+    ws = settings.websocket
+    if not ws.check_revoked:
+        return None
+    credentials = account.credentials(list(REVOCATION_SCOPES))
+    return RevocationCheck(
+        settings.firebase.project_id,
+        base_url=ws.revocation_url,
+        ttl_seconds=ws.revocation_ttl_seconds,
+        access_token=access_tokens.ServiceAccountTokens(credentials) if credentials is not None else None,
     )
 
 
@@ -220,6 +238,7 @@ async def direct_mode(service: Service, account: ServiceAccount | None = None) -
         certs_url=settings.websocket.certs_url,
         clock_skew_seconds=settings.websocket.clock_skew_seconds,
     )
+    revocation = revocation_check(settings, account)
     token = redis.control_token
     # Coalesced per user, in pipelines, paced: a reconnect storm costs one connection and
     # stays under what the control listeners remember (deliver.batch).
@@ -255,8 +274,10 @@ async def direct_mode(service: Service, account: ServiceAccount | None = None) -
             notifications=NotificationStore(db),
             registry=RegistryStore(db),
             presence=presence,
+            revocation=revocation,
             chat=service.rtdb is not None,
         ),
+        path=settings.service.alb_ws_path,
     )
     service.metrics.ws_max_sockets.set(settings.websocket.max_sockets)
     service.supervisor.start("hub", hub.run)
@@ -268,6 +289,8 @@ async def direct_mode(service: Service, account: ServiceAccount | None = None) -
         if resyncs is not None:
             await resyncs.aclose()
         await verifier.aclose()
+        if revocation is not None:
+            await revocation.aclose()
         db.close()
 
 
@@ -278,7 +301,7 @@ def create_app(settings: Settings, *, process: ProcessHooks = THIS_PROCESS) -> S
     wsprotocol.configure(settings.websocket.deflate, settings.websocket.close_timeout_seconds)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         lifetime = Lifetime(process, settings.shutdown_timeout_seconds)
         account = ServiceAccount(settings.firebase)
         async with (
@@ -288,7 +311,8 @@ def create_app(settings: Settings, *, process: ProcessHooks = THIS_PROCESS) -> S
             app.state.service = service
             app.state.gateway = gateway
             with lifetime.stopping_on_signal(service.begin_stop):
-                yield
+                # The lifespan state reaches deliver.wsprotocol: its refusals before the handshake.
+                yield {ADMISSION_STATE: gateway.admission}
             service.stopping = True
         lifetime.exit(service.failed)
 

@@ -139,6 +139,16 @@ def https_or_loopback(url: str) -> bool:
         return False
 
 
+def invalid_cidrs(cidrs: tuple[str, ...]) -> str:
+    """CIDRs or addresses, e.g. `10.0.0.0/16`"""
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError:
+            return f"{cidr[:60]!r} is not a CIDR"
+    return ""
+
+
 def certs_url(value: str) -> str:
     """https://, or http:// on loopback"""
     return "" if https_or_loopback(value) else f"must be https:// ({LOOPBACK_ONLY})"
@@ -238,6 +248,13 @@ class WebSocketSettings:
         shown="Google's securetoken certificates")
     clock_skew_seconds: float = key("LISTENERS_TOKEN_CLOCK_SKEW_SECONDS", 30.0,
         "clock skew allowed on ID tokens", span=(0, 300))
+    check_revoked: bool = key("LISTENERS_TOKEN_CHECK_REVOKED", False,
+        "check ID tokens for revocation at connect and `auth.refresh` (Identity Toolkit "
+        "`accounts:lookup`, as `verify_id_token(check_revoked=True)`); closes with 4016")
+    revocation_url: str = key("LISTENERS_TOKEN_REVOCATION_URL", "https://identitytoolkit.googleapis.com/v1",
+        "the Identity Toolkit API; others only for tests", check=certs_url, shown="Identity Toolkit v1")
+    revocation_ttl_seconds: float = key("LISTENERS_TOKEN_REVOCATION_TTL_SECONDS", 300.0,
+        "a user's revocation state is cached this long (a revocation is seen within it)", span=(1, 3600))
     auth_timeout_seconds: float = key("LISTENERS_WS_AUTH_TIMEOUT_SECONDS", 10.0,
         "to authenticate a socket", span=(0.1, 120))
     max_frame_bytes: int = key("LISTENERS_WS_MAX_FRAME_BYTES", 16_384,
@@ -271,6 +288,22 @@ class WebSocketSettings:
         choices=("no-context", "context", "off"))
     close_timeout_seconds: float = key("LISTENERS_WS_CLOSE_TIMEOUT_SECONDS", 5.0,
         "for the client to answer a close frame, then cut (`UVICORN_WS`)", span=(0.1, 3600))
+    first_message_auth_origins: tuple[str, ...] = key("LISTENERS_WS_FIRST_MESSAGE_AUTH_ORIGINS", (),
+        "origins that may send the token in a first `auth` message (`*`: any, none included); "
+        "others need it in the upgrade or get HTTP 401", "service_config.first_message_auth_origins")
+    trusted_proxy_cidrs: tuple[str, ...] = key("LISTENERS_TRUSTED_PROXY_CIDRS", (),
+        "our proxies (the ALB's subnets or the VPC): the client is the right-most other "
+        "`X-Forwarded-For` hop; unset: the peer address", "service_config.trusted_proxy_cidrs",
+        check=invalid_cidrs)
+    handshakes_per_second_per_address: float = key("LISTENERS_WS_HANDSHAKES_PER_SECOND_PER_ADDRESS", 10.0,
+        "upgrades per client address (IPv6: per /64); over it: HTTP 429", span=(0.1, 10_000))
+    handshake_burst_per_address: int = key("LISTENERS_WS_HANDSHAKE_BURST_PER_ADDRESS", 100,
+        "upgrades a client address may make at once (a reconnect after a deploy)", span=(1, 1_000_000))
+    max_unauthenticated_per_address: int = key("LISTENERS_WS_MAX_UNAUTHENTICATED_PER_ADDRESS", 50,
+        "sockets still authenticating per client address; over it: HTTP 429", span=(1, 1_000_000))
+    tracked_addresses: int = key("LISTENERS_WS_TRACKED_ADDRESSES", 100_000,
+        "client addresses remembered for those limits (the idle least recent forgotten)",
+        span=(100, 10_000_000))
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,12 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.ws_refusals = Counter(
+            "listeners_ws_refusals",
+            "WebSocket upgrades refused with an HTTP status before the handshake, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.attaches = Counter("listeners_user_attaches", "Users attached here", registry=r)
         self.detaches = Counter(
             "listeners_user_detaches", "Users detached here, by reason", ["reason"], registry=r

@@ -10,8 +10,9 @@ not be kept alive (`status: "failed"`), while the process stops to be replaced.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,7 +27,8 @@ from listeners.deliver.admin import bearer_matches
 from listeners.deliver.ports import Instance
 from listeners.deliver.websocket import Gateway
 
-Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
+# Its state is the ASGI lifespan state every request's scope copies.
+Lifespan = Callable[[Starlette], AbstractAsyncContextManager[Mapping[str, Any]]]
 
 
 def application(settings: Settings, lifespan: Lifespan) -> Starlette:

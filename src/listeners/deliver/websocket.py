@@ -22,11 +22,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from listeners.config import WebSocketSettings
+from listeners.deliver.admission import TICKET_EXTENSION, Admission, Refusal, Ticket, carries_token
 from listeners.deliver.hub import Hub
 from listeners.deliver.ports import Entries, Notifications, Presence, RegistryWrites, Resync
+from listeners.deliver.revocation import TOKEN_REVOKED, RevocationCheck
 from listeners.deliver.threads import RegistryThreads
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
 from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
@@ -81,6 +84,7 @@ class Services:
     notifications: Notifications
     registry: RegistryWrites
     presence: Presence | None = None
+    revocation: RevocationCheck | None = None  # LISTENERS_TOKEN_CHECK_REVOKED
     chat: bool = True  # False without a Realtime Database: no thread could ever be served
 
 
@@ -94,11 +98,17 @@ class Gateway:
     count: int = 0  # every socket past the Origin check, authenticated or not yet
     unauthenticated: int = 0  # accepted, token not verified yet (their own, smaller cap)
     authenticated: int = 0  # verified; `max_sockets` caps these
+    path: str = "/ws"  # where deliver.wsprotocol applies `admission` before the handshake
     registry_threads: RegistryThreads = field(init=False)
+    admission: Admission = field(init=False)  # the refusals before the upgrade (deliver.admission)
 
     def __post_init__(self) -> None:
         self.registry_threads = RegistryThreads(
             self.services.registry, self.services.presence, self.threads_of
+        )
+        refusals = self.services.metrics.ws_refusals
+        self.admission = Admission(
+            self.settings, self, lambda reason: refusals.labels(reason=reason).inc(), self.path
         )
 
     def origin_allowed(self, websocket: WebSocket) -> bool:
@@ -113,18 +123,50 @@ class Gateway:
         return {t for c in self.sockets.get(uid, ()) for t in c.threads}
 
     async def endpoint(self, websocket: WebSocket) -> None:
-        if not self.origin_allowed(websocket):
-            log.warning(
-                "websocket refused: origin", extra={"origin": websocket.headers.get("origin", "")[:100]}
-            )
-            self.services.metrics.ws_handshakes.labels(outcome=str(ORIGIN_REFUSED)).inc()
-            await websocket.close(code=ORIGIN_REFUSED)
-            return
-        self.count += 1
+        ticket = websocket.scope.get("extensions", {}).get(TICKET_EXTENSION)
         try:
-            await Connection(self, websocket).serve()
+            if not self.origin_allowed(websocket):
+                log.warning(
+                    "websocket refused: origin", extra={"origin": websocket.headers.get("origin", "")[:100]}
+                )
+                self.services.metrics.ws_handshakes.labels(outcome=str(ORIGIN_REFUSED)).inc()
+                await websocket.close(code=ORIGIN_REFUSED)
+                return
+            if ticket is None:  # not admitted by deliver.wsprotocol (another server): here
+                ticket = await self._admit(websocket)
+                if ticket is None:
+                    return
+            self.count += 1
+            try:
+                await Connection(self, websocket, ticket).serve()
+            finally:
+                self.count -= 1
         finally:
-            self.count -= 1
+            if ticket is not None:
+                ticket.release()
+
+    async def _admit(self, websocket: WebSocket) -> Ticket | None:
+        """deliver.admission before `websocket.accept`: a refusal is an HTTP status where the
+        server offers the ASGI `websocket.http.response` extension, else a close (HTTP 403)."""
+        headers = websocket.headers
+        client = websocket.client
+        verdict = self.admission.admit(
+            client.host if client else "",
+            ",".join(headers.getlist("x-forwarded-for")) or None,
+            headers.get("origin"),
+            carries_token(
+                websocket.scope.get("query_string", b"").decode("latin-1"),
+                ",".join(headers.getlist("sec-websocket-protocol")),
+            ),
+        )
+        if isinstance(verdict, Refusal):
+            if "websocket.http.response" in websocket.scope.get("extensions", {}):
+                response = PlainTextResponse(verdict.text, verdict.status, dict(verdict.headers()))
+                await websocket.send_denial_response(response)
+            else:
+                await websocket.close(code=INSTANCE_FULL if verdict.status == 503 else RATE_LIMITED)
+            return None
+        return verdict
 
     async def close_all(self) -> None:
         self.closing = True
@@ -133,9 +175,10 @@ class Gateway:
 
 
 class Connection:
-    def __init__(self, gateway: Gateway, websocket: WebSocket) -> None:
+    def __init__(self, gateway: Gateway, websocket: WebSocket, ticket: Ticket | None = None) -> None:
         self.gateway = gateway
         self.websocket = websocket
+        self._ticket = ticket  # deliver.admission's, released once the token is settled
         self.settings = gateway.settings
         self.services = gateway.services
         self.uid = ""
@@ -193,6 +236,8 @@ class Connection:
             verified = await self._authenticate(token)
         finally:
             gateway.unauthenticated -= 1
+            if self._ticket is not None:
+                self._ticket.release()
         if verified is None:
             return
         if not valid_uid(verified.uid):
@@ -262,7 +307,7 @@ class Connection:
                 return None
         try:
             async with asyncio.timeout(self.settings.auth_timeout_seconds):
-                return await self.services.verifier.verify(token)
+                return await self._verified(token)
         except TimeoutError:
             await self.close(NO_TOKEN, "token could not be verified in time")
             return None
@@ -270,6 +315,13 @@ class Connection:
             log.warning("websocket refused: token", extra={"reason": exc.reason, "code": exc.code})
             await self.close(exc.code, exc.reason)
             return None
+
+    async def _verified(self, token: str) -> VerifiedToken:
+        """The token verified, and not revoked when that is checked (TokenRejected otherwise)."""
+        verified = await self.services.verifier.verify(token)
+        if self.services.revocation is not None:
+            await self.services.revocation.check(verified.uid, float(verified.claims["iat"]))
+        return verified
 
     async def _run(self) -> None:
         user_channel = self.services.channels.user(self.uid)
@@ -394,8 +446,12 @@ class Connection:
             await self._send({"type": "error", "reason": "auth.refresh needs a token"})
             return
         try:
-            verified = await self.services.verifier.verify(token)
+            verified = await self._verified(token)
         except TokenRejected as exc:
+            if exc.code == TOKEN_REVOKED:  # the user's session is revoked: the old token too
+                log.warning("websocket closed: token revoked", extra={"uid": self.uid})
+                await self.close(TOKEN_REVOKED, exc.reason)
+                return
             await self._send({"type": "auth.refused", "reason": exc.reason, "code": exc.code})
             return
         if verified.uid != self.uid:

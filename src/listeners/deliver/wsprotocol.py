@@ -49,6 +49,14 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.server import ServerProtocol
 
 from listeners.config import ConfigError, WebSocketSettings, read_env
+from listeners.deliver.admission import (
+    ADMISSION_STATE,
+    TICKET_EXTENSION,
+    Admission,
+    Refusal,
+    Ticket,
+    carries_token,
+)
 
 WINDOW_BITS = 12  # uvicorn's own choice; 9 is zlib's least for raw deflate
 MEM_LEVEL = 5
@@ -186,12 +194,48 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         )
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
+        self.ticket: Ticket | None = None  # deliver.admission's, for an admitted upgrade
 
     def handle_connect(self, event: Any) -> None:
+        admission: Admission | None = self.app_state.get(ADMISSION_STATE)
+        if admission is not None and admission.guards(event.path):
+            # Before `accept` (which negotiates deflate) and before any application task.
+            headers = event.headers
+            verdict = admission.admit(
+                self.client[0] if self.client else "",
+                ",".join(headers.get_all("X-Forwarded-For")) or None,
+                next(iter(headers.get_all("Origin")), None),
+                carries_token(
+                    event.path.partition("?")[2], ",".join(headers.get_all("Sec-WebSocket-Protocol"))
+                ),
+            )
+            if isinstance(verdict, Refusal):
+                self._refuse(verdict)
+                return
+            self.ticket = verdict
         super().handle_connect(event)
         scope = self.__dict__.get("scope")  # set only for an upgrade that goes to the app
         if scope is not None:
             scope["extensions"][SEND_EXTENSION] = self
+            if self.ticket is not None:
+                scope["extensions"][TICKET_EXTENSION] = self.ticket
+        elif self.ticket is not None:  # refused by the handshake itself
+            self.ticket.release()
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """A plain HTTP answer, then the connection closed: as uvicorn refuses a bad handshake."""
+        response = self.conn.reject(refusal.status, refusal.text + "\n")
+        for name, value in refusal.headers():
+            response.headers[name] = value
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.ticket is not None:
+            self.ticket.release()
+        super().connection_lost(exc)
 
     def send_text_now(self, data: bytes) -> bool:
         """Writes a text message (UTF-8) if the transport takes more; False while it is full."""

@@ -43,7 +43,7 @@ const SYNC_TYPES = new Set(["notif.sync", "msg.sync", "chat.sync"]);
 const POSITION_TYPES = new Set(["notif.position", "msg.position", "chat.position"]);
 
 // Close codes after which reconnecting with a fresh token would not help (docs/websocket.md).
-export const FINAL_CODES = new Set([1008, 4002, 4003, 4004, 4005, 4006, 4007, 4009, 4010, 4012, 4013, 4017]);
+export const FINAL_CODES = new Set([1008, 4002, 4003, 4004, 4005, 4006, 4007, 4009, 4010, 4012, 4013, 4016, 4017]);
 
 /**
  * The contract version an event follows: its `v`; 1 when it has none (a service older than

@@ -1,0 +1,220 @@
+"""Cheap refusals before the WebSocket handshake (deliver.admission, issue 28), over the wire:
+raw HTTP upgrade requests against the served app, answered 401/429/503 with no
+`Sec-WebSocket-Accept` (and no deflate), per client address as `X-Forwarded-For` names it
+behind a trusted proxy, and a forged header that does not help."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import os
+import urllib.parse
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from listeners.config import Settings, WebSocketSettings
+from listeners.deliver.admission import Admission, Refusal, Ticket
+from listeners.deliver.clients import client_address, networks
+from listeners.deliver.wsprotocol import DirectWebSocketProtocol
+from listeners.metrics import Metrics
+from listeners_testkit.auth import LocalIssuer
+from tests.conftest import wait_until
+from tests.test_websocket import serving, ws_settings
+
+pytestmark = pytest.mark.asyncio
+
+PROXY = "127.0.0.0/8"  # the tests' "ALB": the peer address of every connection here
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[str, str], writer: asyncio.StreamWriter) -> None:
+        self.status = status
+        self.headers = headers
+        self.writer = writer
+
+
+@contextlib.asynccontextmanager
+async def upgrade(url: str, *headers: str, query: str = "") -> AsyncIterator[Answer]:
+    """A raw upgrade request (deflate offered); the connection stays open until the block ends."""
+    parts = urllib.parse.urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {parts.path}{'?' + query if query else ''} HTTP/1.1",
+        f"Host: {parts.netloc}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",
+        *headers,
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    try:
+        async with asyncio.timeout(30):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        status_line, *header_lines = head.strip().split("\r\n")
+        fields = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        yield Answer(int(status_line.split()[1]), fields, writer)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def refused(answer: Answer, status: int) -> None:
+    assert answer.status == status, (answer.status, answer.headers)
+    assert "sec-websocket-accept" not in answer.headers
+    assert "sec-websocket-extensions" not in answer.headers  # no deflate set up
+    if status != 401:
+        assert int(answer.headers["retry-after"]) >= 1
+
+
+def refusals(app: Any, reason: str) -> float:
+    metrics: Metrics = app.state.service.metrics
+    return metrics.registry.get_sample_value("listeners_ws_refusals_total", {"reason": reason}) or 0.0
+
+
+def settings_with(settings: Settings, certs_url: str, **overrides: Any) -> Settings:
+    return ws_settings(settings, certs_url, **overrides)
+
+
+@pytest.mark.parametrize("protocol", ["direct", "uvicorn"])
+async def test_no_token_is_401_before_the_upgrade(
+    settings: Settings, issuer: LocalIssuer, issuer_and_url: Any, protocol: str
+) -> None:
+    """deliver.wsprotocol refuses in the protocol; uvicorn's own through the ASGI extension."""
+    options = {"ws": DirectWebSocketProtocol} if protocol == "direct" else {}
+    async with serving(settings_with(settings, issuer_and_url[1]), **options) as (url, app):
+        gateway = app.state.gateway
+        async with upgrade(url) as answer:
+            refused(answer, 401)
+        async with upgrade(url, query="token=") as answer:  # an empty token is none
+            refused(answer, 401)
+        async with upgrade(url, "Sec-WebSocket-Protocol: bearer, " + issuer.mint("ann")) as answer:
+            assert answer.status == 101
+            await wait_until(lambda: gateway.authenticated == 1)
+        assert refusals(app, "no_token") == 2
+        assert gateway.admission.pending == 0
+
+
+async def test_first_message_auth_is_per_origin(
+    settings: Settings, issuer: LocalIssuer, issuer_and_url: Any
+) -> None:
+    opted = settings_with(settings, issuer_and_url[1], first_message_auth_origins=("https://app.example",))
+    async with serving(dataclass_origins(opted), ws=DirectWebSocketProtocol) as (url, app):
+        async with upgrade(url, "Origin: https://app.example") as answer:
+            assert answer.status == 101
+        async with upgrade(url, "Origin: https://other.example") as answer:
+            refused(answer, 401)
+        async with upgrade(url) as answer:  # no Origin: not a listed origin either
+            refused(answer, 401)
+        await wait_until(lambda: app.state.gateway.admission.pending == 0)
+
+
+def dataclass_origins(settings: Settings) -> Settings:
+    """Both origins pass the Origin check; only one may authenticate by a first message."""
+    origins = ("https://app.example", "https://other.example")
+    return dataclasses.replace(
+        settings, service=dataclasses.replace(settings.service, allowed_origins=origins)
+    )
+
+
+async def test_handshake_rate_per_address_behind_a_trusted_proxy(
+    settings: Settings, issuer_and_url: Any
+) -> None:
+    limited = settings_with(
+        settings, issuer_and_url[1], handshake_burst_per_address=2, handshakes_per_second_per_address=0.1,
+        trusted_proxy_cidrs=(PROXY,),
+    )  # fmt: skip
+    async with serving(limited, ws=DirectWebSocketProtocol) as (url, app):
+        attacker = "X-Forwarded-For: 203.0.113.7"
+        for _ in range(2):  # the burst: past the rate, refused for want of a token
+            async with upgrade(url, attacker) as answer:
+                refused(answer, 401)
+        async with upgrade(url, attacker) as answer:
+            refused(answer, 429)
+        # A forged left part changes nothing: the proxy's hop is the right-most one.
+        async with upgrade(url, "X-Forwarded-For: 198.51.100.1, 203.0.113.7") as answer:
+            refused(answer, 429)
+        # Another caller behind the same proxy has a budget of its own.
+        async with upgrade(url, "X-Forwarded-For: 203.0.113.8") as answer:
+            refused(answer, 401)
+        assert refusals(app, "rate") == 2
+
+
+async def test_forwarded_for_is_ignored_without_trusted_proxies(
+    settings: Settings, issuer_and_url: Any
+) -> None:
+    limited = settings_with(
+        settings, issuer_and_url[1], handshake_burst_per_address=2, handshakes_per_second_per_address=0.1
+    )
+    async with serving(limited, ws=DirectWebSocketProtocol) as (url, app):
+        for n in range(2):
+            async with upgrade(url, f"X-Forwarded-For: 203.0.113.{n}") as answer:
+                refused(answer, 401)
+        async with upgrade(url, "X-Forwarded-For: 203.0.113.99") as answer:  # still 127.0.0.1
+            refused(answer, 429)
+        assert refusals(app, "rate") == 1
+
+
+async def test_unauthenticated_sockets_per_address(settings: Settings, issuer_and_url: Any) -> None:
+    limited = settings_with(
+        settings, issuer_and_url[1], max_unauthenticated_per_address=1, first_message_auth_origins=("*",),
+        unauthenticated_timeout_seconds=60, auth_timeout_seconds=60, trusted_proxy_cidrs=(PROXY,),
+    )  # fmt: skip
+    async with serving(limited, ws=DirectWebSocketProtocol) as (url, app):
+        gateway = app.state.gateway
+        async with upgrade(url, "X-Forwarded-For: 203.0.113.7") as silent:
+            assert silent.status == 101
+            await wait_until(lambda: gateway.unauthenticated == 1)
+            async with upgrade(url, "X-Forwarded-For: 203.0.113.7") as answer:
+                refused(answer, 429)
+            async with upgrade(url, "X-Forwarded-For: 10.9.9.9, 203.0.113.7") as answer:  # forged
+                refused(answer, 429)
+            async with upgrade(url, "X-Forwarded-For: 203.0.113.8") as other:
+                assert other.status == 101
+        # the silent socket's place is given back when its connection ends
+        await wait_until(lambda: gateway.admission.pending == 0 and gateway.unauthenticated == 0)
+        async with upgrade(url, "X-Forwarded-For: 203.0.113.7") as again:
+            assert again.status == 101
+        assert refusals(app, "address_unauthenticated") == 2
+
+
+async def test_client_address_is_the_right_most_untrusted_hop() -> None:
+    alb = networks(["10.0.0.0/16"])
+    assert client_address("10.0.3.4", "198.51.100.9", alb) == "198.51.100.9"
+    assert client_address("10.0.3.4", "1.2.3.4, 198.51.100.9", alb) == "198.51.100.9"
+    assert client_address("10.0.3.4", "198.51.100.9, 10.0.1.1", alb) == "198.51.100.9"
+    assert client_address("10.0.3.4", "10.0.1.1", alb) == "10.0.1.1"  # every hop ours
+    assert client_address("198.51.100.9", "1.2.3.4", alb) == "198.51.100.9"  # peer not a proxy
+    assert client_address("10.0.3.4", "garbage", alb) == "invalid:garbage"
+    assert client_address("10.0.3.4", None, alb) == "10.0.3.4"
+    assert client_address("2001:db8::1", None, ()) == "2001:db8::/64"
+    assert client_address("::ffff:192.0.2.1", None, ()) == "192.0.2.1"
+    assert client_address("10.0.3.4", "[2001:db8::5]:443", alb) == "2001:db8::/64"
+
+
+async def test_addresses_remembered_are_bounded_and_tickets_release_once() -> None:
+    settings = WebSocketSettings(tracked_addresses=100, max_unauthenticated_per_address=1)
+    admission = Admission(settings, SimpleNamespace(closing=False, authenticated=0))
+    for i in range(1000):
+        ticket = admission.admit(f"198.51.{i // 256}.{i % 256}", None, None, True)
+        assert isinstance(ticket, Ticket)
+        ticket.release()
+        ticket.release()  # idempotent: the gateway and the protocol may both release it
+    assert admission.tracked <= 100 and admission.pending == 0
+    held = admission.admit("203.0.113.1", None, None, True)
+    refusal = admission.admit("203.0.113.1", None, None, True)
+    assert isinstance(held, Ticket) and isinstance(refusal, Refusal)
+    assert (refusal.status, refusal.reason) == (429, "address_unauthenticated")
+    held.release()
+    assert isinstance(admission.admit("203.0.113.1", None, None, True), Ticket)
