@@ -144,7 +144,7 @@ class WireEndpoint:
         self, ns: str, keys: tuple[str, ...], old: Json, new: Json, patch: dict[str, Json] | None
     ) -> None:
         """A write at `keys` (value there was `old`, is `new`) to every wire listen it touches."""
-        from listeners_testkit.rtdb_server import _at, _render, _under
+        from listeners_testkit.rtdb_server import _at, _keys, _render, _under
 
         for conn in self.connections:
             if conn.ns != ns or not self.authorized(conn):
@@ -159,7 +159,16 @@ class WireEndpoint:
                         conn.push("m", {"p": _path_string(keys), "d": patch})
                     else:
                         conn.push("d", {"p": _path_string(keys), "d": _render(new)})
-                else:  # above it: the listened node's new value, whole
+                elif patch is not None:  # a merge above it: the child paths that reach it
+                    reaching = {
+                        child: value
+                        for child, value in patch.items()
+                        if _under(keys + _keys(child), listen.keys)
+                        or _under(listen.keys, keys + _keys(child))
+                    }
+                    if reaching:
+                        conn.push("m", {"p": _path_string(keys), "d": reaching})
+                else:  # a set above it: the listened node's new value, whole
                     below = listen.keys[len(keys) :]
                     before, after = _at(old, below), _at(new, below)
                     if before != after:
