@@ -17,7 +17,7 @@ import pytest
 
 from listeners.backoff import Backoff
 from listeners.source.rtdb import RtdbClient, RtdbError
-from listeners.source.rtdb_wire import WireClient, WireStream
+from listeners.source.rtdb_wire import RtdbSource, RtdbStream, WireClient, WireStream
 from listeners.source.rtdb_wire.protocol import (
     MAX_FRAME,
     FrameReader,
@@ -37,6 +37,17 @@ from listeners_testkit.rtdb_server import RtdbStandin
 FAST = Backoff(base=0.05, cap=0.5)
 TOKEN = "wire-token-1"
 LAST_3 = {"orderBy": '"$key"', "limitToLast": "3"}
+
+
+def test_both_clients_have_the_interface_the_streams_use() -> None:
+    """Checked by mypy: code typed against `RtdbSource` takes either transport."""
+
+    def either(rest: RtdbClient, wire: WireClient) -> tuple[RtdbSource, RtdbSource, RtdbStream, RtdbStream]:
+        one: RtdbStream = rest.stream("a", print)
+        two: RtdbStream = wire.stream("a", print)
+        return rest, wire, one, two
+
+    assert callable(either)
 
 
 # --- the protocol's pieces, alone -----------------------------------------------------------------

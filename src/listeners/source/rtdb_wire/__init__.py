@@ -14,6 +14,14 @@ the protocol as implemented and what the tests' stand-in cannot show.
 """
 
 from listeners.source.rtdb_wire.client import LISTENS_PER_CONNECTION, MAX_CONNECTIONS, WireClient
+from listeners.source.rtdb_wire.interface import RtdbSource, RtdbStream
 from listeners.source.rtdb_wire.listen import WireStream
 
-__all__ = ["LISTENS_PER_CONNECTION", "MAX_CONNECTIONS", "WireClient", "WireStream"]
+__all__ = [
+    "LISTENS_PER_CONNECTION",
+    "MAX_CONNECTIONS",
+    "RtdbSource",
+    "RtdbStream",
+    "WireClient",
+    "WireStream",
+]
