@@ -520,3 +520,15 @@ async def test_invalid_paths_and_queries_raise_at_once(make: Callable[..., WireC
     with pytest.raises(ValueError):
         client.stream("x", lambda tree: None, query={"limitToLast": "3"})
     assert client.open_streams == 0 and client.stats()["connections"] == []
+
+
+async def test_a_server_shutdown_degrades_until_the_next_connection(
+    make: Callable[..., WireClient], standin: RtdbStandin, ns: str
+) -> None:
+    client = make(backoff=Backoff(base=2.0, cap=2.0))  # a second or two before the next attempt
+    stream = client.stream("clients/s1/direct_message_notif", lambda tree: None)
+    await eventually(lambda: stream.synced)
+    assert await standin.wire_shutdown("database disabled by the owner") >= 1
+    await eventually(lambda: client.degraded)
+    assert "shut the connection down: database disabled by the owner" in (client.reason or "")
+    await eventually(lambda: stream.synced and stream.reconnects == 1 and not client.degraded)

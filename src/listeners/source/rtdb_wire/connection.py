@@ -378,6 +378,7 @@ class Connection:
     def _ready(self) -> None:
         self.sessions += 1
         self.down_since = None
+        self.degraded_reason = None  # connected and, with a provider, authenticated
         self._awaiting = 0
         self.ready.set()
         for listen in self.listens.values():
