@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from listeners.backoff import Backoff
-from listeners.source.rtdb import RtdbClient, RtdbError
+from listeners.source.rtdb import RtdbClient, RtdbError, ServiceAccountTokens
 from listeners.source.rtdb_wire import RtdbSource, RtdbStream, WireClient, WireStream
 from listeners.source.rtdb_wire.protocol import (
     MAX_FRAME,
@@ -33,6 +33,7 @@ from listeners.source.rtdb_wire.protocol import (
 )
 from listeners_testkit.proxy import TcpProxy
 from listeners_testkit.rtdb_server import RtdbStandin
+from tests.test_rtdb import FakeCredentials
 
 FAST = Backoff(base=0.05, cap=0.5)
 TOKEN = "wire-token-1"
@@ -532,3 +533,19 @@ async def test_a_server_shutdown_degrades_until_the_next_connection(
     await eventually(lambda: client.degraded)
     assert "shut the connection down: database disabled by the owner" in (client.reason or "")
     await eventually(lambda: stream.synced and stream.reconnects == 1 and not client.degraded)
+
+
+async def test_service_account_tokens_are_refreshed_before_expiry_on_the_open_connection(
+    make: Callable[..., WireClient], own: Callable[..., RtdbStandin]
+) -> None:
+    """The service's own provider (`ServiceAccountTokens`, refreshing `refresh_margin` before
+    expiry): each new access token goes on the connection already open."""
+    server = own()  # takes any credential, and records them
+    credentials = FakeCredentials(lifetime=3.0)
+    tokens = ServiceAccountTokens(credentials, refresh_margin=2.0, min_refresh_interval=0)
+    client = make(url=server.url, tokens=tokens, token_check_interval=0.3)
+    stream = client.stream("clients/sa/direct_message_notif", lambda tree: None)
+    await eventually(lambda: stream.synced)
+    stats = await until(lambda: _last_cred(server, "sa-3"))
+    assert stats["creds"][:3] == ["sa-1", "sa-2", "sa-3"] and stats["connects"] == 1
+    assert stream.synced and stream.reconnects == 0 and not client.degraded
