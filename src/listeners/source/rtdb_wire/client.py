@@ -182,6 +182,11 @@ class WireClient:
         return None
 
     @property
+    def degraded_reason(self) -> str | None:
+        """`reason`, under the name the Listen source gives it (service.health reads that)."""
+        return self.reason
+
+    @property
     def degraded(self) -> bool:
         return self.reason is not None
 
