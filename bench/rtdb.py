@@ -15,8 +15,14 @@ written before the service starts. One private redis-server serves the whole run
   exact channels `user:{uid}`.
 - Sizes given with `--without-rtdb` are measured a second time with the Realtime Database
   client off (Firestore only, no writes), which splits the per-user cost between the two.
+- `--transports rest,wire`: each size once per Realtime Database transport, side by side
+  (`LISTENERS_RTDB_TRANSPORT`; until service.py reads it, `bench/rtdb_wire_shim` selects the
+  wire client in the service process). *msg synced s* is from starting the service to every
+  user's first `msg.sync`. Such a run's block goes to its own section (docs/rtdb.md by
+  default), not over the REST-only one.
 
     .venv/bin/python -m bench.rtdb --users 0,1,100,1000 --writes 300 --rate 20
+    .venv/bin/python -m bench.rtdb --users 0,1000 --transports rest,wire --without-rtdb ""
 
 The results replace the generated block of this benchmark in docs/benchmarks.md.
 """
@@ -71,6 +77,11 @@ from listeners_testkit.rtdb_server import RtdbStandin
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.rtdb:start -->", "<!-- bench.rtdb:end -->"
 SECTION = "## Realtime Database direct messages and the cost per user (`bench/rtdb.py`)"
+TRANSPORTS_DOC = PROJECT_ROOT / "docs" / "rtdb.md"
+TRANSPORTS_START = "<!-- bench.rtdb.transports:start -->"
+TRANSPORTS_END = "<!-- bench.rtdb.transports:end -->"
+TRANSPORTS_SECTION = "## Measured: REST against the wire (`bench/rtdb.py --transports rest,wire`)"
+WIRE_SHIM = Path(__file__).resolve().parent / "rtdb_wire_shim"  # its sitecustomize selects the wire client
 PEERS = ("firestore", "rtdb", "redis", "other")
 MB = 2**20
 GC_PROBE = Path(__file__).resolve().parent / "gc_probe"  # its sitecustomize logs collections
@@ -83,9 +94,11 @@ class Size:
 
     users: int
     rtdb: bool  # False: the Realtime Database client is off (Firestore only)
+    transport: str  # LISTENERS_RTDB_TRANSPORT: rest or wire
     log_path: Path
     emulator_log: Path
     ready_s: float = float("nan")  # service started -> every user attached, synced and streaming
+    msg_synced_s: float = float("nan")  # service started -> every user's first msg.sync
     # at idle: every user attached, no writes
     idle_s: float = float("nan")
     idle_cpu: float = float("nan")  # service CPU % over the idle window (100 = one core)
@@ -99,7 +112,8 @@ class Size:
     fds: int = 0
     tcp: Counter[str] = field(default_factory=Counter)  # established connections by peer
     listening: int = 0
-    standin_streams: int = 0
+    standin_streams: int = 0  # REST streams, or wire listens
+    standin_sockets: int = 0  # the stand-in's WebSockets
     standin_rss_mb: float = float("nan")
     emulator_rss_mb: float = float("nan")
     # writes
@@ -130,7 +144,7 @@ class Size:
 
     @property
     def label(self) -> str:
-        return f"{self.users}" + ("" if self.rtdb else " (Firestore only)")
+        return f"{self.users}" + (f" {self.transport}" if self.rtdb else " (Firestore only)")
 
 
 class Consumer(latency.Consumer):
@@ -139,10 +153,13 @@ class Consumer(latency.Consumer):
     def __init__(self, client: aioredis.Redis, uids: list[str]) -> None:
         super().__init__(client, uids)
         self.synced_by_kind: dict[str, set[str]] = {"notif.sync": set(), "msg.sync": set()}
+        self.last_first_sync: dict[str, float] = {}  # kind -> when its latest user had a first sync
 
     def record(self, event: dict[str, Any], now: float) -> None:
         kind = event["type"]
         if kind in self.synced_by_kind:
+            if event["uid"] not in self.synced_by_kind[kind]:
+                self.last_first_sync[kind] = now
             self.synced_by_kind[kind].add(event["uid"])
         elif kind == "msg.add":
             self.received_once(event["payload"]["doc_id"], now)
@@ -243,6 +260,10 @@ async def run_size(
     if s.rtdb:
         extra["FIREBASE_DATABASE_EMULATOR_HOST"] = f"127.0.0.1:{standin.port}"
         extra["FIREBASE_REALTIME_DB_URL"] = f"https://{ns}.firebaseio.com"
+        extra["LISTENERS_RTDB_TRANSPORT"] = s.transport
+        if s.transport == "wire":
+            paths = [str(WIRE_SHIM), extra.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))]
+            extra["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
 
     def alive() -> None:
         check_alive(service=service.process if service else None, emulator=emulator.process)
@@ -268,8 +289,9 @@ async def run_size(
             got = {kind: len(consumer.synced_by_kind[kind]) for kind in syncs}
             raise TimeoutError(f"first syncs of {s.users} users not all received: {got}")
         if s.rtdb:
+            s.msg_synced_s = consumer.last_first_sync.get("msg.sync", began) - began
             deadline = time.monotonic() + args.ready_timeout
-            while await standin.open_streams(ns) < s.users:
+            while await standin_listens(standin, ns, s.transport) < s.users:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the stand-in never had {s.users} streams open")
                 await asyncio.sleep(0.2)
@@ -297,7 +319,8 @@ async def run_size(
         s.fds = service.ps.num_fds()
         ports = {emulator.port: "firestore", standin.port: "rtdb", redis_port: "redis"}
         s.tcp, s.listening = tcp_by_peer(service.ps, ports)
-        s.standin_streams = await standin.open_streams(ns)
+        s.standin_streams = await standin_listens(standin, ns, s.transport)
+        s.standin_sockets = int((await standin.wire(ns))["connections"])
         s.standin_rss_mb = rtdb.memory_info().rss / MB
         s.emulator_rss_mb = emu.memory_info().rss / MB
 
@@ -364,12 +387,19 @@ async def run_size(
                     s.gc_pauses.append((record["at"], record["generation"], record["ms"]))
 
 
+async def standin_listens(standin: RtdbStandin, ns: str, transport: str) -> int:
+    """What the stand-in serves of this namespace: REST streams, or listens over its WebSockets."""
+    if transport == "wire":
+        return int((await standin.wire(ns))["listens"])
+    return await standin.open_streams(ns)
+
+
 def _f(value: float, digits: int = 0) -> str:
     return "n/a" if value != value else f"{value:.{digits}f}"
 
 
 def render(sizes: list[Size], command: str, code: str, started: datetime, elapsed: float) -> str:
-    base = next((s for s in sizes if s.users == 0 and s.rtdb and not s.error), None)
+    bases = {s.transport: s for s in reversed(sizes) if s.users == 0 and s.rtdb and not s.error}
     lines = [
         START,
         *report_head(command, code, started, elapsed),
@@ -396,10 +426,11 @@ def render(sizes: list[Size], command: str, code: str, started: datetime, elapse
         "",
         "| users | RSS MB | Δ RSS per user KB | threads | Δ threads per user | fds "
         "| TCP Firestore | TCP RTDB | TCP Redis | TCP other | Δ TCP per user | stand-in streams "
-        "| idle CPU % | Δ idle CPU % per 100 users | ready s | stop s |",
-        "|" + "---:|" * 16,
+        "| stand-in WebSockets | idle CPU % | Δ idle CPU % per 100 users | msg synced s | ready s | stop s |",
+        "|" + "---:|" * 18,
     ]
     for s in sizes:
+        base = bases.get(s.transport)
         tcp = sum(s.tcp.values())
         if base is not None and s.users and s.rss_mb == s.rss_mb:
             d_rss = _f((s.rss_mb - base.rss_mb) * 1024 / s.users)
@@ -411,8 +442,9 @@ def render(sizes: list[Size], command: str, code: str, started: datetime, elapse
         lines.append(
             f"| {s.label} | {_f(s.rss_mb)} | {d_rss} | {s.threads} | {d_threads} | {s.fds} "
             + "".join(f"| {s.tcp[peer]} " for peer in PEERS)
-            + f"| {d_tcp} | {s.standin_streams if s.rtdb else 'n/a'} | {_f(s.idle_cpu, 1)} | {d_cpu} "
-            f"| {_f(s.ready_s, 1)} | {_f(s.stop_s, 1)} |"
+            + f"| {d_tcp} | {s.standin_streams if s.rtdb else 'n/a'} "
+            f"| {s.standin_sockets if s.rtdb else 'n/a'} | {_f(s.idle_cpu, 1)} | {d_cpu} "
+            f"| {_f(s.msg_synced_s, 1)} | {_f(s.ready_s, 1)} | {_f(s.stop_s, 1)} |"
         )
     lines += ["", "Per size:"]
     for s in sizes:
@@ -478,14 +510,16 @@ def gc_summary(s: Size) -> str:
 
 async def run(args: argparse.Namespace) -> list[Size]:
     """One redis-server for the whole run; a fresh emulator, stand-in and service per size."""
-    plan = [(n, True) for n in args.users] + [(n, False) for n in args.without_rtdb]
+    plan = [(n, True, t) for n in args.users for t in args.transports]
+    plan += [(n, False, "rest") for n in args.without_rtdb]
     sizes: list[Size] = []
     with RedisServer() as redis_server:
-        for users, with_rtdb in plan:
+        for users, with_rtdb, transport in plan:
             name = f"listeners-bench-rtdb-{users}-{uuid.uuid4().hex[:6]}"
             s = Size(
                 users,
                 with_rtdb,
+                transport,
                 Path(tempfile.gettempdir()) / f"{name}.log",
                 Path(tempfile.gettempdir()) / f"{name}-emulator.log",
             )
@@ -501,7 +535,8 @@ async def run(args: argparse.Namespace) -> list[Size]:
             s.load.append(os.getloadavg()[0])
             lat = s.latencies_ms
             print(
-                f"[bench] {s.label} users: ready {s.ready_s:.1f} s, rss {s.rss_mb:.0f} MB, "
+                f"[bench] {s.label} users: msg synced {s.msg_synced_s:.1f} s, ready {s.ready_s:.1f} s, "
+                f"rss {s.rss_mb:.0f} MB, fds {s.fds}, "
                 f"threads {s.threads}, tcp {dict(s.tcp)}, idle cpu {s.idle_cpu:.1f}%; "
                 f"{s.received}/{s.sent} received, p50 {percentile(lat, 50):.0f} "
                 f"p99 {percentile(lat, 99):.0f} max {percentile(lat, 100):.0f} ms; log {s.log_path}"
@@ -514,6 +549,13 @@ async def run(args: argparse.Namespace) -> list[Size]:
 
 def _sizes(text: str) -> list[int]:
     return [int(n) for n in text.split(",") if n.strip()]
+
+
+def _transports(text: str) -> list[str]:
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    if not chosen or any(t not in ("rest", "wire") for t in chosen):
+        raise argparse.ArgumentTypeError("transports are rest and wire, comma-separated")
+    return chosen
 
 
 def _without_samples(argv: list[str]) -> list[str]:
@@ -536,6 +578,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--without-rtdb", type=_sizes, default=[1000], help="sizes measured again, Firestore only"
     )
+    parser.add_argument(
+        "--transports",
+        type=_transports,
+        default=["rest"],
+        help="LISTENERS_RTDB_TRANSPORT values, each size once per value: rest, wire or rest,wire",
+    )
     parser.add_argument("--writes", type=int, default=300, help="direct messages per size (N > 0)")
     parser.add_argument("--rate", type=float, default=20.0, help="direct messages per second")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle measurement")
@@ -554,6 +602,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if 0 not in args.users:
         parser.error("--users must include 0, the baseline of the per-user deltas")
+    if "wire" in args.transports and args.gc_log:
+        parser.error("--gc-log and the wire transport both need the service's sitecustomize")
+    if args.transports != ["rest"] and args.doc == DOC:
+        args.doc = TRANSPORTS_DOC
     signal.signal(signal.SIGTERM, _terminate)
     started, began = datetime.now(UTC), time.monotonic()
     try:
@@ -574,8 +626,11 @@ def main(argv: list[str] | None = None) -> None:
                     out.write(json.dumps({"users": s.users, "key": key, "sent": at, "ms": ms}) + "\n")
     block = render(sizes, command, code, started, time.monotonic() - began)
     print(block)
-    if not args.no_doc:
+    if not args.no_doc and args.transports == ["rest"]:
         update_doc(args.doc, block, START, END, SECTION)
+    elif not args.no_doc:
+        block = block.replace(START, TRANSPORTS_START).replace(END, TRANSPORTS_END)
+        update_doc(args.doc, block, TRANSPORTS_START, TRANSPORTS_END, TRANSPORTS_SECTION)
 
 
 if __name__ == "__main__":

@@ -344,6 +344,8 @@ class Settings:
         "Firestore streams per gRPC connection", span=(1, MAX_STREAMS_PER_CONNECTION))
     firestore_source: str = key("LISTENERS_FIRESTORE_SOURCE", "listen",
         "[below](#firestore-source)", choices=("listen", "sdk"))
+    rtdb_transport: str = key("LISTENERS_RTDB_TRANSPORT", "rest",
+        "[below](#realtime-database-transport)", choices=("rest", "wire"))
     targets_per_stream: int = key("LISTENERS_FIRESTORE_TARGETS_PER_STREAM", TARGETS_PER_STREAM,
         "`listen` source only ([below](#targets-per-stream))", span=(1, 100_000))
     publish_queue_max: int = key("LISTENERS_PUBLISH_QUEUE_MAX", 10_000,

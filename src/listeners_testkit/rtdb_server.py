@@ -2,8 +2,9 @@
 
 Run it as `python -m listeners_testkit.rtdb_server --port N [--keepalive S] [--token T]`, or
 from tests through `RtdbStandin`, a child process that can be stopped and started again on
-the same port. It implements the wire protocol described in `listeners.source.rtdb`
-(the client's package), with the choices noted there.
+the same port. It implements the REST protocol described in `listeners.source.rtdb`
+(the client's package), with the choices noted there, and at `/.ws` the Firebase SDKs'
+WebSocket protocol on the same data (`listeners_testkit.rtdb_wire_server`, docs/rtdb.md).
 
 Not implemented: security rules (beyond the test hook that denies a path), ETags, server
 values, streaming with `shallow`, `startAfter` / `endBefore`.
@@ -17,6 +18,14 @@ Test hooks, HTTP under `/_standin/` (and as methods of `Hub` in process):
   POST /_standin/redirect?on=1|0         answer each stream request once with a 307 to itself
   POST /_standin/hold?on=1|0             answer new stream requests with 503 (writes still work)
   POST /_standin/reset                   forget all data and denials
+  GET  /_standin/wire[?ns=]              the WebSocket side: connections, listens, counters
+  POST /_standin/wire_reset?host=H       reset every WebSocket to host H (`r`), and close it
+  POST /_standin/wire_shutdown?reason=R  shutdown (`s`) to every WebSocket, and close it
+  POST /_standin/wire_host?host=H        the host the handshake names from now (empty: Host)
+  POST /_standin/wire_accept?token=T     accept T too on WebSockets (a token rotation)
+  The hooks above also act on WebSockets: drop closes them (1011 for abort, 1001 for close),
+  revoke sends `ac` and unauthenticates them, cancel sends `c` to the listens at P or below,
+  hold refuses new ones.
 """
 
 from __future__ import annotations
@@ -39,10 +48,11 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from listeners_testkit.processes import _Child
+from listeners_testkit.rtdb_wire_server import WireEndpoint
 
 DEFAULT_NAMESPACE = "default"
 _FORBIDDEN_KEY_CHARS = frozenset(".#$[]/")
@@ -329,6 +339,7 @@ class Hub:
         self._denied: set[tuple[str, tuple[str, ...]]] = set()
         self._streams: set[_Stream] = set()
         self._push_ids = _PushIds()
+        self.wire: WireEndpoint | None = None  # set by the WebSocket endpoint built on this hub
 
     # reads and writes
 
@@ -367,6 +378,8 @@ class Hub:
         new = _at(self._data.get(ns), keys)
         if old == new:
             return  # the database sends nothing for a write that changes nothing
+        if self.wire is not None:
+            self.wire.publish(ns, keys, old, new, patch)
         for stream in self._streams:
             if stream.ns != ns:
                 continue
@@ -416,7 +429,7 @@ class Hub:
     def drop(self, mode: str = _ABORT) -> int:
         for stream in self._streams:
             stream.end(_ABORT if mode == _ABORT else _CLOSE)
-        return len(self._streams)
+        return len(self._streams) + (self.wire.drop(mode) if self.wire is not None else 0)
 
     def revoke(self, new_token: str | None = None) -> int:
         if new_token is not None:
@@ -424,7 +437,7 @@ class Hub:
         for stream in self._streams:
             stream.send("auth_revoked", "credential is no longer valid")
             stream.end()
-        return len(self._streams)
+        return len(self._streams) + (self.wire.revoke() if self.wire is not None else 0)
 
     def cancel(self, ns: str, keys: tuple[str, ...]) -> int:
         self._denied.add((ns, keys))
@@ -432,7 +445,7 @@ class Hub:
         for stream in hit:
             stream.send("cancel", None)
             stream.end()
-        return len(hit)
+        return len(hit) + (self.wire.cancel(ns, keys) if self.wire is not None else 0)
 
     def inject(self, ns: str, keys: tuple[str, ...], event: str, raw: bytes) -> int:
         """Send a raw, possibly malformed event to the streams open at exactly this path: the
@@ -526,6 +539,8 @@ def _request_token(request: Request) -> str | None:
 
 
 def build_app(hub: Hub) -> Starlette:
+    wire = WireEndpoint(hub)
+
     async def data(request: Request) -> Response:
         raw = request.scope["path"]
         if not raw.endswith(".json"):
@@ -623,8 +638,31 @@ def build_app(hub: Hub) -> Starlette:
         event = request.query_params.get("event", "put")
         return JSONResponse({"injected": hub.inject(ns, keys, event, await request.body())})
 
+    async def wire_stats(request: Request) -> Response:
+        return JSONResponse(wire.stats(request.query_params.get("ns")))
+
+    async def wire_reset(request: Request) -> Response:
+        return JSONResponse({"reset": wire.reset(request.query_params["host"])})
+
+    async def wire_shutdown(request: Request) -> Response:
+        return JSONResponse({"shutdown": wire.shutdown(request.query_params.get("reason", "shut down"))})
+
+    async def wire_host(request: Request) -> Response:
+        wire.handshake_host = request.query_params.get("host") or None
+        return JSONResponse({"host": wire.handshake_host})
+
+    async def wire_accept(request: Request) -> Response:
+        wire.accepted.add(request.query_params["token"])
+        return JSONResponse({})
+
     return Starlette(
         routes=[
+            Route("/_standin/wire_accept", wire_accept, methods=["POST"]),
+            WebSocketRoute("/.ws", wire.serve),
+            Route("/_standin/wire", wire_stats, methods=["GET"]),
+            Route("/_standin/wire_reset", wire_reset, methods=["POST"]),
+            Route("/_standin/wire_shutdown", wire_shutdown, methods=["POST"]),
+            Route("/_standin/wire_host", wire_host, methods=["POST"]),
             Route("/_standin/streams", streams, methods=["GET"]),
             Route("/_standin/drop", drop, methods=["POST"]),
             Route("/_standin/revoke", revoke, methods=["POST"]),
@@ -739,6 +777,28 @@ class RtdbStandin(_Child):
 
     async def set_hold(self, on: bool) -> None:
         await self.hook("POST", "hold", on="1" if on else "0")
+
+    @property
+    def ws_url(self) -> str:
+        """What the wire client and the SDK take as the database URL (with `?ns=`)."""
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def wire(self, ns: str | None = None) -> dict[str, Any]:
+        """The WebSocket side: connections and listens open now, and counters since the start."""
+        return dict(await self.hook("GET", "wire", **({"ns": ns} if ns else {})))
+
+    async def wire_reset(self, host: str) -> int:
+        return int((await self.hook("POST", "wire_reset", host=host))["reset"])
+
+    async def wire_shutdown(self, reason: str) -> int:
+        return int((await self.hook("POST", "wire_shutdown", reason=reason))["shutdown"])
+
+    async def wire_host(self, host: str) -> None:
+        await self.hook("POST", "wire_host", host=host)
+
+    async def wire_accept(self, token: str) -> None:
+        """Accept `token` too on WebSockets, from now on."""
+        await self.hook("POST", "wire_accept", token=token)
 
 
 if __name__ == "__main__":
