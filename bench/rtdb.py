@@ -16,7 +16,7 @@ written before the service starts. One private redis-server serves the whole run
 - Sizes given with `--without-rtdb` are measured a second time with the Realtime Database
   client off (Firestore only, no writes), which splits the per-user cost between the two.
 - `--transports rest,wire`: each size once per Realtime Database transport, side by side
-  (`LISTENERS_RTDB_TRANSPORT`; until service.py reads it, `bench/rtdb_wire_shim` selects the
+  (`LISTENERS_RTDB_TRANSPORT`, which the service reads: it selects the
   wire client in the service process). *msg synced s* is from starting the service to every
   user's first `msg.sync`. Such a run's block goes to its own section (docs/rtdb.md by
   default), not over the REST-only one.
@@ -81,7 +81,6 @@ TRANSPORTS_DOC = PROJECT_ROOT / "docs" / "rtdb.md"
 TRANSPORTS_START = "<!-- bench.rtdb.transports:start -->"
 TRANSPORTS_END = "<!-- bench.rtdb.transports:end -->"
 TRANSPORTS_SECTION = "## Measured: REST against the wire (`bench/rtdb.py --transports rest,wire`)"
-WIRE_SHIM = Path(__file__).resolve().parent / "rtdb_wire_shim"  # its sitecustomize selects the wire client
 PEERS = ("firestore", "rtdb", "redis", "other")
 MB = 2**20
 GC_PROBE = Path(__file__).resolve().parent / "gc_probe"  # its sitecustomize logs collections
@@ -261,9 +260,6 @@ async def run_size(
         extra["FIREBASE_DATABASE_EMULATOR_HOST"] = f"127.0.0.1:{standin.port}"
         extra["FIREBASE_REALTIME_DB_URL"] = f"https://{ns}.firebaseio.com"
         extra["LISTENERS_RTDB_TRANSPORT"] = s.transport
-        if s.transport == "wire":
-            paths = [str(WIRE_SHIM), extra.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))]
-            extra["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
 
     def alive() -> None:
         check_alive(service=service.process if service else None, emulator=emulator.process)

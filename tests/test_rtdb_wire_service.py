@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from listeners.assemble import running
 from listeners.backoff import Backoff
 from listeners.config import Settings
-from listeners.service import running
 from listeners.source.rtdb import RtdbClient
 from listeners.source.rtdb_wire import WireClient
 from listeners_testkit.rtdb_server import RtdbStandin
@@ -70,7 +70,7 @@ async def test_messages_and_chat_through_the_service_on_one_socket(
     consumer: Consumer = await subscribe("mia")
     chat: Consumer = await subscribe("mia:acme:t1", prefix="chat:")
     client = wire(standin, ns)
-    async with running(dataclasses.replace(rtdb_settings, chat_history=3), rtdb=client) as service:  # type: ignore[arg-type]
+    async with running(dataclasses.replace(rtdb_settings, chat_history=3), rtdb=client) as service:
         await fb.set("listeners_registry/mia", {
             "status": "online", "heartbeat_at": "2999-01-01T00:00:00Z", "authorized_companies_ids": ["acme"],
             "chat_threads": [{"space_code": "acme", "thread_key": "t1", "mode": "chats"}],

@@ -51,6 +51,7 @@ from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
 from listeners.source.registry import ChatThread
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
+from listeners.source.rtdb_wire import RtdbSource, WireClient
 from listeners.source.snapshots import SnapshotSource
 from listeners.source.stores import NotificationStore, RegistryStore
 from listeners.streams.view import Publishing
@@ -126,16 +127,19 @@ def firestore_client(firebase: FirebaseSettings, account: ServiceAccount) -> Any
     return firestore.AsyncClient(project=firebase.project_id, credentials=credentials)
 
 
-def rtdb_client(firebase: FirebaseSettings, account: ServiceAccount) -> RtdbClient | None:
-    """The Realtime Database client, or None when no database is configured."""
+def rtdb_client(
+    firebase: FirebaseSettings, account: ServiceAccount, transport: str = "rest"
+) -> RtdbSource | None:
+    """The Realtime Database client, or None when no database is configured: REST streaming
+    (one connection per listened node), or the wire protocol (every listen on a few
+    WebSockets; `LISTENERS_RTDB_TRANSPORT=wire`, docs/rtdb.md)."""
+    make = WireClient if transport == "wire" else RtdbClient
     if firebase.database_emulator_host:
         namespace = rtdb_namespace(firebase.database_url, firebase.project_id)
-        return RtdbClient(
-            f"http://{firebase.database_emulator_host}", namespace=namespace, tokens=emulator_token
-        )
+        return make(f"http://{firebase.database_emulator_host}", namespace=namespace, tokens=emulator_token)
     info = account.info()
     if firebase.database_url and info is not None:
-        return RtdbClient(firebase.database_url, tokens=ServiceAccountTokens.from_service_account_info(info))
+        return make(firebase.database_url, tokens=ServiceAccountTokens.from_service_account_info(info))
     return None
 
 
@@ -159,7 +163,7 @@ async def running(
     *,
     broker: Broker | None = None,
     source: SnapshotSource | None = None,
-    rtdb: RtdbClient | None = None,
+    rtdb: RtdbSource | None = None,
     account: ServiceAccount | None = None,
     on_fatal: Callable[[str], None] = lambda reason: None,
     process_exits: bool = False,
@@ -174,7 +178,7 @@ async def running(
     metrics = Metrics()
     broker = broker or RedisBroker(settings.redis, metrics)
     source = source or firestore_source(settings, account, metrics)
-    rtdb = rtdb or rtdb_client(settings.firebase, account)
+    rtdb = rtdb or rtdb_client(settings.firebase, account, settings.rtdb_transport)
     if rtdb is not None:
         rtdb.on_reconnect = lambda cause: metrics.rtdb_reconnects.labels(cause).inc()
     membership = Membership(settings.redis, settings.instance_id, broker=broker)

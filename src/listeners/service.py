@@ -27,7 +27,7 @@ from listeners.node import Node
 from listeners.publish.broker import Broker
 from listeners.publish.publisher import Publisher
 from listeners.source.listen import ListenSource
-from listeners.source.rtdb import RtdbClient
+from listeners.source.rtdb_wire import RtdbSource, WireClient
 from listeners.source.snapshots import SnapshotSource
 from listeners.supervisor import Supervisor
 
@@ -51,7 +51,7 @@ class Service:
     membership: Membership
     broker: Broker
     supervisor: Supervisor
-    rtdb: RtdbClient | None = None
+    rtdb: RtdbSource | None = None
     stopping: bool = False
     failed: str | None = None  # why a task could not be kept alive: the process must go
     stop_deadline: float | None = None  # loop time by which the process must have stopped
@@ -188,7 +188,10 @@ class Service:
         redis = "ok" if self.publisher.up else "down"
         # A Listen stream refused for good (PERMISSION_DENIED...): retried slowly, no data flows.
         listen = self.source.degraded_reason if isinstance(self.source, ListenSource) else None
+        # The wire client's auth revoked or its token refresh failing: no direct message flows.
+        database = self.rtdb.degraded_reason if isinstance(self.rtdb, WireClient) else None
         ok = redis == "ok" and self.node.registry_healthy and not self.stopping and listen is None
+        ok = ok and database is None
         body: dict[str, object] = {
             "status": "failed" if self.failed else "ok" if ok else "degraded",
             "version": __version__,
@@ -203,6 +206,8 @@ class Service:
             body["reason"] = self.failed
         elif listen is not None:
             body["reason"] = f"firestore: {listen}"
+        elif database is not None:
+            body["reason"] = f"realtime database: {database}"
         return body
 
     def operations(self, websocket: dict[str, Any] | None, now: float | None = None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from listeners.publish.channels import Channels
 from listeners.source.registry import ChatThread, RegistryEntry
-from listeners.source.rtdb import RtdbClient
+from listeners.source.rtdb_wire import RtdbSource
 from listeners.source.snapshots import SnapshotSource
 from listeners.streams import UserStream
 from listeners.streams.chat import DEFAULT_HISTORY, ChatStream
@@ -28,7 +28,7 @@ class Sources:
     """Where a user's changes come from: Firestore, and the Realtime Database when configured."""
 
     firestore: SnapshotSource
-    rtdb: RtdbClient | None = None
+    rtdb: RtdbSource | None = None
 
 
 @dataclass(frozen=True)

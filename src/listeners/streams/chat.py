@@ -25,7 +25,8 @@ import httpx
 from listeners.events import CHAT_MESSAGE, CHAT_SYNC
 from listeners.normalise.chat import displayable, in_order, raw_message
 from listeners.source.registry import ChatThread
-from listeners.source.rtdb import NodeMirror, RtdbClient, RtdbError
+from listeners.source.rtdb import RtdbError
+from listeners.source.rtdb_wire import RtdbSource, RtdbStream
 from listeners.streams.order import StreamOrder
 from listeners.streams.view import DEFAULT_PUBLISHING, Emit, Publishing
 
@@ -43,7 +44,7 @@ class ChatStream:
         self,
         uid: str,
         thread: ChatThread,
-        client: RtdbClient,
+        client: RtdbSource,
         emit: Emit,
         *,
         mark_read: bool,
@@ -57,7 +58,7 @@ class ChatStream:
         self._mark_read = mark_read
         self.history = history
         self._order = StreamOrder(publishing.instance_id)
-        self._stream: NodeMirror | None = None
+        self._stream: RtdbStream | None = None
         self._nodes: dict[str, Any] = {}  # the window, as the stream last handed it over
         self._seen: set[str] = set()  # delivered ids still in the window
         # Ids this stream marked read, still in the window: a sync carries them as if unread,

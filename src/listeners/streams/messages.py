@@ -17,7 +17,7 @@ from typing import Any
 from listeners.events import MSG_ADD, MSG_REMOVE, MSG_SYNC, MSG_UPDATE
 from listeners.normalise.messages import normalise_message
 from listeners.normalise.notifications import newest_first
-from listeners.source.rtdb import NodeMirror, RtdbClient
+from listeners.source.rtdb_wire import RtdbSource, RtdbStream
 from listeners.streams.view import DEFAULT_PUBLISHING, Emit, EventNames, Item, PublishedView, Publishing
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,14 @@ class MessageStream:
         self,
         uid: str,
         companies: frozenset[str],
-        client: RtdbClient,
+        client: RtdbSource,
         emit: Emit,
         publishing: Publishing = DEFAULT_PUBLISHING,
     ) -> None:
         self.uid = uid
         self._client = client
         self._view = PublishedView(uid, NAMES, emit, companies, _sync_payload, publishing=publishing)
-        self._stream: NodeMirror | None = None
+        self._stream: RtdbStream | None = None
         self._reconnects = 0
         self._skipped: set[str] = set()
 

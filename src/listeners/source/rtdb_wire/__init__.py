@@ -16,7 +16,6 @@ the protocol as implemented and what the tests' stand-in cannot show.
 from listeners.source.rtdb_wire.client import LISTENS_PER_CONNECTION, MAX_CONNECTIONS, WireClient
 from listeners.source.rtdb_wire.interface import RtdbSource, RtdbStream
 from listeners.source.rtdb_wire.listen import WireStream
-from listeners.source.rtdb_wire.settings import wire_client
 
 __all__ = [
     "LISTENS_PER_CONNECTION",
@@ -25,5 +24,4 @@ __all__ = [
     "RtdbStream",
     "WireClient",
     "WireStream",
-    "wire_client",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
@@ -98,6 +98,7 @@ class WireClient:
         self._streams: dict[WireStream, Listen] = {}
         self._push_ids = PushIds()
         self._closed = False
+        self.on_reconnect: Callable[[str], None] = lambda cause: None  # metrics: reconnects by cause
 
     # --- streams ---------------------------------------------------------------------------
 

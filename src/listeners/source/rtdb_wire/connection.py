@@ -249,6 +249,7 @@ class Connection:
                 delay = 0.0 if now else self.client.backoff.delay(attempt)
                 attempt += 0 if now else 1
                 log.info("rtdb wire connection %d: reconnecting in %.2fs (%s)", self.index, delay, why)
+                self.client.on_reconnect(why.partition(":")[0][:40])  # the cause's class: a bounded label
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
             raise

@@ -33,6 +33,8 @@ class RtdbStream(Protocol):
 
 
 class RtdbSource(Protocol):
+    on_reconnect: Callable[[str], None]  # told each reconnect's cause, for the metrics
+
     def stream(
         self,
         path: str,
