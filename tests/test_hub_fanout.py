@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import types
 from typing import Any
 
 import pytest
@@ -60,7 +61,7 @@ class ClosedSocket:
 @dataclasses.dataclass
 class Gateway:
     settings: WebSocketSettings
-    services: Any = None
+    services: Any = dataclasses.field(default_factory=lambda: types.SimpleNamespace(metrics=Metrics()))
 
 
 async def deliver_until_closed(

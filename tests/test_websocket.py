@@ -280,8 +280,12 @@ async def test_limits(
             await wait_until(lambda: app.state.gateway.count == 2)
             async with connect(f"{url}?token={issuer.mint('other')}") as d:
                 await next_event(d, "auth.ok")
-                async with connect(f"{url}?token={issuer.mint('fourth')}") as e:
-                    assert await closed_with(e) == 1013
+                # The instance is full: refused before the upgrade (issue 28), 503 with Retry-After.
+                with pytest.raises(InvalidStatus) as refused:
+                    async with connect(f"{url}?token={issuer.mint('fourth')}"):
+                        pass
+                assert refused.value.response.status_code == 503
+                assert refused.value.response.headers["Retry-After"]
         await wait_until(lambda: app.state.gateway.count == 0)
         async with connect(f"{url}?token={issuer.mint('slow')}") as ws:
             await next_event(ws, "auth.ok")
