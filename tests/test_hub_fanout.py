@@ -184,3 +184,26 @@ async def test_resync_requests_wait_while_redis_is_gone_and_go_out_once_it_is_ba
     await until_sent(resyncs)
     assert sorted(broker.published["control"]) == sorted(sign(f"u{n}", ()) for n in range(10))
     await resyncs.aclose()
+
+
+async def test_resync_requests_survive_any_failure_of_a_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write on a transport Redis reset raises RuntimeError from the loop itself, and a bug
+    raises anything: the requests stay queued and go out on the next try, none lost."""
+    monkeypatch.setattr(batch, "RETRY_SECONDS", 0.0)
+    failures = [RuntimeError("unable to perform operation on <TCPTransport closed=True>"), KeyError("bug")]
+
+    class Failing(CountingBroker):
+        async def publish_many(self, messages: Any) -> None:
+            if failures:
+                self.calls += 1
+                raise failures.pop(0)
+            await super().publish_many(messages)
+
+    broker = Failing()
+    resyncs = Resyncs(broker, "control", sign, per_second=1e9)
+    for n in range(10):
+        resyncs.request(f"u{n}")
+    await until_sent(resyncs)
+    assert sorted(broker.published["control"]) == sorted(sign(f"u{n}", ()) for n in range(10))
+    assert not failures
+    await resyncs.aclose()

@@ -76,8 +76,10 @@ class Resyncs:
                 messages = [(self._channel, self._sign(uid, tuple(threads))) for uid, threads in batch]
                 try:
                     await self._broker.publish_many(messages)
-                except BrokerUnavailable as exc:
-                    log.warning("resync requests not sent; retrying", extra={"reason": str(exc)[:200]})
+                except Exception as exc:  # Redis gone, or anything else: the requests are kept
+                    level = logging.WARNING if isinstance(exc, BrokerUnavailable) else logging.ERROR
+                    reason = f"{type(exc).__name__}: {exc}"[:200]
+                    log.log(level, "resync requests not sent; retrying", extra={"reason": reason})
                     for uid, threads in batch:  # back in the queue, merged with newer ones
                         self._waiting.setdefault(uid, set()).update(threads)
                     await asyncio.sleep(RETRY_SECONDS)
