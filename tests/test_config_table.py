@@ -72,6 +72,8 @@ def valid(k: Key, tmp_path: Path, n: int) -> Any:
         return str(tmp_path / str(n))
     if k.check is config.absolute_path:
         return f"/path{n}"
+    if k.check is config.invalid_cidrs:
+        return [f"10.{n}.0.0/16"]
     if k.kind in ("integer", "number"):
         assert k.span is not None
         return int(k.span[0]) + n

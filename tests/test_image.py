@@ -46,7 +46,7 @@ import pytest
 
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import FirestoreEmulator, RedisServer, free_port
-from tests.test_deploy import ROOT, task_definition
+from tests.test_deploy import ROOT, service_container, task_definition
 
 pytestmark = [
     pytest.mark.skipif(
@@ -262,7 +262,7 @@ def test_only_the_shared_temporary_directories_are_writable_by_anyone(
     writable = {p: s.st_mode for p, s in listing.items() if s.st_mode & 0o002 and not stat.S_ISLNK(s.st_mode)}
     assert "tmp" in writable
     assert [p for p, mode in writable.items() if not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX)] == []
-    (container,) = task_definition()["containerDefinitions"]
+    container = service_container(task_definition())
     assert container["readonlyRootFilesystem"] is True
     assert {"sourceVolume": "tmp", "containerPath": "/tmp", "readOnly": False} in container["mountPoints"]
 
@@ -365,7 +365,7 @@ def container(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Container]:
     port = free_port()
-    (task,) = task_definition()["containerDefinitions"]
+    task = service_container(task_definition())
     task_env = {e["name"]: e["value"] for e in task["environment"]}
     # Google's Secret Manager and ElastiCache are not here: their settings give way to the
     # emulator, the test's redis-server (no TLS, no user) and a local token issuer.
@@ -437,7 +437,7 @@ def test_healthz_answers_within_the_start_period_and_the_healthcheck_passes(
     start_period = image.healthcheck["StartPeriod"] / 1e9
     assert container.first_200_after < start_period, container.log.read_text()
     # ECS runs the task definition's check, not the image's: they are the same.
-    (task,) = task_definition()["containerDefinitions"]
+    task = service_container(task_definition())
     assert task["healthCheck"]["command"] == image.healthcheck["Test"]
     assert task["healthCheck"]["startPeriod"] == start_period
     kind, *command = image.healthcheck["Test"]
@@ -539,7 +539,7 @@ def test_the_operator_cli_in_the_image(container: Container, issuer: tuple[Local
 def test_sigterm_to_pid_1_ends_everything_within_the_stop_timeout(container: Container) -> None:
     """ECS stops a task with SIGTERM to PID 1, then SIGKILL after stopTimeout: everything must
     have ended before, both workers having stopped their service (not killed with PID 1)."""
-    (task,) = task_definition()["containerDefinitions"]
+    task = service_container(task_definition())
     everything = container.processes()
     assert len(everything) >= 3  # PID 1 and its two workers
     started = time.monotonic()

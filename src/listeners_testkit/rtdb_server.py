@@ -1,6 +1,6 @@
 """A local stand-in for the Firebase Realtime Database REST API, streaming included.
 
-Run it as `python -m listeners_testkit.rtdb_server --port N [--keepalive S] [--token T]`, or
+Run it as `python -m listeners_testkit.rtdb_app --port N [--keepalive S] [--token T]`, or
 from tests through `RtdbStandin`, a child process that can be stopped and started again on
 the same port. It implements the REST protocol described in `listeners.source.rtdb`
 (the client's package), with the choices noted there, and at `/.ws` the Firebase SDKs'
@@ -30,29 +30,25 @@ Test hooks, HTTP under `/_standin/` (and as methods of `Hub` in process):
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 import json
-import os
 import random
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Protocol, Self
 from urllib.parse import urlencode
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from listeners_testkit.processes import _Child
-from listeners_testkit.rtdb_wire_server import WireEndpoint
 
 DEFAULT_NAMESPACE = "default"
 _FORBIDDEN_KEY_CHARS = frozenset(".#$[]/")
@@ -60,6 +56,32 @@ _PUSH_CHARS = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 _METHODS = ("GET", "PUT", "POST", "PATCH", "DELETE")
 
 Json = Any
+
+
+class WireSide(Protocol):
+    """The WebSocket side (listeners_testkit.rtdb_wire_server.WireEndpoint), as the hub and the
+    REST app use it: stated here so that this module does not import it back."""
+
+    handshake_host: str | None
+    accepted: set[str]
+
+    def publish(
+        self, ns: str, keys: tuple[str, ...], old: Json, new: Json, patch: dict[str, Json] | None
+    ) -> None: ...
+
+    def drop(self, mode: str) -> int: ...
+
+    def revoke(self) -> int: ...
+
+    def cancel(self, ns: str, keys: tuple[str, ...]) -> int: ...
+
+    def reset(self, host: str) -> int: ...
+
+    def shutdown(self, reason: str) -> int: ...
+
+    def stats(self, ns: str | None = None) -> dict[str, Any]: ...
+
+    async def serve(self, ws: WebSocket) -> None: ...
 
 
 class _BadRequest(Exception):
@@ -339,7 +361,7 @@ class Hub:
         self._denied: set[tuple[str, tuple[str, ...]]] = set()
         self._streams: set[_Stream] = set()
         self._push_ids = _PushIds()
-        self.wire: WireEndpoint | None = None  # set by the WebSocket endpoint built on this hub
+        self.wire: WireSide | None = None  # set by the WebSocket endpoint built on this hub
 
     # reads and writes
 
@@ -538,8 +560,7 @@ def _request_token(request: Request) -> str | None:
     return request.query_params.get("access_token") or request.query_params.get("auth")
 
 
-def build_app(hub: Hub) -> Starlette:
-    wire = WireEndpoint(hub)
+def build_app(hub: Hub, wire: WireSide) -> Starlette:
 
     async def data(request: Request) -> Response:
         raw = request.scope["path"]
@@ -676,42 +697,6 @@ def build_app(hub: Hub) -> Starlette:
     )
 
 
-class _Server(uvicorn.Server):
-    """Ends the event streams first on shutdown; uvicorn would otherwise wait on them."""
-
-    def __init__(self, config: uvicorn.Config, hub: Hub) -> None:
-        super().__init__(config)
-        self.hub = hub
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.hub.drop(_CLOSE)
-        await super().shutdown(sockets)
-
-
-def serve(host: str, port: int, hub: Hub) -> None:
-    config = uvicorn.Config(
-        build_app(hub),
-        host=host,
-        port=port,
-        http="h11",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=2,
-    )
-    _Server(config, hub).run()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9000)
-    parser.add_argument("--keepalive", type=float, default=30.0, help="seconds between keep-alives; 0: none")
-    parser.add_argument("--token", default=os.environ.get("RTDB_STANDIN_TOKEN"), help="require this token")
-    args = parser.parse_args(argv)
-    serve(args.host, args.port, Hub(keepalive=args.keepalive, token=args.token))
-
-
 # --- the child process for tests -------------------------------------------------------------
 
 
@@ -724,7 +709,7 @@ class RtdbStandin(_Child):
         self.token = token
 
     def command(self) -> list[str]:
-        command = [sys.executable, "-m", "listeners_testkit.rtdb_server", "--port", str(self.port)]
+        command = [sys.executable, "-m", "listeners_testkit.rtdb_app", "--port", str(self.port)]
         command += ["--keepalive", str(self.keepalive)]
         if self.token is not None:
             command += ["--token", self.token]
@@ -799,7 +784,3 @@ class RtdbStandin(_Child):
     async def wire_accept(self, token: str) -> None:
         """Accept `token` too on WebSockets, from now on."""
         await self.hook("POST", "wire_accept", token=token)
-
-
-if __name__ == "__main__":
-    main()

@@ -32,12 +32,20 @@ import copy
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-if TYPE_CHECKING:
-    from listeners_testkit.rtdb_server import Hub, _Query
+from listeners_testkit.rtdb_server import (
+    DEFAULT_NAMESPACE,
+    Hub,
+    _at,
+    _BadRequest,
+    _keys,
+    _Query,
+    _render,
+    _under,
+)
 
 Json = Any
 
@@ -62,7 +70,6 @@ def wire_query(query: Json) -> _Query | None:
 
     `sn` / `en` (a key bound after an equal index value) and `sin` / `ein` false (startAfter,
     endBefore) are not implemented: the bounds are inclusive and by index value alone."""
-    from listeners_testkit.rtdb_server import _BadRequest, _Query
 
     if not query:
         return None
@@ -144,8 +151,6 @@ class WireEndpoint:
         self, ns: str, keys: tuple[str, ...], old: Json, new: Json, patch: dict[str, Json] | None
     ) -> None:
         """A write at `keys` (value there was `old`, is `new`) to every wire listen it touches."""
-        from listeners_testkit.rtdb_server import _at, _keys, _render, _under
-
         for conn in self.connections:
             if conn.ns != ns or not self.authorized(conn):
                 continue
@@ -177,7 +182,6 @@ class WireEndpoint:
     def _send_window(self, conn: _Connection, listen: _Listen) -> None:
         """One tagged merge at the query's path: every child that entered, changed in or left
         the window (null), in one message, so the client sees the window move at once."""
-        from listeners_testkit.rtdb_server import _at, _render
 
         assert listen.query is not None
         window = listen.query.apply(_at(self.hub._data.get(conn.ns), listen.keys)) or {}
@@ -205,7 +209,6 @@ class WireEndpoint:
         return len(hit)
 
     def cancel(self, ns: str, keys: tuple[str, ...]) -> int:
-        from listeners_testkit.rtdb_server import _under
 
         hit = 0
         for conn in self.connections:
@@ -251,7 +254,6 @@ class WireEndpoint:
     # --- one connection -----------------------------------------------------------------
 
     async def serve(self, ws: WebSocket) -> None:
-        from listeners_testkit.rtdb_server import DEFAULT_NAMESPACE
 
         if self.hub.hold:
             await ws.close(code=1013)  # before accept: the handshake is answered 403
@@ -329,7 +331,6 @@ class WireEndpoint:
             conn.send({"t": "d", "d": {"r": number, "b": {"s": status, "d": result}}})
 
     def _request(self, conn: _Connection, action: str, body: Json) -> tuple[str, Json]:
-        from listeners_testkit.rtdb_server import _BadRequest, _keys
 
         hub = self.hub
         if action in ("auth", "gauth"):
@@ -375,7 +376,6 @@ class WireEndpoint:
         return "error", f"unknown action {action!r}"
 
     def _listen(self, conn: _Connection, keys: tuple[str, ...], body: Json) -> tuple[str, Json]:
-        from listeners_testkit.rtdb_server import _at
 
         self.listen_requests += 1
         if not self.authorized(conn) or self.hub.denied(conn.ns, keys):

@@ -148,7 +148,7 @@ class WireClient:
             if listen.connection is not None:
                 listen.connection.remove(listen)
 
-    def _failed(self, listen: Listen, reason: str, *, unlisten: bool = True) -> None:
+    def failed(self, listen: Listen, reason: str, *, unlisten: bool = True) -> None:
         """A listen the server refused or cancelled: its streams fail for good."""
         if self._listens.get(listen.ident) is listen:
             del self._listens[listen.ident]
@@ -219,7 +219,7 @@ class WireClient:
         self.host = host.lower()
         return True
 
-    async def _token(self, *, refresh: bool = False) -> str | None:
+    async def token(self, *, refresh: bool = False) -> str | None:
         if self._tokens is None:
             return None
         return await self._tokens(refresh=refresh)

@@ -24,12 +24,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from listeners.backoff import reraise_if_cancelled
+from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.source.rtdb import Json, RtdbError
 from listeners.source.rtdb_wire.listen import IDLE, LIVE, QUEUED, SENT, Listen
 from listeners.source.rtdb_wire.protocol import (
@@ -43,8 +43,29 @@ from listeners.source.rtdb_wire.protocol import (
     relative_writes,
 )
 
-if TYPE_CHECKING:
-    from listeners.source.rtdb_wire.client import WireClient
+
+class ClientSide(Protocol):
+    """What a connection needs from its client (`WireClient`): stated here, so that this
+    module does not import the client back."""
+
+    max_pending_listens: int
+    max_message_chars: int
+    keepalive: float
+    idle_timeout: float
+    token_check_interval: float
+    connect_timeout: float
+    user_agent: str
+    backoff: Backoff
+    on_reconnect: Callable[[str], None]
+
+    def ws_url(self, last_session: str | None = None) -> str: ...
+
+    def failed(self, listen: Listen, reason: str, *, unlisten: bool = True) -> None: ...
+
+    def remember_host(self, host: Json) -> bool: ...
+
+    async def token(self, *, refresh: bool = False) -> str | None: ...
+
 
 log = logging.getLogger("listeners.source.rtdb_wire")
 
@@ -62,7 +83,7 @@ class _Restart(Exception):
 
 
 class Connection:
-    def __init__(self, client: WireClient, index: int) -> None:
+    def __init__(self, client: ClientSide, index: int) -> None:
         self.client = client
         self.index = index
         self.listens: dict[tuple[tuple[str, ...], str], Listen] = {}
@@ -172,7 +193,7 @@ class Connection:
                     log.warning("rtdb listen %s: no index on the server for %s", listen.path, listen.query)
                 listen.answered()
             else:
-                self.client._failed(listen, f"listen refused: {describe(status, data)}")
+                self.client.failed(listen, f"listen refused: {describe(status, data)}")
         self._pump()
 
     # --- requests ------------------------------------------------------------------------
@@ -257,12 +278,12 @@ class Connection:
             log.exception("rtdb wire connection %d: internal error", self.index)
             self.degraded_reason = f"internal error: {exc!r}"
             for listen in list(self.listens.values()):
-                self.client._failed(listen, f"internal error: {exc!r}")
+                self.client.failed(listen, f"internal error: {exc!r}")
 
     async def _session(self) -> None:
         client = self.client
         try:
-            token = await client._token(refresh=self._refresh_token)
+            token = await client.token(refresh=self._refresh_token)
         except Exception as exc:
             self.degraded_reason = f"the token provider failed: {exc!r}"
             raise _Restart(self.degraded_reason) from exc
@@ -435,7 +456,7 @@ class Connection:
         """The provider's token now (it refreshes before expiry); a new one goes on this connection."""
         try:
             try:
-                token = await self.client._token()
+                token = await self.client.token()
             except Exception as exc:
                 self.degraded_reason = f"the token refresh failed: {exc!r}"
                 log.warning("rtdb wire connection %d: %s", self.index, self.degraded_reason)
@@ -502,7 +523,7 @@ class Connection:
             listen = self.listens.get((keys, query_key(query)))
             if listen is not None:
                 reason = f"cancelled by the server: reading {listen.path} is no longer permitted"
-                self.client._failed(listen, reason, unlisten=False)
+                self.client.failed(listen, reason, unlisten=False)
         elif action == "ac":
             reason = describe(body.get("s"), body.get("d"))
             self.degraded_reason = f"the server revoked the credential: {reason}"
