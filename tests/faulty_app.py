@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import time
 
-from listeners.control import ControlListener
-from listeners.node import Node
+from listeners import multiproc
+
+multiproc.prepare()  # before anything imports prometheus_client, as app.main does
+
+from listeners.control import ControlListener  # noqa: E402
+from listeners.node import Node  # noqa: E402
 
 FAULT = os.environ.get("LISTENERS_TEST_FAULT", "")
 

@@ -51,8 +51,14 @@ def alive(pid: int) -> bool:
     return True
 
 
+_prepared: list[Path] = []  # this process's directory, once prepared
+
+
 def prepare() -> Path:
-    """Multiprocess mode for this process, in its supervisor's directory; returns it."""
+    """Multiprocess mode for this process, in its supervisor's directory; returns it. Once
+    per process: a second call returns the same directory."""
+    if _prepared:
+        return _prepared[0]
     if "prometheus_client" in sys.modules:
         raise RuntimeError("multiproc.prepare() must run before prometheus_client is imported")
     in_worker = multiprocessing.parent_process() is not None  # uvicorn's workers are spawned
@@ -65,6 +71,7 @@ def prepare() -> Path:
             shutil.rmtree(other, ignore_errors=True)
     os.environ[ENV] = str(directory)
     atexit.register(_exiting, os.getpid(), directory)
+    _prepared.append(directory)
     return directory
 
 
