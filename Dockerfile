@@ -21,8 +21,11 @@ RUN python -m venv /opt/build-tools \
  && /opt/build-tools/bin/pip install --quiet --no-deps --only-binary=:all: --require-hashes -r build-requirements.lock
 COPY pyproject.toml ./
 COPY src ./src
-RUN /opt/build-tools/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist . \
- && /opt/venv/bin/pip install --quiet --no-deps dist/listeners-*.whl \
+COPY clients/python ./clients/python
+# Two wheels: the service, and listeners-bridge (the contract and Redis layer it shares with
+# its consumers, clients/python/), on which it depends.
+RUN /opt/build-tools/bin/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist . ./clients/python \
+ && /opt/venv/bin/pip install --quiet --no-deps dist/listeners-*.whl dist/listeners_bridge-*.whl \
  && /opt/venv/bin/python -m pip uninstall --quiet --yes setuptools pip
 
 FROM python:3.11-slim

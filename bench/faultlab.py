@@ -53,13 +53,13 @@ from bench.browsers import Browsers
 from bench.cluster import ADMIN_TOKEN, CONTROL_TOKEN, Instance
 from bench.latency import notification_data
 from bench.rtdb import message as dm_message
-from listeners.bridge import Bridge
-from listeners.bridge.consumer import _Reader
-from listeners.bridge.ordering import Verdict
-from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
-from listeners.events import POSITION_TYPES, stream_of
-from listeners.source.registry import ChatThread
+from listeners_bridge import Bridge
+from listeners_bridge.consumer import _Reader
+from listeners_bridge.events import POSITION_TYPES, stream_of
+from listeners_bridge.ordering import Verdict
+from listeners_bridge.reducers import ChatThreads, DirectMessages, Notifications
+from listeners_bridge.registry import ChatThread
 from listeners_testkit import netns
 from listeners_testkit.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
 from listeners_testkit.proxy import ProxyProcess

@@ -72,9 +72,9 @@ from bench.latency import (
     wait_healthy,
     write_notification,
 )
-from listeners.bridge import Bridge, Notifications
-from listeners.bridge.consumer import _Reader
 from listeners.config import RedisSettings, Secret
+from listeners_bridge import Bridge, Notifications
+from listeners_bridge.consumer import _Reader
 from listeners_testkit.processes import PROJECT_ROOT, RedisServer, emulator_env, wait_for_port
 
 START, END = "<!-- bench.tails:start -->", "<!-- bench.tails:end -->"

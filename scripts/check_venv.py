@@ -19,7 +19,7 @@ from pathlib import Path
 
 # Installed by bootstrap itself, outside the locks: the pinned installer, the pinned build
 # backend of the editable install, and this project.
-OWN = {"pip", "setuptools", "listeners"}
+OWN = {"pip", "setuptools", "listeners", "listeners-bridge"}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
 
 
@@ -54,11 +54,8 @@ def main(locks: list[str]) -> int:
     check = subprocess.run(
         [sys.executable, "-m", "pip", "check"], capture_output=True, text=True, check=False
     )
-    # This project is installed without its dependencies where only part of it is used (the
-    # Reflex example's venv imports the bridge alone): its own unmet requirements do not count.
-    unmet = [line for line in check.stdout.splitlines() if line and not line.startswith("listeners ")]
-    if check.returncode != 0 and unmet:
-        problems += [f"pip check: {line}" for line in unmet]
+    if check.returncode != 0:
+        problems += [f"pip check: {line}" for line in check.stdout.splitlines() if line]
     for problem in problems:
         print(f"check_venv {sys.prefix}: {problem}", file=sys.stderr)
     return 1 if problems else 0

@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from google.api_core import exceptions
 from google.cloud import firestore
 
-from listeners.bridge.ordering import Ordering, Verdict
-from listeners.bridge.reducers import DirectMessages, Notifications
 from listeners.config import TARGETS_PER_STREAM, FirebaseSettings, RedisSettings, Secret, Settings
+from listeners_bridge.ordering import Ordering, Verdict
+from listeners_bridge.reducers import DirectMessages, Notifications
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import GOOGLE, NPM, FirestoreEmulator, RedisServer, emulator_kind
 

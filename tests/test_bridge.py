@@ -13,10 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
-from listeners.bridge import Bridge, Notifications, Presence
 from listeners.config import Settings
-from listeners.control import resync_request
-from listeners.normalise.notifications import newest_first, normalise_notification
+from listeners.normalise.notifications import normalise_notification
+from listeners_bridge import Bridge, Notifications, Presence
+from listeners_bridge.resync import resync_request
+from listeners_bridge.timestamps import newest_first
 from listeners_testkit.processes import RedisServer
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 from tests.test_pipeline import serving

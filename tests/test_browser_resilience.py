@@ -30,7 +30,8 @@ from playwright.async_api import Browser, BrowserContext, Page, WebSocketRoute
 
 from listeners.config import Settings, WebSocketSettings
 from listeners.normalise.messages import normalise_message
-from listeners.normalise.notifications import newest_first, normalise_notification
+from listeners.normalise.notifications import normalise_notification
+from listeners_bridge.timestamps import newest_first
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import free_port
 from listeners_testkit.rtdb_server import RtdbStandin

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from listeners.envelope import Envelope
-from listeners.source.registry import ChatThread
 from listeners.streams.chat import ChatStream
+from listeners_bridge.registry import ChatThread
 
 pytestmark = pytest.mark.asyncio
 

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from google.cloud import firestore
 
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
-from listeners.control import resync_request
+from listeners_bridge.resync import resync_request
 from listeners_testkit.processes import FirestoreEmulator, RedisServer, ServiceProcess
 from tests.conftest import register_online, service_env
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from listeners.config import ConfigError, Secret, load_settings
-from listeners.secret_manager import secret_path
+from listeners_bridge.secret_manager import secret_path
 
 PRIVATE_KEY = (
     "-----BEGIN PRIVATE KEY-----\n"

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from listeners import cli, config, secret_manager
-from listeners.config import ConfigError, Key, Secret, Settings, key, load_redis_settings, load_settings
+from listeners import cli, config
+from listeners.config import ConfigError, Key, Secret, Settings, load_redis_settings, load_settings
+from listeners_bridge import secret_manager
+from listeners_bridge.settings import existing_file, key
 from tests.test_config import ADMIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +69,7 @@ def test_config_check_lists_every_key_and_no_secret_value(capsys: pytest.Capture
 
 def valid(k: Key, tmp_path: Path, n: int) -> Any:
     """A valid value for key `k`, different for each `n`, as a secret's JSON holds it."""
-    if k.check is config.existing_file:
+    if k.check is existing_file:
         (tmp_path / str(n)).write_text("")
         return str(tmp_path / str(n))
     if k.check is config.absolute_path:
@@ -140,7 +142,7 @@ def test_one_secret_manager_set_up_fails_both_loaders_the_same_way(monkeypatch: 
 
 
 def test_the_secret_manager_module_does_not_import_the_configuration() -> None:
-    code = "import sys, listeners.secret_manager; assert 'listeners.config' not in sys.modules"
+    code = "import sys, listeners_bridge.secret_manager; assert 'listeners.config' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 

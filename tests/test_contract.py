@@ -17,10 +17,13 @@ from typing import Any
 
 import pytest
 
-from listeners.bridge import parse_event
-from listeners.bridge.ordering import Follower
-from listeners.bridge.reducers import ChatThreads, DirectMessages, Notifications
-from listeners.events import (
+from listeners.normalise.messages import normalise_message
+from listeners.normalise.notifications import normalise_notification
+from listeners.publish.tails import position_of
+from listeners.schemas import VERSION_KEYWORD, render, validate
+from listeners.streams.order import StreamOrder
+from listeners_bridge import parse_event
+from listeners_bridge.events import (
     ACCEPTED_VERSIONS,
     CONTRACT_VERSION,
     EVENT_MODELS,
@@ -31,11 +34,9 @@ from listeners.events import (
     check_version,
     event_version,
 )
-from listeners.normalise.messages import normalise_message
-from listeners.normalise.notifications import newest_first, normalise_notification
-from listeners.publish.tails import position_of
-from listeners.schemas import VERSION_KEYWORD, render, validate
-from listeners.streams.order import StreamOrder
+from listeners_bridge.ordering import Follower
+from listeners_bridge.reducers import ChatThreads, DirectMessages, Notifications
+from listeners_bridge.timestamps import newest_first
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "src" / "listeners" / "deliver" / "static" / "listeners-client.js"

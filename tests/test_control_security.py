@@ -12,18 +12,19 @@ import redis.asyncio as aioredis
 
 from listeners.assemble import running
 from listeners.config import Settings
-from listeners.control import MAX_SKEW, InvalidRequest, SeenRequests, resync_request, verify
+from listeners.control import MAX_SKEW, InvalidRequest, SeenRequests, verify
 from listeners.service import Service
-from listeners.source.registry import ChatThread
+from listeners_bridge.registry import ChatThread
+from listeners_bridge.resync import resync_request
 from listeners_testkit.processes import RedisServer
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, wait_until
 
 
 def signed(fields: dict[str, Any]) -> bytes:
     """A message signed with the right token, whatever its fields hold."""
-    from listeners.control import _signature
+    from listeners_bridge.resync import request_signature
 
-    return json.dumps({**fields, "sig": _signature(CONTROL_TOKEN, fields)}).encode()
+    return json.dumps({**fields, "sig": request_signature(CONTROL_TOKEN, fields)}).encode()
 
 
 def fresh(**fields: Any) -> dict[str, Any]:

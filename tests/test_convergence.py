@@ -37,10 +37,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from listeners.bridge.ordering import Follower
-from listeners.bridge.reducers import DirectMessages, Notifications
 from listeners.envelope import Envelope
-from listeners.events import (
+from listeners.streams.view import EventNames, Item, PublishedView, Publishing
+from listeners_bridge.events import (
     MSG_ADD,
     MSG_REMOVE,
     MSG_SYNC,
@@ -50,7 +49,8 @@ from listeners.events import (
     NOTIF_SYNC,
     NOTIF_UPDATE,
 )
-from listeners.streams.view import EventNames, Item, PublishedView, Publishing
+from listeners_bridge.ordering import Follower
+from listeners_bridge.reducers import DirectMessages, Notifications
 
 EXAMPLES = int(os.environ.get("LISTENERS_CONVERGENCE_EXAMPLES", "300"))
 UID = "u"

@@ -24,7 +24,7 @@ from google.cloud.firestore_v1.services.firestore.transports.grpc_asyncio import
 from google.cloud.firestore_v1.types import firestore as wire
 from google.cloud.firestore_v1.types import query as query_pb
 
-from listeners.bridge import Presence
+from listeners_bridge import Presence
 from listeners_testkit.processes import FirestoreEmulator
 
 from .conftest import Firebase, google_emulator_only

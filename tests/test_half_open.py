@@ -40,11 +40,11 @@ import redis.asyncio as aioredis
 from google.cloud import firestore
 from websockets.asyncio.client import connect
 
-from listeners.bridge import Bridge
 from listeners.cluster import CHANGES_CHANNEL, owner
 from listeners.config import Settings
-from listeners.control import resync_request
 from listeners.service import Service
+from listeners_bridge import Bridge
+from listeners_bridge.resync import resync_request
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import RedisServer
 from listeners_testkit.proxy import Link, TcpProxy

@@ -19,8 +19,8 @@ from listeners.deliver.hub import Hub
 from listeners.deliver.websocket import SLOW_CONSUMER, Connection
 from listeners.envelope import Envelope
 from listeners.metrics import Metrics
-from listeners.publish.broker import MemoryBroker
-from listeners.source.registry import ChatThread
+from listeners_bridge.broker import MemoryBroker
+from listeners_bridge.registry import ChatThread
 
 
 async def test_each_message_is_read_once_and_the_same_text_goes_to_every_socket() -> None:

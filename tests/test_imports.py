@@ -20,7 +20,9 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+BRIDGE = ROOT / "clients" / "python" / "src"  # listeners-bridge, which the service imports
 
 Graph = dict[str, dict[str, str]]  # module -> {module it imports: where, "file:line"}
 
@@ -37,10 +39,11 @@ def modules(root: Path) -> dict[str, Path]:
     return found
 
 
-def import_graph(root: Path) -> Graph:
-    known = modules(root)
+def import_graph(*roots: Path) -> Graph:
+    known = {name: path for root in roots for name, path in modules(root).items()}
     graph: Graph = {}
     for name, path in known.items():
+        root = next(r for r in roots if path.is_relative_to(r))
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges = graph.setdefault(name, {})
         for target, line in imported(path, package, known):
@@ -144,10 +147,24 @@ def describe(graph: Graph, cycle: list[str]) -> str:
 
 
 def test_src_has_no_import_cycles() -> None:
-    graph = import_graph(SRC)
+    graph = import_graph(SRC, BRIDGE)
     assert "listeners.source.listen.stream" in graph and "listeners_testkit" in graph  # it read src/
+    assert "listeners_bridge.consumer" in graph
     found = cycles(graph)
     assert not found, "import cycles in src/:\n" + "\n".join(describe(graph, c) for c in found)
+
+
+def test_the_bridge_imports_nothing_of_the_service() -> None:
+    """listeners-bridge installs alone (issue 29): the service imports it, never the reverse."""
+    graph = import_graph(SRC, BRIDGE)
+    reaching = {
+        f"{module} -> {target} ({where})"
+        for module, edges in graph.items()
+        if module.startswith("listeners_bridge")
+        for target, where in edges.items()
+        if not target.startswith("listeners_bridge")
+    }
+    assert not reaching, reaching
 
 
 def write(root: Path, files: dict[str, str]) -> Path:

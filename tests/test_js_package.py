@@ -24,7 +24,7 @@ import pytest
 
 from listeners import __version__
 from listeners.config import Settings
-from listeners.events import EVENT_MODELS
+from listeners_bridge.events import EVENT_MODELS
 from listeners_testkit.processes import free_port
 from tests.test_browser import serving
 

@@ -15,12 +15,12 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from listeners.backoff import Backoff
 from listeners.metrics import Metrics
 from listeners.service import Service
 from listeners.source.listen import ListenSource, wire
 from listeners.source.listen.stream import RECONNECT, SLOW_RECONNECT
 from listeners.source.snapshots import Query
+from listeners_bridge.backoff import Backoff
 
 from .listen_script import Call, ListenServer, Recorder, change, document, point, source
 

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from listeners.cluster import MEMBERS_KEY, Membership
 from listeners.config import RedisSettings
-from listeners.publish.redis import RedisBroker
+from listeners_bridge.redis import RedisBroker
 from listeners_testkit.processes import RedisServer
 from listeners_testkit.proxy import TcpProxy
 

@@ -12,11 +12,11 @@ import pytest
 
 from listeners.metrics import Metrics
 from listeners.node import Node, NodeSettings
-from listeners.publish.broker import MemoryBroker
 from listeners.publish.publisher import Publisher
 from listeners.session import Sources
-from listeners.source.registry import REGISTRY_COLLECTION
 from listeners.source.snapshots import Changes, Query, Snapshot, SnapshotHandler, SourceDoc
+from listeners_bridge.broker import MemoryBroker
+from listeners_bridge.registry import REGISTRY_COLLECTION
 
 pytestmark = pytest.mark.asyncio
 

@@ -11,8 +11,8 @@ from google.cloud.firestore_v1 import GeoPoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from listeners.normalise.notifications import newest_first, normalise_notification
-from listeners.normalise.timestamps import parse_timestamp, to_utc_iso
+from listeners.normalise.notifications import normalise_notification
+from listeners_bridge.timestamps import newest_first, parse_timestamp, to_utc_iso
 
 
 def test_timestamps_in_every_production_form() -> None:

@@ -11,14 +11,14 @@ from typing import Any, cast
 
 import pytest
 
-from listeners.bridge import Bridge
-from listeners.bridge.ordering import Follower, Ordering, Verdict
 from listeners.config import RedisSettings, Secret
 from listeners.control import verify
-from listeners.events import stream_of
-from listeners.publish.broker import MemoryBroker
 from listeners.streams.order import StreamOrder
 from listeners.streams.view import EventNames, PublishedView, Publishing
+from listeners_bridge import Bridge
+from listeners_bridge.broker import MemoryBroker
+from listeners_bridge.events import stream_of
+from listeners_bridge.ordering import Follower, Ordering, Verdict
 
 TOKEN = "unit-control-token"
 

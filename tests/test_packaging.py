@@ -23,25 +23,14 @@ def build_wheel(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tree / name)
-    out = tmp_path / "wheel"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(out),
-            ".",
-        ],
-        cwd=tree,
-        check=True,
-        timeout=300,
-    )
-    (wheel,) = out.glob("listeners-*.whl")
+    return wheel_of(tree, tmp_path / "wheel", "listeners-*.whl")
+
+
+def wheel_of(tree: Path, out: Path, pattern: str) -> Path:
+    """The wheel pip builds from the project in `tree`, without its dependencies."""
+    build = ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), "."]
+    subprocess.run([sys.executable, "-m", "pip", *build], cwd=tree, check=True, timeout=300)
+    (wheel,) = out.glob(pattern)
     return wheel
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from listeners.bridge import Presence
+from listeners_bridge import Presence
 
 pytestmark = pytest.mark.asyncio
 

@@ -9,16 +9,16 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from listeners.backoff import Backoff
 from listeners.envelope import Envelope
 from listeners.metrics import Metrics, total
-from listeners.publish.broker import MemoryBroker, Message
-from listeners.publish.connection import connection_failed
 from listeners.publish.publisher import Publisher
 from listeners.publish.tails import TailPositions, position_of
 from listeners.schemas import validate
 from listeners.streams.order import StreamOrder
 from listeners.supervisor import Supervisor
+from listeners_bridge.backoff import Backoff
+from listeners_bridge.broker import MemoryBroker, Message
+from listeners_bridge.connection import connection_failed
 
 pytestmark = pytest.mark.asyncio
 

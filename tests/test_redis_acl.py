@@ -29,11 +29,11 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from listeners.bridge import Bridge
 from listeners.cluster import CHANGES_CHANNEL, MEMBERS_KEY, entry_id
 from listeners.config import REDIS_SECRET, ConfigError, RedisSettings, Secret, load_redis_settings
-from listeners.control import resync_request
-from listeners.publish.connection import redis_client
+from listeners_bridge import Bridge
+from listeners_bridge.connection import redis_client
+from listeners_bridge.resync import resync_request
 from listeners_testkit.processes import FirestoreEmulator, RedisServer, free_port, wait_for_port
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase
 from tests.test_deploy import cfn

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from listeners.config import RedisSettings, Secret
-from listeners.publish.broker import BrokerUnavailable
-from listeners.publish.redis import RedisBroker
+from listeners_bridge.broker import BrokerUnavailable
+from listeners_bridge.redis import RedisBroker
 from listeners_testkit.processes import free_port, wait_for_port
 
 pytestmark = pytest.mark.asyncio

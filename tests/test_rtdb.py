@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from google.auth.credentials import Credentials
 
-from listeners.backoff import Backoff
 from listeners.source.rtdb import (
     SCOPES,
     EventTooLarge,
@@ -31,6 +30,7 @@ from listeners.source.rtdb import (
     SseParser,
 )
 from listeners.source.rtdb import client as client_module
+from listeners_bridge.backoff import Backoff
 from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import wait_until
 

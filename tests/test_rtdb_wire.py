@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from listeners.backoff import Backoff
 from listeners.source.rtdb import RtdbClient, RtdbError, ServiceAccountTokens
 from listeners.source.rtdb_wire import RtdbSource, RtdbStream, WireClient, WireStream
 from listeners.source.rtdb_wire.protocol import (
@@ -31,6 +30,7 @@ from listeners.source.rtdb_wire.protocol import (
     trim_window,
     wire_query,
 )
+from listeners_bridge.backoff import Backoff
 from listeners_testkit.proxy import TcpProxy
 from listeners_testkit.rtdb_server import RtdbStandin
 from tests.test_rtdb import FakeCredentials

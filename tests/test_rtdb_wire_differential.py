@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from listeners.backoff import Backoff
 from listeners.source.rtdb import RtdbClient
 from listeners.source.rtdb_wire import WireClient
+from listeners_bridge.backoff import Backoff
 from listeners_testkit.rtdb_server import RtdbStandin
 from tests.rtdb_sdk import Sdk, needs_sdk
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from listeners.assemble import running
-from listeners.backoff import Backoff
 from listeners.config import Settings
 from listeners.source.rtdb import RtdbClient
 from listeners.source.rtdb_wire import WireClient
+from listeners_bridge.backoff import Backoff
 from listeners_testkit.rtdb_server import RtdbStandin
 from tests.conftest import Consumer, Firebase, wait_until
 from tests.test_rtdb_streams import chat_message, dm, until_true

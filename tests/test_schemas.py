@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from listeners.events import EVENT_MODELS
 from listeners.normalise.messages import normalise_message
 from listeners.normalise.notifications import normalise_notification
 from listeners.schemas import render, validate
 from listeners.streams.order import StreamOrder
+from listeners_bridge.events import EVENT_MODELS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 

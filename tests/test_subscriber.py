@@ -12,13 +12,13 @@ from typing import Any, cast
 import pytest
 import redis.asyncio as aioredis
 
-from listeners.bridge import Bridge
 from listeners.config import RedisSettings, Secret
 from listeners.control import verify
 from listeners.deliver.hub import Hub
 from listeners.metrics import Metrics
-from listeners.publish.broker import MemoryBroker
-from listeners.publish.redis_subscriber import RedisSubscriber
+from listeners_bridge import Bridge
+from listeners_bridge.broker import MemoryBroker
+from listeners_bridge.redis_subscriber import RedisSubscriber
 from listeners_testkit.processes import RedisServer
 
 pytestmark = pytest.mark.asyncio

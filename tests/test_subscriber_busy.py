@@ -18,8 +18,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from listeners.config import RedisSettings
-from listeners.publish import resp
-from listeners.publish.redis_subscriber import HalfOpen, RedisSubscriber
+from listeners_bridge import resp
+from listeners_bridge.redis_subscriber import HalfOpen, RedisSubscriber
 from listeners_testkit.processes import RedisServer
 
 

@@ -18,13 +18,14 @@ from websockets.asyncio.client import connect
 
 from listeners.cluster import Membership
 from listeners.config import Settings
-from listeners.control import ControlListener, resync_request
+from listeners.control import ControlListener
 from listeners.deliver.hub import Hub
 from listeners.metrics import Metrics
 from listeners.node import Node
 from listeners.process import EXIT_SHUTDOWN_CUT, EXIT_TASK_FAILED
 from listeners.publish.publisher import Publisher
 from listeners.supervisor import Fatal, Supervisor
+from listeners_bridge.resync import resync_request
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import RedisServer, ServiceProcess
 from tests.conftest import CONTROL_TOKEN, Consumer, Firebase, service_env, wait_until
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.asyncio
 
 
 def quick(on_fatal: Callable[[str], None], max_restarts: int = 3) -> Supervisor:
-    from listeners.backoff import Backoff
+    from listeners_bridge.backoff import Backoff
 
     return Supervisor(Metrics(), on_fatal, max_restarts=max_restarts, backoff=Backoff(base=0.01, cap=0.02))
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from listeners.bridge.consumer import _Reader
-from listeners.bridge.ordering import Follower
-from listeners.waits import wait_event
+from listeners_bridge.consumer import _Reader
+from listeners_bridge.ordering import Follower
+from listeners_bridge.waits import wait_event
 
 pytestmark = pytest.mark.asyncio
 

@@ -20,8 +20,8 @@ from websockets.exceptions import InvalidStatus
 from listeners.config import Settings
 from listeners.deliver.hub import Hub
 from listeners.metrics import Metrics
-from listeners.publish.redis import RedisBroker
 from listeners.source.rtdb import RtdbClient
+from listeners_bridge.redis import RedisBroker
 from listeners_testkit.auth import LocalIssuer
 from listeners_testkit.processes import RedisServer
 from tests.conftest import Firebase, wait_until

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from states import MessengerState, NotificationState, bridge
 
-from listeners.bridge import ChatThreads, DirectMessages, Notifications
+from listeners_bridge import ChatThreads, DirectMessages, Notifications
 
 
 async def main(uid: str) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 
 import reflex as rx
 
-from listeners.bridge import Bridge, ChatThread, ChatThreads, DirectMessages, Notifications
-from listeners.config import load_redis_settings
+from listeners_bridge import Bridge, ChatThread, ChatThreads, DirectMessages, Notifications
+from listeners_bridge.settings import load_redis_settings
 
 
 @functools.cache

@@ -24,10 +24,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 from starlette.applications import Starlette
 
-from listeners.bridge.presence import Presence
 from listeners.cluster import Membership
 from listeners.config import FirebaseSettings, Settings
-from listeners.control import ControlListener, ResyncRequest, resync_request
+from listeners.control import ControlListener, ResyncRequest
 from listeners.deliver import http, wsprotocol
 from listeners.deliver.admission import ADMISSION_STATE
 from listeners.deliver.batch import Resyncs
@@ -39,23 +38,25 @@ from listeners.deliver.websocket import Gateway, Services
 from listeners.metrics import Metrics
 from listeners.node import Node, NodeSettings
 from listeners.process import THIS_PROCESS, Lifetime, ProcessHooks
-from listeners.publish.broker import Broker
-from listeners.publish.channels import Channels
 from listeners.publish.publisher import Publisher
-from listeners.publish.redis import RedisBroker
 from listeners.service import HANDOVER_SECONDS, Service
 from listeners.session import Sources, StreamOptions
 from listeners.source import access_tokens
 from listeners.source.access_tokens import emulator_token
 from listeners.source.firestore import FirestoreSource
 from listeners.source.listen import ListenSource
-from listeners.source.registry import ChatThread
 from listeners.source.rtdb import RtdbClient, ServiceAccountTokens
 from listeners.source.rtdb_wire import RtdbSource, WireClient
 from listeners.source.snapshots import SnapshotSource
-from listeners.source.stores import NotificationStore, RegistryStore
+from listeners.source.stores import NotificationStore
 from listeners.streams.view import Publishing
 from listeners.supervisor import Supervisor
+from listeners_bridge.broker import Broker
+from listeners_bridge.channels import Channels
+from listeners_bridge.presence import Presence
+from listeners_bridge.redis import RedisBroker
+from listeners_bridge.registry import ChatThread, RegistryStore
+from listeners_bridge.resync import resync_request
 
 _FIRESTORE_SCOPES = ["https://www.googleapis.com/auth/datastore"]
 
@@ -176,7 +177,7 @@ async def running(
     """
     account = account or ServiceAccount(settings.firebase)
     metrics = Metrics()
-    broker = broker or RedisBroker(settings.redis, metrics)
+    broker = broker or RedisBroker(settings.redis, lambda name: metrics.pubsub_reconnects.labels(name).inc())
     source = source or firestore_source(settings, account, metrics)
     rtdb = rtdb or rtdb_client(settings.firebase, account, settings.rtdb_transport)
     if rtdb is not None:

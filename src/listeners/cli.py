@@ -43,7 +43,7 @@ from listeners.config import (
     load_redis_settings,
     load_settings,
 )
-from listeners.secret_manager import secret_path
+from listeners_bridge.secret_manager import secret_path
 
 # ---------------------------------------------------------------- config check, config doc
 
@@ -408,7 +408,7 @@ async def check_redis(settings: RedisSettings, timeout: float) -> Check:
     name verified, as the service does) and Pub/Sub in one go."""
     from redis.exceptions import RedisError
 
-    from listeners.publish.connection import close_quietly, redis_client
+    from listeners_bridge.connection import close_quietly, redis_client
 
     tls = "TLS, certificate verified" if settings.tls else "no TLS"
     mode = f"{tls}, {'AUTH' if settings.password else 'no AUTH'}"

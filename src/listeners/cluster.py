@@ -35,12 +35,12 @@ from collections.abc import Callable
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.config import RedisSettings
-from listeners.publish.broker import Broker
-from listeners.publish.connection import close_quietly, connection_failed, redis_client
 from listeners.supervisor import Fatal
-from listeners.waits import wait_event
+from listeners_bridge.backoff import Backoff, reraise_if_cancelled
+from listeners_bridge.broker import Broker
+from listeners_bridge.connection import close_quietly, connection_failed, redis_client
+from listeners_bridge.waits import wait_event
 
 log = logging.getLogger(__name__)
 

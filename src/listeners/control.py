@@ -21,19 +21,18 @@ import asyncio
 import hashlib
 import heapq
 import hmac
-import json
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from listeners.config import RedisSettings
-from listeners.inputs import InvalidInput, parse_json, valid_key, valid_uid
-from listeners.publish.broker import Broker
-from listeners.source.registry import ChatThread
+from listeners_bridge.broker import Broker
+from listeners_bridge.inputs import InvalidInput, parse_json, valid_key, valid_uid
+from listeners_bridge.registry import ChatThread
+from listeners_bridge.resync import request_signature
 
 if TYPE_CHECKING:  # the bridge imports this module where prometheus_client is not installed
     from listeners.metrics import Metrics
@@ -93,25 +92,6 @@ class SeenRequests:
         heapq.heappush(self._heap, (expires_at, key))
 
 
-def _signature(token: str, fields: dict[str, Any]) -> str:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hmac.new(token.encode(), canonical.encode(), hashlib.sha256).hexdigest()
-
-
-def resync_request(
-    token: str, uid: str, threads: tuple[ChatThread, ...] = (), now: float | None = None
-) -> bytes:
-    """The signed message a consumer publishes on the control channel."""
-    fields: dict[str, Any] = {
-        "type": "resync",
-        "uid": uid,
-        "threads": [[t.space_code, t.thread_key, t.mode] for t in threads],
-        "ts": time.time() if now is None else now,
-        "nonce": secrets.token_hex(8),
-    }
-    return json.dumps({**fields, "sig": _signature(token, fields)}).encode()
-
-
 def _seconds(value: object) -> float | None:
     """A finite time in seconds, or None. NaN would pass an `abs(...) > MAX_SKEW` test and
     never expire; an integer of a thousand digits overflows a float; True is an int."""
@@ -146,7 +126,7 @@ def verify(
     signature = message.pop("sig", None)
     # Bytes, not str: compare_digest raises TypeError on a str that is not ASCII.
     if not isinstance(signature, str) or not hmac.compare_digest(
-        signature.encode(), _signature(token, message).encode()
+        signature.encode(), request_signature(token, message).encode()
     ):
         raise InvalidRequest("bad signature")
     ts, uid, threads, nonce = (

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from listeners.events import CONTRACT_VERSION
-from listeners.inputs import encode_json
-from listeners.normalise.timestamps import format_utc
+from listeners_bridge.events import CONTRACT_VERSION
+from listeners_bridge.inputs import encode_json
+from listeners_bridge.timestamps import format_utc
 
 
 def identity_id(type: str, uid: str, identity: str) -> str:

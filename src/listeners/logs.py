@@ -21,7 +21,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from listeners.inputs import clean_text
+from listeners_bridge.inputs import clean_text
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _secrets: set[str] = set()

@@ -22,24 +22,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 
-from listeners.backoff import Backoff
 from listeners.envelope import Envelope
-from listeners.inputs import MAX_UID_LENGTH, clean_text, valid_uid
 from listeners.metrics import Metrics
-from listeners.publish.channels import Channels
 from listeners.publish.publisher import Publisher
 from listeners.session import Sources, StreamOptions, UserSession
-from listeners.source.registry import (
+from listeners.source.snapshots import Query, Snapshot, SourceDoc, Watch
+from listeners.streams import UserStream
+from listeners.streams.view import Emit
+from listeners_bridge.backoff import Backoff
+from listeners_bridge.channels import Channels
+from listeners_bridge.inputs import MAX_UID_LENGTH, clean_text, valid_uid
+from listeners_bridge.registry import (
     REGISTRY_COLLECTION,
     ChatThread,
     MalformedEntry,
     RegistryEntry,
     parse_entry,
 )
-from listeners.source.snapshots import Query, Snapshot, SourceDoc, Watch
-from listeners.streams import UserStream
-from listeners.streams.view import Emit
-from listeners.waits import wait_event
+from listeners_bridge.waits import wait_event
 
 log = logging.getLogger(__name__)
 

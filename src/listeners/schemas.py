@@ -1,4 +1,4 @@
-"""JSON Schemas of every event, generated from the TypedDicts in `listeners.events`.
+"""JSON Schemas of every event, generated from the TypedDicts in `listeners_bridge.events`.
 
 `python -m listeners.schemas [DIR]` writes one file per event type (default docs/schemas);
 a test checks that the committed files are current and that real events validate.
@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from listeners.events import CONTRACT_VERSION, EVENT_MODELS
+from listeners_bridge.events import CONTRACT_VERSION, EVENT_MODELS
 
 # The schemas' own statement of the contract version they describe (an annotation: validators
 # ignore unknown keywords); each also pins the envelope's `v` to it.

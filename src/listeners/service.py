@@ -24,12 +24,12 @@ from listeners.control import ControlListener
 from listeners.loopwatch import watch_loop
 from listeners.metrics import Metrics
 from listeners.node import Node
-from listeners.publish.broker import Broker
 from listeners.publish.publisher import Publisher
 from listeners.source.listen import ListenSource
 from listeners.source.rtdb_wire import RtdbSource, WireClient
 from listeners.source.snapshots import SnapshotSource
 from listeners.supervisor import Supervisor
+from listeners_bridge.broker import Broker
 
 log = logging.getLogger(__name__)
 

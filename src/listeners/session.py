@@ -10,8 +10,6 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from listeners.publish.channels import Channels
-from listeners.source.registry import ChatThread, RegistryEntry
 from listeners.source.rtdb_wire import RtdbSource
 from listeners.source.snapshots import SnapshotSource
 from listeners.streams import UserStream
@@ -19,6 +17,8 @@ from listeners.streams.chat import DEFAULT_HISTORY, ChatStream
 from listeners.streams.messages import MessageStream
 from listeners.streams.notifications import NotificationStream
 from listeners.streams.view import DEFAULT_PUBLISHING, Emit, Publishing
+from listeners_bridge.channels import Channels
+from listeners_bridge.registry import ChatThread, RegistryEntry
 
 log = logging.getLogger(__name__)
 

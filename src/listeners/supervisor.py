@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from listeners.backoff import Backoff
+from listeners_bridge.backoff import Backoff
 
 if TYPE_CHECKING:
     from listeners.metrics import Metrics

@@ -128,7 +128,7 @@ export declare class Follower {
   admit(event: ListenersEvent): boolean;
 }
 
-/** Events -> the UI's lists, as listeners/bridge/reducers.py does. */
+/** Events -> the UI's lists, as listeners_bridge/reducers.py does. */
 export declare class Reducers {
   apply(event: ListenersEvent): boolean;
   readonly state: ListenersState;

@@ -22,8 +22,8 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from listeners.publish.broker import Broker, BrokerUnavailable
-from listeners.source.registry import ChatThread
+from listeners_bridge.broker import Broker, BrokerUnavailable
+from listeners_bridge.registry import ChatThread
 
 log = logging.getLogger(__name__)
 

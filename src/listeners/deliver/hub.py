@@ -24,9 +24,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from listeners.inputs import InvalidInput, parse_json
 from listeners.metrics import Metrics
-from listeners.publish.broker import Broker
+from listeners_bridge.broker import Broker
+from listeners_bridge.inputs import InvalidInput, parse_json
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from listeners.metrics import Metrics
-from listeners.source.registry import ChatThread, RegistryEntry
+from listeners_bridge.registry import ChatThread, RegistryEntry
 
 
 class Instance(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Set
 
 from listeners.deliver.ports import Presence, RegistryWrites
-from listeners.source.registry import ChatThread
+from listeners_bridge.registry import ChatThread
 
 
 class RegistryThreads:

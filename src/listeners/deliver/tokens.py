@@ -27,9 +27,9 @@ from typing import Any
 import httpx
 from google.auth import crypt
 
-from listeners.backoff import Backoff
 from listeners.config import LOOPBACK_ONLY, https_or_loopback
-from listeners.inputs import MAX_UID_LENGTH
+from listeners_bridge.backoff import Backoff
+from listeners_bridge.inputs import MAX_UID_LENGTH
 
 GOOGLE_CERTS_URL = "https://www.googleapis.com/robot/v1/metadata/x509/securetoken@system.gserviceaccount.com"
 MAX_TOKEN_BYTES = 8192

@@ -32,10 +32,10 @@ from listeners.deliver.ports import Entries, Notifications, Presence, RegistryWr
 from listeners.deliver.revocation import TOKEN_REVOKED, RevocationCheck
 from listeners.deliver.threads import RegistryThreads
 from listeners.deliver.tokens import TokenRejected, TokenVerifier, VerifiedToken
-from listeners.inputs import InvalidInput, encode_json, parse_json, valid_uid
 from listeners.metrics import Metrics
-from listeners.publish.channels import Channels
-from listeners.source.registry import ChatThread, InvalidThread
+from listeners_bridge.channels import Channels
+from listeners_bridge.inputs import InvalidInput, encode_json, parse_json, valid_uid
+from listeners_bridge.registry import ChatThread, InvalidThread
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from listeners.normalise.timestamps import parse_timestamp
 from listeners.normalise.values import to_json_value
+from listeners_bridge.timestamps import parse_timestamp
 
 DISPLAY_TYPES = frozenset(
     {

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from listeners.normalise.notifications import normalise_notification
-from listeners.normalise.timestamps import to_utc_iso
 from listeners.normalise.values import text
+from listeners_bridge.timestamps import to_utc_iso
 
 _EXTRA_TEXT = ("sender_id", "chat_mode", "thread_key")
 

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
-from listeners.events import NotificationItem
-from listeners.normalise.timestamps import parse_timestamp, to_utc_iso
 from listeners.normalise.values import dumps, text, to_json_value
+from listeners_bridge.events import NotificationItem
+from listeners_bridge.timestamps import to_utc_iso
 
 _OPTIONAL_TEXT = ("batch_id", "drive_link")
-ItemT = TypeVar("ItemT", bound=Mapping[str, Any])
-_OLDEST = datetime.min.replace(tzinfo=UTC)
 
 
 def normalise_notification(doc_id: str, data: Any) -> NotificationItem:
@@ -85,12 +82,3 @@ def _info_message(info: Any) -> str:
         if found not in (None, ""):
             return found if isinstance(found, str) else dumps(found)
     return ""
-
-
-def sort_key(item: Mapping[str, Any]) -> tuple[datetime, str]:
-    return (parse_timestamp(item.get("timestamp")) or _OLDEST, str(item.get("doc_id", "")))
-
-
-def newest_first(items: Iterable[ItemT]) -> list[ItemT]:
-    """Newest first by `timestamp`; unreadable timestamps last; ties by `doc_id`."""
-    return sorted(items, key=sort_key, reverse=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from listeners.normalise.timestamps import to_utc_iso
+from listeners_bridge.timestamps import to_utc_iso
 
 MAX_DEPTH = 32  # Firestore allows 20 levels of nesting; deeper input is cut, not followed
 

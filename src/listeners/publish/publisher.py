@@ -20,14 +20,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from listeners.backoff import Backoff
 from listeners.envelope import Envelope
-from listeners.events import POSITION_TYPES
 from listeners.metrics import Metrics
-from listeners.publish.broker import Broker, BrokerUnavailable, Message
-from listeners.publish.connection import connection_failed
 from listeners.publish.tails import TailPositions
-from listeners.waits import wait_event
+from listeners_bridge.backoff import Backoff
+from listeners_bridge.broker import Broker, BrokerUnavailable, Message
+from listeners_bridge.connection import connection_failed
+from listeners_bridge.events import POSITION_TYPES
+from listeners_bridge.waits import wait_event
 
 log = logging.getLogger(__name__)
 

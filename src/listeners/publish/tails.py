@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from listeners.envelope import Envelope, identity_id
-from listeners.events import POSITION_TYPES, position_type
-from listeners.normalise.timestamps import format_utc
+from listeners_bridge.events import POSITION_TYPES, position_type
+from listeners_bridge.timestamps import format_utc
 
 QUIET_SECONDS = 2.0
 RATIO = 0.5  # positions per event published, at most, under load

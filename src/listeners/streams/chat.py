@@ -22,13 +22,13 @@ from typing import Any
 
 import httpx
 
-from listeners.events import CHAT_MESSAGE, CHAT_SYNC
 from listeners.normalise.chat import displayable, in_order, raw_message
-from listeners.source.registry import ChatThread
 from listeners.source.rtdb import RtdbError
 from listeners.source.rtdb_wire import RtdbSource, RtdbStream
 from listeners.streams.order import StreamOrder
 from listeners.streams.view import DEFAULT_PUBLISHING, Emit, Publishing
+from listeners_bridge.events import CHAT_MESSAGE, CHAT_SYNC
+from listeners_bridge.registry import ChatThread
 
 log = logging.getLogger(__name__)
 

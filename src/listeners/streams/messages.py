@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from listeners.events import MSG_ADD, MSG_REMOVE, MSG_SYNC, MSG_UPDATE
 from listeners.normalise.messages import normalise_message
-from listeners.normalise.notifications import newest_first
 from listeners.source.rtdb_wire import RtdbSource, RtdbStream
 from listeners.streams.view import DEFAULT_PUBLISHING, Emit, EventNames, Item, PublishedView, Publishing
+from listeners_bridge.events import MSG_ADD, MSG_REMOVE, MSG_SYNC, MSG_UPDATE
+from listeners_bridge.timestamps import newest_first
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from listeners.backoff import Backoff
-from listeners.events import NOTIF_ADD, NOTIF_REMOVE, NOTIF_SYNC, NOTIF_UPDATE
-from listeners.normalise.notifications import newest_first, normalise_notification
+from listeners.normalise.notifications import normalise_notification
 from listeners.source.snapshots import Query, Snapshot, SnapshotSource, Watch
 from listeners.streams.view import (
     DEFAULT_PUBLISHING,
@@ -24,6 +22,9 @@ from listeners.streams.view import (
     Publishing,
     digest,
 )
+from listeners_bridge.backoff import Backoff
+from listeners_bridge.events import NOTIF_ADD, NOTIF_REMOVE, NOTIF_SYNC, NOTIF_UPDATE
+from listeners_bridge.timestamps import newest_first
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from listeners.envelope import Envelope
-from listeners.inputs import encode_json
-from listeners.normalise.timestamps import format_utc
 from listeners.streams.order import StreamOrder
+from listeners_bridge.inputs import encode_json
+from listeners_bridge.timestamps import format_utc
 
 Item = Mapping[str, Any]
 # (envelope, source update time in epoch seconds for the lag) -> False when it was dropped

@@ -21,13 +21,13 @@
 //   token cannot fix (FINAL_CODES); at once when the browser comes back online or the tab is
 //   shown again (a hidden tab's timers are throttled, and its socket may have died meanwhile);
 // - follows every stream's `epoch` and `seq` with the same rules as the Python bridge
-//   (listeners/bridge/ordering.py): a missing seq, or an epoch without its sync, is a gap,
+//   (listeners_bridge/ordering.py): a missing seq, or an epoch without its sync, is a gap,
 //   and the client sends `{"type": "resync"}`; events older than the last sync and
 //   duplicates are dropped; a tail position (`*.position`) ahead of what it holds is a gap;
 // - applies only events of a contract version it knows (ACCEPTED_VERSIONS): on another it
 //   stops, warns on the console and reports the status "incompatible";
 // - reduces the events to the UI's lists (`Reducers`, the same results as
-//   listeners/bridge/reducers.py: a contract test runs both on the same events).
+//   listeners_bridge/reducers.py: a contract test runs both on the same events).
 
 // The contract versions (every envelope's `v`, docs/events.md "Versions") this module can
 // apply: majors, inclusive. listeners.events.ACCEPTED_VERSIONS is the Python consumer's.
@@ -176,7 +176,7 @@ function newestFirst(map) {
   });
 }
 
-/** Events -> the UI's lists, as listeners/bridge/reducers.py does. */
+/** Events -> the UI's lists, as listeners_bridge/reducers.py does. */
 export class Reducers {
   constructor() {
     this.notificationItems = new Map();

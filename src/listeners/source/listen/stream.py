@@ -25,12 +25,12 @@ from typing import Any, Protocol
 
 import grpc
 
-from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.source.listen import wire
 from listeners.source.listen.protocol import ListenState, TargetError
 from listeners.source.listen.status import ListenStatus
 from listeners.source.snapshots import Snapshot
-from listeners.waits import wait_event
+from listeners_bridge.backoff import Backoff, reraise_if_cancelled
+from listeners_bridge.waits import wait_event
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from urllib.parse import parse_qsl, quote, urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from listeners.backoff import Backoff
 from listeners.source.access_tokens import TokenProvider
 from listeners.source.rtdb.errors import RtdbError, read_error
 from listeners.source.rtdb.mirror import DEFAULT_IDLE_TIMEOUT, ChangeHandler, FailureHandler, NodeMirror
 from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES
 from listeners.source.rtdb.tree import Json, split_path
+from listeners_bridge.backoff import Backoff
 
 _MAX_REDIRECTS = 5
 _TOKEN_HOST_SUFFIXES = (".firebaseio.com", ".firebasedatabase.app")

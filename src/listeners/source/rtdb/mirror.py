@@ -21,11 +21,11 @@ from typing import Protocol
 
 import httpx
 
-from listeners.backoff import Backoff
-from listeners.inputs import InvalidInput, parse_json
 from listeners.source.rtdb.errors import ProtocolError, RtdbError, read_error
 from listeners.source.rtdb.sse import DEFAULT_MAX_EVENT_BYTES, EventTooLarge, SseEvent, SseParser
 from listeners.source.rtdb.tree import Json, apply_event, split_path
+from listeners_bridge.backoff import Backoff
+from listeners_bridge.inputs import InvalidInput, parse_json
 
 # The logger of the module before it became a package: the JSON logs' "logger" field stays the same.
 log = logging.getLogger("listeners.source.rtdb")

@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
-from listeners.backoff import Backoff
 from listeners.source.rtdb import Json, RtdbError, TokenProvider, split_path
 from listeners.source.rtdb_wire.connection import Connection
 from listeners.source.rtdb_wire.listen import ChangeHandler, FailureHandler, Listen, WireStream
 from listeners.source.rtdb_wire.protocol import PROTOCOL_VERSION, PushIds, host_allowed, query_key, wire_query
+from listeners_bridge.backoff import Backoff
 
 log = logging.getLogger("listeners.source.rtdb_wire")
 

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from listeners.backoff import Backoff, reraise_if_cancelled
 from listeners.source.rtdb import Json, RtdbError
 from listeners.source.rtdb_wire.listen import IDLE, LIVE, QUEUED, SENT, Listen
 from listeners.source.rtdb_wire.protocol import (
@@ -42,6 +41,7 @@ from listeners.source.rtdb_wire.protocol import (
     query_key,
     relative_writes,
 )
+from listeners_bridge.backoff import Backoff, reraise_if_cancelled
 
 
 class ClientSide(Protocol):

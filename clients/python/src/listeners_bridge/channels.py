@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from listeners.config import RedisSettings
-    from listeners.source.registry import ChatThread
+    from listeners_bridge.registry import ChatThread
+    from listeners_bridge.settings import RedisSettings
 
 
 @dataclass(frozen=True)

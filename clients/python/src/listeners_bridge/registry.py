@@ -8,14 +8,15 @@ Expiry is logical: nothing changes in Firestore when it happens, so the node swe
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from listeners.inputs import valid_key
-from listeners.normalise.timestamps import parse_timestamp
+from listeners_bridge.inputs import valid_key
+from listeners_bridge.timestamps import parse_timestamp
 
 REGISTRY_COLLECTION = "listeners_registry"
 DEFAULT_TTL_SECONDS = 90
@@ -24,6 +25,8 @@ DEFAULT_TTL_SECONDS = 90
 MAX_TTL_SECONDS = 86_400
 MAX_HEARTBEAT_AHEAD = timedelta(minutes=5)  # clock skew between writers; later counts as this
 _STATUSES = ("online", "offline")
+
+log = logging.getLogger(__name__)
 
 
 CHAT_MODES = frozenset({"job_chats", "chats", "active_chats"})
@@ -182,3 +185,76 @@ def offline_fields() -> dict[str, Any]:
 def _describe(value: Any) -> str:
     """The type of a bad value, never the value itself (it may be anything)."""
     return "nothing" if value is None else type(value).__name__
+
+
+THREAD_WRITE_ATTEMPTS = 3  # a conditional write lost to another writer is tried again
+
+
+class RegistryStore:
+    def __init__(self, db: Any) -> None:
+        self._db = db
+
+    def _document(self, uid: str) -> Any:
+        return self._db.collection(REGISTRY_COLLECTION).document(uid)
+
+    async def write_online(
+        self,
+        uid: str,
+        *,
+        ttl_seconds: int,
+        instance_id: str,
+        companies: Iterable[str] | None = None,
+        threads: Iterable[ChatThread] | None = None,
+    ) -> Any:
+        """Merges the online fields (a heartbeat) and returns the write's update time; fields
+        given as None are left as they are. Raises what Firestore raises."""
+        from google.cloud import firestore
+
+        fields = online_fields(firestore.SERVER_TIMESTAMP, ttl_seconds, instance_id, companies, threads)
+        result = await self._document(uid).set(fields, merge=True)
+        return result.update_time
+
+    async def write_offline(self, uid: str, *, unchanged_since: Any) -> None:
+        """`status: offline`, on the condition that nobody wrote since `unchanged_since` (the
+        update time of our own last write): another process's heartbeat keeps the user online.
+        Raises what Firestore raises, a failed precondition included."""
+        option = self._db.write_option(last_update_time=unchanged_since)
+        await self._document(uid).update(offline_fields(), option=option)
+
+    async def has_thread(self, uid: str, thread: ChatThread) -> bool:
+        """Whether the entry lists the thread; False (logged) when it cannot be read."""
+        try:
+            snapshot = await self._document(uid).get()
+        except Exception as exc:
+            log.warning("chat thread not confirmed", extra={"uid": uid, "reason": type(exc).__name__})
+            return False
+        return thread.to_fields() in listed_threads(snapshot.to_dict())
+
+    async def add_thread(self, uid: str, thread: ChatThread) -> bool:
+        """True once the entry lists the thread; False (logged) when it could not be written."""
+        return await self._change_threads(uid, thread, add=True)
+
+    async def remove_thread(self, uid: str, thread: ChatThread) -> bool:
+        """True once the entry no longer lists the thread; False (logged) otherwise."""
+        return await self._change_threads(uid, thread, add=False)
+
+    async def _change_threads(self, uid: str, thread: ChatThread, *, add: bool) -> bool:
+        # Read, change, write on the condition that nobody wrote in between (and again if so):
+        # the field may not exist yet, and other writers (the bridge) may change it too.
+        fields = thread.to_fields()
+        document = self._document(uid)
+        reason = ""
+        for _ in range(THREAD_WRITE_ATTEMPTS):
+            try:
+                snapshot = await document.get()
+                if not snapshot.exists:
+                    log.warning("chat thread not written: user not in the registry", extra={"uid": uid})
+                    return False
+                current = [t for t in listed_threads(snapshot.to_dict()) if t != fields]
+                option = self._db.write_option(last_update_time=snapshot.update_time)
+                await document.update({CHAT_THREADS: [*current, fields] if add else current}, option=option)
+                return True
+            except Exception as exc:  # a concurrent write, or Firestore unreachable: try again
+                reason = type(exc).__name__
+        log.warning("chat thread not written to the registry", extra={"uid": uid, "reason": reason})
+        return False

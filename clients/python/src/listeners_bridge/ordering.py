@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from listeners.events import POSITION_TYPES, SYNC_TYPES, stream_of
+from listeners_bridge.events import POSITION_TYPES, SYNC_TYPES, stream_of
 
 
 class Verdict(enum.Enum):

@@ -9,14 +9,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, Literal, NotRequired
 
-from typing_extensions import TypedDict  # pydantic reads these on Python 3.11
+try:  # pydantic (the service's schemas) reads only typing_extensions' TypedDict on Python 3.11
+    from typing_extensions import TypedDict
+except ImportError:  # a consumer without it (the bridge needs only redis): annotations alone
+    from typing import TypedDict
 
 # The contract's version (docs/events.md, "Versions"): a major number only. It changes when an
 # event a consumer already knows changes in a way an older consumer would misapply (a field
 # removed, renamed or retyped, an order rule changed); additions (an optional field, a new event
 # type, which consumers skip) keep it. Every envelope carries it as `v`.
 CONTRACT_VERSION: Final = 1
-# The majors the Python consumer (listeners.bridge) can apply, inclusive. The browser module
+# The majors the Python consumer (listeners_bridge) can apply, inclusive. The browser module
 # exports its own (`ACCEPTED_VERSIONS` in listeners-client.js); tests/test_contract.py checks
 # that both hold CONTRACT_VERSION.
 ACCEPTED_VERSIONS: Final = (1, 1)

@@ -32,11 +32,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from listeners.backoff import Backoff, reraise_if_cancelled
-from listeners.config import RedisSettings
-from listeners.publish.broker import Handler
-from listeners.publish.connection import close_quietly, connection_failed, redis_client
-from listeners.publish.resp import ReplyError, Wire
+from listeners_bridge.backoff import Backoff, reraise_if_cancelled
+from listeners_bridge.broker import Handler
+from listeners_bridge.connection import close_quietly, connection_failed, redis_client
+from listeners_bridge.resp import ReplyError, Wire
+from listeners_bridge.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 

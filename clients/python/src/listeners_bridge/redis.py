@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
 
-from listeners.backoff import reraise_if_cancelled
-from listeners.config import RedisSettings
-from listeners.publish.broker import BrokerUnavailable, Handler, Message
-from listeners.publish.connection import connection_failed, redis_client
-from listeners.publish.redis_subscriber import RedisSubscriber
-
-if TYPE_CHECKING:  # the bridge runs where prometheus_client is not installed
-    from listeners.metrics import Metrics
+from listeners_bridge.backoff import reraise_if_cancelled
+from listeners_bridge.broker import BrokerUnavailable, Handler, Message
+from listeners_bridge.connection import connection_failed, redis_client
+from listeners_bridge.redis_subscriber import RedisSubscriber
+from listeners_bridge.settings import RedisSettings
 
 
 class RedisBroker:
-    def __init__(self, settings: RedisSettings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: RedisSettings, on_reconnect: Callable[[str], None] | None = None) -> None:
         self._settings = settings
-        self._metrics = metrics
+        self._on_reconnect = on_reconnect  # called with the subscriber's name: the service counts them
         self._client = redis_client(settings)
 
     async def connect(self) -> None:
@@ -50,11 +46,11 @@ class RedisBroker:
 
     def subscriber(self, name: str, handler: Handler) -> RedisSubscriber:
         """A pub/sub connection of its own (`name` says whose, in logs and metrics)."""
-        metrics = self._metrics
+        on_reconnect = self._on_reconnect
 
         def counted() -> None:
-            if metrics is not None:
-                metrics.pubsub_reconnects.labels(name).inc()
+            if on_reconnect is not None:
+                on_reconnect(name)
 
         return RedisSubscriber(self._settings, name, handler, on_reconnect_count=counted)
 

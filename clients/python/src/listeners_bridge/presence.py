@@ -20,9 +20,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from listeners.backoff import Backoff
-from listeners.source.registry import ChatThread
-from listeners.source.stores import RegistryStore
+from listeners_bridge.backoff import Backoff
+from listeners_bridge.registry import ChatThread, RegistryStore
 
 log = logging.getLogger(__name__)
 

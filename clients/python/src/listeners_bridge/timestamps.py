@@ -9,8 +9,9 @@ milliseconds when too large to be seconds.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 _MS_THRESHOLD = 100_000_000_000  # epoch seconds pass this in the year 5138
 
@@ -60,3 +61,16 @@ def to_utc_iso(value: Any) -> str:
     """The normalised text of a timestamp, or "" when it cannot be read."""
     parsed = parse_timestamp(value)
     return format_utc(parsed) if parsed is not None else ""
+
+
+_OLDEST = datetime.min.replace(tzinfo=UTC)
+ItemT = TypeVar("ItemT", bound=Mapping[str, Any])
+
+
+def sort_key(item: Mapping[str, Any]) -> tuple[datetime, str]:
+    return (parse_timestamp(item.get("timestamp")) or _OLDEST, str(item.get("doc_id", "")))
+
+
+def newest_first(items: Iterable[ItemT]) -> list[ItemT]:
+    """Newest first by `timestamp`; unreadable timestamps last; ties by `doc_id`."""
+    return sorted(items, key=sort_key, reverse=True)

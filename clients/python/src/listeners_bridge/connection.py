@@ -11,7 +11,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from listeners.config import RedisSettings
+from listeners_bridge.settings import RedisSettings
 
 
 def _quiet_handshake() -> dict[str, object]:

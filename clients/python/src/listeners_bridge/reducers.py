@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from listeners.normalise.notifications import newest_first
+from listeners_bridge.timestamps import newest_first
 
 Item = dict[str, Any]
 

@@ -24,16 +24,16 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from listeners.bridge.ordering import Follower
-from listeners.config import RedisSettings
-from listeners.control import resync_request
-from listeners.events import KNOWN_TYPES, UnsupportedVersion, check_version
-from listeners.inputs import InvalidInput, parse_json
-from listeners.publish.broker import Broker, BrokerUnavailable
-from listeners.publish.channels import Channels
-from listeners.publish.redis import RedisBroker
-from listeners.source.registry import ChatThread
-from listeners.waits import wait_event
+from listeners_bridge.broker import Broker, BrokerUnavailable
+from listeners_bridge.channels import Channels
+from listeners_bridge.events import KNOWN_TYPES, UnsupportedVersion, check_version
+from listeners_bridge.inputs import InvalidInput, parse_json
+from listeners_bridge.ordering import Follower
+from listeners_bridge.redis import RedisBroker
+from listeners_bridge.registry import ChatThread
+from listeners_bridge.resync import resync_request
+from listeners_bridge.settings import RedisSettings
+from listeners_bridge.waits import wait_event
 
 log = logging.getLogger(__name__)
 
