@@ -241,6 +241,35 @@ async def test_tail_positions_stay_within_their_budget_under_load() -> None:
     assert len(tails) == 0 and left > 0
 
 
+async def test_the_budget_is_the_larger_of_ratio_and_floor_never_their_sum() -> None:
+    """Frequent wakes, only some with events published: the floor must not top up each of the
+    others (it did, per wake: 6 positions per second here instead of 5)."""
+    tails = TailPositions(quiet=0.0, ratio=0.5, floor=2.0, burst=10)
+    order = StreamOrder("t")
+    sent, now = 0, 0.0
+    for wake in range(600):  # 60 s, a wake every 0.1 s; 10 events per second, in batches of 2
+        for n in range(20):  # always more streams waiting than the budget allows
+            tails.saw(f"user:u{wake}-{n}", stamped(order, f"u{wake}-{n}", n), now)
+        if wake % 2:
+            tails.published(2)
+        now += 0.1
+        sent += len(tails.take_due(now))
+    assert sent <= 0.5 * 600 + 10 + 1  # the ratio (5/s is more than the floor's 2/s), the burst
+    assert sent >= 0.5 * 600 - 1  # and all of it is used
+
+
+async def test_a_quiet_instance_gets_the_floor() -> None:
+    tails = TailPositions(quiet=0.0, ratio=0.5, floor=2.0, burst=1)
+    order = StreamOrder("t")
+    sent, now = 0, 0.0
+    for wake in range(30):  # a wake every 2 s, no event published: the floor alone, 2/s
+        for n in range(10):
+            tails.saw(f"user:q{wake}-{n}", stamped(order, f"q{wake}-{n}", n), now)
+        now += 2.0
+        sent += len(tails.take_due(now))
+    assert sent == 30  # the burst (1) caps each wake; the floor refilled it every time
+
+
 async def test_a_chat_position_names_its_thread() -> None:
     last = StreamOrder("t").stamp(
         "chat.message", "u", {"space_code": "acme", "thread_key": "t1", "raw_messages": []}

@@ -31,6 +31,7 @@ RATIO = 0.5  # positions per event published, at most, under load
 FLOOR_PER_SECOND = 2.0  # and at least this many per second, so a quiet instance never waits
 BURST = 1_000.0  # positions that may go at once after a calm spell
 MAX_STREAMS = 200_000  # streams remembered while they wait; past it the oldest is forgotten
+WINDOW_SECONDS = 1.0  # the budget is the larger of ratio and floor over each such window
 
 
 @dataclass(slots=True)
@@ -74,8 +75,11 @@ class TailPositions:
         self._max_streams = max_streams
         self._tails: OrderedDict[tuple[str, str], _Tail] = OrderedDict()  # oldest event first
         self._tokens = burst
-        self._earned = 0.0
-        self._refilled: float | None = None
+        self._pending = 0.0  # budget earned by events since the last refill
+        self._earned = 0.0  # and in the current window
+        self._granted = 0.0  # tokens given in the current window
+        self._window: float | None = None  # loop time the current window began
+        self._refilled = 0.0  # loop time of the last refill
         self.forgotten = 0  # streams dropped past MAX_STREAMS (their consumers still resync on gaps)
 
     def __len__(self) -> int:
@@ -98,7 +102,7 @@ class TailPositions:
 
     def published(self, events: int) -> None:
         """`events` events (positions excluded) were confirmed published: they earn budget."""
-        self._earned += events * self._ratio
+        self._pending += events * self._ratio
 
     def due_at(self) -> float | None:
         """When the oldest waiting stream will have been quiet long enough (loop time)."""
@@ -120,7 +124,16 @@ class TailPositions:
         return due
 
     def _refill(self, now: float) -> None:
-        elapsed = 0.0 if self._refilled is None else now - self._refilled
+        # Over each window, the larger of the two budgets, never their sum: taking the larger
+        # at every wake would add the floor on the wakes without events (+63 % at 10/s).
+        if self._window is None:
+            self._window = now
+        elif now - self._window >= WINDOW_SECONDS:  # the new one starts at the last refill
+            self._window, self._granted, self._earned = self._refilled, 0.0, 0.0
         self._refilled = now
-        self._tokens = min(self._burst, self._tokens + max(self._floor * elapsed, self._earned))
-        self._earned = 0.0
+        self._earned += self._pending
+        self._pending = 0.0
+        target = max(self._floor * (now - self._window), self._earned)
+        if target > self._granted:
+            self._tokens = min(self._burst, self._tokens + target - self._granted)
+            self._granted = target
