@@ -45,6 +45,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from google.cloud import firestore
 from bench import latency
 from bench.latency import log_problems, percentile, report_head
 from listeners.cluster import MEMBERS_KEY, entry_id, owner
+from listeners_testkit.documents import FOREVER, notification_data, write_online
 from listeners_testkit.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer, ServiceProcess
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
@@ -287,30 +289,11 @@ class Recorder(latency.Consumer):
 # -- Firestore ---------------------------------------------------------------------
 
 
-def write_registry(db: firestore.Client, uids: list[str]) -> None:
-    """Every user online until 2999: no heartbeat write is needed while the benchmark runs
-    (each would reach every instance's registry watch; on the npm fallback emulator, every
-    watch)."""
-    for i in range(0, len(uids), 500):  # a batch holds at most 500 writes
-        batch = db.batch()
-        for uid in uids[i : i + 500]:
-            batch.set(
-                db.document(f"listeners_registry/{uid}"),
-                {
-                    "status": "online",
-                    "heartbeat_at": "2999-01-01T00:00:00Z",
-                    "ttl_seconds": 600,
-                    "authorized_companies_ids": [],
-                },
-            )
-        batch.commit()
-
-
 def write_notification(
     db: firestore.Client, uid: str, doc_id: str, sent: dict[tuple[str, str], float]
 ) -> bool:
     """One notification; its send time goes in `sent` unless the write failed."""
-    data = latency.notification_data(doc_id)
+    data = notification_data(doc_id)
     key = (uid, doc_id)
     sent[key] = time.monotonic()
     try:
@@ -435,7 +418,9 @@ async def _run_load(
     sampling: asyncio.Task[None] | None = None
     sent: dict[tuple[str, str], float] = {}
     try:
-        await loop.run_in_executor(pool, write_registry, db, uids)  # before any instance starts
+        await loop.run_in_executor(
+            pool, partial(write_online, db, uids, heartbeat=FOREVER)
+        )  # before any instance starts
         await recorder.start()
         began = time.monotonic()
         instances = await start_instances(r.ids, redis_server.port, emulator, project, logs)
@@ -619,7 +604,7 @@ async def _run_takeover(
     peaks: dict[str, float] = {}
     sampling: asyncio.Task[None] | None = None
     try:
-        await asyncio.to_thread(write_registry, db, uids)
+        await asyncio.to_thread(write_online, db, uids, heartbeat=FOREVER)
         await recorder.start()
         began = time.monotonic()
         instances = await start_instances(r.ids, redis_server.port, emulator, project, logs)

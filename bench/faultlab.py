@@ -51,7 +51,6 @@ from google.cloud import firestore
 
 from bench.browsers import Browsers
 from bench.cluster import ADMIN_TOKEN, CONTROL_TOKEN, Instance
-from bench.latency import notification_data
 from bench.rtdb import message as dm_message
 from listeners.config import TARGETS_PER_STREAM, RedisSettings, Secret
 from listeners_bridge import Bridge
@@ -61,6 +60,7 @@ from listeners_bridge.ordering import Verdict
 from listeners_bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners_bridge.registry import ChatThread
 from listeners_testkit import netns
+from listeners_testkit.documents import notification_data, write_online
 from listeners_testkit.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
 from listeners_testkit.proxy import ProxyProcess
 from listeners_testkit.rtdb_server import RtdbStandin
@@ -589,24 +589,8 @@ def chat_message(content: str, timestamp: str) -> dict[str, Any]:
 def registry_batch(db: firestore.Client, uids: list[str], chat_uids: Iterable[str] = ()) -> None:
     """Every user online for a day; those in `chat_uids` with one chat thread open."""
     heartbeat = datetime.now(UTC) + timedelta(days=1)
-    chatting = set(chat_uids)
-    for i in range(0, len(uids), 500):
-        batch = db.batch()
-        for uid in uids[i : i + 500]:
-            entry: dict[str, Any] = {
-                "status": "online",
-                "heartbeat_at": heartbeat,
-                "ttl_seconds": 7 * 86400,
-                "authorized_companies_ids": [SPACE],
-                "instance_id": "bench",
-            }
-            if uid in chatting:
-                t = chat_thread(uid)
-                entry["chat_threads"] = [
-                    {"space_code": t.space_code, "thread_key": t.thread_key, "mode": t.mode}
-                ]
-            batch.set(db.document(f"listeners_registry/{uid}"), entry)
-        batch.commit(timeout=60)
+    threads = {uid: chat_thread(uid) for uid in chat_uids}
+    write_online(db, uids, heartbeat=heartbeat, ttl_seconds=7 * 86400, companies=[SPACE], threads=threads)
 
 
 @dataclass

@@ -42,6 +42,7 @@ import psutil
 import redis.asyncio as aioredis
 from google.cloud import firestore
 
+from listeners_testkit.documents import notification_data, write_online
 from listeners_testkit.processes import (
     GOOGLE,
     PROJECT_ROOT,
@@ -246,36 +247,6 @@ async def forced_collections(pid: int, log: Path, timeout: float = 120.0) -> dic
             await asyncio.sleep(0.2)
 
 
-def write_registry(db: firestore.Client, uids: list[str]) -> None:
-    for i in range(0, len(uids), 500):  # a batch holds at most 500 writes
-        batch = db.batch()
-        for uid in uids[i : i + 500]:
-            batch.set(
-                db.document(f"listeners_registry/{uid}"),
-                {
-                    "status": "online",
-                    "heartbeat_at": firestore.SERVER_TIMESTAMP,
-                    "ttl_seconds": 600,
-                    "authorized_companies_ids": [],
-                    "instance_id": "bench",
-                },
-            )
-        batch.commit()
-
-
-def notification_data(doc_id: str) -> dict[str, Any]:
-    """An unread notification document as the application writes one (every benchmark)."""
-    return {
-        "job_id": doc_id,
-        "file_name": f"{doc_id}.pdf",
-        "status": "completed",
-        "collection_id": "c1",
-        "timestamp": datetime.now(UTC).replace(tzinfo=None).isoformat(),
-        "read": False,
-        "additional_info": "{}",
-    }
-
-
 def write_notification(db: firestore.Client, uid: str, doc_id: str, sent: dict[str, float]) -> bool:
     """One notification; its send time goes in `sent` unless the write failed."""
     data = notification_data(doc_id)
@@ -352,7 +323,7 @@ async def run_size(r: Result, args: argparse.Namespace, redis_port: int, emulato
         # The users are online before the service starts, as after a deploy. (On the npm
         # fallback emulator, which resends every watched query on every write, registering
         # them one by one under a running service would also cost O(N^2) resends.)
-        await loop.run_in_executor(pool, write_registry, db, uids)
+        await loop.run_in_executor(pool, write_online, db, uids)
         await consumer.start()
         began = time.monotonic()
         service = BenchService(

@@ -61,10 +61,10 @@ from bench.cluster import (
     check_alive,
     describe_code,
     stop_all,
-    write_registry,
 )
 from bench.latency import percentile, report_head, update_doc
 from listeners.cluster import owner
+from listeners_testkit.documents import FOREVER, write_online
 from listeners_testkit.processes import PROJECT_ROOT, FirestoreEmulator, RedisServer
 
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
@@ -163,7 +163,7 @@ async def run_stop(r: Stop, args: argparse.Namespace, logs: Path) -> None:
         recorder = Recorder(client, uids)
         instances: list[Instance] = []
         try:
-            await asyncio.to_thread(write_registry, db, uids)
+            await asyncio.to_thread(write_online, db, uids, heartbeat=FOREVER)
             await recorder.start()
             began = time.monotonic()
             env = {"LOG_LEVEL": "INFO", "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN": "3", **dict(args.env)}

@@ -65,7 +65,6 @@ from bench.latency import (
     _terminate,
     _version,
     log_problems,
-    notification_data,
     percentile,
     report_head,
     update_doc,
@@ -75,6 +74,7 @@ from bench.latency import (
 from listeners.config import RedisSettings, Secret
 from listeners_bridge import Bridge, Notifications
 from listeners_bridge.consumer import _Reader
+from listeners_testkit.documents import notification_data
 from listeners_testkit.processes import PROJECT_ROOT, RedisServer, emulator_env, wait_for_port
 
 START, END = "<!-- bench.tails:start -->", "<!-- bench.tails:end -->"
