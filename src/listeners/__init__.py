@@ -4,12 +4,16 @@ and to browsers over WebSocket.
 Data flow, one package per stage:
 
     source/     Firebase behind small interfaces: Firestore watches (Listen or the SDK), the
-                Realtime Database, the registry document's shape and the stores that write it
+                Realtime Database (REST or the wire protocol), the registry watch, read marks
     normalise/  pure functions: raw Firebase values -> the items the UI expects
     streams/    a user's ordered event streams: a source watch + the normaliser -> envelopes
-    publish/    the broker interface, Redis and in-memory brokers, the publisher, channel names
+    publish/    the publisher (every event written, or its user resynced) and tail positions
     deliver/    HTTP (health, metrics, operator pages) and WebSocket Direct mode
-    bridge/     the consumer library for the Reflex backend (no part of the service)
+
+What the service shares with its consumers lives in the listeners-bridge distribution
+(clients/python/, package `listeners_bridge`), which it imports and which never imports it:
+the envelope and its version, channel names, the registry document, the Redis broker and
+subscriber, the settings table's machinery, and the consumer itself.
 
 `node.Node` keeps one `session.UserSession` per online user; `service.Service` is one running
 instance; `assemble` builds and connects every part (the only module that imports them all),

@@ -1,2 +1,2 @@
-"""Where envelopes go: a small `Broker` interface, Redis and in-memory brokers, the publisher,
-and the channel names (`channels`) every publisher and subscriber uses."""
+"""Where envelopes go: the `Publisher` (ordered batches over the bridge's `Broker`; every event
+confirmed written or its user resynced) and `tails` (tail positions after a stream's last event)."""
