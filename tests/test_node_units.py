@@ -13,6 +13,7 @@ import pytest
 from listeners.metrics import Metrics
 from listeners.node import Node, NodeSettings
 from listeners.publish.publisher import Publisher
+from listeners.publish.tails import TailPositions
 from listeners.session import Sources
 from listeners.source.snapshots import Changes, Query, Snapshot, SnapshotHandler, SourceDoc
 from listeners_bridge.broker import MemoryBroker
@@ -255,3 +256,33 @@ async def test_abandon_forgets_the_users_without_closing_their_watches() -> None
         assert node.sessions == {} and node.pending == 0
         assert all(w.active for w in source.watches if w.query.collection.startswith("clients/"))
         assert node._metrics.detaches.labels("shutdown")._value.get() == 2
+
+
+async def test_a_detached_user_leaves_no_tail_position_behind() -> None:
+    """Detached (offline, or handed over), a user's streams get no position from here: it would
+    arrive after the next owner's sync and cost each consumer a resync."""
+    source = FakeSource()
+    metrics = Metrics()
+    tails = TailPositions(quiet=0.0)
+    publisher = Publisher(MemoryBroker(), metrics, tails=tails)
+    publisher.up = True  # queued, not sent
+    node = Node(
+        NodeSettings(sweep_interval_seconds=0.05), Sources(source), publisher, metrics, clock=lambda: NOW
+    )
+    async with node:
+        task = asyncio.create_task(node.run())
+        try:
+            source.registry()[0].handler(Snapshot((online("bea"), online("cid"))))
+            await until(lambda: {"bea", "cid"} <= node.sessions.keys())
+            for watch in source.watches:
+                if watch.query.collection.endswith("notifications"):
+                    watch.handler(Snapshot(()))  # each user's attach sync: a stream with a tail
+            await until(lambda: len(tails) == 2)
+            source.registry()[0].handler(Snapshot((online("cid"),), changes=Changes(removed=("bea",))))
+            await until(lambda: "bea" not in node.sessions and len(node._closing) == 0)
+            assert len(tails) == 1
+            assert [channel for channel, _ in tails.take_due(float("inf"))] == ["user:cid"]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

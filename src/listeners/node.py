@@ -321,11 +321,18 @@ class Node:
     def _detach(self, uid: str, reason: str) -> None:
         self._moving.pop(uid, None)
         session = self.sessions.pop(uid)
-        task = asyncio.create_task(session.close(), name=f"close-{uid}")
+        task = asyncio.create_task(self._close(session), name=f"close-{uid}")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         self._metrics.detaches.labels(reason).inc()
         log.info("user detached", extra={"uid": uid, "reason": reason})
+
+    async def _close(self, session: UserSession) -> None:
+        channels = session.channels()
+        await session.close()
+        # A position for its last events would come from here after the next owner's sync (a
+        # needless resync for each of the user's consumers); that sync covers those events.
+        self._publisher.forget_tails(channels)
 
     def resync(self, uids: set[str] | None = None) -> None:
         """A fresh sync for these users (None: all), after events could not be delivered.

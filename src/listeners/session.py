@@ -70,6 +70,10 @@ class UserSession:
         self._closing: set[asyncio.Task[None]] = set()
         self._refused: set[ChatThread] = set()
 
+    def channels(self) -> list[str]:
+        """Every channel this session publishes on: the user's, and each chat thread's."""
+        return [self._channels.user(self.uid), *(self._channels.chat(self.uid, t) for t in self.threads)]
+
     def all_streams(self) -> list[UserStream]:
         return [*self.streams, *self.threads.values()]
 

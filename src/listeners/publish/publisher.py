@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from listeners.envelope import Envelope
@@ -65,7 +65,7 @@ class Publisher:
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._tails = tails or TailPositions()
+        self._tails = tails if tails is not None else TailPositions()  # an empty one is falsy
         self._inflight: list[_Pending] = []  # the batch being written: not confirmed yet
         self._gaps: set[str] = set()  # users with an event not confirmed: resynced when possible
         self._missed = False  # something was dropped while the broker was down
@@ -91,6 +91,10 @@ class Publisher:
         self._idle.clear()
         self._wakeup.set()
         return True
+
+    def forget_tails(self, channels: Iterable[str]) -> None:
+        """No tail position for these channels from here (their user left this instance)."""
+        self._tails.forget(channels)
 
     @property
     def queued(self) -> int:

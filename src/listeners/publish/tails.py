@@ -18,6 +18,7 @@ chat channel carries one thread.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,7 @@ RATIO = 0.5  # positions per event published, at most, under load
 FLOOR_PER_SECOND = 2.0  # and at least this many per second, so a quiet instance never waits
 BURST = 1_000.0  # positions that may go at once after a calm spell
 MAX_STREAMS = 200_000  # streams remembered while they wait; past it the oldest is forgotten
+FAMILIES = ("notif", "msg", "chat")  # what a type's prefix can be
 WINDOW_SECONDS = 1.0  # the budget is the larger of ratio and floor over each such window
 
 
@@ -99,6 +101,12 @@ class TailPositions:
             return
         tail.last, tail.at = envelope, now
         self._tails.move_to_end(key)
+
+    def forget(self, channels: Iterable[str]) -> None:
+        """These channels' streams left this instance: no position for them from here."""
+        for channel in channels:
+            for family in FAMILIES:
+                self._tails.pop((channel, family), None)
 
     def published(self, events: int) -> None:
         """`events` events (positions excluded) were confirmed published: they earn budget."""
