@@ -18,6 +18,7 @@ import pytest
 from listeners.metrics import Metrics
 from listeners.service import Service
 from listeners.source.listen import ListenSource, wire
+from listeners.source.listen.status import ListenStatus
 from listeners.source.listen.stream import RECONNECT, SLOW_RECONNECT
 from listeners.source.snapshots import Query
 from listeners_bridge.backoff import Backoff
@@ -314,3 +315,19 @@ async def test_a_target_change_with_no_target_ids_and_a_read_time_is_a_consisten
             assert snapshot.read_time is not None and snapshot.read_time.timestamp() == 5
         finally:
             await listen.aclose()
+
+
+def test_a_target_error_code_outside_google_rpc_counts_as_other() -> None:
+    """The code comes from the server: the metric's label set stays the 17 codes and `other`."""
+    metrics = Metrics()
+    status = ListenStatus(metrics)
+    for code in (7, 2**31 - 1, -5, 17):
+        status.target_failed(code)
+    counted = {
+        sample.labels["code"]: sample.value
+        for family in metrics.registry.collect()
+        if family.name == "listeners_listen_target_errors"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+    assert counted == {"7": 1.0, "other": 3.0}

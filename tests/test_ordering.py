@@ -15,7 +15,7 @@ from listeners.config import RedisSettings, Secret
 from listeners.control import verify
 from listeners.streams.order import StreamOrder
 from listeners.streams.view import EventNames, PublishedView, Publishing
-from listeners_bridge import Bridge
+from listeners_bridge import Bridge, parse_event
 from listeners_bridge.broker import MemoryBroker
 from listeners_bridge.events import stream_of
 from listeners_bridge.ordering import Follower, Ordering, Verdict
@@ -186,3 +186,33 @@ async def test_the_bridge_asks_for_a_resync_on_a_gap_and_skips_what_it_cannot_ap
         assert (await nxt)["seq"] == 5
         assert (await anext(events))["seq"] == 6
         assert len(requests) == 2
+
+
+def test_parse_event_skips_a_type_that_is_not_a_string() -> None:
+    kinds: list[object] = [["notif.add"], {}, 7, None]
+    for kind in kinds:
+        assert parse_event(json.dumps({**event("notif.add", "A", 1), "type": kind}), "u") is None
+
+
+@pytest.mark.asyncio
+async def test_the_bridge_restarts_its_subscriber_when_it_ends_and_its_readers_resync() -> None:
+    broker = MemoryBroker()
+    bridge = Bridge(RedisSettings(host="unused", control_token=Secret(TOKEN)), broker=broker)
+    subscriber = bridge._subscriber
+    run, runs = subscriber.run, 0
+
+    async def failing_once() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("a bug in the subscriber")
+        await run()
+
+    subscriber.run = failing_once  # type: ignore[method-assign]
+    requests = broker.published["listeners:control"]
+    generator = cast(AsyncGenerator[dict[str, Any], None], bridge.events("u"))
+    async with contextlib.aclosing(generator) as events:
+        first = asyncio.ensure_future(anext(events))
+        await until(lambda: runs == 2 and len(requests) >= 1)  # restarted, and it asks for a sync
+        await broker.publish_many([("user:u", json.dumps(event("notif.sync", "A", 1)).encode())])
+        assert (await first)["seq"] == 1

@@ -57,7 +57,7 @@ def parse_event(raw: bytes | str, uid: str) -> dict[str, Any] | None:
     if missing:
         log.warning("event skipped: missing fields", extra={"uid": uid, "missing": missing})
         return None
-    if event["type"] not in KNOWN_TYPES:
+    if not isinstance(event["type"], str) or event["type"] not in KNOWN_TYPES:
         log.warning("event skipped: unknown type", extra={"uid": uid, "type": str(event["type"])[:40]})
         return None
     try:
@@ -160,6 +160,7 @@ class Bridge:
         await self._join(reader)
         try:
             while True:
+                self._keep_subscriber()
                 if reader.needs_resync and time.monotonic() - reader.asked > self._resync_retry:
                     await self._ask_resync(reader)
                 event = await reader.next(timeout=1.0)
@@ -172,8 +173,20 @@ class Bridge:
         for channel in reader.channels:
             self._readers.setdefault(channel, set()).add(reader)
             await self._subscriber.subscribe(channel)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._subscriber.run(), name="bridge-subscriber")
+        self._keep_subscriber()
+
+    def _keep_subscriber(self) -> None:
+        """The subscriber's task, started, or restarted if it ended (a bug: it never gives up on
+        Redis): the new connection makes every reader resync. At most once a second per
+        iterator, so a task that fails at once does not spin."""
+        task = self._task
+        if task is not None and not task.done():
+            return
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            log.error(
+                "bridge subscriber ended; restarting it", extra={"reason": repr(task.exception())[:200]}
+            )
+        self._task = asyncio.create_task(self._subscriber.run(), name="bridge-subscriber")
 
     async def _leave(self, reader: _Reader) -> None:
         for channel in reader.channels:

@@ -45,9 +45,10 @@ class ListenStatus:
             self._metrics.listen_relistens.labels(reason).inc(targets)
 
     def target_failed(self, code: int) -> None:
-        """The server removed a target with an error (google.rpc.Code, 0-16)."""
+        """The server removed a target with an error (google.rpc.Code, 0-16; any other number is
+        counted as "other", so that the server cannot grow the label set)."""
         if self._metrics is not None:
-            self._metrics.listen_target_errors.labels(str(code)).inc()
+            self._metrics.listen_target_errors.labels(str(code) if 0 <= code <= 16 else "other").inc()
 
     def probed(self, answered: bool) -> None:
         """A quiet stream was asked a question; unanswered, its connection is replaced."""
