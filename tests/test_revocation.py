@@ -80,3 +80,66 @@ async def test_revoked_tokens_close_at_connect_and_at_refresh(
             stale = issuer.mint("ann", iat=now - 100, auth_time=now - 100)
             await ann.send(json.dumps({"type": "auth.refresh", "token": stale}))
             assert await closed_with(ann) == TOKEN_REVOKED
+
+
+async def test_a_malformed_valid_since_fails_closed_and_is_not_cached(
+    toolkit: tuple[IdentityToolkit, str],
+) -> None:
+    standin, url = toolkit
+    check = RevocationCheck("p", base_url=url, ttl_seconds=300)
+    try:
+        for i, value in enumerate(("nan", [1], "-5", True, "soon")):
+            standin.users[f"u{i}"] = {"localId": f"u{i}", "validSince": value}
+            with pytest.raises(TokenRejected) as refused:
+                await check.check(f"u{i}", time.time())
+            assert refused.value.code == LOOKUP_UNAVAILABLE, value
+        standin.add("u0")  # repaired: asked again, not answered from a cache
+        await check.check("u0", time.time())
+    finally:
+        await check.aclose()
+
+
+async def test_a_failing_token_provider_refuses_with_try_again_later(
+    toolkit: tuple[IdentityToolkit, str],
+) -> None:
+    _, url = toolkit
+
+    async def broken() -> str:
+        raise RuntimeError("metadata server unreachable")
+
+    check = RevocationCheck("p", base_url=url, access_token=broken)
+    try:
+        with pytest.raises(TokenRejected) as refused:
+            await check.check("ann", time.time())
+        assert refused.value.code == LOOKUP_UNAVAILABLE
+    finally:
+        await check.aclose()
+
+
+async def test_a_cancelled_lookup_is_not_passed_on_to_the_sockets_sharing_it(
+    toolkit: tuple[IdentityToolkit, str],
+) -> None:
+    standin, url = toolkit
+    standin.add("ann")
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_token() -> str:
+        asked.set()
+        await release.wait()
+        return "token"
+
+    check = RevocationCheck("p", base_url=url, access_token=slow_token)
+    try:
+        first = asyncio.create_task(check.check("ann", time.time()))  # its lookup is shared
+        await asyncio.sleep(0)
+        await asked.wait()
+        second = asyncio.create_task(check.check("ann", time.time()))
+        await asyncio.sleep(0)
+        first.cancel()  # as its socket's auth timeout does
+        with pytest.raises(TokenRejected) as refused:
+            await second
+        assert refused.value.code == LOOKUP_UNAVAILABLE
+        assert first.cancelled()
+    finally:
+        release.set()
+        await check.aclose()

@@ -12,6 +12,7 @@ fails refuses the token with 1013 (try again later): fail closed, as Firebase Ad
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ LOOKUP_UNAVAILABLE = 1013
 MAX_CACHED = 100_000
 LOOKUP_SECONDS = 5.0
 
+INTERRUPTED = "revocation check interrupted"
 AccessToken = Callable[..., Awaitable[str | None]]  # source.access_tokens.TokenProvider
 
 
@@ -84,11 +86,11 @@ class RevocationCheck:
         self._inflight[uid] = future
         try:
             user = await self._lookup(uid, now)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
         except BaseException as exc:
-            future.set_exception(exc)
+            # The sockets sharing this lookup get an answer of their own: a cancellation of this
+            # one (its auth timeout) is not theirs, so they are told to try again.
+            shared = exc if isinstance(exc, TokenRejected) else TokenRejected(INTERRUPTED, LOOKUP_UNAVAILABLE)
+            future.set_exception(shared)
             future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
             raise
         finally:
@@ -103,18 +105,17 @@ class RevocationCheck:
     async def _lookup(self, uid: str, now: float) -> _User:
         self.lookups += 1
         headers = {}
-        if self._access_token is not None:
-            token = await self._access_token()
+        try:
+            token = await self._access_token() if self._access_token is not None else None
             if token:
                 headers["Authorization"] = f"Bearer {token}"
-        try:
             response = await self._http.post(self._url, json={"localId": [uid]}, headers=headers)
             response.raise_for_status()
             body: Any = response.json()
             users = body.get("users") or [] if isinstance(body, dict) else None
             if not isinstance(users, list):
                 raise ValueError("no users list")
-        except (httpx.HTTPError, ValueError) as exc:
+        except Exception as exc:  # the token provider's errors too: never a socket left without a code
             raise TokenRejected(
                 f"revocation check unavailable ({type(exc).__name__})", LOOKUP_UNAVAILABLE
             ) from None
@@ -122,8 +123,19 @@ class RevocationCheck:
         found = next((u for u in users if isinstance(u, dict) and u.get("localId") == uid), None)
         if found is None:
             return _User(None, False, until)
-        try:
-            valid_since = float(found.get("validSince") or 0)
-        except (TypeError, ValueError):
-            valid_since = 0.0
-        return _User(valid_since, bool(found.get("disabled")), until)
+        valid_since = _epoch_seconds(found.get("validSince", "0"))
+        if valid_since is None:  # fail closed, and not cached: the next connect asks again
+            raise TokenRejected("revocation check unavailable (malformed validSince)", LOOKUP_UNAVAILABLE)
+        return _User(valid_since, bool(found.get("disabled")), until)  # any truthy value: disabled
+
+
+def _epoch_seconds(value: object) -> float | None:
+    """`validSince` (epoch seconds, a string of digits in the API), or None when malformed: a
+    NaN would pass every `issued_at < valid_since` test, and a list is no time."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
