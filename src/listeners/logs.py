@@ -105,6 +105,7 @@ def configure(level: str = "INFO") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
         logging.getLogger(name).setLevel(root.level)  # uvicorn sets its own INFO otherwise
-    # The SDKs log their retries at INFO with full request context; keep them quiet.
-    for name in ("google", "grpc", "urllib3"):
+    # The SDKs log their retries at INFO with full request context; keep them quiet. websockets
+    # logs each frame at DEBUG, the wire client's credential among them.
+    for name in ("google", "grpc", "urllib3", "websockets"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

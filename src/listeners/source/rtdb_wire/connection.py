@@ -71,6 +71,14 @@ log = logging.getLogger("listeners.source.rtdb_wire")
 
 Callback = Callable[[Json, Json], None]  # (status, data) of an answer
 DISCONNECTED = "disconnected"  # the status of a request whose connection ended first
+MAX_OUTGOING = 20_000  # messages waiting to be sent: above every listen of a connection, and its unlistens
+SHORT = 200  # characters of an error or a server's string kept in logs and /healthz
+
+
+def _short(value: object) -> str:
+    """An error (its class and message) or a server's value, cut for a log line or /healthz."""
+    text = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else repr(value)
+    return text[:SHORT]
 
 
 class _Restart(Exception):
@@ -113,6 +121,7 @@ class Connection:
         self._generation = 0  # one more at each session's end: answers of older ones are stale
         self._abort_reason: str | None = None
         self.auths = 0  # credentials accepted, first ones and refreshes
+        self.skipped = 0  # messages from the server this client could not apply
 
     # --- listens -------------------------------------------------------------------------
 
@@ -189,7 +198,8 @@ class Connection:
         self._awaiting -= 1
         if self.listens.get(listen.ident) is listen and listen.state == SENT:
             if status == "ok":
-                if isinstance(data, dict) and "no_index" in (data.get("w") or ()):
+                warnings = data.get("w") if isinstance(data, dict) else None
+                if isinstance(warnings, list) and "no_index" in warnings:
                     log.warning("rtdb listen %s: no index on the server for %s", listen.path, listen.query)
                 listen.answered()
             else:
@@ -198,15 +208,20 @@ class Connection:
 
     # --- requests ------------------------------------------------------------------------
 
-    def _request(self, action: str, body: Json, callback: Callback | None) -> None:
+    def _request(self, action: str, body: Json, callback: Callback | None) -> int:
         self._next_request += 1
         if callback is not None:
             self._requests[self._next_request] = callback
         self._send({"t": "d", "d": {"r": self._next_request, "a": action, "b": body}})
+        return self._next_request
 
     def _send(self, message: Json) -> None:
-        if self._out is not None:
+        if self._out is None:
+            return
+        try:
             self._out.put_nowait(encode_frames(message))
+        except asyncio.QueueFull:  # the server reads nothing of what we send: start again
+            self._abort(f"more than {MAX_OUTGOING} messages waiting to be sent")
 
     async def call(self, action: str, body: Json, timeout: float) -> Json:
         """A request answered by the server (a write, a read): its data, or RtdbError."""
@@ -224,11 +239,12 @@ class Connection:
             if not answer.done():
                 answer.set_result((status, data))
 
-        self._request(action, body, done)
+        request = self._request(action, body, done)
         try:
             async with asyncio.timeout_at(deadline):
                 status, data = await answer
         except TimeoutError:
+            self._requests.pop(request, None)
             raise RtdbError(504, f"no answer to {action!r} within {timeout:g}s") from None
         if status == "ok":
             return data
@@ -258,7 +274,11 @@ class Connection:
                     self._refresh_token = self._refresh_token or exc.refresh_token
                 except (OSError, TimeoutError, websockets.WebSocketException, WireProtocolError) as exc:
                     reraise_if_cancelled()
-                    why = f"{type(exc).__name__}: {exc}"
+                    why = _short(exc)
+                except Exception as exc:  # a bug, or something unforeseen: a new session all the same
+                    reraise_if_cancelled()
+                    log.exception("rtdb wire connection %d: session ended on an internal error", self.index)
+                    why = f"internal error: {_short(exc)}"
                 finally:
                     was_ready = self.ready.is_set()
                     self._lost()
@@ -276,16 +296,17 @@ class Connection:
             raise
         except Exception as exc:  # a bug here must not look like a healthy connection
             log.exception("rtdb wire connection %d: internal error", self.index)
-            self.degraded_reason = f"internal error: {exc!r}"
+            self.degraded_reason = f"internal error: {_short(exc)}"
             for listen in list(self.listens.values()):
-                self.client.failed(listen, f"internal error: {exc!r}")
+                self.client.failed(listen, self.degraded_reason)
+            self._task = None  # the next listen or call starts it again
 
     async def _session(self) -> None:
         client = self.client
         try:
             token = await client.token(refresh=self._refresh_token)
         except Exception as exc:
-            self.degraded_reason = f"the token provider failed: {exc!r}"
+            self.degraded_reason = f"the token provider failed: {_short(exc)}"
             raise _Restart(self.degraded_reason) from exc
         self._refresh_token = False
         url = client.ws_url(self.session_id)
@@ -301,7 +322,7 @@ class Connection:
             proxy=None,
         )
         reader = FrameReader(client.max_message_chars)
-        out: asyncio.Queue[list[str]] = asyncio.Queue()
+        out: asyncio.Queue[list[str]] = asyncio.Queue(maxsize=MAX_OUTGOING)
         writer = asyncio.create_task(self._write(ws, out), name=f"rtdb-wire writer {self.index}")
         ticker: asyncio.Task[None] | None = None
         try:
@@ -318,7 +339,13 @@ class Connection:
                 self._ready()
             while True:
                 message = await self._next_message(ws, reader)
-                self._dispatch(message)
+                try:
+                    self._dispatch(message)
+                except _Restart:
+                    raise
+                except Exception as exc:  # one message: logged, counted, skipped; the others go on
+                    self.skipped += 1
+                    log.warning("rtdb wire connection %d: a message skipped (%s)", self.index, _short(exc))
         except websockets.ConnectionClosed as exc:
             if writer.done() and not writer.cancelled() and writer.exception() is not None:
                 raise _Restart(f"sending failed: {writer.exception()!r}") from exc
@@ -338,15 +365,13 @@ class Connection:
             frame = await ws.recv()
             self._last_received = asyncio.get_running_loop().time()
             self._pinged = False
-            if isinstance(frame, bytes):
-                frame = frame.decode("utf-8")
-            text = reader.feed(frame)
-            if text is None:
-                continue
             try:
+                text = reader.feed(frame.decode("utf-8") if isinstance(frame, bytes) else frame)
+                if text is None:
+                    continue
                 message = json.loads(text)
-            except ValueError:
-                raise WireProtocolError("a message is not JSON") from None
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+                raise WireProtocolError("a message is not JSON in UTF-8, or is nested too deep") from None
             if not isinstance(message, dict):
                 raise WireProtocolError("a message is not an object")
             return message
@@ -365,18 +390,18 @@ class Connection:
         if data.get("t") == "r":
             self._reset(data.get("d"))
         if data.get("t") != "h" or not isinstance(data.get("d"), dict):
-            raise WireProtocolError(f"expected the server's hello, got {data.get('t')!r}")
+            raise WireProtocolError(f"expected the server's hello, got {_short(data.get('t'))}")
         hello = data["d"]
         if hello.get("v") != "5":
-            log.warning("rtdb wire: the server speaks protocol version %r", hello.get("v"))
+            log.warning("rtdb wire: the server speaks protocol version %s", _short(hello.get("v")))
         self.client.remember_host(hello.get("h"))
         session = hello.get("s")
         self.session_id = session if isinstance(session, str) else None
 
     def _reset(self, host: Json) -> None:
         if not self.client.remember_host(host):
-            raise _Restart(f"the server sent us to a host not allowed: {host!r}")
-        raise _Restart(f"the server sent us to {host}", now=True)
+            raise _Restart(f"the server sent us to a host not allowed: {_short(host)}")
+        raise _Restart(f"the server sent us to {_short(host)}", now=True)
 
     def _authenticate(self, token: str) -> None:
         def answered(status: Json, data: Json) -> None:
@@ -458,7 +483,7 @@ class Connection:
             try:
                 token = await self.client.token()
             except Exception as exc:
-                self.degraded_reason = f"the token refresh failed: {exc!r}"
+                self.degraded_reason = f"the token refresh failed: {_short(exc)}"
                 log.warning("rtdb wire connection %d: %s", self.index, self.degraded_reason)
                 return
             if token is None or token == self._token:
@@ -474,7 +499,7 @@ class Connection:
     def _dispatch(self, message: Json) -> None:
         layer, data = message.get("t"), message.get("d")
         if not isinstance(data, dict):
-            raise WireProtocolError(f"a message of layer {layer!r} has no object")
+            raise WireProtocolError(f"a message of layer {_short(layer)} has no object")
         if layer == "c":
             self._control(data)
         elif layer == "d":
@@ -490,7 +515,7 @@ class Connection:
             elif "error" in data:
                 log.warning("rtdb wire connection %d: server error %s", self.index, str(data["error"])[:200])
         else:
-            raise WireProtocolError(f"unknown protocol layer {layer!r}")
+            raise WireProtocolError(f"unknown protocol layer {_short(layer)}")
 
     def _control(self, data: dict[str, Json]) -> None:
         kind, payload = data.get("t"), data.get("d")
@@ -510,11 +535,11 @@ class Connection:
             if tag is not None:
                 listen = self._tags.get(tag) if isinstance(tag, int) else None
                 if listen is not None:
-                    listen.push(relative_writes(listen.keys, keys, merge, data))
+                    self._apply(listen, keys, merge, data)
                 return
             for listen in self._defaults(keys):
                 if listen.state in (SENT, LIVE):
-                    listen.push(relative_writes(listen.keys, keys, merge, data))
+                    self._apply(listen, keys, merge, data)
         elif action == "c":
             keys = path_keys(body.get("p"))
             query = body.get("q")
@@ -531,7 +556,14 @@ class Connection:
         elif action in ("apc", "sd"):
             pass  # App Check revoked (not used here), security debug
         else:
-            log.debug("rtdb wire connection %d: ignoring push %r", self.index, action)
+            log.debug("rtdb wire connection %d: ignoring push %s", self.index, _short(action))
+
+    def _apply(self, listen: Listen, keys: tuple[str, ...], merge: bool, data: Json) -> None:
+        try:
+            listen.push(relative_writes(listen.keys, keys, merge, data))
+        except Exception as exc:  # its mirror would go wrong: it fails, and its stream reads again
+            self.skipped += 1
+            self.client.failed(listen, f"a push it cannot apply ({_short(exc)})")
 
     def _defaults(self, keys: tuple[str, ...]) -> list[Listen]:
         """The default listens a push at `keys` touches: at it, above it, and below it."""

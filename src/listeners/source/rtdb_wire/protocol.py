@@ -11,6 +11,7 @@ import base64
 import ipaddress
 import json
 import random
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -125,9 +126,12 @@ def query_key(query: Json) -> str:
     return json.dumps(query, sort_keys=True, separators=(",", ":"))
 
 
+_INTEGER_KEY = re.compile(r"-?[1-9][0-9]{0,9}|0")  # ASCII digits only: "²" and "--1" are text
+
+
 def _key_rank(key: str) -> tuple[int, int, str]:
     """`.key` order: keys that are 32-bit integers first, numerically, then the others as text."""
-    if key.lstrip("-").isdigit() and -(2**31) <= int(key) < 2**31 and str(int(key)) == key:
+    if _INTEGER_KEY.fullmatch(key) and -(2**31) <= int(key) < 2**31:
         return (0, int(key), "")
     return (1, 0, key)
 
@@ -143,24 +147,31 @@ def trim_window(tree: Json, query: Mapping[str, Json] | None) -> tuple[Json, lis
         return tree, []
     ordered = sorted(tree, key=_key_rank)
     dropped = ordered[:-limit] if query.get("vf") == "r" else ordered[limit:]
-    kept = {key: tree[key] for key in tree if key not in set(dropped)}
+    gone = set(dropped)
+    kept = {key: tree[key] for key in tree if key not in gone}
     return kept or None, dropped
 
 
 # --- pushes -------------------------------------------------------------------------------------
 
 
+MAX_DEPTH = 64  # path segments; the database allows 32 levels
+
+
 def path_keys(path: Json) -> tuple[str, ...]:
     if not isinstance(path, str):
         raise WireProtocolError(f"a push path is not a string: {type(path).__name__}")
-    return tuple(part for part in path.split("/") if part)
+    keys = tuple(part for part in path.split("/") if part)
+    if len(keys) > MAX_DEPTH:
+        raise WireProtocolError(f"a push path deeper than {MAX_DEPTH}")
+    return keys
 
 
 def _descend(value: Json, keys: Iterable[str]) -> Json:
     for key in keys:
         if isinstance(value, dict):
             value = value.get(key)
-        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+        elif isinstance(value, list) and key.isascii() and key.isdigit() and int(key) < len(value):
             value = value[int(key)]
         else:
             return None
