@@ -38,7 +38,7 @@ from listeners.assemble import running
 from listeners.config import Settings
 from listeners_testkit.processes import free_port
 from listeners_testkit.rtdb_server import RtdbStandin
-from tests.conftest import CONTROL_TOKEN, Firebase
+from tests.conftest import Firebase, service_env
 from tests.test_bridge import truth
 from tests.test_browser import WAIT_MS, browser, page_errors, standin  # noqa: F401
 
@@ -86,16 +86,9 @@ class App:
 async def reflex_app(settings: Settings, project_id: str, tmp_path: Path) -> AsyncIterator[App]:
     """`reflex run` on two free ports, until both answer; then stopped with its process group."""
     frontend, backend = free_port(), free_port()
-    env = {
-        **os.environ,
-        "REFLEX_CHECK_LATEST_VERSION": "0",
-        "PYTHONUNBUFFERED": "1",
-        # What the example's backend reads: the bridge's Redis and token, the web app's Firestore.
-        "LISTENERS_REDIS_HOST": "127.0.0.1",
-        "LISTENERS_REDIS_PORT": str(settings.redis.port),
-        "LISTENERS_CONTROL_TOKEN": CONTROL_TOKEN,
-        "FIREBASE_PROJECT_ID": project_id,
-    }
+    # What the example's backend reads, as a service would: the bridge's Redis and control
+    # token, the web app's Firestore (the emulator) and project; none of this shell's settings.
+    env = service_env(settings.redis.port, project_id, REFLEX_CHECK_LATEST_VERSION="0", PYTHONUNBUFFERED="1")
     log = tmp_path / "reflex.log"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
