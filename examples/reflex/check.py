@@ -5,8 +5,9 @@
 Creates real State instances and feeds them `Bridge.events(UID)` through `_on_event` (what
 the background task does under `async with self`) until its standard input is closed. After
 each event it prints one JSON line: the event's type and the public attributes and Reflex's
-dirty vars; at the end, one more line (`"event": null`) with the final state. What this cannot
-run here: the browser side and Reflex's own event loop (`reflex run` builds a Next.js frontend).
+dirty vars; at the end, one more line (`"event": null`) with the final state. This is the
+States alone, without Reflex's event loop or a browser: the app that binds them to a page
+(listeners_example/, `./reflex.sh run`) runs in Chromium in tests/test_reflex_browser.py.
 """
 
 from __future__ import annotations

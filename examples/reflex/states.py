@@ -17,23 +17,49 @@ Wire-up in the app (after sign-in has set `uid`):
 
     rx.button("…", on_click=[NotificationState.listen, MessengerState.listen])
     # or: app.add_page(index, on_load=[NotificationState.listen, MessengerState.listen])
+
+listeners_example/listeners_example.py is such an app: sign-in, presence, and the page. Marking
+an item read is a Firestore write (`mark_read`); the item leaves the lists when the service's
+event for that write comes back through the bridge, in every tab of the user.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import reflex as rx
+from google.cloud import firestore
 
-from listeners_bridge import Bridge, ChatThread, ChatThreads, DirectMessages, Notifications
-from listeners_bridge.settings import load_redis_settings
+from listeners_bridge import (
+    Bridge,
+    ChatThread,
+    ChatThreads,
+    DirectMessages,
+    Notifications,
+    Presence,
+    load_redis_settings,
+)
 
 
 @functools.cache
 def bridge() -> Bridge:
     """One per backend process; settings from the same secret / LISTENERS_REDIS_* as the service."""
     return Bridge(load_redis_settings())
+
+
+@functools.cache
+def database() -> firestore.AsyncClient:
+    """The web app's Firestore client (FIREBASE_PROJECT_ID, as the service; the emulator when
+    FIRESTORE_EMULATOR_HOST is set)."""
+    return firestore.AsyncClient(project=os.environ.get("FIREBASE_PROJECT_ID") or None)
+
+
+@functools.cache
+def presence() -> Presence:
+    """The registry documents of the users signed in here: `online` while a tab of theirs is open."""
+    return Presence(database())
 
 
 class NotificationState(rx.State):
@@ -45,6 +71,13 @@ class NotificationState(rx.State):
         if event["type"].startswith("notif."):
             self.notifications = reducer.apply(event)
             self.unread_count = len(self.notifications)
+
+    @rx.event
+    async def mark_read(self, doc_id: str) -> None:
+        """The web app's own write; the list changes when the service's event comes back.
+        Only an item on the list: the id comes from the browser."""
+        if self.uid and any(n["doc_id"] == doc_id for n in self.notifications):
+            await database().document(f"clients/{self.uid}/notifications/{doc_id}").update({"read": True})
 
     @rx.event(background=True)
     async def listen(self) -> None:
