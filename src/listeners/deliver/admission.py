@@ -35,7 +35,7 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from listeners.config import WebSocketSettings
 from listeners.deliver.clients import client_address, networks
@@ -102,6 +102,25 @@ class Ticket:
         self._admission = None
 
 
+class SampledLog:
+    """A warning per reason: the first, then at most one line per `LOG_EVERY_SECONDS`, which
+    says how many were not logged (`not_logged`)."""
+
+    def __init__(self, logger: logging.Logger, message: str) -> None:
+        self.logger = logger
+        self.message = message
+        self._logged: dict[str, tuple[float, int]] = {}  # reason: (last line, not logged since)
+
+    def __call__(self, reason: str, **extra: Any) -> None:
+        now = time.monotonic()
+        last, since = self._logged.get(reason, (-math.inf, 0))
+        if now - last >= LOG_EVERY_SECONDS:
+            self.logger.warning(self.message, extra={"reason": reason, **extra, "not_logged": since})
+            self._logged[reason] = (now, 0)
+        else:
+            self._logged[reason] = (last, since + 1)
+
+
 def carries_token(query_string: str, subprotocols: str) -> bool:
     """As the gateway reads a token from the upgrade: `bearer, <token>`, or a non-empty `?token=`."""
     parts = [p.strip() for p in subprotocols.split(",")]
@@ -129,7 +148,7 @@ class Admission:
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         self.pending = 0  # admitted, token not settled yet: every address
         self.refused: dict[str, int] = dict.fromkeys(REASONS, 0)
-        self._logged: dict[str, tuple[float, int]] = {}  # reason: (last line, refusals since)
+        self._log = SampledLog(log, "websocket refused before the upgrade")
         self._rate_retry = max(1, math.ceil(1 / self._rate))
         self._pending_retry = max(1, math.ceil(settings.unauthenticated_timeout_seconds))
 
@@ -190,14 +209,5 @@ class Admission:
     def _refuse(self, reason: str, status: int, text: str, retry_after: int | None, address: str) -> Refusal:
         self.refused[reason] += 1
         self._count(reason)
-        now = time.monotonic()
-        last, since = self._logged.get(reason, (-math.inf, 0))
-        if now - last >= LOG_EVERY_SECONDS:
-            log.warning(
-                "websocket refused before the upgrade",
-                extra={"reason": reason, "status": status, "address": address[:80], "not_logged": since},
-            )
-            self._logged[reason] = (now, 0)
-        else:
-            self._logged[reason] = (last, since + 1)
+        self._log(reason, status=status, address=address[:80])
         return Refusal(status, reason, text, retry_after)
