@@ -236,6 +236,9 @@ class ServiceSettings:
         "registry TTL without `ttl_seconds`", "service_config.heartbeat_ttl_seconds", span=(1, 86_400))
     ws_url: str = key("ALB_WS_URL", "", "the public WebSocket URL; informational")
     demo_token_url: str = key("LISTENERS_DEMO_TOKEN_URL", "", "the demo's token issuer; unset: `/demo` off")
+    http_header_timeout_seconds: float = key("LISTENERS_HTTP_HEADER_TIMEOUT_SECONDS", 10.0,
+        "for a request's head, from the connection or the request's first byte; then the "
+        "connection is closed (`UVICORN_HTTP`)", span=(0.1, 300))
 
 
 @dataclass(frozen=True)
