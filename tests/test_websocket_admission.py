@@ -45,9 +45,10 @@ class Answer:
         self.writer = writer
 
 
-@contextlib.asynccontextmanager
-async def upgrade(url: str, *headers: str, query: str = "") -> AsyncIterator[Answer]:
-    """A raw upgrade request (deflate offered); the connection stays open until the block ends."""
+async def send_upgrade(
+    url: str, *headers: str, query: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw upgrade request (deflate offered), sent; its answer not read yet."""
     parts = urllib.parse.urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -62,6 +63,13 @@ async def upgrade(url: str, *headers: str, query: str = "") -> AsyncIterator[Ans
         *headers,
     ]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return reader, writer
+
+
+@contextlib.asynccontextmanager
+async def upgrade(url: str, *headers: str, query: str = "") -> AsyncIterator[Answer]:
+    """A raw upgrade request and its answer; the connection stays open until the block ends."""
+    reader, writer = await send_upgrade(url, *headers, query=query)
     try:
         async with asyncio.timeout(30):
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
@@ -298,3 +306,38 @@ async def test_a_request_head_that_does_not_arrive_is_cut(settings: Settings, is
         finally:
             for _, writer in opened:
                 writer.close()
+
+
+async def test_an_answer_to_a_caller_over_its_rate_is_held_back_within_bounds(
+    settings: Settings, issuer_and_url: Any
+) -> None:
+    """deliver.httpprotocol holds a rate refusal's answer back (a caller that reconnects at
+    once is slowed), at most `max_delayed_refusals` at once: past that, answered at once; a
+    held place is given back when its answer goes, or when the caller leaves first."""
+    limited = settings_with(
+        settings, issuer_and_url[1], handshake_burst_per_address=1, handshakes_per_second_per_address=0.1,
+        rate_refusal_delay_seconds=60, max_delayed_refusals=1,
+    )  # fmt: skip
+    async with serving(limited, **PROTOCOLS["guarded"]) as (url, app):
+        admission = app.state.gateway.admission
+        async with upgrade(url) as answer:  # the burst: refused for want of a token, at once
+            refused(answer, 401)
+        _, held_writer = await send_upgrade(url)
+        await wait_until(lambda: admission.held == 1)
+        async with upgrade(url) as answer:  # no place left to hold it: answered at once
+            refused(answer, 429)
+            assert admission.held == 1  # the first one is still waiting for its answer
+        held_writer.close()  # the caller leaves: its place is given back
+        await wait_until(lambda: admission.held == 0)
+        assert refusals(app, "rate") == 2
+
+    soon = settings_with(
+        settings, issuer_and_url[1], handshake_burst_per_address=1, handshakes_per_second_per_address=0.1,
+        rate_refusal_delay_seconds=0.2,
+    )  # fmt: skip
+    async with serving(soon, **PROTOCOLS["guarded"]) as (url, app):
+        async with upgrade(url) as answer:
+            refused(answer, 401)
+        async with upgrade(url) as answer:  # held back, then answered as ever
+            refused(answer, 429)
+            assert app.state.gateway.admission.held == 0

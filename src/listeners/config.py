@@ -304,6 +304,13 @@ class WebSocketSettings:
         "upgrades a client address may make at once (a reconnect after a deploy)", span=(1, 1_000_000))
     max_unauthenticated_per_address: int = key("LISTENERS_WS_MAX_UNAUTHENTICATED_PER_ADDRESS", 50,
         "sockets still authenticating per client address; over it: HTTP 429", span=(1, 1_000_000))
+    rate_refusal_delay_seconds: float = key("LISTENERS_WS_RATE_REFUSAL_DELAY_SECONDS", 2.0,
+        "a 429 for the handshake rate is answered this long later (±50 %, at random; "
+        "`UVICORN_HTTP`): a caller that reconnects at once is slowed to a few attempts a second; 0: at once",
+        span=(0, 60))
+    max_delayed_refusals: int = key("LISTENERS_WS_MAX_DELAYED_REFUSALS", 5_000,
+        "answers held back that way at once, per process (each a connection); beyond it: at once",
+        span=(0, 1_000_000))
     tracked_addresses: int = key("LISTENERS_WS_TRACKED_ADDRESSES", 100_000,
         "client addresses remembered for those limits (the idle least recent forgotten)",
         span=(100, 10_000_000))

@@ -9,7 +9,8 @@ extension. In order:
 
 1. the instance is shutting down: 503;
 2. the caller's handshake rate (`LISTENERS_WS_HANDSHAKES_PER_SECOND_PER_ADDRESS`, bursts of
-   `LISTENERS_WS_HANDSHAKE_BURST_PER_ADDRESS`) is spent: 429 with `Retry-After`;
+   `LISTENERS_WS_HANDSHAKE_BURST_PER_ADDRESS`) is spent: 429 with `Retry-After`, which
+   deliver.httpprotocol answers late (`Admission.hold`);
 3. the upgrade carries no token (`?token=` or `Sec-WebSocket-Protocol: bearer, <token>`) and
    its origin may not authenticate by a first `auth` message
    (`LISTENERS_WS_FIRST_MESSAGE_AUTH_ORIGINS`, empty by default): 401;
@@ -30,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -147,6 +149,7 @@ class Admission:
         self._burst = float(settings.handshake_burst_per_address)
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         self.pending = 0  # admitted, token not settled yet: every address
+        self.held = 0  # rate refusals whose answer deliver.httpprotocol holds back for now
         self.refused: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._log = SampledLog(log, "websocket refused before the upgrade")
         self._rate_retry = max(1, math.ceil(1 / self._rate))
@@ -186,6 +189,21 @@ class Admission:
         source.pending += 1
         self.pending += 1
         return Ticket(self, source, address)
+
+    def hold(self, refusal: Refusal) -> float:
+        """Seconds to hold back the answer to this refusal (0: answer at once), with a place
+        among the `max_delayed_refusals` taken until `unhold`. Only a caller over its
+        handshake rate is held: one that reconnects as soon as it is answered then makes a
+        few attempts a second instead of as many as the service can answer, and its attempts,
+        each held a random time, no longer come back in waves."""
+        delay = self.settings.rate_refusal_delay_seconds
+        if refusal.reason != RATE or not delay or self.held >= self.settings.max_delayed_refusals:
+            return 0.0
+        self.held += 1
+        return delay * random.uniform(0.5, 1.5)
+
+    def unhold(self) -> None:
+        self.held -= 1
 
     def _source(self, address: str) -> _Source:
         sources = self._sources

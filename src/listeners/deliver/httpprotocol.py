@@ -1,4 +1,4 @@
-"""uvicorn's HTTP protocol (httptools) with the two guards hostile traffic needs (issue 28).
+"""uvicorn's HTTP protocol (httptools) with the guards hostile traffic needs (issue 28).
 
 The container selects it as it selects deliver.wsprotocol, without changing the start command:
 `UVICORN_HTTP=listeners.deliver.httpprotocol:GuardedHttpProtocol` (Dockerfile, task definition).
@@ -10,13 +10,19 @@ The container selects it as it selects deliver.wsprotocol, without changing the 
    request for ever: its keep-alive timer only runs between requests.
 2. A WebSocket upgrade to the gateway's path is put to deliver.admission as soon as its head
    is parsed, before uvicorn hands the connection to the WebSocket protocol. A refusal is a
-   response of a few bytes written at once: no WebSocket protocol object, no second parse of
-   the request by websockets, no handshake response or deflate set-up. Under flood this is
-   most of what the service does (docs/benchmarks.md, "Hostile traffic"). An admitted upgrade
-   goes to deliver.wsprotocol with its ticket; with another WebSocket protocol the gateway
-   admits it, as before.
+   response of a few bytes: no WebSocket protocol object, no second parse of the request by
+   websockets, no handshake response or deflate set-up. Under flood this is most of what the
+   service does (docs/benchmarks.md, "Hostile traffic"). An admitted upgrade goes to
+   deliver.wsprotocol with its ticket; with another WebSocket protocol the gateway admits
+   it, as before.
+3. The answer to a caller over its handshake rate is held back
+   (`LISTENERS_WS_RATE_REFUSAL_DELAY_SECONDS`, at random around it; at most
+   `LISTENERS_WS_MAX_DELAYED_REFUSALS` at once, then at once: `Admission.hold`). A client
+   that reconnects as soon as it is answered otherwise makes as many attempts as the service
+   can answer, and they come back together, in waves that hold the event loop for as long
+   as the wave takes, while signed-in users' events wait behind them.
 
-Both read what they need from the lifespan state (`HEADER_DEADLINE_STATE`, deliver.admission's
+All read what they need from the lifespan state (`HEADER_DEADLINE_STATE`, deliver.admission's
 `ADMISSION_STATE`); without it (another application) the deadline is the table's default.
 """
 
@@ -66,6 +72,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._deadline: HeaderDeadline = self.app_state.get(HEADER_DEADLINE_STATE) or HeaderDeadline()
         self._head_timer: asyncio.TimerHandle | None = None
+        self._held: tuple[Admission, asyncio.TimerHandle] | None = None  # a refusal's answer, held back
 
     # -- 1. the deadline of a request's head
 
@@ -84,7 +91,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unhold()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._held is None:  # a held refusal's connection gets its answer, nothing else
+            super().data_received(data)
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self._deadline.seconds, self._head_too_late)
@@ -133,8 +145,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             carries_token(target.partition("?")[2], field(b"sec-websocket-protocol")),
         )
         if isinstance(verdict, Refusal):
-            self.transport.write(refusal_bytes(verdict))
-            self.transport.close()
+            delay = admission.hold(verdict)
+            if delay:
+                self._held = (admission, self.loop.call_later(delay, self._answer, refusal_bytes(verdict)))
+            else:
+                self._answer(refusal_bytes(verdict))
             return
         # As uvicorn's own hand-over, with the ticket given to the WebSocket protocol first.
         self.connections.discard(self)
@@ -147,3 +162,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         protocol.connection_made(self.transport)
         protocol.data_received(b"".join(request))
         self.transport.set_protocol(protocol)
+
+    def _answer(self, refusal: bytes) -> None:
+        self._unhold()
+        self.transport.write(refusal)
+        self.transport.close()
+
+    def _unhold(self) -> None:
+        if self._held is not None:
+            admission, timer = self._held
+            self._held = None
+            timer.cancel()
+            admission.unhold()
