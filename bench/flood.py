@@ -3,8 +3,8 @@
     flock /tmp/listeners-bench.lock .venv/bin/python -m bench.flood --sockets 2000 --stalled 500
 
 One run: a private redis-server, the Firestore emulator, a local token issuer and one
-service (`uvicorn app.main:app`, one worker, `UVICORN_WS` as in the image, the production
-defaults otherwise), pinned to one core with `sched_setaffinity` (taskset) while this process,
+service (`uvicorn app.main:app`, one worker, `UVICORN_WS` and `UVICORN_HTTP` as in the image,
+the production defaults otherwise), pinned to one core with `sched_setaffinity` (taskset) while this process,
 Redis and the attacker share the others (when the machine has at least two). `--users`
 signed-in sockets receive `notif.add` events published at `--rate` per second; each carries
 its publish time (CLOCK_MONOTONIC), taken back when the client has parsed it. A probe opens a
