@@ -329,7 +329,12 @@ async def test_an_answer_to_a_caller_over_its_rate_is_held_back_within_bounds(
             assert admission.held == 1  # the first one is still waiting for its answer
         held_writer.close()  # the caller leaves: its place is given back
         await wait_until(lambda: admission.held == 0)
-        assert refusals(app, "rate") == 2
+        still_held, still_writer = await send_upgrade(url)
+        await wait_until(lambda: admission.held == 1)
+        assert refusals(app, "rate") == 3
+    # The server's shutdown closes a connection whose answer is held back (and did not wait for it).
+    assert await cut_by_the_server(still_held)
+    still_writer.close()
 
     soon = settings_with(
         settings, issuer_and_url[1], handshake_burst_per_address=1, handshakes_per_second_per_address=0.1,
