@@ -42,6 +42,8 @@ RUN python -m pip uninstall --quiet --yes pip setuptools wheel \
 # watchdog ending whatever overruns: well inside ECS's stopTimeout.
 # UVICORN_WS: the WebSocket protocol made for 10,000 sockets per process (deliver.wsprotocol,
 # docs/websocket.md "At scale"); uvicorn reads it as it reads --ws, the command is unchanged.
+# UVICORN_HTTP: uvicorn's httptools protocol that refuses an upgrade before any WebSocket set-up
+# and cuts a request head that does not arrive (deliver.httpprotocol, docs/security.md).
 # WEB_CONCURRENCY (workers) is set by the task definition, one per vCPU.
 # Bytecode: the venv's .pyc files, written by pip in the build stage, are kept (24 MB): the root
 # filesystem is read-only in the task, so without them every worker would compile the venv again
@@ -50,7 +52,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=3 \
-    UVICORN_WS=listeners.deliver.wsprotocol:DirectWebSocketProtocol
+    UVICORN_WS=listeners.deliver.wsprotocol:DirectWebSocketProtocol \
+    UVICORN_HTTP=listeners.deliver.httpprotocol:GuardedHttpProtocol
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY app ./app

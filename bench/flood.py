@@ -3,8 +3,8 @@
     flock /tmp/listeners-bench.lock .venv/bin/python -m bench.flood --sockets 2000 --stalled 500
 
 One run: a private redis-server, the Firestore emulator, a local token issuer and one
-service (`uvicorn app.main:app`, one worker, `UVICORN_WS` as in the image, the production
-defaults otherwise), pinned to one core with `sched_setaffinity` (taskset) while this process,
+service (`uvicorn app.main:app`, one worker, `UVICORN_WS` and `UVICORN_HTTP` as in the image,
+the production defaults otherwise), pinned to one core with `sched_setaffinity` (taskset) while this process,
 Redis and the attacker share the others (when the machine has at least two). `--users`
 signed-in sockets receive `notif.add` events published at `--rate` per second; each carries
 its publish time (CLOCK_MONOTONIC), taken back when the client has parsed it. A probe opens a
@@ -45,6 +45,7 @@ from bench.websocket import Envelopes, Tree, percentile, raise_fd_limit, read_li
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- bench.flood:start -->", "<!-- bench.flood:end -->"
 DIRECT_PROTOCOL = "listeners.deliver.wsprotocol:DirectWebSocketProtocol"
+GUARDED_HTTP = "listeners.deliver.httpprotocol:GuardedHttpProtocol"
 TICK = 0.01
 HEALTH_EVERY = 0.1
 BASELINE, ATTACK = 1, 2
@@ -126,6 +127,9 @@ class Phase:
     health_failed: int = 0
     rss_mb: float = 0.0
     cpu: float = 0.0
+    service_core_busy: float = 0.0  # every process's, not only the service's
+    other_cores_busy: float = 0.0
+    attacker_cpu: float = 0.0
 
 
 @dataclass
@@ -136,6 +140,8 @@ class Run:
     refusals: dict[str, float] = field(default_factory=dict)
     cores: str = ""
     rss_idle_mb: float = 0.0
+    service_cores: set[int] = field(default_factory=set)
+    other_cores: set[int] = field(default_factory=set)
 
 
 async def signed_in(url: str, token: str, run: Run, dropped: list[str]) -> None:
@@ -210,6 +216,25 @@ async def refusals(port: int) -> dict[str, float]:
     return {reason: float(value) for reason, value in found}
 
 
+def core_times() -> dict[int, tuple[int, int]]:
+    """Each core's (busy, total) clock ticks since boot (/proc/stat): busy is all but idle and iowait."""
+    times = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            ticks = [int(f) for f in fields[:8]]
+            times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return times
+
+
+def busy_percent(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], cores: set[int]
+) -> float:
+    busy = sum(after[c][0] - before[c][0] for c in cores)
+    total = sum(after[c][1] - before[c][1] for c in cores)
+    return busy / total * 100 * len(cores) if total else 0.0
+
+
 def pin(pids: list[int], cores: set[int]) -> None:
     """As `taskset -a -p`: every thread of each process (new threads inherit it)."""
     for pid in pids:
@@ -236,6 +261,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Run:
     uids = [f"user{i:03d}" for i in range(args.users)]
     cores = sorted(os.sched_getaffinity(0))
     service_cores, other_cores = ({cores[0]}, set(cores[1:])) if len(cores) >= 2 else (set(cores), set(cores))
+    run.service_cores, run.other_cores = service_cores, other_cores
     run.cores = (
         f"service on core {sorted(service_cores)}, attacker, clients and Redis on {sorted(other_cores)}"
         if len(cores) >= 2
@@ -262,6 +288,7 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Run:
             "LOG_LEVEL": "WARNING",
             "WEB_CONCURRENCY": "1",
             "UVICORN_WS": DIRECT_PROTOCOL,
+            "UVICORN_HTTP": GUARDED_HTTP,
         }
         log_path = workdir / "service.log"
         service = ServiceProcess(env, port=port, log_path=log_path)
@@ -309,13 +336,21 @@ async def measure(args: argparse.Namespace, workdir: Path) -> Run:
                         attacker.stdin.write(json.dumps(config) + "\n")
                         attacker.stdin.flush()
                         await publish(redis, uids, args.rate, args.warmup, 0, run)
-                    cpu0, t0 = tree.cpu_seconds(), time.monotonic()
+                    cpu0, t0, cores0 = tree.cpu_seconds(), time.monotonic(), core_times()
+                    attacker_tree = Tree(attacker.pid) if attacker is not None else None
+                    attacker_cpu0 = attacker_tree.cpu_seconds() if attacker_tree is not None else 0.0
                     current[0] = phase
                     rss_task = asyncio.create_task(sample_rss(tree, run.phases[phase]))
                     await publish(redis, uids, args.rate, args.duration, phase, run)
                     current[0] = 0
                     rss_task.cancel()
-                    run.phases[phase].cpu = (tree.cpu_seconds() - cpu0) / (time.monotonic() - t0) * 100
+                    elapsed, cores1 = time.monotonic() - t0, core_times()
+                    measured = run.phases[phase]
+                    measured.cpu = (tree.cpu_seconds() - cpu0) / elapsed * 100
+                    if attacker_tree is not None:
+                        measured.attacker_cpu = (attacker_tree.cpu_seconds() - attacker_cpu0) / elapsed * 100
+                    measured.service_core_busy = busy_percent(cores0, cores1, service_cores)
+                    measured.other_cores_busy = busy_percent(cores0, cores1, other_cores)
                     await asyncio.sleep(2)  # the last events arrive
                 if attacker is not None:
                     run.attacker = await read_line(attacker, args.warmup + args.duration + 120)
@@ -368,6 +403,12 @@ def report(run: Run, args: argparse.Namespace, started: datetime) -> str:
         ("/healthz failed", str(base.health_failed), str(hit.health_failed)),
         ("service RSS (max), MiB", f"{base.rss_mb:.0f}", f"{hit.rss_mb:.0f}"),
         ("service CPU, % of a core", f"{base.cpu:.0f}", f"{hit.cpu:.0f}"),
+        ("attacker CPU, % of a core", "-", f"{hit.attacker_cpu:.0f}"),
+        (
+            f"busy: service's core {sorted(run.service_cores)} / the others, % (every process)",
+            f"{base.service_core_busy:.0f} / {base.other_cores_busy:.0f}",
+            f"{hit.service_core_busy:.0f} / {hit.other_cores_busy:.0f}",
+        ),
     ]
     answers = run.attacker.get("answers", {})
     attempts = sum(v for k, v in answers.items() if k != "error")

@@ -288,6 +288,12 @@ def test_task_definition_is_fargate_sized_and_wired() -> None:
         == dockerfile_env["UVICORN_WS"]
         == "listeners.deliver.wsprotocol:DirectWebSocketProtocol"
     )
+    # and the HTTP protocol that refuses upgrades before any of it (issue 28)
+    assert (
+        env["UVICORN_HTTP"]
+        == dockerfile_env["UVICORN_HTTP"]
+        == "listeners.deliver.httpprotocol:GuardedHttpProtocol"
+    )
 
 
 def test_task_definition_environment_has_no_secret() -> None:

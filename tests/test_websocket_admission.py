@@ -20,6 +20,7 @@ import pytest
 from listeners.config import Settings, WebSocketSettings
 from listeners.deliver.admission import Admission, Refusal, Ticket
 from listeners.deliver.clients import client_address, networks
+from listeners.deliver.httpprotocol import GuardedHttpProtocol
 from listeners.deliver.wsprotocol import DirectWebSocketProtocol
 from listeners.metrics import Metrics
 from listeners_testkit.auth import LocalIssuer
@@ -29,6 +30,12 @@ from tests.test_websocket import serving, ws_settings
 pytestmark = pytest.mark.asyncio
 
 PROXY = "127.0.0.0/8"  # the tests' "ALB": the peer address of every connection here
+# Where the refusal is made: in deliver.wsprotocol (UVICORN_WS alone), or already in
+# deliver.httpprotocol (UVICORN_HTTP too), before any WebSocket protocol object.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "direct": {"ws": DirectWebSocketProtocol},
+    "guarded": {"ws": DirectWebSocketProtocol, "http": GuardedHttpProtocol},
+}
 
 
 class Answer:
@@ -38,9 +45,10 @@ class Answer:
         self.writer = writer
 
 
-@contextlib.asynccontextmanager
-async def upgrade(url: str, *headers: str, query: str = "") -> AsyncIterator[Answer]:
-    """A raw upgrade request (deflate offered); the connection stays open until the block ends."""
+async def send_upgrade(
+    url: str, *headers: str, query: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw upgrade request (deflate offered), sent; its answer not read yet."""
     parts = urllib.parse.urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     key = base64.b64encode(os.urandom(16)).decode()
@@ -55,6 +63,13 @@ async def upgrade(url: str, *headers: str, query: str = "") -> AsyncIterator[Ans
         *headers,
     ]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return reader, writer
+
+
+@contextlib.asynccontextmanager
+async def upgrade(url: str, *headers: str, query: str = "") -> AsyncIterator[Answer]:
+    """A raw upgrade request and its answer; the connection stays open until the block ends."""
+    reader, writer = await send_upgrade(url, *headers, query=query)
     try:
         async with asyncio.timeout(30):
             head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
@@ -87,12 +102,13 @@ def settings_with(settings: Settings, certs_url: str, **overrides: Any) -> Setti
     return ws_settings(settings, certs_url, **overrides)
 
 
-@pytest.mark.parametrize("protocol", ["direct", "uvicorn"])
+@pytest.mark.parametrize("protocol", ["direct", "guarded", "uvicorn"])
 async def test_no_token_is_401_before_the_upgrade(
     settings: Settings, issuer: LocalIssuer, issuer_and_url: Any, protocol: str
 ) -> None:
-    """deliver.wsprotocol refuses in the protocol; uvicorn's own through the ASGI extension."""
-    options = {"ws": DirectWebSocketProtocol} if protocol == "direct" else {}
+    """deliver.httpprotocol and deliver.wsprotocol refuse in the protocol; uvicorn's own
+    through the ASGI extension."""
+    options: dict[str, Any] = PROTOCOLS.get(protocol, {})
     async with serving(settings_with(settings, issuer_and_url[1]), **options) as (url, app):
         gateway = app.state.gateway
         async with upgrade(url) as answer:
@@ -128,14 +144,15 @@ def dataclass_origins(settings: Settings) -> Settings:
     )
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_handshake_rate_per_address_behind_a_trusted_proxy(
-    settings: Settings, issuer_and_url: Any
+    settings: Settings, issuer_and_url: Any, protocol: str
 ) -> None:
     limited = settings_with(
         settings, issuer_and_url[1], handshake_burst_per_address=2, handshakes_per_second_per_address=0.1,
         trusted_proxy_cidrs=(PROXY,),
     )  # fmt: skip
-    async with serving(limited, ws=DirectWebSocketProtocol) as (url, app):
+    async with serving(limited, **PROTOCOLS[protocol]) as (url, app):
         attacker = "X-Forwarded-For: 203.0.113.7"
         for _ in range(2):  # the burst: past the rate, refused for want of a token
             async with upgrade(url, attacker) as answer:
@@ -166,12 +183,15 @@ async def test_forwarded_for_is_ignored_without_trusted_proxies(
         assert refusals(app, "rate") == 1
 
 
-async def test_unauthenticated_sockets_per_address(settings: Settings, issuer_and_url: Any) -> None:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_unauthenticated_sockets_per_address(
+    settings: Settings, issuer_and_url: Any, protocol: str
+) -> None:
     limited = settings_with(
         settings, issuer_and_url[1], max_unauthenticated_per_address=1, first_message_auth_origins=("*",),
         unauthenticated_timeout_seconds=60, auth_timeout_seconds=60, trusted_proxy_cidrs=(PROXY,),
     )  # fmt: skip
-    async with serving(limited, ws=DirectWebSocketProtocol) as (url, app):
+    async with serving(limited, **PROTOCOLS[protocol]) as (url, app):
         gateway = app.state.gateway
         async with upgrade(url, "X-Forwarded-For: 203.0.113.7") as silent:
             assert silent.status == 101
@@ -218,3 +238,111 @@ async def test_addresses_remembered_are_bounded_and_tickets_release_once() -> No
     assert (refusal.status, refusal.reason) == (429, "address_unauthenticated")
     held.release()
     assert isinstance(admission.admit("203.0.113.1", None, None, True), Ticket)
+
+
+async def test_an_upgrade_admitted_before_the_websocket_protocol_is_charged_once(
+    settings: Settings, issuer: LocalIssuer, issuer_and_url: Any
+) -> None:
+    """deliver.httpprotocol admits it and hands the ticket over: deliver.wsprotocol does not
+    take a second handshake from the address's budget, and the ticket is given back."""
+    limited = settings_with(
+        settings, issuer_and_url[1], handshake_burst_per_address=2, handshakes_per_second_per_address=0.1
+    )
+    async with serving(limited, **PROTOCOLS["guarded"]) as (url, app):
+        gateway = app.state.gateway
+        async with contextlib.AsyncExitStack() as held:
+            for uid in ("ann", "bob"):
+                bearer = "Sec-WebSocket-Protocol: bearer, " + issuer.mint(uid)
+                answer = await held.enter_async_context(upgrade(url, bearer))
+                assert answer.status == 101 and "sec-websocket-accept" in answer.headers
+            await wait_until(lambda: gateway.authenticated == 2)
+            assert gateway.admission.pending == 0  # released once the tokens were verified
+            async with upgrade(url, "Sec-WebSocket-Protocol: bearer, " + issuer.mint("cy")) as answer:
+                refused(answer, 429)
+        assert refusals(app, "rate") == 1
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    """One HTTP response with a Content-Length; its status."""
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+    length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+    await reader.readexactly(length)
+    return int(head.split()[1])
+
+
+async def cut_by_the_server(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closes the connection without answering (EOF, or a reset)."""
+    try:
+        return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
+def header_timeouts(app: Any) -> float:
+    metrics: Metrics = app.state.service.metrics
+    return metrics.registry.get_sample_value("listeners_http_header_timeouts_total") or 0.0
+
+
+async def test_a_request_head_that_does_not_arrive_is_cut(settings: Settings, issuer_and_url: Any) -> None:
+    """deliver.httpprotocol: half a request, or nothing, is not kept for ever; a whole one is
+    answered; on a kept-alive connection the next request has the same deadline."""
+    quick = settings_with(settings, issuer_and_url[1])
+    quick = dataclasses.replace(
+        quick, service=dataclasses.replace(quick.service, http_header_timeout_seconds=1.0)
+    )
+    async with serving(quick, **PROTOCOLS["guarded"]) as (url, app):
+        port = urllib.parse.urlsplit(url).port
+        opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        (half, half_writer), (silent, _), (kept, kept_writer) = opened
+        try:
+            half_writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Half: ")
+            kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            async with asyncio.timeout(30):
+                assert await read_response(kept) in (200, 503)  # answered, and kept alive
+                kept_writer.write(b"GET /healthz HTTP/1.1\r\nHost: 1")
+                for reader in (half, silent, kept):
+                    assert await cut_by_the_server(reader)
+            assert header_timeouts(app) == 3
+        finally:
+            for _, writer in opened:
+                writer.close()
+
+
+async def test_an_answer_to_a_caller_over_its_rate_is_held_back_within_bounds(
+    settings: Settings, issuer_and_url: Any
+) -> None:
+    """deliver.httpprotocol holds a rate refusal's answer back (a caller that reconnects at
+    once is slowed), at most `max_delayed_refusals` at once: past that, answered at once; a
+    held place is given back when its answer goes, or when the caller leaves first."""
+    limited = settings_with(
+        settings, issuer_and_url[1], handshake_burst_per_address=1, handshakes_per_second_per_address=0.1,
+        rate_refusal_delay_seconds=60, max_delayed_refusals=1,
+    )  # fmt: skip
+    async with serving(limited, **PROTOCOLS["guarded"]) as (url, app):
+        admission = app.state.gateway.admission
+        async with upgrade(url) as answer:  # the burst: refused for want of a token, at once
+            refused(answer, 401)
+        _, held_writer = await send_upgrade(url)
+        await wait_until(lambda: admission.held == 1)
+        async with upgrade(url) as answer:  # no place left to hold it: answered at once
+            refused(answer, 429)
+            assert admission.held == 1  # the first one is still waiting for its answer
+        held_writer.close()  # the caller leaves: its place is given back
+        await wait_until(lambda: admission.held == 0)
+        still_held, still_writer = await send_upgrade(url)
+        await wait_until(lambda: admission.held == 1)
+        assert refusals(app, "rate") == 3
+    # The server's shutdown closes a connection whose answer is held back (and did not wait for it).
+    assert await cut_by_the_server(still_held)
+    still_writer.close()
+
+    soon = settings_with(
+        settings, issuer_and_url[1], handshake_burst_per_address=1, handshakes_per_second_per_address=0.1,
+        rate_refusal_delay_seconds=0.2,
+    )  # fmt: skip
+    async with serving(soon, **PROTOCOLS["guarded"]) as (url, app):
+        async with upgrade(url) as answer:
+            refused(answer, 401)
+        async with upgrade(url) as answer:  # held back, then answered as ever
+            refused(answer, 429)
+            assert app.state.gateway.admission.held == 0

@@ -30,6 +30,7 @@ from listeners.control import ControlListener, ResyncRequest
 from listeners.deliver import http, wsprotocol
 from listeners.deliver.admission import ADMISSION_STATE
 from listeners.deliver.batch import Resyncs
+from listeners.deliver.httpprotocol import HEADER_DEADLINE_STATE, HeaderDeadline
 from listeners.deliver.hub import Hub
 from listeners.deliver.revocation import SCOPES as REVOCATION_SCOPES
 from listeners.deliver.revocation import RevocationCheck
@@ -316,8 +317,14 @@ def create_app(settings: Settings, *, process: ProcessHooks = THIS_PROCESS) -> S
             app.state.service = service
             app.state.gateway = gateway
             with lifetime.stopping_on_signal(service.begin_stop):
-                # The lifespan state reaches deliver.wsprotocol: its refusals before the handshake.
-                yield {ADMISSION_STATE: gateway.admission}
+                # The lifespan state reaches the protocols (UVICORN_HTTP, UVICORN_WS): the
+                # refusals before the handshake, and the deadline of a request's head.
+                yield {
+                    ADMISSION_STATE: gateway.admission,
+                    HEADER_DEADLINE_STATE: HeaderDeadline(
+                        settings.service.http_header_timeout_seconds, service.metrics.http_header_timeouts.inc
+                    ),
+                }
             service.stopping = True
         lifetime.exit(service.failed)
 

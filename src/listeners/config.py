@@ -149,6 +149,9 @@ class ServiceSettings:
         "registry TTL without `ttl_seconds`", "service_config.heartbeat_ttl_seconds", span=(1, 86_400))
     ws_url: str = key("ALB_WS_URL", "", "the public WebSocket URL; informational")
     demo_token_url: str = key("LISTENERS_DEMO_TOKEN_URL", "", "the demo's token issuer; unset: `/demo` off")
+    http_header_timeout_seconds: float = key("LISTENERS_HTTP_HEADER_TIMEOUT_SECONDS", 10.0,
+        "for a request's head, from the connection or the request's first byte; then the "
+        "connection is closed (`UVICORN_HTTP`)", span=(0.1, 300))
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,13 @@ class WebSocketSettings:
         "upgrades a client address may make at once (a reconnect after a deploy)", span=(1, 1_000_000))
     max_unauthenticated_per_address: int = key("LISTENERS_WS_MAX_UNAUTHENTICATED_PER_ADDRESS", 50,
         "sockets still authenticating per client address; over it: HTTP 429", span=(1, 1_000_000))
+    rate_refusal_delay_seconds: float = key("LISTENERS_WS_RATE_REFUSAL_DELAY_SECONDS", 2.0,
+        "a 429 for the handshake rate is answered this long later (±50 %, at random; "
+        "`UVICORN_HTTP`): a caller that reconnects at once is slowed to a few attempts a second; 0: at once",
+        span=(0, 60))
+    max_delayed_refusals: int = key("LISTENERS_WS_MAX_DELAYED_REFUSALS", 5_000,
+        "answers held back that way at once, per process (each a connection); beyond it: at once",
+        span=(0, 1_000_000))
     tracked_addresses: int = key("LISTENERS_WS_TRACKED_ADDRESSES", 100_000,
         "client addresses remembered for those limits (the idle least recent forgotten)",
         span=(100, 10_000_000))

@@ -186,6 +186,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.http_header_timeouts = Counter(
+            "listeners_http_header_timeouts",
+            "Connections closed because a request's head did not arrive in time",
+            registry=r,
+        )
         self.attaches = Counter("listeners_user_attaches", "Users attached here", registry=r)
         self.detaches = Counter(
             "listeners_user_detaches", "Users detached here, by reason", ["reason"], registry=r

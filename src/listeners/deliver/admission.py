@@ -9,7 +9,8 @@ extension. In order:
 
 1. the instance is shutting down: 503;
 2. the caller's handshake rate (`LISTENERS_WS_HANDSHAKES_PER_SECOND_PER_ADDRESS`, bursts of
-   `LISTENERS_WS_HANDSHAKE_BURST_PER_ADDRESS`) is spent: 429 with `Retry-After`;
+   `LISTENERS_WS_HANDSHAKE_BURST_PER_ADDRESS`) is spent: 429 with `Retry-After`, which
+   deliver.httpprotocol answers late (`Admission.hold`);
 3. the upgrade carries no token (`?token=` or `Sec-WebSocket-Protocol: bearer, <token>`) and
    its origin may not authenticate by a first `auth` message
    (`LISTENERS_WS_FIRST_MESSAGE_AUTH_ORIGINS`, empty by default): 401;
@@ -30,12 +31,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 import time
 import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from listeners.config import WebSocketSettings
 from listeners.deliver.clients import client_address, networks
@@ -102,6 +104,25 @@ class Ticket:
         self._admission = None
 
 
+class SampledLog:
+    """A warning per reason: the first, then at most one line per `LOG_EVERY_SECONDS`, which
+    says how many were not logged (`not_logged`)."""
+
+    def __init__(self, logger: logging.Logger, message: str) -> None:
+        self.logger = logger
+        self.message = message
+        self._logged: dict[str, tuple[float, int]] = {}  # reason: (last line, not logged since)
+
+    def __call__(self, reason: str, **extra: Any) -> None:
+        now = time.monotonic()
+        last, since = self._logged.get(reason, (-math.inf, 0))
+        if now - last >= LOG_EVERY_SECONDS:
+            self.logger.warning(self.message, extra={"reason": reason, **extra, "not_logged": since})
+            self._logged[reason] = (now, 0)
+        else:
+            self._logged[reason] = (last, since + 1)
+
+
 def carries_token(query_string: str, subprotocols: str) -> bool:
     """As the gateway reads a token from the upgrade: `bearer, <token>`, or a non-empty `?token=`."""
     parts = [p.strip() for p in subprotocols.split(",")]
@@ -128,8 +149,9 @@ class Admission:
         self._burst = float(settings.handshake_burst_per_address)
         self._sources: OrderedDict[str, _Source] = OrderedDict()
         self.pending = 0  # admitted, token not settled yet: every address
+        self.held = 0  # rate refusals whose answer deliver.httpprotocol holds back for now
         self.refused: dict[str, int] = dict.fromkeys(REASONS, 0)
-        self._logged: dict[str, tuple[float, int]] = {}  # reason: (last line, refusals since)
+        self._log = SampledLog(log, "websocket refused before the upgrade")
         self._rate_retry = max(1, math.ceil(1 / self._rate))
         self._pending_retry = max(1, math.ceil(settings.unauthenticated_timeout_seconds))
 
@@ -168,6 +190,21 @@ class Admission:
         self.pending += 1
         return Ticket(self, source, address)
 
+    def hold(self, refusal: Refusal) -> float:
+        """Seconds to hold back the answer to this refusal (0: answer at once), with a place
+        among the `max_delayed_refusals` taken until `unhold`. Only a caller over its
+        handshake rate is held: one that reconnects as soon as it is answered then makes a
+        few attempts a second instead of as many as the service can answer, and its attempts,
+        each held a random time, no longer come back in waves."""
+        delay = self.settings.rate_refusal_delay_seconds
+        if refusal.reason != RATE or not delay or self.held >= self.settings.max_delayed_refusals:
+            return 0.0
+        self.held += 1
+        return delay * random.uniform(0.5, 1.5)
+
+    def unhold(self) -> None:
+        self.held -= 1
+
     def _source(self, address: str) -> _Source:
         sources = self._sources
         source = sources.get(address)
@@ -190,14 +227,5 @@ class Admission:
     def _refuse(self, reason: str, status: int, text: str, retry_after: int | None, address: str) -> Refusal:
         self.refused[reason] += 1
         self._count(reason)
-        now = time.monotonic()
-        last, since = self._logged.get(reason, (-math.inf, 0))
-        if now - last >= LOG_EVERY_SECONDS:
-            log.warning(
-                "websocket refused before the upgrade",
-                extra={"reason": reason, "status": status, "address": address[:80], "not_logged": since},
-            )
-            self._logged[reason] = (now, 0)
-        else:
-            self._logged[reason] = (last, since + 1)
+        self._log(reason, status=status, address=address[:80])
         return Refusal(status, reason, text, retry_after)

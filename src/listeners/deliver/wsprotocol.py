@@ -198,8 +198,9 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         admission: Admission | None = self.app_state.get(ADMISSION_STATE)
-        if admission is not None and admission.guards(event.path):
-            # Before `accept` (which negotiates deflate) and before any application task.
+        if self.ticket is None and admission is not None and admission.guards(event.path):
+            # Before `accept` (which negotiates deflate) and before any application task;
+            # deliver.httpprotocol has admitted it already where it runs (the ticket is set).
             headers = event.headers
             verdict = admission.admit(
                 self.client[0] if self.client else "",
