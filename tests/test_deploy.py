@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from listeners import config
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / ".venv-tools" / "bin"
 TEMPLATES = sorted((ROOT / "deploy" / "cloudformation").glob("*.yaml"))
@@ -307,13 +309,11 @@ def test_task_definition_environment_has_no_secret() -> None:
         "LISTENERS_REDIS_PASSWORD": OUTPUTS["RedisServiceUserSecretArn"] + ":password::",
         "GOOGLE_APPLICATION_CREDENTIALS_JSON": OUTPUTS["GoogleCredentialsSecretArn"],
     }
-    # The settings, and the WebSocket protocol's own (read by the worker before any app).
-    config = "".join(
-        (ROOT / "src" / "listeners" / path).read_text() for path in ("config.py", "deliver/wsprotocol.py")
-    )
+    # Every key of the settings table, the WebSocket protocol's own and the Redis keys included.
+    keys = {k.env for k in config.table()}
     uvicorn = ("WEB_CONCURRENCY",)  # uvicorn's worker count, besides its UVICORN_ options
     for name in [*env, *secrets]:  # every variable is one the service (or uvicorn) reads: no typo
-        assert name.startswith("UVICORN_") or name in uvicorn or f'"{name}"' in config, name
+        assert name.startswith("UVICORN_") or name in uvicorn or name in keys, name
 
 
 def test_optional_outputs_are_left_out_and_missing_ones_named() -> None:
