@@ -223,6 +223,24 @@ async def test_client_address_is_the_right_most_untrusted_hop() -> None:
     assert client_address("10.0.3.4", "[2001:db8::5]:443", alb) == "2001:db8::/64"
 
 
+async def test_the_bound_on_addresses_holds_while_the_oldest_have_sockets_authenticating() -> None:
+    """64 (the eviction scan) of the oldest addresses hold a ticket, then a flood of new ones:
+    the table stays at its bound, and the held tickets still release cleanly."""
+    settings = WebSocketSettings(tracked_addresses=100, max_unauthenticated_sockets=1000)
+    admission = Admission(settings, SimpleNamespace(closing=False, authenticated=0))
+    held = [admission.admit(f"192.0.2.{i}", None, None, True) for i in range(64)]
+    assert all(isinstance(ticket, Ticket) for ticket in held)
+    for i in range(5000):
+        ticket = admission.admit(f"2001:db8:{i:x}::1", None, None, True)
+        assert isinstance(ticket, Ticket)
+        ticket.release()
+    assert admission.tracked <= 100
+    for ticket in held:
+        assert isinstance(ticket, Ticket)
+        ticket.release()
+    assert admission.pending == 0
+
+
 async def test_addresses_remembered_are_bounded_and_tickets_release_once() -> None:
     settings = WebSocketSettings(tracked_addresses=100, max_unauthenticated_per_address=1)
     admission = Admission(settings, SimpleNamespace(closing=False, authenticated=0))

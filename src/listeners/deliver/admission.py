@@ -211,12 +211,14 @@ class Admission:
         if source is not None:
             sources.move_to_end(address)
             return source
-        if len(sources) >= self.settings.tracked_addresses:
+        while len(sources) >= self.settings.tracked_addresses:
             # The least recently seen idle address is forgotten (its bucket starts full again).
-            for old, candidate in list(itertools.islice(sources.items(), EVICTION_SCAN)):
-                if candidate.pending == 0:
-                    del sources[old]
-                    break
+            # When the oldest few all have sockets authenticating, the oldest goes all the same:
+            # the bound holds, its tickets keep their own count, and the instance's cap on
+            # unauthenticated sockets still bounds them.
+            oldest = itertools.islice(sources.items(), EVICTION_SCAN)
+            idle = next((old for old, candidate in oldest if candidate.pending == 0), None)
+            del sources[idle if idle is not None else next(iter(sources))]
         source = sources[address] = _Source(self._burst, time.monotonic())
         return source
 
