@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ from bench.latency import (
     Result,
     _measuring,
     _message,
+    _terminate,
     _version,
     percentile,
     report_head,
@@ -608,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--code")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # the emulators, stand-ins and services stop with it
     started, began = datetime.now(UTC), time.monotonic()
     given = argv if argv is not None else sys.argv[1:]
     described = _version(["git", "-C", str(PROJECT_ROOT), "describe", "--always", "--dirty"])
