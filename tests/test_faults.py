@@ -8,7 +8,8 @@ reducers, and the browser client module (listeners-client.js, run in Node throug
 services' /ws: bench/browsers.py). The figures at 1,000 users are the benchmark's
 (`python -m bench.faults`); here only behaviour is asserted: every probe written after the
 fault arrives (at both consumers), each consumer then equals the database (nothing lost,
-nothing extra), no event is delivered twice, and a dead connection is noticed.
+nothing extra), no event is delivered twice, and a dead connection is noticed. The Realtime
+Database's scenarios run a second time on the wire client (`LISTENERS_RTDB_TRANSPORT=wire`).
 """
 
 from __future__ import annotations
