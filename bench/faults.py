@@ -63,6 +63,10 @@ from listeners_testkit.processes import PROJECT_ROOT
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench.faults:start -->", "<!-- bench.faults:end -->"
 SECTION = "## Faults under load (`bench/faults.py`)"
+# A run on the wire transport goes to its own block, beside the wire client's other figures.
+WIRE_DOC = PROJECT_ROOT / "docs" / "rtdb.md"
+WIRE_START, WIRE_END = "<!-- bench.faults.wire:start -->", "<!-- bench.faults.wire:end -->"
+WIRE_SECTION = "## Faults on the wire (`bench/faults.py --rtdb-transport wire`)"
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,11 @@ class Outcome:
     position_delays: list[float] = field(default_factory=list)
     browser_position_delays: list[float] = field(default_factory=list)
     service_errors: Counter[str] = field(default_factory=Counter)  # tasks that died, in the logs
+    # What served the Realtime Database when every user was synced, and once converged: the
+    # stand-in's REST streams ("streams") and its WebSocket side ("connections", "listens",
+    # "connects": WebSockets opened since it started), for this namespace.
+    rtdb_ready: dict[str, int] = field(default_factory=dict)
+    rtdb_end: dict[str, int] = field(default_factory=dict)
     worst_ms: float = float("nan")
     ops: Counter[str] = field(default_factory=Counter)
     failed_writes: int = 0
@@ -315,6 +324,7 @@ class Settings:
     browsers: int = 100  # users also followed by a browser client (the first ones)
     ready_timeout: float = 300.0
     durations: Durations = field(default_factory=Durations)
+    rtdb_transport: str = "rest"  # the services' LISTENERS_RTDB_TRANSPORT: rest or wire
 
 
 async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) -> Outcome:
@@ -336,7 +346,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
     try:
         if browsers is not None and node_missing():
             raise RuntimeError(f"no browser consumer: {node_missing()}")
-        extra = browsers.env() if browsers else {}
+        extra = {**(browsers.env() if browsers else {}), "LISTENERS_RTDB_TRANSPORT": s.rtdb_transport}
         await asyncio.to_thread(registry_batch, db, uids)
         for i in range(scenario.instances):
             instances.append(
@@ -358,6 +368,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
                 raise TimeoutError(f"the instances serve {monitor.total_listeners()} of {s.users} users")
             await asyncio.sleep(0.25)
         log(f"{scenario.name}: {s.users} users served and synced in {time.monotonic() - began:.0f} s")
+        out.rtdb_ready = await rtdb_served(lab, rtdb_ns)
         writing = asyncio.create_task(writer.run())
         await asyncio.sleep(s.durations.before)
         run = Run(lab, instances, writer, db, uids, monitor, s.durations)
@@ -422,6 +433,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
                 out.examples += [f"browser: {e}" for e in browser_examples]
             if out.missing + out.extra == 0 and out.browser_lost == 0:
                 out.converged_s = time.monotonic() - stopped
+                out.rtdb_end = await rtdb_served(lab, rtdb_ns)
                 break
             if time.monotonic() - stopped > s.durations.converge_timeout:
                 break
@@ -470,6 +482,7 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         f"{out.browsers} browsers: lost {out.browser_lost}, duplicates {out.browser_duplicates} "
         f"(dropped by the client: {out.browser_wire_duplicates}; "
         + (f"{browsers.events} events applied, {browsers.connects} sockets)" if browsers else ")")
+        + f"; the stand-in served {out.rtdb_ready} when synced, {out.rtdb_end} when converged"
         + f"; positions {out.positions}/{out.browser_positions}, showing a gap "
         f"{out.position_gaps}/{out.browser_position_gaps}, applied as changes "
         f"{out.positions_applied}/{out.browser_positions_applied}, after the last event "
@@ -480,6 +493,13 @@ async def run_scenario(lab: Lab, scenario: Scenario, s: Settings, logs: Path) ->
         + (f", e.g. {out.examples}" if out.examples else "")
     )
     return out
+
+
+async def rtdb_served(lab: Lab, ns: str) -> dict[str, int]:
+    """The stand-in's open REST streams and its WebSocket side for namespace `ns`."""
+    wire = await lab.standin.wire(ns)
+    served = {key: int(wire[key]) for key in ("connections", "listens", "connects")}
+    return {"streams": await lab.standin.open_streams(ns), **served}
 
 
 async def until(done: Callable[[], bool], timeout: float) -> bool:
@@ -575,8 +595,9 @@ def render(
         START,
         "",
         *report_head(command, code, started, elapsed),
-        f"Lab: {lab}. {s.users} users online per scenario; writes at {s.notif_rate:g} notification "
-        f"operations/s (add 40 %, update, read, delete 20 % each) and {s.dm_rate:g} direct-message "
+        f"Lab: {lab}. Realtime Database client: {s.rtdb_transport} (`LISTENERS_RTDB_TRANSPORT`). "
+        f"{s.users} users online per scenario; writes at {s.notif_rate:g} notification operations/s "
+        f"(add 40 %, update, read, delete 20 % each) and {s.dm_rate:g} direct-message "
         f"operations/s (add 60 %, read 40 %) over random users; {d.before:g} s of writes before the "
         f"fault and {d.after:g} s after recovery; {s.probes} users probed after the fault. "
         f"Consumers: the bridge's reducers for every user, and the browser client module "
@@ -681,16 +702,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--browsers", type=int, default=100, help="users also followed by a browser client (0: none)"
     )
+    parser.add_argument(
+        "--rtdb-transport",
+        choices=("rest", "wire"),
+        default="rest",
+        help="the services' Realtime Database client (LISTENERS_RTDB_TRANSPORT)",
+    )
     parser.add_argument("--no-netns", action="store_true", help="proxies only")
-    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--doc", type=Path, help="default: docs/benchmarks.md, docs/rtdb.md for wire")
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--code")
     args = parser.parse_args(argv)
+    wire = args.rtdb_transport == "wire"
+    doc = args.doc or (WIRE_DOC if wire else DOC)
     settings = Settings(
         users=args.users,
         notif_rate=args.notif_rate,
         dm_rate=args.dm_rate,
         browsers=args.browsers,
+        rtdb_transport=args.rtdb_transport,
         durations=Durations(
             fault=args.fault,
             lossy=args.lossy,
@@ -714,8 +744,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(outcomes: list[Outcome], lab: str) -> None:
         block = render(load, outcomes, lab, command, code, started, time.monotonic() - began, settings)
-        if not args.no_doc:
-            update_doc(args.doc, block, START, END, SECTION)
+        if not args.no_doc and wire:
+            block = block.replace(START, WIRE_START).replace(END, WIRE_END)
+            update_doc(doc, block, WIRE_START, WIRE_END, WIRE_SECTION)
+        elif not args.no_doc:
+            update_doc(doc, block, START, END, SECTION)
         if len(outcomes) == len(chosen):
             print(block)
 

@@ -23,16 +23,26 @@ class Panel:
     series: Mapping[str, Series]
     log_y: bool = False
     log_x: bool = False
+    goal: float | None = None  # drawn as a dashed line
 
 
-def save_panels(path: Path, title: str, x_label: str, panels: Sequence[Panel]) -> Path:
+def save_panels(
+    path: Path, title: str, x_label: str, panels: Sequence[Panel], columns: int | None = None
+) -> Path:
+    """One row of panels, or rows of `columns`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for axis, panel in zip(axes[0], panels, strict=True):
+    across = min(columns or len(panels), len(panels))
+    down = -(-len(panels) // across)
+    figure, axes = plt.subplots(down, across, figsize=(4.2 * across, 3.6 * down), squeeze=False)
+    for axis in axes.flat[len(panels) :]:
+        axis.set_visible(False)
+    for axis, panel in zip(axes.flat, panels, strict=False):
+        if panel.goal is not None:
+            axis.axhline(panel.goal, color="grey", linestyle="--", linewidth=1, label=f"goal {panel.goal:g}")
         for name, points in panel.series.items():
             ordered = sorted(points)
             if ordered:

@@ -40,6 +40,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -98,6 +99,7 @@ class Size:
     emulator_log: Path
     ready_s: float = float("nan")  # service started -> every user attached, synced and streaming
     msg_synced_s: float = float("nan")  # service started -> every user's first msg.sync
+    notif_synced_s: float = float("nan")  # service started -> every user's first notif.sync
     # at idle: every user attached, no writes
     idle_s: float = float("nan")
     idle_cpu: float = float("nan")  # service CPU % over the idle window (100 = one core)
@@ -162,6 +164,20 @@ class Consumer(latency.Consumer):
             self.synced_by_kind[kind].add(event["uid"])
         elif kind == "msg.add":
             self.received_once(event["payload"]["doc_id"], now)
+
+
+# Called once the users and their data are written, before the service starts: (project, uids).
+BeforeService = Callable[[str, list[str]], Awaitable[None]]
+
+
+def write_unread(db: firestore.Client, uids: list[str], per_user: int) -> None:
+    """`per_user` unread notifications for each user (`clients/{uid}/notifications/n{k}-{uid}`)."""
+    docs = [(uid, f"n{k}-{uid}") for uid in uids for k in range(per_user)]
+    for i in range(0, len(docs), 500):
+        batch = db.batch()
+        for uid, doc_id in docs[i : i + 500]:
+            batch.set(db.document(f"clients/{uid}/notifications/{doc_id}"), latency.notification_data(doc_id))
+        batch.commit()
 
 
 def write_registry(db: firestore.Client, uids: list[str]) -> None:
@@ -235,8 +251,15 @@ async def peak_rss(ps: psutil.Process, s: Size) -> None:
 
 
 async def run_size(
-    s: Size, args: argparse.Namespace, redis_port: int, emulator: FirestoreEmulator, standin: RtdbStandin
+    s: Size,
+    args: argparse.Namespace,
+    redis_port: int,
+    emulator: FirestoreEmulator,
+    standin: RtdbStandin,
+    before_service: BeforeService | None = None,
 ) -> None:
+    """One size; `args.unread` (default 0) unread notifications per user are written with the
+    registry, and `before_service` runs once they are, before the service starts."""
     project = f"bench-rtdb-{s.users}-{uuid.uuid4().hex[:6]}"
     ns = f"{project}-ns"
     uids = [f"u{i:04d}" for i in range(s.users)]
@@ -270,6 +293,11 @@ async def run_size(
         # emulator, which resends every watched query on every write, registering them
         # under a running service would also cost O(N^2) resends.)
         await loop.run_in_executor(None, write_registry, db, uids)
+        unread = getattr(args, "unread", 0)
+        if unread:
+            await loop.run_in_executor(None, write_unread, db, uids, unread)
+        if before_service is not None:
+            await before_service(project, uids)
         await consumer.start()
         began = time.monotonic()
         service = BenchService(redis_port, emulator.host, project, s.log_path, extra)
@@ -284,6 +312,8 @@ async def run_size(
         if not await consumer.wait(attached, args.ready_timeout):
             got = {kind: len(consumer.synced_by_kind[kind]) for kind in syncs}
             raise TimeoutError(f"first syncs of {s.users} users not all received: {got}")
+        if s.users:
+            s.notif_synced_s = consumer.last_first_sync["notif.sync"] - began
         if s.rtdb:
             s.msg_synced_s = consumer.last_first_sync.get("msg.sync", began) - began
             deadline = time.monotonic() + args.ready_timeout

@@ -8,12 +8,14 @@ reducers, and the browser client module (listeners-client.js, run in Node throug
 services' /ws: bench/browsers.py). The figures at 1,000 users are the benchmark's
 (`python -m bench.faults`); here only behaviour is asserted: every probe written after the
 fault arrives (at both consumers), each consumer then equals the database (nothing lost,
-nothing extra), no event is delivered twice, and a dead connection is noticed.
+nothing extra), no event is delivered twice, and a dead connection is noticed. The Realtime
+Database's scenarios run a second time on the wire client (`LISTENERS_RTDB_TRANSPORT=wire`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -100,6 +102,30 @@ async def test_scenario_converges_with_nothing_lost(
     ):
         record_property(key, getattr(outcome, key))
     check(outcome)
+
+
+WIRE_SCENARIOS = ["rtdb-cut", "rtdb-slow"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", WIRE_SCENARIOS)
+async def test_rtdb_scenario_converges_on_the_wire_client(
+    lab: Lab, name: str, tmp_path: Path, record_property: Callable[[str, object], None]
+) -> None:
+    """The Realtime Database's faults again with `LISTENERS_RTDB_TRANSPORT=wire`: every
+    direct-message stream of the instance on the wire client's few WebSockets (issue 27)."""
+    settings = dataclasses.replace(CI, rtdb_transport="wire")
+    outcome = await run_scenario(lab, BY_NAME[name], settings, tmp_path)
+    for key in ("detected_s", "recovered_s", "converged_s", "worst_ms", "lost", "duplicates"):
+        record_property(key, getattr(outcome, key))
+    check(outcome)
+    # Served over the wire: no REST stream, every user's listen on the instance's WebSockets.
+    ready, end = outcome.rtdb_ready, outcome.rtdb_end
+    assert ready["streams"] == 0 and 1 <= ready["connections"] <= 4, ready
+    assert ready["listens"] >= CI_USERS, ready
+    assert end["streams"] == 0 and end["listens"] >= CI_USERS, end
+    if name == "rtdb-cut":  # the cut reset its WebSockets: new ones were opened
+        assert end["connects"] > ready["connects"], (ready, end)
 
 
 # -- the links themselves ---------------------------------------------------------------------
