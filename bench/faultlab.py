@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -60,7 +60,7 @@ from listeners_bridge.ordering import Verdict
 from listeners_bridge.reducers import ChatThreads, DirectMessages, Notifications
 from listeners_bridge.registry import ChatThread
 from listeners_testkit import netns
-from listeners_testkit.documents import notification_data, write_online
+from listeners_testkit.documents import WEEK, a_day_from_now, notification_data, write_online
 from listeners_testkit.processes import NPM, FirestoreEmulator, RedisServer, _Child, emulator_kind
 from listeners_testkit.proxy import ProxyProcess
 from listeners_testkit.rtdb_server import RtdbStandin
@@ -588,9 +588,8 @@ def chat_message(content: str, timestamp: str) -> dict[str, Any]:
 
 def registry_batch(db: firestore.Client, uids: list[str], chat_uids: Iterable[str] = ()) -> None:
     """Every user online for a day; those in `chat_uids` with one chat thread open."""
-    heartbeat = datetime.now(UTC) + timedelta(days=1)
     threads = {uid: chat_thread(uid) for uid in chat_uids}
-    write_online(db, uids, heartbeat=heartbeat, ttl_seconds=7 * 86400, companies=[SPACE], threads=threads)
+    write_online(db, uids, heartbeat=a_day_from_now(), ttl_seconds=WEEK, companies=[SPACE], threads=threads)
 
 
 @dataclass

@@ -42,7 +42,8 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ from bench.latency import (
     update_doc,
     wait_healthy,
 )
+from listeners_testkit.documents import WEEK, a_day_from_now, write_online, write_unread
 from listeners_testkit.processes import (
     PROJECT_ROOT,
     FirestoreEmulator,
@@ -170,35 +172,6 @@ class Consumer(latency.Consumer):
 BeforeService = Callable[[str, list[str]], Awaitable[None]]
 
 
-def write_unread(db: firestore.Client, uids: list[str], per_user: int) -> None:
-    """`per_user` unread notifications for each user (`clients/{uid}/notifications/n{k}-{uid}`)."""
-    docs = [(uid, f"n{k}-{uid}") for uid in uids for k in range(per_user)]
-    for i in range(0, len(docs), 500):
-        batch = db.batch()
-        for uid, doc_id in docs[i : i + 500]:
-            batch.set(db.document(f"clients/{uid}/notifications/{doc_id}"), latency.notification_data(doc_id))
-        batch.commit()
-
-
-def write_registry(db: firestore.Client, uids: list[str]) -> None:
-    """Users online for a day: no heartbeat write is needed during the run."""
-    heartbeat = datetime.now(UTC) + timedelta(days=1)
-    for i in range(0, len(uids), 500):  # a batch holds at most 500 writes
-        batch = db.batch()
-        for uid in uids[i : i + 500]:
-            batch.set(
-                db.document(f"listeners_registry/{uid}"),
-                {
-                    "status": "online",
-                    "heartbeat_at": heartbeat,
-                    "ttl_seconds": 7 * 86400,
-                    "authorized_companies_ids": [],
-                    "instance_id": "bench",
-                },
-            )
-        batch.commit()
-
-
 def message(key: str) -> dict[str, str]:
     """A direct message node as the application writes one."""
     return {
@@ -292,7 +265,9 @@ async def run_size(
         # Registered before the service starts, as after a deploy. (On the npm fallback
         # emulator, which resends every watched query on every write, registering them
         # under a running service would also cost O(N^2) resends.)
-        await loop.run_in_executor(None, write_registry, db, uids)
+        await loop.run_in_executor(
+            None, partial(write_online, db, uids, heartbeat=a_day_from_now(), ttl_seconds=WEEK)
+        )
         unread = getattr(args, "unread", 0)
         if unread:
             await loop.run_in_executor(None, write_unread, db, uids, unread)

@@ -74,6 +74,7 @@ from bench.latency import (
 from listeners.config import TARGETS_PER_STREAM
 from listeners.source.listen import ListenSource
 from listeners.source.snapshots import Query, Snapshot
+from listeners_testkit.documents import write_unread
 from listeners_testkit.processes import PROJECT_ROOT, RedisServer, emulator_env
 from listeners_testkit.rtdb_server import RtdbStandin
 
@@ -266,7 +267,7 @@ async def warm_up(users: int, args: argparse.Namespace) -> float:
     uids = [f"u{i:04d}" for i in range(users)]
     db = firestore.Client(project=project)
     try:
-        await asyncio.to_thread(rtdb.write_unread, db, uids, max(1, args.unread))
+        await asyncio.to_thread(write_unread, db, uids, max(1, args.unread))
     finally:
         db.close()
     return (await raw_listen(project, uids, args.raw_targets_per_stream, args.ready_timeout))[0]
